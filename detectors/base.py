@@ -1,0 +1,79 @@
+"""The interface every location-prior detector follows, and the detector registry.
+
+Images given to detectors are the pipeline's model-sized arrays: ``[N, S, S]`` float32
+grayscale in [0, 1] (see :class:`scans.records.ScanArrays`). Boxes are ``(x1, y1, x2, y2)`` in
+those pixels. A detector trains on the scans the caller gives it; the caller applies the
+class policy (normal scans only unless ``detector.train_classes: all``).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, ClassVar
+
+import numpy as np
+
+from scans.records import ScanArrays
+
+
+@dataclass
+class Detections:
+    """Boxes ``[K, 4]`` (x1, y1, x2, y2) and confidences ``[K]`` for one image, best first."""
+
+    boxes: np.ndarray
+    scores: np.ndarray
+
+    def __post_init__(self) -> None:
+        self.boxes = np.asarray(self.boxes, dtype=np.float32).reshape(-1, 4)
+        self.scores = np.asarray(self.scores, dtype=np.float32).reshape(-1)
+        order = np.argsort(-self.scores, kind="stable")
+        self.boxes, self.scores = self.boxes[order], self.scores[order]
+
+    def __len__(self) -> int:
+        return int(self.scores.shape[0])
+
+
+class Detector(ABC):
+    """A trainable recess detector. Subclasses register with :func:`register`."""
+
+    name: ClassVar[str]
+
+    @abstractmethod
+    def fit(self, train: ScanArrays, val: ScanArrays, workdir: Path) -> dict[str, Any]:
+        """Train on ``train`` (validating on ``val``); logs go under ``workdir``. Returns a summary."""
+
+    @abstractmethod
+    def predict(self, images: np.ndarray) -> list[Detections]:
+        """Detections for each image of a ``[N, S, S]`` float32 batch in [0, 1]."""
+
+    @abstractmethod
+    def save(self, directory: Path) -> None:
+        """Write everything needed to :meth:`load` into ``directory`` (no pickles)."""
+
+    @classmethod
+    @abstractmethod
+    def load(cls, directory: Path) -> "Detector":
+        """Rebuild a trained detector saved by :meth:`save`."""
+
+
+DETECTORS: dict[str, Callable[..., Detector]] = {}
+
+
+def register(name: str) -> Callable[[type[Detector]], type[Detector]]:
+    def wrap(cls: type[Detector]) -> type[Detector]:
+        cls.name = name
+        DETECTORS[name] = cls
+        return cls
+
+    return wrap
+
+
+def build_detector(name: str, **config: Any) -> Detector:
+    """Instantiate a registered detector by name with its config keys as keyword arguments."""
+    import detectors  # noqa: F401  (registers the built-in detectors)
+
+    if name not in DETECTORS:
+        raise KeyError(f"unknown detector '{name}'; known: {sorted(DETECTORS)}")
+    return DETECTORS[name](**config)

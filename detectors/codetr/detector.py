@@ -1,0 +1,357 @@
+"""LoRIS interface to Co-DINO: ``build_detector("codetr", **config)`` -> fit / predict / save / load.
+
+The mmdet modules are imported lazily (on first build), so importing :mod:`detectors` stays cheap
+and does not need mmcv until a Co-DETR model is actually made.
+
+Data path: pipeline arrays ``[N, S, S]`` in [0, 1] are resized to the config's ``image_size``,
+normalised to roughly zero mean and unit spread, and given to the model as one-channel tensors
+with ``DetDataSample`` metadata; predicted boxes are scaled back to the caller's ``S``.
+Checkpoints are plain state dicts (``torch.save``) read with ``torch.load(weights_only=True)``,
+with the constructor arguments beside them as JSON, so loading never unpickles objects.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from detectors.base import Detections, Detector, register
+from scans.records import ScanArrays
+
+# Defaults for the training block of the config; the config file overrides any of them.
+DEFAULT_TRAIN: dict[str, Any] = dict(
+    epochs=60,            # passes over the training scans
+    batch_size=8,
+    lr=4e-4,              # AdamW
+    weight_decay=1e-4,
+    backbone_lr_mult=1.0,  # 1.0 because the backbone trains from scratch (0.1 is for pretrained)
+    warmup_iters=50,      # linear warm-up before the cosine decay
+    min_lr_ratio=0.01,    # cosine floor as a fraction of lr
+    clip_grad=0.1,        # DINO's max gradient norm
+    seed=0,
+    num_threads=None,     # torch intra-op threads; None leaves torch's default
+    max_minutes=None,     # hard wall-clock cap; the cosine schedule still spans `epochs`
+    val_interval=5,       # epochs between validation passes (top-1 IoU on val)
+    hflip=True,           # left/right knees mirror each other, so a flip is a plausible scan
+    intensity_jitter=0.1,  # +-10 % gain and offset: probe gain varies between scans
+    log_interval=10,      # iterations between log lines
+)
+
+_PIXEL_MEAN, _PIXEL_STD = 0.5, 0.25  # [0, 1] grayscale -> about [-2, 2]
+
+DEFAULT_CONFIG_FILE = Path(__file__).resolve().parents[2] / "configs" / "detectors" / "codetr.py"
+# Top-level names a codetr config file may define (besides "_" helpers).
+_CONFIG_KEYS = {"model", "image_size", "aux_heads", "train", "max_detections", "device"}
+
+
+def load_config(path: str | Path) -> dict[str, Any]:
+    """Keyword arguments for :class:`CoDetrDetector` from an mmengine-style python config.
+
+    Names starting with ``_`` are the config's helper constants and are left out.
+    """
+    from mmengine.config import Config
+
+    cfg = Config.fromfile(str(path)).to_dict()
+    return {k: v for k, v in cfg.items() if not k.startswith("_")}
+
+
+def _plain(obj: Any) -> Any:
+    """Config values as JSON-safe builtins (tuples become lists; mmengine ConfigDicts become dicts)."""
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+@contextmanager
+def _quiet_mmengine() -> Iterator[None]:
+    """Silence mmengine's per-parameter init log lines (and other INFO noise) inside the block."""
+    from mmengine.logging import MMLogger
+
+    logger = MMLogger.get_current_instance()
+    old = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(old)
+
+
+def build_model(model_cfg: dict[str, Any], aux_heads: bool = True) -> torch.nn.Module:
+    """Build and initialise the mmdet model; ``aux_heads=False`` drops RPN/RoI/ATSS (plain DINO)."""
+    from mmdet.utils import register_all_modules
+    from mmengine.config import ConfigDict
+
+    import detectors.codetr.modules  # noqa: F401  (registers the Loris* modules)
+    from mmdet.registry import MODELS
+
+    register_all_modules(init_default_scope=True)
+    cfg = copy.deepcopy(_plain(model_cfg))
+    if not aux_heads:
+        for key in ("rpn_head", "rpn_proposal", "roi_head", "atss_head"):
+            cfg.pop(key, None)
+    # mmdet heads read their train/test settings by attribute (cfg.assigner), as from a ConfigDict.
+    cfg = ConfigDict(cfg)
+    with _quiet_mmengine():
+        model = MODELS.build(cfg)
+        model.init_weights()
+    return model
+
+
+@register("codetr")
+class CoDetrDetector(Detector):
+    """Co-DINO (Co-DETR with a DINO query head) trained from scratch on one class, the recess.
+
+    Args:
+        model: mmdet model config (``type='LorisCoDINO'``), see ``configs/detectors/codetr.py``.
+        image_size: square side the model sees; inputs of other sizes are resized.
+        aux_heads: False trains plain DINO with the same budget (the ablation).
+        train: overrides of :data:`DEFAULT_TRAIN`.
+        max_detections: boxes returned per image (at most the number of queries).
+        device: torch device for training and inference; ``"auto"`` takes CUDA when present.
+        seed: overrides ``train["seed"]`` (the pipeline passes its global seed).
+        config_file: python config whose keys fill every argument not given explicitly; when
+            neither it nor ``model`` is given, ``configs/detectors/codetr.py`` is used.
+    """
+
+    def __init__(self, model: Optional[dict[str, Any]] = None, image_size: Optional[int] = None,
+                 aux_heads: Optional[bool] = None, train: Optional[dict[str, Any]] = None,
+                 max_detections: Optional[int] = None, device: Optional[str] = None, seed: Optional[int] = None,
+                 config_file: Optional[str | Path] = None, **helpers: Any) -> None:
+        unknown = [k for k in helpers if not k.startswith("_")]
+        if unknown:
+            raise TypeError(f"unknown codetr config keys: {unknown}")
+        # The pipeline passes (config_file, seed, device); tests and scripts may pass the config's
+        # keys directly. Explicit arguments win over the file.
+        file_cfg: dict[str, Any] = {}
+        if config_file is not None or model is None:
+            file_cfg = load_config(config_file or DEFAULT_CONFIG_FILE)
+            bad = sorted(set(file_cfg) - _CONFIG_KEYS)
+            if bad:
+                raise TypeError(f"unknown keys in {config_file or DEFAULT_CONFIG_FILE}: {bad}")
+
+        def pick(value: Any, name: str, default: Any) -> Any:
+            return value if value is not None else file_cfg.get(name, default)
+
+        self.model_cfg = _plain(pick(model, "model", None))
+        self.image_size = int(pick(image_size, "image_size", 128))
+        self.aux_heads = bool(pick(aux_heads, "aux_heads", True))
+        self.train_cfg = {**DEFAULT_TRAIN, **_plain(file_cfg.get("train", {})), **_plain(train or {})}
+        unknown_train = sorted(set(self.train_cfg) - set(DEFAULT_TRAIN))
+        if unknown_train:
+            raise TypeError(f"unknown codetr train keys: {unknown_train}")
+        if seed is not None:
+            self.train_cfg["seed"] = int(seed)
+        self.max_detections = int(pick(max_detections, "max_detections", 10))
+        self.model_cfg.setdefault("test_cfg", {})["max_per_img"] = self.max_detections
+        self.device = str(pick(device, "device", "cpu"))
+        resolved = ("cuda" if torch.cuda.is_available() else "cpu") if self.device == "auto" else self.device
+        if self.train_cfg["seed"] is not None:
+            # Seeds the weight initialisation too, so a config + seed gives one model.
+            torch.manual_seed(int(self.train_cfg["seed"]))
+        self.model = build_model(self.model_cfg, self.aux_heads).to(torch.device(resolved))
+
+    # ------------------------------------------------------------------ data
+    def _inputs(self, images: np.ndarray) -> torch.Tensor:
+        """``[N, S, S]`` in [0, 1] -> normalised ``[N, 1, s, s]`` at the model size, on the model's device."""
+        device = next(self.model.parameters()).device
+        x = torch.as_tensor(np.asarray(images, dtype=np.float32), device=device)[:, None]
+        if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
+            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
+        return (x - _PIXEL_MEAN) / _PIXEL_STD
+
+    def _samples(self, boxes: Optional[torch.Tensor], n: int) -> list:
+        """``DetDataSample``s for a batch; ``boxes`` ``[n, 4]`` in model pixels (one recess each)."""
+        from mmdet.structures import DetDataSample
+        from mmengine.structures import InstanceData
+
+        s = self.image_size
+        meta = dict(img_shape=(s, s), ori_shape=(s, s), pad_shape=(s, s), batch_input_shape=(s, s),
+                    scale_factor=(1.0, 1.0))
+        out = []
+        for i in range(n):
+            d = DetDataSample(metainfo=dict(meta))
+            if boxes is not None:
+                gt = InstanceData()
+                gt.bboxes = boxes[i : i + 1]
+                gt.labels = torch.zeros(1, dtype=torch.long, device=boxes.device)
+                d.gt_instances = gt
+            out.append(d)
+        return out
+
+    def _augment(self, x: torch.Tensor, boxes: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Random horizontal flip and intensity gain/offset (geometry-preserving apart from the flip)."""
+        cfg = self.train_cfg
+        n = x.shape[0]
+        if cfg["hflip"]:
+            flip = torch.rand(n, generator=gen) < 0.5
+            if flip.any():
+                idx = flip.nonzero().squeeze(1).to(x.device)
+                x = x.clone()
+                x[idx] = x[idx].flip(-1)
+                boxes = boxes.clone()
+                b = boxes[idx]
+                boxes[idx] = torch.stack([self.image_size - b[:, 2], b[:, 1], self.image_size - b[:, 0], b[:, 3]], 1)
+        j = float(cfg["intensity_jitter"])
+        if j > 0:
+            gain = (1 + (torch.rand(n, 1, 1, 1, generator=gen) * 2 - 1) * j).to(x.device)
+            offset = ((torch.rand(n, 1, 1, 1, generator=gen) * 2 - 1) * j / _PIXEL_STD).to(x.device)
+            x = x * gain + offset
+        return x, boxes
+
+    # ------------------------------------------------------------------ training
+    def fit(self, train: ScanArrays, val: ScanArrays, workdir: Path) -> dict[str, Any]:
+        """Train from scratch with AdamW + warm-up + cosine; keep the weights with the best val IoU."""
+        cfg = self.train_cfg
+        workdir = Path(workdir)
+        workdir.mkdir(parents=True, exist_ok=True)
+        if cfg["num_threads"]:
+            torch.set_num_threads(int(cfg["num_threads"]))
+        seed = int(cfg["seed"])
+        torch.manual_seed(seed)
+        gen = torch.Generator().manual_seed(seed)
+        rng = np.random.default_rng(seed)
+
+        keep = ~np.isnan(train.boxes).any(axis=1)
+        if not keep.any():
+            raise ValueError("no training scan has a box")
+        images = train.images[keep]
+        scale = self.image_size / float(train.images.shape[-1])
+        boxes_all = torch.as_tensor(train.boxes[keep] * scale, dtype=torch.float32)
+        x_all = self._inputs(images)
+        n = x_all.shape[0]
+        bs = min(int(cfg["batch_size"]), n)
+        iters_per_epoch = max(1, n // bs)  # drop the ragged last batch: fixed step cost
+        total = iters_per_epoch * int(cfg["epochs"])
+
+        model = self.model
+        backbone = [p for nm, p in model.named_parameters() if nm.startswith("backbone.") and p.requires_grad]
+        others = [p for nm, p in model.named_parameters() if not nm.startswith("backbone.") and p.requires_grad]
+        opt = torch.optim.AdamW([dict(params=backbone, lr=cfg["lr"] * cfg["backbone_lr_mult"]),
+                                 dict(params=others, lr=cfg["lr"])], lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+        base_lrs = [g["lr"] for g in opt.param_groups]
+
+        def lr_factor(it: int) -> float:
+            if it < cfg["warmup_iters"]:
+                return (it + 1) / cfg["warmup_iters"]
+            t = (it - cfg["warmup_iters"]) / max(1, total - cfg["warmup_iters"])
+            return cfg["min_lr_ratio"] + (1 - cfg["min_lr_ratio"]) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+
+        log = open(workdir / "train_log.jsonl", "w")
+        t0 = time.perf_counter()
+        best_iou, best_state, best_epoch = -1.0, None, -1
+        it, stopped_early = 0, False
+        history: list[dict[str, Any]] = []
+        for epoch in range(int(cfg["epochs"])):
+            model.train()
+            order = rng.permutation(n)
+            for b in range(iters_per_epoch):
+                idx = torch.as_tensor(order[b * bs : (b + 1) * bs])
+                x, boxes = self._augment(x_all[idx], boxes_all[idx].to(x_all.device), gen)
+                for g, base in zip(opt.param_groups, base_lrs):
+                    g["lr"] = base * lr_factor(it)
+                losses = model.loss(x, self._samples(boxes, x.shape[0]))
+                total_loss = sum(v.sum() if torch.is_tensor(v) else sum(t.sum() for t in v)
+                                 for k, v in losses.items() if "loss" in k)
+                opt.zero_grad(set_to_none=True)
+                total_loss.backward()
+                if cfg["clip_grad"]:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), float(cfg["clip_grad"]))
+                opt.step()
+                if it % int(cfg["log_interval"]) == 0:
+                    rec = dict(iter=it, epoch=epoch, loss=float(total_loss), lr=opt.param_groups[1]["lr"],
+                               seconds=round(time.perf_counter() - t0, 1))
+                    log.write(json.dumps(rec) + "\n")
+                    log.flush()
+                it += 1
+                if cfg["max_minutes"] and time.perf_counter() - t0 > 60 * float(cfg["max_minutes"]):
+                    stopped_early = True
+                    break
+            last = stopped_early or epoch == int(cfg["epochs"]) - 1
+            if len(val) and ((epoch + 1) % int(cfg["val_interval"]) == 0 or last):
+                miou, hit = self._val_iou(val)
+                rec = dict(epoch=epoch, val_mean_iou=miou, val_hit50=hit, seconds=round(time.perf_counter() - t0, 1))
+                history.append(rec)
+                log.write(json.dumps(rec) + "\n")
+                log.flush()
+                if miou > best_iou:
+                    best_iou, best_epoch = miou, epoch
+                    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            if stopped_early:
+                break
+        if best_state is not None:
+            model.load_state_dict(best_state)
+        log.close()
+        summary = dict(iterations=it, epochs_run=epoch + 1, train_images=int(n), skipped_without_box=int((~keep).sum()),
+                       seconds=round(time.perf_counter() - t0, 1), best_val_mean_iou=best_iou, best_epoch=best_epoch,
+                       stopped_early=stopped_early, aux_heads=self.aux_heads, val_history=history)
+        (workdir / "summary.json").write_text(json.dumps(summary, indent=1))
+        return summary
+
+    def _val_iou(self, val: ScanArrays) -> tuple[float, float]:
+        """Mean top-1 IoU and the fraction with IoU >= 0.5 on validation scans that have a box."""
+        from scans.records import box_iou
+
+        keep = ~np.isnan(val.boxes).any(axis=1)
+        if not keep.any():
+            return 0.0, 0.0
+        dets = self.predict(val.images[keep])
+        ious = [box_iou(d.boxes[0], g) if len(d) else 0.0 for d, g in zip(dets, val.boxes[keep])]
+        return float(np.mean(ious)), float(np.mean(np.asarray(ious) >= 0.5))
+
+    # ------------------------------------------------------------------ inference
+    @torch.no_grad()
+    def predict(self, images: np.ndarray, batch_size: int = 32) -> list[Detections]:
+        """Query-head detections per image, boxes in the caller's pixels, best first."""
+        images = np.asarray(images, dtype=np.float32)
+        if images.ndim != 3:
+            raise ValueError(f"expected [N, S, S] images, got shape {images.shape}")
+        self.model.eval()
+        sy = images.shape[1] / self.image_size
+        sx = images.shape[2] / self.image_size
+        out: list[Detections] = []
+        for start in range(0, len(images), batch_size):
+            x = self._inputs(images[start : start + batch_size])
+            results = self.model.predict(x, self._samples(None, x.shape[0]), rescale=False)
+            for r in results:
+                p = r.pred_instances
+                b = p.bboxes.detach().cpu().numpy().astype(np.float32) * np.array([sx, sy, sx, sy], np.float32)
+                b[:, 0::2] = b[:, 0::2].clip(0, images.shape[2])
+                b[:, 1::2] = b[:, 1::2].clip(0, images.shape[1])
+                out.append(Detections(b[: self.max_detections], p.scores.detach().cpu().numpy()[: self.max_detections]))
+        return out
+
+    # ------------------------------------------------------------------ persistence
+    def _ctor_args(self) -> dict[str, Any]:
+        return dict(model=self.model_cfg, image_size=self.image_size, aux_heads=self.aux_heads,
+                    train=_plain(self.train_cfg), max_detections=self.max_detections, device=self.device)
+
+    def save(self, directory: Path) -> None:
+        """``config.json`` (constructor arguments) and ``weights.pt`` (a plain state dict)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "config.json").write_text(json.dumps(self._ctor_args(), indent=1))
+        state = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+        torch.save(state, directory / "weights.pt")
+
+    @classmethod
+    def load(cls, directory: Path) -> "CoDetrDetector":
+        """Rebuild from :meth:`save`'s files; weights are read with ``weights_only=True``."""
+        directory = Path(directory)
+        args = json.loads((directory / "config.json").read_text())
+        det = cls(**args)
+        state = torch.load(directory / "weights.pt", map_location="cpu", weights_only=True)
+        det.model.load_state_dict(state)
+        det.model.eval()
+        return det

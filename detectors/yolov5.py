@@ -1,0 +1,307 @@
+"""YOLOv5u recess detector through ultralytics, trained from scratch and fully offline.
+
+ultralytics builds ``yolov5n.yaml`` / ``yolov5s.yaml`` as *YOLOv5u*: the YOLOv5 backbone and
+neck with the anchor-free, decoupled YOLOv8 head (not the anchor-based head of the paper's
+YOLOv5 v6.1). No pretrained weights are used: the model is built from the yaml.
+
+Pipeline use::
+
+    det = build_detector("yolov5", **cfg)           # cfg = configs/detectors/yolov5.yaml
+    summary = det.fit(train_arrays, val_arrays, workdir)
+    dets = det.predict(test_arrays.images)          # list[Detections], best first
+    det.save(folder); det = YoloV5Detector.load(folder)
+
+Offline and side-effect rules (ultralytics otherwise reaches for the network and the process):
+
+* ``YOLO_OFFLINE=1`` is set before ultralytics is first imported (it DNS-probes on import).
+* ``YOLO_CONFIG_DIR`` points at ``<workdir>/ultralytics_config`` (a private temporary folder
+  when ultralytics is first imported by :meth:`load`) and holds matplotlib's DejaVuSans.ttf as
+  ``Ultralytics/Arial.ttf``, because ultralytics downloads Arial.ttf even when offline.
+  ultralytics reads the folder once per process; later fits make sure the font is in that folder.
+* ``amp=False`` (its AMP check downloads weights), ``plots=False``, settings ``sync`` and
+  integrations off.
+* ultralytics sets ``OMP_NUM_THREADS=1`` on import, forces torch to ``cpu_count - 1`` threads
+  and switches deterministic algorithms on globally; :meth:`fit` restores all three afterwards.
+
+Saved form (no pickles): ``weights.pt`` is a plain ``state_dict`` written by ``torch.save`` and
+read with ``weights_only=True``; ``detector.json`` holds the model yaml (as a dict) and config.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+import yaml
+
+from detectors.base import Detections, Detector, register
+from detectors.yolo_format import to_uint8, write_dataset
+from scans.io import atomic_write, atomic_write_text
+from scans.records import ScanArrays
+
+_INTEGRATIONS_OFF = {"sync": False, "clearml": False, "comet": False, "dvc": False, "mlflow": False,
+                     "raytune": False, "tensorboard": False, "wandb": False, "hub": False}
+
+
+def _dejavu_font() -> Path:
+    import matplotlib
+
+    return Path(matplotlib.__file__).parent / "mpl-data" / "fonts" / "ttf" / "DejaVuSans.ttf"
+
+
+def _ensure_font(user_config_dir: Path) -> None:
+    """Put a local font where ultralytics looks for Arial.ttf, so it never downloads one."""
+    target = Path(user_config_dir) / "Arial.ttf"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(target, lambda p: shutil.copyfile(_dejavu_font(), p))
+
+
+def import_ultralytics(config_dir: Path | None = None) -> ModuleType:
+    """Import ultralytics offline, with its config folder (settings, font) under ``config_dir``.
+
+    Only the first import in a process picks the folder; ``None`` then means a private
+    temporary folder. Every call makes sure the font is present and sync/integrations are off.
+    """
+    if "ultralytics" not in sys.modules:
+        os.environ["YOLO_OFFLINE"] = "1"  # before import: the import itself probes DNS otherwise
+        if config_dir is None:
+            config_dir = Path(tempfile.mkdtemp(prefix="loris-ultralytics-"))
+        os.environ["YOLO_CONFIG_DIR"] = str(Path(config_dir).resolve())
+        _ensure_font(Path(config_dir) / "Ultralytics")
+        omp = os.environ.get("OMP_NUM_THREADS")
+        import ultralytics
+
+        if omp is None:  # ultralytics sets it to 1 for the whole process (and its subprocesses)
+            os.environ.pop("OMP_NUM_THREADS", None)
+    import ultralytics
+    from ultralytics.utils import SETTINGS, USER_CONFIG_DIR
+
+    _ensure_font(USER_CONFIG_DIR)
+    wanted = {k: v for k, v in _INTEGRATIONS_OFF.items() if k in SETTINGS and SETTINGS[k] != v}
+    if wanted:
+        SETTINGS.update(wanted)
+    return ultralytics
+
+
+def _build_model(model_yaml: dict[str, Any]) -> torch.nn.Module:
+    """A fresh one-class DetectionModel from a yaml dict (random weights, eval mode)."""
+    from ultralytics.nn.tasks import DetectionModel
+
+    model = DetectionModel(cfg=json.loads(json.dumps(model_yaml)), ch=3, nc=1, verbose=False)
+    return model.eval()
+
+
+def _resize_batch(images: np.ndarray, size: int) -> np.ndarray:
+    """Resize uint8 ``[N, S, S]`` to ``size`` with the interpolation ultralytics' loader uses."""
+    if images.shape[1] == size and images.shape[2] == size:
+        return images
+    interp = cv2.INTER_AREA if size < images.shape[1] else cv2.INTER_LINEAR
+    return np.stack([cv2.resize(im, (size, size), interpolation=interp) for im in images])
+
+
+# Every config key with its default; configs/detectors/yolov5.yaml documents the chosen values.
+DEFAULTS: dict[str, Any] = dict(
+    model="yolov5n.yaml", imgsz=256, epochs=30, batch=16, lr0=0.01, lrf=0.01, optimizer="SGD", patience=100,
+    warmup_epochs=3.0, cos_lr=False, hsv_v=0.4, translate=0.1, scale=0.5, fliplr=0.5, mosaic=1.0, close_mosaic=10,
+    degrees=0.0, conf=0.001, iou=0.6, max_det=10, predict_batch=32, workers=0, threads=None, seed=0,
+    deterministic=True, device="cpu", train_args={},
+)
+
+
+def load_config(config_file: str | Path | None = None, **overrides: Any) -> dict[str, Any]:
+    """DEFAULTS, updated by the yaml ``config_file``, updated by ``overrides``; unknown keys raise."""
+    cfg = dict(DEFAULTS)
+    sources: list[tuple[str, dict[str, Any]]] = []
+    if config_file is not None:
+        sources.append((str(config_file), yaml.safe_load(Path(config_file).read_text()) or {}))
+    sources.append(("arguments", overrides))
+    for where, values in sources:
+        unknown = sorted(set(values) - set(DEFAULTS) - {"name"})
+        if unknown:
+            raise ValueError(f"unknown yolov5 config keys in {where}: {unknown}; known: {sorted(DEFAULTS)}")
+        cfg.update({k: v for k, v in values.items() if k != "name"})
+    if int(cfg["imgsz"]) % 32:
+        raise ValueError(f"imgsz must be a multiple of 32 (the network stride), got {cfg['imgsz']}")
+    cfg["train_args"] = dict(cfg["train_args"] or {})
+    return cfg
+
+
+def _ultralytics_device(device: str) -> str:
+    """torch-style ``cpu`` / ``cuda`` / ``cuda:1`` to ultralytics' ``cpu`` / ``0`` / ``1``."""
+    device = str(device)
+    if device.startswith("cuda"):
+        return device.partition(":")[2] or "0"
+    return device
+
+
+@register("yolov5")
+class YoloV5Detector(Detector):
+    """YOLOv5u (ultralytics) trained from scratch on the caller's scans.
+
+    Built as ``YoloV5Detector(config_file=None, **config)``: the keys of :data:`DEFAULTS`,
+    read from ``config_file`` (yaml) and overridden by keyword arguments (the pipeline passes
+    ``seed`` and ``device`` this way). The keys:
+
+    * ``model``: ultralytics model yaml, ``yolov5n.yaml`` or ``yolov5s.yaml``.
+    * ``imgsz``: training and inference size (multiple of 32); images are resized to it.
+    * ``epochs, batch, lr0, lrf, optimizer, patience, warmup_epochs, cos_lr``: ultralytics training keys.
+    * ``hsv_v, translate, scale, fliplr, mosaic, close_mosaic, degrees``: augmentation keys.
+    * ``conf``: minimum confidence :meth:`predict` returns (the prior's threshold is
+      :class:`detectors.prior.PriorPolicy`'s; keep this low so mAP sees the full ranking).
+    * ``iou``: NMS IoU threshold; ``max_det``: detections kept per image.
+    * ``predict_batch``: images per forward pass in :meth:`predict`.
+    * ``workers``: dataloader processes (0 = in the main process).
+    * ``threads``: torch threads while training (None = the caller's setting, not ultralytics' cpu-1).
+    * ``seed, deterministic``: reproducibility; ``device``: ``cpu``, ``cuda`` or ``cuda:N``.
+    * ``train_args``: further ultralytics train keys, passed through unchanged.
+    """
+
+    def __init__(self, config_file: str | Path | None = None, **config: Any) -> None:
+        self.config: dict[str, Any] = load_config(config_file, **config)
+        self.model_yaml: dict[str, Any] | None = None
+        self._state: dict[str, torch.Tensor] = {}
+        self._model: torch.nn.Module | None = None
+
+    # ----------------------------------------------------------------------------------------- fit
+    def _train_args(self, data: Path, workdir: Path) -> dict[str, Any]:
+        c = self.config
+        # Keys the ultralytics trainer needs for an offline, reproducible, plot-free CPU run.
+        args = dict(
+            data=str(data), epochs=c["epochs"], imgsz=c["imgsz"], batch=c["batch"], lr0=c["lr0"], lrf=c["lrf"],
+            optimizer=c["optimizer"], patience=c["patience"], warmup_epochs=c["warmup_epochs"], cos_lr=c["cos_lr"],
+            hsv_h=0.0, hsv_s=0.0, hsv_v=c["hsv_v"],  # grayscale: hue/saturation jitter means nothing
+            translate=c["translate"], scale=c["scale"], fliplr=c["fliplr"], mosaic=c["mosaic"],
+            close_mosaic=c["close_mosaic"], degrees=c["degrees"], workers=c["workers"], seed=c["seed"],
+            deterministic=c["deterministic"], device=_ultralytics_device(c["device"]), project=str(workdir), name="train",
+            exist_ok=True, pretrained=False, amp=False, plots=False, single_cls=True, verbose=False,
+            save=True, val=True, cache=False,
+        )
+        args.update(c["train_args"])
+        return args
+
+    def fit(self, train: ScanArrays, val: ScanArrays, workdir: Path) -> dict[str, Any]:
+        """Convert to YOLO format under ``workdir``, train, keep the best-validation weights."""
+        workdir = Path(workdir).resolve()
+        workdir.mkdir(parents=True, exist_ok=True)
+        if len(train) == 0:
+            raise ValueError("no training scans for the detector")
+        if len(val) == 0:
+            raise ValueError("no validation scans for the detector (ultralytics validates every epoch)")
+        if train.images.shape[1] != train.images.shape[2]:
+            raise ValueError("detector images must be square [N, S, S]")
+        import_ultralytics(workdir / "ultralytics_config")
+        from ultralytics import YOLO
+        from ultralytics.utils import LOGGER
+
+        data = write_dataset(train, val, workdir / "yolo_data")
+        threads_before = torch.get_num_threads()
+        det_before = torch.are_deterministic_algorithms_enabled()
+        threads = self.config["threads"] or threads_before
+        handler = logging.FileHandler(workdir / "train.log")  # ultralytics logs to stdout only
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+        LOGGER.addHandler(handler)
+        t0, c0 = time.perf_counter(), time.process_time()
+        try:
+            yolo = YOLO(self.config["model"], task="detect")
+            # ultralytics' select_device forces cpu_count-1 threads (1 on 2 cores) after setup.
+            yolo.add_callback("on_pretrain_routine_end", lambda trainer: torch.set_num_threads(threads))
+            yolo.train(**self._train_args(data, workdir))
+            trainer = yolo.trainer
+            # YOLO.train reloads best.pt (written by this run moments ago) into yolo.model.
+            state = {k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu().clone()
+                     for k, v in yolo.model.state_dict().items()}
+            model_yaml = dict(yolo.model.yaml)
+        finally:
+            LOGGER.removeHandler(handler)
+            handler.close()
+            torch.set_num_threads(threads_before)
+            torch.use_deterministic_algorithms(det_before)
+        seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
+        self._set_weights(model_yaml, state)
+        return {
+            "detector": "yolov5", "architecture": "YOLOv5u", "model": self.config["model"],
+            "train_images": len(train), "val_images": len(val), "epochs_run": int(trainer.epoch) + 1,
+            "best_fitness": float(trainer.best_fitness) if trainer.best_fitness is not None else None,
+            "train_seconds": round(seconds, 1), "train_cpu_seconds": round(cpu_seconds, 1), "threads": threads, "run_dir": str(trainer.save_dir),
+        }
+
+    def _set_weights(self, model_yaml: dict[str, Any], state: dict[str, torch.Tensor]) -> None:
+        """Rebuild the network from its yaml and weights: the one path used after fit() and load()."""
+        model = _build_model(model_yaml)
+        model.load_state_dict(state)
+        self.model_yaml, self._state = model_yaml, state  # the unfused weights are what save() writes
+        # Fusing conv+BN changes only rounding and is faster; done identically after fit() and load().
+        self._model = model.fuse(verbose=False).eval().to(self._torch_device)
+
+    @property
+    def _torch_device(self) -> torch.device:
+        dev = str(self.config["device"])
+        return torch.device("cuda:" + dev if dev.isdigit() else dev)
+
+    # ------------------------------------------------------------------------------------- predict
+    def predict(self, images: np.ndarray) -> list[Detections]:
+        """Detections (x1, y1, x2, y2 in input pixels, best first) for ``[N, S, S]`` images in [0, 1]."""
+        if self._model is None:
+            raise RuntimeError("YoloV5Detector is not trained: call fit() or load()")
+        from ultralytics.utils.nms import non_max_suppression
+
+        images = np.asarray(images)
+        if images.ndim != 3:
+            raise ValueError(f"images must be [N, S, S], got shape {images.shape}")
+        n, h, w = images.shape
+        size = int(self.config["imgsz"])
+        # Quantise like the training PNGs, so train and inference inputs match bit for bit.
+        u8 = _resize_batch(to_uint8(images), size)
+        sx, sy = w / size, h / size
+        out: list[Detections] = []
+        bs = max(1, int(self.config["predict_batch"]))
+        with torch.inference_mode():
+            for s in range(0, n, bs):
+                x = torch.from_numpy(u8[s:s + bs]).float().div_(255.0)[:, None].expand(-1, 3, -1, -1).contiguous()
+                preds = non_max_suppression(self._model(x.to(self._torch_device)), conf_thres=float(self.config["conf"]),
+                                            iou_thres=float(self.config["iou"]), max_det=int(self.config["max_det"]))
+                for p in preds:
+                    p = p.cpu().numpy()
+                    boxes = p[:, :4] * np.array([sx, sy, sx, sy], dtype=np.float32)
+                    boxes[:, [0, 2]] = boxes[:, [0, 2]].clip(0, w)
+                    boxes[:, [1, 3]] = boxes[:, [1, 3]].clip(0, h)
+                    out.append(Detections(boxes, p[:, 4]))
+        return out
+
+    # ------------------------------------------------------------------------------------ save/load
+    def save(self, directory: Path) -> None:
+        if self._model is None or self.model_yaml is None:
+            raise RuntimeError("nothing to save: the detector is not trained")
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = self._state
+        atomic_write(directory / "weights.pt", lambda p: torch.save(state, p))
+        meta = {"detector": "yolov5", "architecture": "YOLOv5u", "config": self.config, "model_yaml": self.model_yaml}
+        atomic_write_text(directory / "detector.json", json.dumps(meta, indent=1))
+
+    @classmethod
+    def load(cls, directory: Path) -> "YoloV5Detector":
+        directory = Path(directory)
+        meta = json.loads((directory / "detector.json").read_text())
+        if meta.get("detector") != "yolov5":
+            raise ValueError(f"{directory} does not hold a saved yolov5 detector")
+        import_ultralytics(None)
+        config = dict(meta["config"])
+        if str(config["device"]) != "cpu" and not torch.cuda.is_available():
+            config["device"] = "cpu"  # trained on a GPU, used on a CPU machine
+        det = cls(**config)
+        state = torch.load(directory / "weights.pt", map_location="cpu", weights_only=True)
+        det._set_weights(meta["model_yaml"], state)
+        return det

@@ -1,0 +1,387 @@
+"""Tables 1-2 (Markdown, CSV, JSON), ``per_image.csv``, figures and a self-contained ``report.html``.
+
+The pipeline hands over one :class:`FoldResult` per fold; everything else is derived here.
+The paper's numbers are shown beside ours and marked as the paper's: they were measured on
+real clinical knee data and are not numerically comparable with a run on other data.
+
+>>> import tempfile
+>>> fold = FoldResult(0, methods={"msgmsd": {"i_auroc": 0.8, "p_auroc": 0.9, "dice_oracle": 0.3, "dice_val": 0.2}})
+>>> paths = write_report(tempfile.mkdtemp(), {}, [fold], {}, {})
+>>> sorted(p.name for p in paths.values())[:3]
+['per_image.csv', 'report.html', 'roc.png']
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from evaluation.aggregate import RIAD, ordered_methods, json_safe, summary_sections
+from evaluation.metrics import aggregate
+from evaluation.figures import Example, overlay_figure, roc_figure, score_distribution_figure
+from scans.io import atomic_write_bytes, atomic_write_text
+
+PAPER_NOTE = (
+    "Rows marked 'paper' are the published numbers (Tables 1-2 of the LoRIS paper), measured on "
+    "real clinical knee ultrasound (483 images, 123 distended). They are shown for orientation "
+    "only and are not numerically comparable with this run's data."
+)
+
+# The paper's Dice is the oracle pooled Dice before post-processing (REFERENCE.md), so it goes
+# in the "Dice (oracle)" column.
+PAPER_TABLE1: dict[str, dict[str, tuple[float, float]]] = {
+    RIAD: {"i_auroc": (0.583, 0.083), "p_auroc": (0.682, 0.016), "dice_oracle": (0.051, 0.017)},
+    "msgmsd": {"i_auroc": (0.783, 0.050), "p_auroc": (0.932, 0.018), "dice_oracle": (0.263, 0.042)},
+    "dd": {"i_auroc": (0.750, 0.100), "p_auroc": (0.746, 0.047), "dice_oracle": (0.353, 0.034)},
+}
+PAPER_TABLE2: dict[str, dict[str, tuple[float, float]]] = {
+    "gt": {"i_auroc": (0.783, 0.050), "p_auroc": (0.932, 0.018), "dice_oracle": (0.263, 0.042)},
+    "yolov5u": {"precision": (0.954, 0.044), "map50": (0.796, 0.052), "map75": (0.254, 0.063),
+                "i_auroc": (0.773, 0.038), "p_auroc": (0.872, 0.033), "dice_oracle": (0.223, 0.030)},
+    "codetr": {"precision": (1.0, 0.0), "map50": (0.9, 0.035), "map75": (0.41, 0.066),
+               "i_auroc": (0.776, 0.029), "p_auroc": (0.910, 0.038), "dice_oracle": (0.240, 0.031)},
+}
+METHOD_NAMES = {RIAD: "RIAD (ours, multi-mask baseline)", "msgmsd": "LoRIS+MSGMSD", "dd": "LoRIS+DD",
+                "gmsd": "LoRIS+GMSD", "ssim": "LoRIS+SSIM"}
+PAPER_METHOD_NAMES = {RIAD: "RIAD", "msgmsd": "LoRIS+MSGMSD", "dd": "LoRIS+DD"}
+PRIOR_NAMES = {"gt": "GT", "yolov5u": "YOLOv5u", "yolov5": "YOLOv5u", "codetr": "Co-DETR"}
+PAPER_PRIOR_NAMES = {"gt": "GT", "yolov5u": "Yolo-V5", "codetr": "CoDETR"}
+TABLE1_COLS = [("i_auroc", "I-AUROC"), ("p_auroc", "P-AUROC"), ("dice_oracle", "Dice (oracle)"),
+               ("dice_val", "Dice (val)")]
+TABLE2_COLS = [("precision", "precision"), ("map50", "mAP@50"), ("map75", "mAP@75"), ("i_auroc", "I-AUROC"),
+               ("p_auroc", "P-AUROC"), ("dice_oracle", "Dice (oracle)"), ("dice_val", "Dice (val)")]
+GAP_KEYS = ["i_auroc", "p_auroc", "dice_oracle", "dice_val"]
+ROC_PRIOR = "gt"  # ROC curves and score histograms use the ground-truth-prior rows when present
+
+
+@dataclass
+class ImageRow:
+    """One test image of one fold, with one prior source (a row of ``per_image.csv``).
+
+    ``box`` is the prior box used (x1, y1, x2, y2), ``iou`` its IoU with the ground-truth box
+    (1.0 for the GT prior, NaN when absent); ``scores``/``dice`` map a method to its image score
+    and per-image Dice (at that method's dice_val threshold).
+    """
+
+    id: int
+    patient: str
+    fold: int
+    label: int
+    prior_source: str
+    box: tuple[float, float, float, float] | None = None
+    iou: float = math.nan
+    scores: dict[str, float] = field(default_factory=dict)
+    dice: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class FoldResult:
+    """Everything the report needs from one fold.
+
+    Attributes:
+        fold: fold index.
+        methods: ``{method: segmentation_metrics(...)}`` with the ground-truth prior; methods
+            ``msgmsd``, ``dd``, ``gmsd``, ``ssim`` and ``riad`` (the multi-mask baseline).
+        priors: ``{detector: segmentation_metrics(...)}`` of LoRIS+MSGMSD with that detector's boxes.
+        detection: ``{detector: detection_metrics(...)}``.
+        rows: per-image rows (any prior sources).
+        fallbacks: test images where the detector found nothing and a fallback box was used.
+    """
+
+    fold: int
+    methods: dict[str, dict[str, float]] = field(default_factory=dict)
+    priors: dict[str, dict[str, float]] = field(default_factory=dict)
+    detection: dict[str, dict[str, float]] = field(default_factory=dict)
+    rows: list[ImageRow] = field(default_factory=list)
+    fallbacks: int = 0
+
+
+def summary_from_folds(folds: Sequence[FoldResult], detector: str | None = None) -> dict[str, Any]:
+    """``reconstruction``/``riad``/``detection``/``priors`` parts of summary.json from fold results.
+
+    ``detector`` picks whose detection metrics fill ``detection`` (default: the only one present).
+    """
+    dets = sorted({d for f in folds for d in f.detection})
+    if detector is None and len(dets) == 1:
+        detector = dets[0]
+    det = [f.detection[detector] for f in folds if detector in f.detection] if detector else []
+    priors = [f.priors for f in folds if f.priors]
+    return summary_sections(
+        [f.methods for f in folds], det or None, sum(f.fallbacks for f in folds), priors or None
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# tables
+
+
+def _cell(stat: Mapping[str, float] | None) -> str:
+    if not stat or stat.get("mean") is None or not math.isfinite(stat["mean"]):
+        return "-"
+    std = stat.get("std")
+    if std is None or not math.isfinite(std):
+        return f"{stat['mean']:.3f} (n={stat.get('n', 1)})"
+    return f"{stat['mean']:.3f} ± {std:.3f}"
+
+
+def _paper(values: Mapping[str, tuple[float, float]]) -> dict[str, dict[str, float]]:
+    return {k: {"mean": m, "std": s, "n": 5, "ddof": 1} for k, (m, s) in values.items()}
+
+
+def _gap(row: Mapping[str, Any], ref: Mapping[str, Any], key: str) -> dict[str, float] | None:
+    a, b = row.get(key), ref.get(key)
+    if not a or not b or a.get("mean") is None or b.get("mean") is None:
+        return None
+    gap = 100.0 * (a["mean"] - b["mean"])
+    return {"mean": gap, "std": math.nan} if math.isfinite(gap) else None
+
+
+def build_tables(folds: Sequence[FoldResult], paper: bool = True) -> dict[str, list[dict[str, Any]]]:
+    """Rows of Tables 1 and 2: ``{"table1": [...], "table2": [...]}``.
+
+    Each row: ``{"name", "source": "ours"|"paper", "metrics": {key: {mean, std, ...}}}``; Table 2
+    rows add ``gap_<key>`` (points, row minus the same source's GT row).
+    """
+    s = summary_from_folds(folds)
+    methods = dict(s["reconstruction"])
+    if RIAD in s:
+        methods = {RIAD: s[RIAD], **methods}
+    t1: list[dict[str, Any]] = []
+    for m, stats in methods.items():
+        t1.append({"name": METHOD_NAMES.get(m, f"LoRIS+{m.upper()}"), "source": "ours", "metrics": stats})
+        if paper and m in PAPER_TABLE1:
+            t1.append({"name": PAPER_METHOD_NAMES[m], "source": "paper", "metrics": _paper(PAPER_TABLE1[m])})
+
+    det_agg = {d: aggregate([f.detection[d] for f in folds if d in f.detection])
+               for d in sorted({d for f in folds for d in f.detection})}
+    prior_agg = s.get("priors", {})
+    ours: dict[str, dict[str, Any]] = {}
+    if "msgmsd" in s["reconstruction"]:
+        ours["gt"] = dict(s["reconstruction"]["msgmsd"])
+    ours.update({p: dict(v) for p, v in prior_agg.items() if p != "gt"})
+    for d, v in det_agg.items():
+        ours.setdefault(d, {}).update({k: v[k] for k in ("precision", "map50", "map75") if k in v})
+    t2: list[dict[str, Any]] = []
+    order = ["gt"] + [p for p in ("yolov5u", "yolov5", "codetr") if p in ours] + sorted(
+        p for p in ours if p not in ("gt", "yolov5u", "yolov5", "codetr"))
+    for p in order:
+        if p in ours:
+            row = {"name": PRIOR_NAMES.get(p, p), "source": "ours", "metrics": ours[p]}
+            for k in GAP_KEYS:
+                row["metrics"][f"gap_{k}"] = _gap(ours[p], ours.get("gt", {}), k) if p != "gt" else None
+            t2.append(row)
+        key = "yolov5u" if p == "yolov5" else p
+        if paper and key in PAPER_TABLE2 and (p in ours or p == "gt"):
+            pm = _paper(PAPER_TABLE2[key])
+            gt_p = _paper(PAPER_TABLE2["gt"])
+            for k in GAP_KEYS:
+                pm[f"gap_{k}"] = _gap(pm, gt_p, k) if key != "gt" else None  # type: ignore[assignment]
+            t2.append({"name": PAPER_PRIOR_NAMES[key], "source": "paper", "metrics": pm})
+    return {"table1": t1, "table2": t2}
+
+
+def _columns(table: str) -> list[tuple[str, str]]:
+    if table == "table1":
+        return TABLE1_COLS
+    gaps = [(f"gap_{k}", f"Δ{label} vs GT (pts)") for k, label in TABLE1_COLS if k in GAP_KEYS]
+    return TABLE2_COLS + gaps
+
+
+def _gap_cell(stat: Mapping[str, float] | None) -> str:
+    return "-" if not stat else f"{stat['mean']:+.1f}"
+
+
+def _display(table: str, row: Mapping[str, Any]) -> list[str]:
+    cells = [row["name"], row["source"]]
+    for key, _ in _columns(table):
+        stat = row["metrics"].get(key)
+        cells.append(_gap_cell(stat) if key.startswith("gap_") else _cell(stat))
+    return cells
+
+
+def table_markdown(table: str, rows: Sequence[Mapping[str, Any]]) -> str:
+    """Markdown table in the paper's layout, ``mean ± std`` over folds (ddof=1)."""
+    title = {"table1": "Table 1: anomaly detection and segmentation (LoRIS with ground-truth boxes)",
+             "table2": "Table 2: detectors as location priors for LoRIS+MSGMSD"}[table]
+    head = ["Model" if table == "table1" else "Prior", "Source"] + [label for _, label in _columns(table)]
+    lines = [f"# {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(_display(table, r)) + " |" for r in rows]
+    lines += ["", "mean ± std across folds (sample std, ddof=1). Dice (oracle): threshold tuned on the test "
+              "fold itself (the paper's, before post-processing). Dice (val): threshold chosen on the "
+              "validation fold, closing-then-opening 3x3.", "", PAPER_NOTE, ""]
+    return "\n".join(lines)
+
+
+def table_csv(table: str, rows: Sequence[Mapping[str, Any]]) -> str:
+    """CSV with ``<key>_mean``/``<key>_std`` columns (empty when absent)."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    keys = [k for k, _ in _columns(table)]
+    w.writerow(["name", "source"] + [f"{k}_{s}" for k in keys for s in ("mean", "std")])
+    for r in rows:
+        vals: list[Any] = [r["name"], r["source"]]
+        for k in keys:
+            stat = r["metrics"].get(k) or {}
+            vals += [_num(stat.get("mean")), _num(stat.get("std"))]
+        w.writerow(vals)
+    return buf.getvalue()
+
+
+def _num(v: Any) -> str:
+    if v is None:
+        return ""
+    v = float(v)
+    return "" if not math.isfinite(v) else repr(v)
+
+
+def per_image_csv(folds: Sequence[FoldResult]) -> str:
+    """``per_image.csv``: id, patient, fold, label, prior source, box, IoU, each score, each Dice."""
+    rows = [r for f in folds for r in f.rows]
+    score_keys = ordered_methods(sorted({k for r in rows for k in r.scores}))
+    dice_keys = ordered_methods(sorted({k for r in rows for k in r.dice}))
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["id", "patient", "fold", "label", "prior_source", "box_x1", "box_y1", "box_x2", "box_y2", "iou"]
+               + [f"score_{k}" for k in score_keys] + [f"dice_{k}" for k in dice_keys])
+    for r in rows:
+        box = list(r.box) if r.box is not None else [None] * 4
+        w.writerow([r.id, r.patient, r.fold, r.label, r.prior_source] + [_num(v) for v in box] + [_num(r.iou)]
+                   + [_num(r.scores.get(k)) for k in score_keys] + [_num(r.dice.get(k)) for k in dice_keys])
+    return buf.getvalue()
+
+
+# ---------------------------------------------------------------------------------------------
+# figures
+
+
+def _score_sets(folds: Sequence[FoldResult]) -> tuple[dict[str, dict[int, tuple[list[float], list[int]]]], str]:
+    """``{method: {fold: (scores, labels)}}`` from the rows of one prior source (GT if present)."""
+    sources = [r.prior_source for f in folds for r in f.rows]
+    prior = ROC_PRIOR if ROC_PRIOR in sources else (sources[0] if sources else ROC_PRIOR)
+    curves: dict[str, dict[int, tuple[list[float], list[int]]]] = {}
+    for f in folds:
+        for r in f.rows:
+            if r.prior_source != prior:
+                continue
+            for m, s in r.scores.items():
+                sc, lb = curves.setdefault(m, {}).setdefault(f.fold, ([], []))
+                sc.append(float(s))
+                lb.append(int(r.label))
+    return {m: curves[m] for m in ordered_methods(list(curves))}, prior
+
+
+def write_figures(out_dir: Path, folds: Sequence[FoldResult], examples: Sequence[Example]) -> dict[str, Path]:
+    """Write ``overlays.png`` (if examples), ``roc.png`` and ``scores.png`` under ``out_dir``."""
+    curves, _ = _score_sets(folds)
+    pooled = {m: ([s for sc, _ in d.values() for s in sc], [y for _, lb in d.values() for y in lb])
+              for m, d in curves.items()}
+    out: dict[str, Path] = {}
+    figs = {"roc": roc_figure(curves), "scores": score_distribution_figure(pooled)}
+    if examples:
+        figs["overlays"] = overlay_figure(examples)
+    for name, png in figs.items():
+        path = out_dir / f"{name}.png"
+        atomic_write_bytes(path, png)
+        out[name] = path
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# HTML
+
+_CSS = """body{font-family:DejaVu Sans,Arial,sans-serif;max-width:1200px;margin:2em auto;color:#222}
+table{border-collapse:collapse;margin:1em 0;font-size:0.9em}td,th{border:1px solid #bbb;padding:4px 8px}
+tr.paper td{color:#777;font-style:italic;background:#f6f6f6}img{max-width:100%}pre{background:#f4f4f4;
+padding:1em;overflow:auto;font-size:0.85em}.note{color:#555;font-size:0.9em}"""
+
+
+def _html_table(table: str, rows: Sequence[Mapping[str, Any]]) -> str:
+    head = ["Model" if table == "table1" else "Prior", "Source"] + [label for _, label in _columns(table)]
+    out = ["<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>"]
+    for r in rows:
+        cls = ' class="paper"' if r["source"] == "paper" else ""
+        out.append(f"<tr{cls}>" + "".join(f"<td>{html.escape(c)}</td>" for c in _display(table, r)) + "</tr>")
+    return "\n".join(out) + "</table>"
+
+
+def _img(path: Path, alt: str) -> str:
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    return f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{data}"><figcaption>{html.escape(alt)}</figcaption></figure>'
+
+
+def render_html(
+    tables: Mapping[str, Sequence[Mapping[str, Any]]],
+    figures: Mapping[str, Path],
+    summary: Mapping[str, Any],
+    config: Mapping[str, Any],
+    versions: Mapping[str, Any],
+    links: Sequence[str],
+) -> str:
+    """One self-contained page: figures are embedded as base64; ``links`` are relative file names."""
+    captions = {"overlays": "Best, median and worst cases per class: scan | reconstruction | anomaly map | "
+                            "ground truth | prediction",
+                "roc": "Image-level ROC curves per fold (ground-truth prior)",
+                "scores": "Image scores per class, all folds"}
+    parts = ["<!DOCTYPE html><html><head><meta charset='utf-8'><title>LoRIS report</title>",
+             f"<style>{_CSS}</style></head><body><h1>LoRIS evaluation report</h1>",
+             f"<p>Detector: <b>{html.escape(str(summary.get('detector', '-')))}</b>; data: "
+             f"{html.escape(str(summary.get('data', '-')))}; folds: {html.escape(str(summary.get('folds', '-')))}</p>",
+             f"<p class='note'>{html.escape(PAPER_NOTE)}</p>",
+             "<h2>Table 1: anomaly detection and segmentation</h2>", _html_table("table1", tables["table1"]),
+             "<h2>Table 2: detectors as location priors</h2>", _html_table("table2", tables["table2"]),
+             "<p class='note'>mean ± std across folds (ddof=1). Dice (oracle) tunes its threshold on the test "
+             "fold itself, as the paper does, so it is optimistic; Dice (val) chooses it on the validation "
+             "fold and applies closing-then-opening 3x3.</p>", "<h2>Figures</h2>"]
+    parts += [_img(p, captions.get(k, k)) for k, p in figures.items()]
+    parts.append("<h2>Files</h2><ul>" + "".join(f'<li><a href="{html.escape(n)}">{html.escape(n)}</a></li>'
+                                                  for n in links) + "</ul>")
+    parts += ["<h2>Summary</h2><pre>", html.escape(json.dumps(json_safe(summary), indent=2)), "</pre>",
+              "<h2>Configuration</h2><pre>", html.escape(json.dumps(json_safe(config), indent=2, default=str)),
+              "</pre>", "<h2>Versions</h2><table>",
+              "".join(f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(str(v))}</td></tr>"
+                      for k, v in versions.items()), "</table></body></html>"]
+    return "\n".join(parts)
+
+
+def write_report(
+    out_dir: Path | str,
+    summary: Mapping[str, Any],
+    folds: Sequence[FoldResult],
+    config: Mapping[str, Any],
+    versions: Mapping[str, Any],
+    examples: Sequence[Example] = (),
+    *,
+    paper: bool = True,
+) -> dict[str, Path]:
+    """Write tables (md/csv/json), per_image.csv, figures and report.html; every file atomically.
+
+    ``summary`` is the run's summary.json content (shown verbatim; tables are recomputed from
+    ``folds``). Returns ``{name: path}`` of the files written.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tables = build_tables(folds, paper=paper)
+    written: dict[str, Path] = {}
+    for t, rows in tables.items():
+        for ext, text in (("md", table_markdown(t, rows)), ("csv", table_csv(t, rows)),
+                          ("json", json.dumps(json_safe({"table": t, "note": PAPER_NOTE, "rows": rows}), indent=2))):
+            path = out_dir / f"{t}.{ext}"
+            atomic_write_text(path, text)
+            written[f"{t}.{ext}"] = path
+    atomic_write_text(out_dir / "per_image.csv", per_image_csv(folds))
+    written["per_image.csv"] = out_dir / "per_image.csv"
+    figures = write_figures(out_dir, folds, examples)
+    written.update({f"{k}.png": p for k, p in figures.items()})
+    links = sorted(n for n in written)
+    atomic_write_text(out_dir / "report.html", render_html(tables, figures, summary, config, versions, links))
+    written["report.html"] = out_dir / "report.html"
+    return written

@@ -1,0 +1,167 @@
+"""``python -m pipeline run|ablate|train|predict|bench`` (also installed as ``loris``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("YOLO_OFFLINE", "1")  # before anything imports ultralytics
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+DETECTOR_CHOICES = ("gt", "yolov5", "codetr")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", type=Path, help="dataset folder (README 'Your own data'); default: the embedded phantom")
+    p.add_argument("--config", type=Path, help="YAML file overriding configs/default.yaml")
+    p.add_argument("--profile", choices=("quick", "default", "paper"), default="default")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config key (dotted, e.g. unet.epochs=5); repeatable, applied last")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def _config(args: argparse.Namespace, detector: str) -> dict[str, Any]:
+    from pipeline.config import load_config
+
+    sets = list(args.overrides)
+    cfg = load_config(args.config, args.profile, [f"detector.name={detector}"] + sets)
+    if args.data is not None:
+        cfg["data"] = str(args.data)
+    if getattr(args, "folds", None):
+        cfg["run_folds"] = [int(v) for v in args.folds.split(",")]
+    cfg["progress"] = not args.no_progress
+    return cfg
+
+
+def _out(args: argparse.Namespace, cfg: dict[str, Any], command: str) -> Path:
+    from pipeline.outputs import default_run_dir
+
+    return Path(args.out) if args.out else default_run_dir(cfg, command)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="loris", description="LoRIS: localized reconstruction-by-inpainting "
+                                     "for knee recess distension in ultrasound")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="cross-validate LoRIS with one prior source (Table 1)")
+    run.add_argument("--detector", choices=DETECTOR_CHOICES, default="gt")
+    run.add_argument("--folds", help="comma-separated fold indices, e.g. 0,2 (default: all)")
+    run.add_argument("--out", type=Path, help="run folder (default: runs/<command>-<detector>-<profile>-<time>)")
+    _common(run)
+
+    abl = sub.add_parser("ablate", help="ground-truth against predicted priors, sharing the U-Nets (Table 2)")
+    abl.add_argument("--detectors", default="gt,yolov5,codetr", help="comma-separated prior sources")
+    abl.add_argument("--folds", help="comma-separated fold indices (default: all)")
+    abl.add_argument("--out", type=Path)
+    _common(abl)
+
+    tr = sub.add_parser("train", help="train one deployable bundle on all the data")
+    tr.add_argument("--detector", choices=("yolov5", "codetr"), default="codetr")
+    tr.add_argument("--out", type=Path, required=True, help="bundle folder to create")
+    tr.add_argument("--sensitivity", type=float, help="pick the score threshold reaching this validation "
+                    "sensitivity instead of Youden's J")
+    _common(tr)
+
+    pr = sub.add_parser("predict", help="score and segment every scan in a folder with a trained bundle")
+    pr.add_argument("--model", type=Path, required=True, help="bundle folder written by `train`")
+    pr.add_argument("--input", type=Path, required=True, help="folder of scans (PNG/JPEG/BMP/TIFF/DICOM)")
+    pr.add_argument("--out", type=Path, help="output folder (default: runs/predict-<time>)")
+    pr.add_argument("--recursive", action="store_true", help="also process sub-folders")
+    pr.add_argument("--batch-size", type=int, default=8)
+    pr.add_argument("--device", default="auto")
+    pr.add_argument("--no-progress", action="store_true")
+
+    be = sub.add_parser("bench", help="measure stage throughput on this machine")
+    be.add_argument("--out", type=Path, help="write the measurements as JSON here")
+    be.add_argument("--quick", action="store_true", help="fewer repeats (for smoke tests)")
+
+    args = parser.parse_args(argv)
+    try:
+        return _dispatch(args)
+    except KeyboardInterrupt:
+        print("interrupted: rerun the same command to resume", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError, KeyError) as exc:
+        if os.environ.get("LORIS_DEBUG"):
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command in ("run", "ablate"):
+        from pipeline.run import execute
+
+        names = [args.detector] if args.command == "run" else [d.strip() for d in args.detectors.split(",") if d.strip()]
+        unknown = [d for d in names if d not in DETECTOR_CHOICES]
+        if unknown:
+            raise ValueError(f"unknown detector(s) {unknown}; choose from {', '.join(DETECTOR_CHOICES)}")
+        cfg = _config(args, names[0])
+        out = _out(args, cfg, args.command)
+        summary = execute(cfg, out, names, command=args.command, progress=cfg["progress"])
+        _print_summary(summary, out)
+        return 0
+    if args.command == "train":
+        from pipeline.bundle import train_bundle
+
+        cfg = _config(args, args.detector)
+        if args.sensitivity is not None:
+            cfg["bundle"]["operating_point"] = "sensitivity"
+            cfg["bundle"]["sensitivity"] = args.sensitivity
+        doc = train_bundle(cfg, args.out)
+        v = doc["score"]["validation"]
+        print(f"bundle written to {args.out}: score threshold {doc['score']['threshold']:.4g} "
+              f"({doc['score']['operating_point']}: validation sensitivity {v['sensitivity']:.2f}, "
+              f"specificity {v['specificity']:.2f}, I-AUROC {v['i_auroc']:.3f}); "
+              f"segmentation threshold {doc['segmentation']['threshold']:.4g}")
+        return 0
+    if args.command == "predict":
+        from pipeline.predict import predict_folder
+
+        out = args.out
+        if out is None:
+            import time
+
+            out = Path("runs") / f"predict-{time.strftime('%Y%m%d-%H%M%S')}"
+        predict_folder(args.model, args.input, out, recursive=args.recursive, batch_size=args.batch_size,
+                       device=args.device, progress=not args.no_progress)
+        return 0
+    if args.command == "bench":
+        from pipeline.bench import run_bench
+
+        result = run_bench(quick=args.quick)
+        text = json.dumps(result, indent=1)
+        print(text)
+        if args.out:
+            from scans.io import atomic_write_text
+
+            atomic_write_text(args.out, text)
+        return 0
+    raise AssertionError(args.command)
+
+
+def _print_summary(summary: dict[str, Any], out: Path) -> None:
+    rec = summary.get("reconstruction", {})
+    lines = [f"results in {out} (report.html, table1.md, table2.md, summary.json)"]
+    for name, m in rec.items():
+        cells = []
+        for key in ("i_auroc", "p_auroc", "dice_oracle", "dice_val"):
+            v = m.get(key, {})
+            if v.get("mean") is not None:
+                std = v.get("std")
+                cells.append(f"{key} {v['mean']:.3f}" + (f" ± {std:.3f}" if std is not None else ""))
+        lines.append(f"  LoRIS+{name.upper():7s} " + ", ".join(cells))
+    if "riad" in summary:
+        v = summary["riad"].get("riad", summary["riad"]).get("i_auroc", {})
+        if isinstance(v, dict) and v.get("mean") is not None:
+            lines.append(f"  RIAD           i_auroc {v['mean']:.3f}")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,51 @@
+"""Resolving the dataset of a run: the user's folder, or the embedded phantom."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from scans.dataset import load_dataset, to_arrays
+from scans.folds import Fold, resolve_folds
+from scans.records import Scan, ScanArrays
+
+
+@dataclass
+class Data:
+    root: Path
+    scans: list[Scan]
+    arrays: ScanArrays
+    folds: list[Fold]
+    folds_source: str
+
+    def index(self, ids: tuple[int, ...] | list[int]) -> np.ndarray:
+        pos = {int(i): n for n, i in enumerate(self.arrays.ids)}
+        return np.array([pos[int(i)] for i in ids], dtype=np.int64)
+
+
+def dataset_root(cfg: dict[str, Any]) -> Path:
+    if cfg.get("data"):
+        root = Path(cfg["data"])
+        if not (root / "annotations.json").is_file():
+            raise FileNotFoundError(f"{root}: not a LoRIS dataset (no annotations.json); see README 'Your own data'")
+        return root
+    from scans.phantom import default_dataset
+
+    ph = cfg["phantom"]
+    return default_dataset(n_images=ph["images"], n_distended=ph["distended"], n_patients=ph["patients"],
+                           size=cfg["image_size"], seed=cfg["seed"])
+
+
+def load_data(cfg: dict[str, Any]) -> Data:
+    root = dataset_root(cfg)
+    scans = load_dataset(root)
+    missing = [s.path.name for s in scans if s.box is None]
+    if missing:
+        raise ValueError(f"{root}: {len(missing)} image(s) have no recess box (e.g. {missing[:3]}); "
+                         f"run `python -m scans check {root}`")
+    arrays = to_arrays(scans, size=cfg["image_size"], frame=cfg.get("frame", 0))
+    folds, source = resolve_folds(root, scans, k=cfg["folds"], seed=cfg["seed"])
+    return Data(root, scans, arrays, folds, source)

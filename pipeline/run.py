@@ -1,0 +1,272 @@
+"""``run`` and ``ablate``: patient-grouped cross-validation of LoRIS with one or more prior sources.
+
+Per fold: fit the detector(s) on normal training scans, fit (or reuse) the U-Net and the RIAD
+baseline, predict priors for validation and test scans, reconstruct, compute every anomaly
+map in one pass, and evaluate. A fold's result is saved as soon as it is done, so a killed run
+resumes at the next fold.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from tqdm import tqdm
+
+from detectors.base import Detector
+from detectors.prior import PriorPolicy
+from evaluation.aggregate import json_safe
+from evaluation.detection import detection_metrics, write_coco_results
+from evaluation.figures import Example, select_cases
+from evaluation.metrics import per_image_dice, segmentation_metrics
+from evaluation.report import FoldResult, ImageRow, summary_from_folds, write_report
+from pipeline import stages
+from pipeline.data import Data, load_data
+from pipeline.outputs import prepare_run_dir, write_json
+from pipeline.provenance import package_versions
+from scans.io import atomic_write
+from scans.records import ScanArrays, box_iou
+
+RIAD = "riad"
+
+
+class Progress:
+    """One bar over all (fold, stage) steps, showing fold, stage and ETA."""
+
+    def __init__(self, n_folds: int, stages_per_fold: int, enabled: bool = True) -> None:
+        self.bar = tqdm(total=n_folds * stages_per_fold, desc="run", unit="stage", file=sys.stderr,
+                        disable=not enabled, position=0, dynamic_ncols=True)
+
+    def stage(self, fold: int, name: str) -> None:
+        self.bar.set_description(f"fold {fold} · {name}")
+        self.bar.refresh()
+
+    def done(self, n: int = 1) -> None:
+        self.bar.update(n)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _scores(cfg: dict[str, Any], maps: dict[str, np.ndarray], boxes: np.ndarray) -> dict[str, np.ndarray]:
+    from reconstruction.deviation import image_score
+
+    s = cfg["score"]
+    return {name: image_score(m, boxes, pooling=s["pooling"], region=s["region"], topk_fraction=s["topk_fraction"])
+            for name, m in maps.items()}
+
+
+def _method_metrics(cfg: dict[str, Any], scores: dict[str, np.ndarray], test_maps: dict[str, np.ndarray],
+                    val_maps: dict[str, np.ndarray], test: ScanArrays, val: ScanArrays) -> dict[str, dict[str, float]]:
+    k = int(cfg["evaluation"]["postprocess_kernel"])
+    return {name: segmentation_metrics(scores[name], test.labels, test_maps[name], test.masks, val_maps[name],
+                                       val.masks, kernel=k)
+            for name in test_maps}
+
+
+def _examples(fold: int, test: ScanArrays, recon: np.ndarray, maps: dict[str, np.ndarray], scores: dict[str, np.ndarray],
+              dice: np.ndarray, threshold: float, kernel: int, method: str) -> list[Example]:
+    from reconstruction.segment import segment
+
+    out = []
+    for img_id, label, case in select_cases(test.ids.tolist(), test.labels.tolist(), dice.tolist(),
+                                            scores[method].tolist()):
+        i = int(np.flatnonzero(test.ids == img_id)[0])
+        out.append(Example(id=img_id, label=label, case=f"{case} (fold {fold})", image=test.images[i],
+                           reconstruction=recon[i], anomaly_map=maps[method][i], gt_mask=test.masks[i],
+                           pred_mask=segment(maps[method][i], threshold, kernel=kernel),
+                           dice=float(dice[i]), score=float(scores[method][i]), method=method))
+    return out
+
+
+def run_fold(cfg: dict[str, Any], data: Data, f: int, detector_names: Sequence[str], out: Path,
+             progress: Progress) -> tuple[FoldResult, list[Example], dict[str, Any]]:
+    """One fold with one or more prior sources; the first of ``detector_names`` fills ``methods``."""
+    from reconstruction.infer import reconstruct, riad_reconstruct
+
+    fold = data.folds[f]
+    tr, va, te = data.index(fold.train), data.index(fold.val), data.index(fold.test)
+    arr = data.arrays
+    val, test = arr.subset(va), arr.subset(te)
+    fdir = out / "folds" / str(f)
+    device = stages.resolve_device(cfg)
+    timing: dict[str, float] = {"detector_fit_s": 0.0, "unet_fit_s": 0.0, "inference_s": 0.0, "inference_images": 0}
+    info: dict[str, Any] = {"n_train": len(tr), "n_val": len(va), "n_test": len(te)}
+
+    progress.stage(f, "U-Net")
+    unet, unet_info = stages.fit_unet(cfg, data, tr, va, "single")
+    timing["unet_fit_s"] += 0.0 if unet_info["cached"] else unet_info["fit_s"]
+    info["unet"] = unet_info
+    progress.done()
+
+    result = FoldResult(fold=f)
+    examples: list[Example] = []
+    kernel = int(cfg["evaluation"]["postprocess_kernel"])
+    median = PriorPolicy.median_of(arr.boxes[stages.training_subset(arr, tr, cfg["detector"]["train_classes"])],
+                                   arr.images.shape[-1], arr.images.shape[-1])
+    policy = PriorPolicy(float(cfg["detector"]["threshold"]), median)
+    sources = list(dict.fromkeys(detector_names))
+    if "gt" not in sources:
+        sources.append("gt")  # the upper baseline is cheap once the U-Net exists
+    for src in sources:
+        det: Detector | None = None
+        if src != "gt":
+            progress.stage(f, f"{src} fit")
+            scfg = {**cfg, "detector": {**cfg["detector"], "name": src}}
+            det, det_info = stages.fit_detector(scfg, data, tr, va, fdir / src)
+            timing["detector_fit_s"] += float(det_info.get("fit_s", 0.0))
+            info[f"detector_{src}"] = det_info
+            progress.done()
+        progress.stage(f, f"{src} priors + maps")
+        t0 = time.perf_counter()
+        pv = stages.predict_priors(cfg, det, val, policy)
+        pt = stages.predict_priors(cfg, det, test, policy)
+        rv = reconstruct(unet, val.images, pv.boxes, maps=cfg["maps"], device=device)
+        rt = reconstruct(unet, test.images, pt.boxes, maps=cfg["maps"], device=device)
+        timing["inference_s"] += time.perf_counter() - t0
+        timing["inference_images"] += len(va) + len(te)
+        scores = _scores(cfg, rt.maps, pt.boxes)
+        metrics = _method_metrics(cfg, scores, rt.maps, rv.maps, test, val)
+        result.priors[src] = metrics["msgmsd"] if "msgmsd" in metrics else next(iter(metrics.values()))
+        if src != "gt":
+            preds = [(d.boxes, d.scores) for d in pt.detections]
+            result.detection[src] = detection_metrics(test.boxes, test.ids, preds, test.images.shape[1:],
+                                                      labels=test.labels)
+            result.detection[src]["fallbacks"] = pt.fallbacks
+            write_coco_results(fdir / src / "test_predictions.coco.json", test.ids, preds)
+        if src == sources[0]:
+            result.methods.update(metrics)
+            result.fallbacks = pt.fallbacks
+        dice = {name: per_image_dice(rt.maps[name], test.masks, metrics[name]["dice_val_threshold"], kernel=kernel)
+                for name in rt.maps}
+        for i in range(len(te)):
+            box = tuple(float(v) for v in pt.boxes[i])
+            result.rows.append(ImageRow(
+                id=int(test.ids[i]), patient=test.patients[i], fold=f, label=int(test.labels[i]), prior_source=src,
+                box=box, iou=box_iou(pt.raw_boxes[i], test.boxes[i]) if pt.sources[i] != "gt" else 1.0,
+                scores={k: float(v[i]) for k, v in scores.items()}, dice={k: float(v[i]) for k, v in dice.items()}))
+            if pt.sources[i] == "fallback":
+                result.rows[-1].prior_source = "fallback"
+        if src == sources[0] and cfg["evaluation"]["figures"]:
+            m = "dd" if "dd" in rt.maps else next(iter(rt.maps))
+            examples = _examples(f, test, rt.recon, rt.maps, scores, dice[m], metrics[m]["dice_val_threshold"],
+                                 kernel, m)
+        progress.done()
+
+    if cfg["riad"]["enabled"]:
+        progress.stage(f, "RIAD")
+        riad, riad_info = stages.fit_unet(cfg, data, tr, va, "riad")
+        timing["unet_fit_s"] += 0.0 if riad_info["cached"] else riad_info["fit_s"]
+        info["riad"] = riad_info
+        ks = tuple(int(k) for k in cfg["riad"]["ks"])
+        rv = riad_reconstruct(riad, val.images, ks=ks, maps=(RIAD,), device=device, seed=cfg["seed"])
+        rt = riad_reconstruct(riad, test.images, ks=ks, maps=(RIAD,), device=device, seed=cfg["seed"])
+        scores = _scores(cfg, rt.maps, test.boxes)
+        result.methods.update(_method_metrics(cfg, scores, rt.maps, rv.maps, test, val))
+        for row in result.rows:
+            if row.prior_source in (sources[0], "fallback"):
+                row.scores[RIAD] = float(scores[RIAD][int(np.flatnonzero(test.ids == row.id)[0])])
+        progress.done()
+    return result, examples, {"timing": timing, "info": info}
+
+
+def _save_fold(fdir: Path, result: FoldResult, examples: list[Example], extra: dict[str, Any]) -> None:
+    fdir.mkdir(parents=True, exist_ok=True)
+    if examples:
+        arrays = {f"{i}_{k}": getattr(e, k) for i, e in enumerate(examples)
+                  for k in ("image", "reconstruction", "anomaly_map", "gt_mask", "pred_mask")}
+        atomic_write(fdir / "examples.npz", lambda p: np.savez_compressed(open(p, "wb"), **arrays))
+    meta = [{k: getattr(e, k) for k in ("id", "label", "case", "dice", "score", "method")} for e in examples]
+    write_json(fdir / "fold.json", json_safe({"result": asdict(result), "examples": meta, **extra}))
+
+
+def _load_fold(fdir: Path) -> tuple[FoldResult, list[Example], dict[str, Any]]:
+    doc = json.loads((fdir / "fold.json").read_text())
+    r = doc["result"]
+    rows = [ImageRow(**{**row, "box": tuple(row["box"]) if row["box"] else None}) for row in r.pop("rows")]
+    result = FoldResult(**r, rows=rows)
+    examples = []
+    if doc["examples"]:
+        with np.load(fdir / "examples.npz") as z:
+            for i, meta in enumerate(doc["examples"]):
+                examples.append(Example(**meta, **{k: z[f"{i}_{k}"] for k in
+                                                   ("image", "reconstruction", "anomaly_map", "gt_mask", "pred_mask")}))
+    return result, examples, {k: doc[k] for k in ("timing", "info")}
+
+
+def _nan_to_none(x: Any) -> Any:
+    return json_safe(x)
+
+
+def execute(cfg: dict[str, Any], out: Path, detector_names: Sequence[str], command: str = "run",
+            progress: bool = True) -> dict[str, Any]:
+    """Run (or resume) the cross-validation into ``out`` and write every output; returns the summary."""
+    t_start = time.perf_counter()
+    stages.set_threads(cfg)
+    out = prepare_run_dir(out, cfg)
+    data = load_data(cfg)
+    write_json(out / "splits.json", [fold.to_json() for fold in data.folds])
+    fold_ids = cfg["run_folds"] if cfg.get("run_folds") is not None else list(range(len(data.folds)))
+    bad = [f for f in fold_ids if not 0 <= int(f) < len(data.folds)]
+    if bad:
+        raise ValueError(f"folds {bad} do not exist; the data has {len(data.folds)} folds")
+    for f in fold_ids:
+        for part in ("val", "test"):
+            labels = data.arrays.labels[data.index(getattr(data.folds[int(f)], part))]
+            if len(set(labels.tolist()) & {0, 1}) < 2:
+                raise ValueError(f"fold {f}: its {part} part holds only {'distended' if labels.all() else 'normal'} "
+                                 f"scans, so AUROC and the validation Dice threshold are undefined; use more data, "
+                                 f"fewer folds (--set folds=3) or a splits.json with both classes in every part")
+    n_src = len(set(detector_names) | {"gt"})
+    per_fold = 1 + n_src + sum(d != "gt" for d in set(detector_names)) + (1 if cfg["riad"]["enabled"] else 0)
+    bar = Progress(len(fold_ids), per_fold, progress)
+    results: list[FoldResult] = []
+    examples: list[Example] = []
+    extras: list[dict[str, Any]] = []
+    try:
+        for f in fold_ids:
+            fdir = out / "folds" / str(f)
+            if (fdir / "fold.json").is_file():
+                r, ex, extra = _load_fold(fdir)
+                bar.done(per_fold)
+            else:
+                r, ex, extra = run_fold(cfg, data, int(f), detector_names, out, bar)
+                _save_fold(fdir, r, ex, extra)
+            results.append(r)
+            examples.extend(ex)
+            extras.append(extra)
+    finally:
+        bar.close()
+
+    summary: dict[str, Any] = {"detector": detector_names[0] if command == "run" else list(detector_names),
+                               "data": str(data.root), "profile": cfg["profile"], "folds": [int(f) for f in fold_ids],
+                               "folds_source": data.folds_source}
+    summary.update(summary_from_folds(results, detector=None if command == "run" and detector_names[0] == "gt"
+                                      else (detector_names[0] if command == "run" else None)))
+    if command == "ablate":
+        summary["detection_by_detector"] = {
+            d: __import__("evaluation.metrics", fromlist=["aggregate"]).aggregate(
+                [r.detection[d] for r in results if d in r.detection]) for d in detector_names if d != "gt"}
+    if "detection" not in summary and detector_names[0] == "gt":
+        summary["detection"] = {"note": "ground-truth priors: no detector", "fallbacks": 0}
+    timing = {k: float(sum(e["timing"][k] for e in extras)) for k in ("detector_fit_s", "unet_fit_s", "inference_s")}
+    n_inf = sum(e["timing"]["inference_images"] for e in extras)
+    summary["timing"] = {"total_s": time.perf_counter() - t_start, **timing,
+                         "inference_images_per_s": n_inf / timing["inference_s"] if timing["inference_s"] else None}
+    summary["fold_info"] = [e["info"] for e in extras]
+    cand = examples
+    if cand:
+        picks = select_cases([e.id for e in cand], [e.label for e in cand], [e.dice for e in cand],
+                             [e.score for e in cand])
+        by_id = {e.id: e for e in cand}
+        examples = [Example(**{**{k: getattr(by_id[i], k) for k in Example.__dataclass_fields__}, "case": c})
+                    for i, _, c in picks]
+    write_report(out, summary, results, cfg, package_versions(), examples if cfg["evaluation"]["figures"] else ())
+    write_json(out / "per_fold.json", json_safe([asdict(r) | {"rows": len(r.rows)} for r in results]))
+    write_json(out / "summary.json", json_safe(summary))  # last: its presence marks the run finished
+    return summary

@@ -1,0 +1,204 @@
+"""The stages of one fold, each a thin adapter between the packages (only ``pipeline`` imports them all).
+
+detector fit -> priors -> U-Net fit (cached) -> reconstruction + maps -> evaluation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from detectors.base import Detections, Detector, build_detector
+from detectors.prior import PriorPolicy, expand_box
+from pipeline.config import detector_config_path
+from pipeline.data import Data
+from scans.records import ScanArrays
+
+
+def resolve_device(cfg: dict[str, Any]) -> str:
+    import torch
+
+    dev = cfg.get("device", "auto")
+    if dev == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return dev
+
+
+def set_threads(cfg: dict[str, Any]) -> None:
+    import torch
+
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg["threads"]))
+
+
+# ----------------------------------------------------------------------------- priors
+
+
+def expand_all(boxes: np.ndarray, cfg: dict[str, Any], size: int) -> np.ndarray:
+    """Apply the configured expansion to every box (the same rule for training and inference)."""
+    up, side = float(cfg["detector"]["expand_up"]), float(cfg["detector"]["expand_side"])
+    if up == 0 and side == 0:
+        return boxes.astype(np.float32, copy=True)
+    return np.array([expand_box(b, size, size, up=up, side=side) for b in boxes], dtype=np.float32)
+
+
+@dataclass
+class Priors:
+    """One prior box per image, with where it came from and the raw detections behind it."""
+
+    boxes: np.ndarray  # [N, 4] after expansion
+    raw_boxes: np.ndarray  # [N, 4] before expansion (scored against ground truth)
+    sources: list[str]
+    confidences: np.ndarray
+    detections: list[Detections] = field(default_factory=list)
+
+    @property
+    def fallbacks(self) -> int:
+        return sum(s == "fallback" for s in self.sources)
+
+
+def detector_kwargs(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Keyword arguments for the detector: its YAML config's keys, or the path of its Python config."""
+    import yaml
+
+    path = detector_config_path(cfg)
+    kwargs: dict[str, Any] = {}
+    if path is not None and path.suffix in (".yaml", ".yml"):
+        kwargs.update(yaml.safe_load(path.read_text()) or {})
+    elif path is not None:
+        kwargs["config_file"] = str(path)
+    kwargs.update(cfg["detector"].get("options") or {})
+    device = resolve_device(cfg)
+    # ultralytics names CUDA devices by index
+    kwargs["device"] = "0" if device == "cuda" and cfg["detector"]["name"] == "yolov5" else device
+    kwargs["seed"] = cfg["seed"]
+    return kwargs
+
+
+def training_subset(arrays: ScanArrays, index: np.ndarray, train_classes: str) -> np.ndarray:
+    """The indices a model may train on: normal scans only unless the ``all`` opt-in is set."""
+    if train_classes == "all":
+        return index
+    if train_classes != "normal":
+        raise ValueError(f"detector.train_classes must be 'normal' or 'all', not {train_classes!r}")
+    return index[arrays.labels[index] == 0]
+
+
+def fit_detector(cfg: dict[str, Any], data: Data, train_idx: np.ndarray, val_idx: np.ndarray,
+                 workdir: Path) -> tuple[Detector, dict[str, Any]]:
+    """Train (or reload from ``workdir/model``) the configured detector on its training subset."""
+    name = cfg["detector"]["name"]
+    arr = data.arrays
+    tr = training_subset(arr, train_idx, cfg["detector"]["train_classes"])
+    va = training_subset(arr, val_idx, cfg["detector"]["train_classes"])
+    det_cls = type(build_detector(name, **detector_kwargs(cfg)))
+    saved = workdir / "model"
+    if (saved / "DONE").is_file():
+        return det_cls.load(saved), json.loads((saved / "DONE").read_text())
+    det = build_detector(name, **detector_kwargs(cfg))
+    t0 = time.perf_counter()
+    info = det.fit(arr.subset(tr), arr.subset(va), workdir / "train")
+    info = {"fit_s": time.perf_counter() - t0, "n_train": int(len(tr)), "n_val": int(len(va)),
+            "n_train_distended": int(arr.labels[tr].sum()), **(info or {})}
+    det.save(saved)
+    (saved / "DONE").write_text(json.dumps(info, default=str))
+    return det, info
+
+
+def predict_priors(cfg: dict[str, Any], detector: Detector | None, arrays: ScanArrays,
+                   policy: PriorPolicy | None, batch_size: int = 16) -> Priors:
+    """Priors for ``arrays``: ground-truth boxes when ``detector`` is None, else the top-1 policy."""
+    n, size = len(arrays), arrays.images.shape[-1]
+    if detector is None:
+        raw = arrays.boxes.astype(np.float32)
+        dets = [Detections(b[None], np.ones(1)) for b in raw]
+        return Priors(expand_all(raw, cfg, size), raw, ["gt"] * n, np.ones(n, np.float32), dets)
+    assert policy is not None
+    dets: list[Detections] = []
+    for s in range(0, n, batch_size):
+        dets.extend(detector.predict(arrays.images[s : s + batch_size]))
+    chosen = policy.select_all(dets, size, size)
+    raw = np.array([p.box for p in chosen], dtype=np.float32).reshape(n, 4)
+    return Priors(expand_all(raw, cfg, size), raw, [p.source for p in chosen],
+                  np.array([p.score for p in chosen], np.float32), dets)
+
+
+# ----------------------------------------------------------------------------- U-Net
+
+
+def train_config(cfg: dict[str, Any], mode: str) -> Any:
+    from reconstruction.train import TrainConfig
+    from reconstruction.unet import UNetConfig
+
+    u = cfg["unet"]
+    section = cfg["riad"] if mode == "riad" else u
+    w = u["loss_weights"]
+    return TrainConfig(
+        mode=mode, unet=UNetConfig.profile(u["profile"]), epochs=int(section["epochs"]),
+        patience=int(section["patience"]), lr=float(u["lr"]), batch_size=int(u["batch_size"]),
+        msgms_weight=float(w[0]), ssim_weight=float(w[1]), l2_weight=float(w[2]),
+        mask_margin=float(u["mask_margin"]), riad_ks=tuple(int(k) for k in cfg["riad"]["ks"]),
+        seed=int(cfg["seed"]), device=resolve_device(cfg),
+        max_train_seconds=float(u["max_minutes"]) * 60 if u.get("max_minutes") else None,
+        progress=bool(cfg.get("progress", True)))
+
+
+def _fingerprint(data: Data) -> str:
+    return hashlib.sha256((data.root / "annotations.json").read_bytes()).hexdigest()[:16]
+
+
+def unet_cache_dir(cfg: dict[str, Any], data: Data, train_ids: tuple[int, ...], val_ids: tuple[int, ...],
+                   mode: str) -> Path:
+    """Cache folder keyed by everything a trained U-Net depends on: data, fold, config, seed."""
+    tc = train_config(cfg, mode).to_dict()
+    for k in ("progress", "device"):
+        tc.pop(k, None)
+    key_doc = {"data": _fingerprint(data), "size": cfg["image_size"], "train": list(train_ids), "val": list(val_ids),
+               "train_cfg": tc, "expand": [cfg["detector"]["expand_up"], cfg["detector"]["expand_side"]],
+               "frame": cfg.get("frame", 0), "version": 1}
+    key = hashlib.sha256(json.dumps(key_doc, sort_keys=True, default=str).encode()).hexdigest()[:20]
+    root = Path(cfg["cache_dir"]) if cfg.get("cache_dir") else Path(
+        os.environ.get("LORIS_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "loris"
+    ) / "models"
+    return root / f"unet-{mode}-{key}"
+
+
+def fit_unet(cfg: dict[str, Any], data: Data, train_idx: np.ndarray, val_idx: np.ndarray,
+             mode: str = "single") -> tuple[Any, dict[str, Any]]:
+    """A trained U-Net for this fold: from the cache when present, else trained and cached.
+
+    Trains on normal scans with ground-truth boxes (expanded by the prior policy, so the mask
+    geometry matches inference). A killed training resumes from its last checkpoint.
+    """
+    from reconstruction.checkpoint import load_model, save_model
+    from reconstruction.train import train_unet
+
+    arr = data.arrays
+    tr = arr.labels[train_idx] == 0
+    va = arr.labels[val_idx] == 0
+    train_idx, val_idx = train_idx[tr], val_idx[va]
+    cache = unet_cache_dir(cfg, data, tuple(arr.ids[train_idx].tolist()), tuple(arr.ids[val_idx].tolist()), mode)
+    if (cache / "DONE").is_file():
+        model, meta = load_model(cache, map_location=resolve_device(cfg))
+        return model, {**json.loads((cache / "DONE").read_text()), "cached": True, "cache": str(cache)}
+    size = arr.images.shape[-1]
+    t0 = time.perf_counter()
+    res = train_unet(arr.subset(train_idx), arr.subset(val_idx), train_config(cfg, mode), workdir=cache / "work",
+                     train_boxes=expand_all(arr.boxes[train_idx], cfg, size),
+                     val_boxes=expand_all(arr.boxes[val_idx], cfg, size))
+    info = {"fit_s": time.perf_counter() - t0, "best_epoch": res.best_epoch, "best_val_loss": res.best_val_loss,
+            "epochs_run": res.epochs_run, "stop_reason": res.stop_reason, "n_train": int(len(train_idx)),
+            "n_val": int(len(val_idx)), "mode": mode}
+    save_model(res.model, cache, meta=info)
+    (cache / "history.json").write_text(json.dumps(res.history))
+    (cache / "DONE").write_text(json.dumps(info))
+    shutil.rmtree(cache / "work", ignore_errors=True)
+    return res.model, {**info, "cached": False, "cache": str(cache)}

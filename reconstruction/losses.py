@@ -1,0 +1,144 @@
+"""Training losses: MSGMS, SSIM and L2, vectorised over ``[B, 1, H, W]`` tensors in [-1, 1].
+
+Constants follow REFERENCE.md (authors' code): GMS uses a 3x3 median prefilter, unnormalised
+Prewitt kernels and ``c = 0.0026``; MSGMS averages 4 scales made by 2x2 average pooling; SSIM
+uses an 11x11 Gaussian window (sigma 1.5), ``k1 = 0.01``, ``k2 = 0.03`` and data range 2.
+
+>>> import torch
+>>> x = torch.rand(2, 1, 32, 32) * 2 - 1
+>>> float(msgms_loss(x, x)) < 1e-6, float(ssim_loss(x, x)) < 1e-6
+(True, True)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+GMS_C = 0.0026
+GMS_SCALES = 4
+SSIM_WINDOW = 11
+SSIM_SIGMA = 1.5
+SSIM_K1 = 0.01
+SSIM_K2 = 0.03
+DATA_RANGE = 2.0  # images live in [-1, 1]
+_EPS = 1e-12  # keeps sqrt differentiable where the gradient magnitude is 0
+
+_PREWITT_X = torch.tensor([[1.0, 0.0, -1.0], [1.0, 0.0, -1.0], [1.0, 0.0, -1.0]])
+
+
+def median3x3(x: Tensor) -> Tensor:
+    """3x3 median filter per channel (reflect padding keeps borders free of fake edges).
+
+    >>> x = torch.zeros(1, 1, 5, 5); x[0, 0, 2, 2] = 1
+    >>> float(median3x3(x).max())
+    0.0
+    """
+    p = F.pad(x, (1, 1, 1, 1), mode="reflect")
+    patches = p.unfold(2, 3, 1).unfold(3, 3, 1)  # [B, C, H, W, 3, 3]
+    return patches.reshape(*x.shape, 9).median(dim=-1).values
+
+
+def gradient_magnitude(x: Tensor) -> Tensor:
+    """Prewitt (unnormalised) gradient magnitude ``sqrt(gx^2 + gy^2 + eps)`` of ``[B, 1, H, W]``."""
+    kx = _PREWITT_X.to(x)
+    k = torch.stack([kx, kx.t()]).unsqueeze(1)  # [2, 1, 3, 3]: both directions in one conv
+    g = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="reflect"), k)
+    return torch.sqrt(g.pow(2).sum(dim=1, keepdim=True) + _EPS)
+
+
+def gms_map(x: Tensor, y: Tensor, c: float = GMS_C, median: bool = True) -> Tensor:
+    """Gradient magnitude similarity ``(2 g1 g2 + c) / (g1^2 + g2^2 + c)`` in (0, 1], symmetric in x and y."""
+    if median:
+        x, y = median3x3(x), median3x3(y)
+    g1, g2 = gradient_magnitude(x), gradient_magnitude(y)
+    return (2 * g1 * g2 + c) / (g1.pow(2) + g2.pow(2) + c)
+
+
+def pyramid(x: Tensor, scales: int = GMS_SCALES) -> list[Tensor]:
+    """``[x, x/2, x/4, ...]`` by 2x2 average pooling."""
+    out = [x]
+    for _ in range(scales - 1):
+        out.append(F.avg_pool2d(out[-1], 2))
+    return out
+
+
+def msgms_loss(x: Tensor, y: Tensor, scales: int = GMS_SCALES, c: float = GMS_C) -> Tensor:
+    """Mean over scales of ``mean(1 - GMS)``.
+
+    >>> x = torch.rand(1, 1, 32, 32, requires_grad=True)
+    >>> msgms_loss(x, torch.rand(1, 1, 32, 32)).backward(); x.grad is not None
+    True
+    """
+    losses = [(1 - gms_map(a, b, c)).mean() for a, b in zip(pyramid(x, scales), pyramid(y, scales))]
+    return torch.stack(losses).mean()
+
+
+def gaussian_window(size: int = SSIM_WINDOW, sigma: float = SSIM_SIGMA, device: torch.device | None = None,
+                    dtype: torch.dtype = torch.float32) -> Tensor:
+    """Normalised 1-D Gaussian of ``size`` taps (used separably)."""
+    r = torch.arange(size, device=device, dtype=dtype) - (size - 1) / 2
+    g = torch.exp(-(r**2) / (2 * sigma**2))
+    return g / g.sum()
+
+
+def _blur(x: Tensor, g: Tensor) -> Tensor:
+    # separable Gaussian, reflect padding so the map keeps the image size
+    r = g.numel() // 2
+    x = F.pad(x, (r, r, r, r), mode="reflect")
+    c = x.shape[1]
+    x = F.conv2d(x, g.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
+    return F.conv2d(x, g.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
+
+
+def ssim_map(x: Tensor, y: Tensor, data_range: float = DATA_RANGE, window: int = SSIM_WINDOW, sigma: float = SSIM_SIGMA,
+             k1: float = SSIM_K1, k2: float = SSIM_K2) -> Tensor:
+    """Local SSIM map ``[B, 1, H, W]`` (population covariances, Gaussian window, reflect borders).
+
+    Matches scikit-image ``structural_similarity(gaussian_weights=True, sigma=1.5,
+    use_sample_covariance=False)`` away from the borders.
+    """
+    g = gaussian_window(window, sigma, x.device, x.dtype)
+    # one grouped blur over the five moments instead of five separate convolutions
+    stats = _blur(torch.cat([x, y, x * x, y * y, x * y], dim=1), g)
+    mx, my, sxx, syy, sxy = stats.split(x.shape[1], dim=1)
+    vx, vy, cxy = sxx - mx * mx, syy - my * my, sxy - mx * my
+    c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
+    return ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
+
+
+def ssim_loss(x: Tensor, y: Tensor, data_range: float = DATA_RANGE) -> Tensor:
+    """``1 - mean(SSIM map)``."""
+    return 1 - ssim_map(x, y, data_range).mean()
+
+
+def l2_loss(x: Tensor, y: Tensor) -> Tensor:
+    """Mean squared error."""
+    return F.mse_loss(x, y)
+
+
+@dataclass(frozen=True)
+class LossWeights:
+    """Weights of the three loss terms (paper: 1, 1, 1)."""
+
+    l2: float = 1.0
+    ssim: float = 1.0
+    msgms: float = 1.0
+
+
+def reconstruction_loss(recon: Tensor, target: Tensor, weights: LossWeights = LossWeights()) -> tuple[Tensor, dict[str, float]]:
+    """``w_l2 L2 + w_ssim L_SSIM + w_msgms L_MSGMS`` over the whole image; returns the total and each part.
+
+    >>> x = torch.rand(2, 1, 32, 32) * 2 - 1
+    >>> total, parts = reconstruction_loss(x, x); sorted(parts)
+    ['l2', 'msgms', 'ssim', 'total']
+    """
+    l2 = l2_loss(recon, target)
+    ss = ssim_loss(recon, target)
+    ms = msgms_loss(recon, target)
+    total = weights.l2 * l2 + weights.ssim * ss + weights.msgms * ms
+    parts = {"l2": float(l2.detach()), "ssim": float(ss.detach()), "msgms": float(ms.detach()), "total": float(total.detach())}
+    return total, parts

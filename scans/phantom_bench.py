@@ -1,0 +1,55 @@
+"""Phantom generation speed on one core: ``python -m scans.phantom_bench [--size 256] [--images 40] [--repeats 5]``.
+
+Times the full per-image work of :func:`scans.phantom.generate_dataset` (render, 8-bit PNG
+encoding, RLE of the mask) and prints the median images/s over the repeats.
+
+>>> main(["--size", "64", "--images", "2", "--repeats", "1"]) == 0  # doctest: +ELLIPSIS
+phantom ... images/s ...
+True
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+# One core: pin the thread pools before numpy/OpenCV start them.
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+
+from scans.coco import encode_mask  # noqa: E402
+from scans.phantom import render_scan, sample_anatomy  # noqa: E402
+
+
+def images_per_second(size: int, n_images: int, seed: int = 0) -> float:
+    """Images/s of render + PNG encode + RLE for ``n_images`` images (a third distended)."""
+    anatomies = [sample_anatomy(np.random.default_rng([seed, 0, p])) for p in range(8)]
+    t0 = time.perf_counter()
+    for i in range(n_images):
+        rng = np.random.default_rng([seed, 1, i])
+        r = render_scan(rng, anatomies[i % 8], 0.5 if i % 3 == 0 else 0.0, size)
+        ok, _ = cv2.imencode(".png", np.round(r.image * 255.0).astype(np.uint8))
+        encode_mask(r.pocket if i % 3 == 0 else r.recess)
+    return n_images / (time.perf_counter() - t0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m scans.phantom_bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--images", type=int, default=40)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args(argv)
+    cv2.setNumThreads(1)
+    images_per_second(args.size, 2)  # warm-up (imports, allocator)
+    rates = [images_per_second(args.size, args.images) for _ in range(args.repeats)]
+    print(f"phantom size={args.size}: {float(np.median(rates)):.1f} images/s (median of {args.repeats}, "
+          f"min {min(rates):.1f}, max {max(rates):.1f}; one thread)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

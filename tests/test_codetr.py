@@ -1,0 +1,187 @@
+"""Co-DINO detector: losses of every branch, optimisation, inference bounds, persistence, CPU-only."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("mmcv.ops", reason="mmcv with ops is needed for Co-DETR")
+pytest.importorskip("mmdet")
+
+from detectors import build_detector  # noqa: E402
+from detectors.codetr import CoDetrDetector, load_config  # noqa: E402
+from scans.records import ScanArrays  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "configs" / "detectors" / "codetr.py"
+PAPER_CONFIG = ROOT / "configs" / "detectors" / "codetr_paper.py"
+
+# Keys the query head, denoising, encoder proposals, RPN, RoI head, ATSS and both positive-query
+# branches must produce (last decoder layer; d0.* covers the earlier layer of the 2-layer config).
+EXPECTED_KEYS = {
+    "loss_cls", "loss_bbox", "loss_iou", "d0.loss_cls", "d0.loss_bbox", "d0.loss_iou",
+    "enc_loss_cls", "enc_loss_bbox", "enc_loss_iou",
+    "dn_loss_cls", "dn_loss_bbox", "dn_loss_iou", "d0.dn_loss_cls",
+    "loss_rpn_cls", "loss_rpn_bbox",
+    "rcnn.loss_cls", "rcnn.loss_bbox",
+    "atss.loss_cls", "atss.loss_bbox", "atss.loss_centerness",
+    "pos_rcnn.loss_cls", "pos_rcnn.loss_bbox", "pos_rcnn.loss_iou",
+    "pos_rcnn.d0.loss_cls", "pos_rcnn.d0.loss_bbox", "pos_rcnn.d0.loss_iou",
+    "pos_atss.loss_cls", "pos_atss.loss_bbox", "pos_atss.loss_iou",
+    "pos_atss.d0.loss_cls", "pos_atss.d0.loss_bbox", "pos_atss.d0.loss_iou",
+}
+AUX_PREFIXES = ("loss_rpn", "rcnn.", "atss.", "pos_rcnn.", "pos_atss.")
+
+
+def _toy(n: int, size: int, seed: int = 0) -> ScanArrays:
+    """Noise images, each with one bright flat rectangle (a recess-like box) and its box."""
+    rng = np.random.default_rng(seed)
+    images = (rng.random((n, size, size)) * 0.3).astype(np.float32)
+    boxes = np.zeros((n, 4), np.float32)
+    for i in range(n):
+        w, h = rng.integers(size // 3, size // 2), rng.integers(size // 10, size // 5)
+        x, y = rng.integers(0, size - w), rng.integers(0, size - h)
+        images[i, y : y + h, x : x + w] += 0.6
+        boxes[i] = (x, y, x + w, y + h)
+    return ScanArrays(images=images.clip(0, 1), boxes=boxes, masks=np.zeros((n, size, size), bool),
+                      labels=np.zeros(n, np.int64), ids=np.arange(n), patients=[f"p{i}" for i in range(n)],
+                      scale=np.ones((n, 2), np.float32))
+
+
+def _detector(**train: object) -> CoDetrDetector:
+    cfg = load_config(CONFIG)
+    cfg["train"] = {**cfg["train"], "num_threads": None, "max_minutes": None, **train}
+    return build_detector("codetr", **cfg)  # type: ignore[return-value]
+
+
+def _batch(det: CoDetrDetector, data: ScanArrays) -> tuple[torch.Tensor, list]:
+    x = det._inputs(data.images)
+    scale = det.image_size / data.images.shape[-1]
+    return x, det._samples(torch.as_tensor(data.boxes * scale), x.shape[0])
+
+
+def _total(losses: dict) -> torch.Tensor:
+    return sum(v.sum() if torch.is_tensor(v) else sum(t.sum() for t in v) for k, v in losses.items() if "loss" in k)
+
+
+def _finite(v: object) -> bool:
+    items = v if isinstance(v, (list, tuple)) else [v]
+    return all(bool(torch.isfinite(t).all()) for t in items)  # type: ignore[arg-type]
+
+
+def test_one_step_produces_finite_losses_for_every_branch() -> None:
+    torch.manual_seed(0)
+    det = _detector()
+    x, samples = _batch(det, _toy(2, 128))
+    det.model.train()
+    losses = det.model.loss(x, samples)
+    missing = EXPECTED_KEYS - set(losses)
+    assert not missing, f"missing loss keys: {sorted(missing)}"
+    bad = [k for k, v in losses.items() if "loss" in k and not _finite(v)]
+    assert not bad, f"non-finite losses: {bad}"
+    total = _total(losses)
+    total.backward()
+    # The positive-query projections of both heads receive gradient from their branch.
+    for p in det.model.pos_query_embed.parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all()
+
+
+def test_aux_heads_off_is_plain_dino() -> None:
+    cfg = load_config(CONFIG)
+    det = build_detector("codetr", **{**cfg, "aux_heads": False})
+    assert not det.model.with_aux and det.model.rpn_head is None and det.model.atss_head is None
+    x, samples = _batch(det, _toy(2, 128))
+    det.model.train()
+    losses = det.model.loss(x, samples)
+    assert {"loss_cls", "dn_loss_cls", "enc_loss_cls"} <= set(losses)
+    assert not [k for k in losses if k.startswith(AUX_PREFIXES)]
+
+
+def test_a_few_steps_on_one_batch_reduce_the_loss() -> None:
+    torch.manual_seed(0)
+    det = _detector()
+    x, samples = _batch(det, _toy(4, 128, seed=1))
+    model = det.model
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    history = []
+    for _ in range(12):
+        total = _total(model.loss(x, samples))
+        opt.zero_grad()
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        history.append(float(total))
+    # Denoising noise and samplers make single steps noisy: compare the ends of the run.
+    assert np.mean(history[-3:]) < np.mean(history[:3]), history
+
+
+def test_predict_returns_at_most_n_boxes_inside_the_image() -> None:
+    det = _detector()
+    size = 96  # not the model size: boxes must come back in the caller's pixels
+    dets = det.predict(_toy(3, size).images)
+    assert len(dets) == 3
+    for d in dets:
+        assert 0 < len(d) <= det.max_detections
+        assert (d.boxes >= 0).all() and (d.boxes <= size).all()
+        assert (d.boxes[:, 2] >= d.boxes[:, 0]).all() and (d.boxes[:, 3] >= d.boxes[:, 1]).all()
+        assert (np.diff(d.scores) <= 0).all()
+
+
+def test_fit_save_load_predict_identical(tmp_path: Path) -> None:
+    det = _detector(epochs=1, batch_size=4, warmup_iters=1, val_interval=1)
+    data = _toy(8, 128, seed=2)
+    summary = det.fit(data, data.subset([0, 1]), tmp_path / "work")
+    assert summary["iterations"] == 2 and (tmp_path / "work" / "train_log.jsonl").is_file()
+    det.save(tmp_path / "ckpt")
+    assert json.loads((tmp_path / "ckpt" / "config.json").read_text())["image_size"] == 128
+    torch.load(tmp_path / "ckpt" / "weights.pt", weights_only=True)  # a plain state dict
+    again = CoDetrDetector.load(tmp_path / "ckpt")
+    a, b = det.predict(data.images), again.predict(data.images)
+    for da, db in zip(a, b):
+        np.testing.assert_array_equal(da.boxes, db.boxes)
+        np.testing.assert_array_equal(da.scores, db.scores)
+
+
+def test_paper_config_builds() -> None:
+    cfg = load_config(PAPER_CONFIG)
+    model = CoDetrDetector(**cfg).model
+    assert model.num_queries == 900 and model.decoder.num_layers == 6 and model.with_aux
+
+
+_NO_CUDA_SCRIPT = r"""
+import torch
+def _refuse(*a, **k):
+    raise AssertionError(".cuda() was called")
+torch.Tensor.cuda = _refuse
+torch.nn.Module.cuda = _refuse
+assert not torch.cuda.is_available()
+from detectors import build_detector
+from detectors.codetr import load_config
+import numpy as np
+cfg = load_config("configs/detectors/codetr.py")
+det = build_detector("codetr", **cfg)
+x = det._inputs(np.random.default_rng(0).random((2, 128, 128), dtype=np.float32))
+boxes = torch.tensor([[20., 40., 90., 60.], [10., 50., 100., 80.]])
+det.model.train()
+losses = det.model.loss(x, det._samples(boxes, 2))
+assert all(torch.isfinite(v if torch.is_tensor(v) else torch.stack([t.sum() for t in v])).all()
+           for k, v in losses.items() if "loss" in k)
+print(len(det.predict(np.zeros((1, 128, 128), np.float32))[0]))
+"""
+
+
+def test_runs_without_cuda() -> None:
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    out = subprocess.run([sys.executable, "-c", _NO_CUDA_SCRIPT], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert math.isfinite(int(out.stdout.strip().splitlines()[-1]))

@@ -78,3 +78,57 @@ def expand_box(box: Sequence[float], width: int, height: int, *, up: float = 0.0
     w, h = x2 - x1, y2 - y1
     return (max(0.0, x1 - side * w), max(0.0, y1 - up * h), min(float(width), x2 + side * w),
             min(float(height), y2 + down * h))
+
+
+@dataclass(frozen=True)
+class ExpansionChoice:
+    """The chosen upward expansion and, per candidate, the validation scores behind the choice.
+
+    ``scores[up]`` holds ``distended_iou`` (mean IoU of the grown prior with the annotated box on
+    distended scans: the criterion), ``normal_iou`` (grown prior vs the annotated box) and
+    ``normal_consistency`` (grown prior vs the equally grown annotated box, which is what the
+    U-Net trains on, so it barely moves with ``up``).
+    """
+
+    up: float
+    scores: dict[float, dict[str, float]]
+
+
+def choose_expansion(priors: np.ndarray, gt_boxes: np.ndarray, labels: np.ndarray, width: int, height: int,
+                     candidates: Sequence[float] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0)) -> ExpansionChoice:
+    """Pick the upward growth (fraction of the prior's height) that best fits distended validation boxes.
+
+    A detector trained on normal recesses puts a normal-height box on a distended one (bottom edge
+    right, top too low), so the prior misses the pocket. Growing every prior upward by ``up``
+    recovers it; the pipeline grows the U-Net's training boxes by the same ``up``, so normal scans
+    keep the geometry the U-Net learned. ``up`` maximises the mean IoU with the annotated boxes of
+    the *distended validation* scans (top-1 priors, ``[N, 4]``; NaN rows skipped). Only that one
+    scalar is fitted on their boxes. With no distended validation scans the choice is 0.
+
+    >>> gt = np.array([[0, 40, 50, 60], [0, 20, 50, 60]], float)   # normal, distended (taller)
+    >>> pred = np.array([[0, 40, 50, 60], [0, 40, 50, 60]], float)  # normal-height box on both
+    >>> choose_expansion(pred, gt, np.array([0, 1]), 64, 64).up
+    1.0
+    """
+    priors = np.asarray(priors, dtype=np.float64)
+    gt = np.asarray(gt_boxes, dtype=np.float64)
+    labels = np.asarray(labels)
+    ok = ~(np.isnan(priors).any(axis=1) | np.isnan(gt).any(axis=1))
+    from scans.records import box_iou
+
+    scores: dict[float, dict[str, float]] = {}
+    for up in candidates:
+        grown = [expand_box(b, width, height, up=up) for b in priors]
+        iou = np.array([box_iou(g, t) if k else np.nan for g, t, k in zip(grown, gt, ok)])
+        cons = np.array([box_iou(g, expand_box(t, width, height, up=up)) if k else np.nan
+                         for g, t, k in zip(grown, gt, ok)])
+        dist, norm = ok & (labels == 1), ok & (labels == 0)
+        scores[float(up)] = {
+            "distended_iou": float(iou[dist].mean()) if dist.any() else float("nan"),
+            "normal_iou": float(iou[norm].mean()) if norm.any() else float("nan"),
+            "normal_consistency": float(cons[norm].mean()) if norm.any() else float("nan"),
+        }
+    if not (ok & (labels == 1)).any():
+        return ExpansionChoice(0.0, scores)
+    best = max(scores, key=lambda u: (scores[u]["distended_iou"], -u))  # ties: the smaller growth
+    return ExpansionChoice(best, scores)

@@ -49,7 +49,8 @@ class TrainConfig:
     """Every hyper-parameter of a reconstruction training run (paper defaults unless noted).
 
     ``max_epochs`` caps ``epochs`` for short CPU runs; ``max_train_seconds`` stops before an
-    epoch that would overrun the budget (measured on the previous epoch). ``mode="riad"`` trains
+    epoch that would overrun the budget of this call (estimated from the previous epoch; at
+    least one epoch always runs). ``mode="riad"`` trains
     the same network with RIAD's disjoint grid masks (one cell size from ``riad_ks`` per batch).
     """
 
@@ -195,14 +196,14 @@ def _train(train: ScanArrays, val: ScanArrays | None, cfg: TrainConfig, workdir:
 
     cap = min(cfg.epochs, cfg.max_epochs) if cfg.max_epochs is not None else cfg.epochs
     n = xt.shape[0]
-    t0, last_epoch_s, stop = time.monotonic(), 0.0, "epochs"
+    t0, last_epoch_s, stop, ran = time.monotonic(), 0.0, "epochs", 0
     bar = tqdm(total=cap, initial=min(state["epoch"], cap), desc=f"unet[{cfg.mode}]", unit="ep", disable=not cfg.progress, dynamic_ncols=True)
     while state["epoch"] < cap:
         if state["bad"] >= cfg.patience:
             stop = "patience"
             break
-        spent = time.monotonic() - t0
-        if cfg.max_train_seconds is not None and spent > 0 and spent + last_epoch_s > cfg.max_train_seconds:
+        # the budget counts this call only; at least one epoch runs so a model always comes back
+        if cfg.max_train_seconds is not None and ran and time.monotonic() - t0 + last_epoch_s > cfg.max_train_seconds:
             stop = "time"
             break
         e0 = time.monotonic()
@@ -221,6 +222,7 @@ def _train(train: ScanArrays, val: ScanArrays | None, cfg: TrainConfig, workdir:
         train_loss = run / max(seen, 1)
         val_loss = evaluate_loss(model, xv, bv, cfg, device) if has_val else train_loss
         last_epoch_s = time.monotonic() - e0
+        ran += 1
         state["elapsed"] += last_epoch_s
         if val_loss < state["best_val"]:
             state.update(best_val=val_loss, best_epoch=state["epoch"], bad=0)

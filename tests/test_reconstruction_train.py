@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pytest
@@ -38,6 +39,15 @@ def synthetic(n: int, n_distended: int = 0, size: int = 64, seed: int = 0) -> Sc
 
 
 TINY = TrainConfig(unet=UNetConfig.profile("tiny"), progress=False, seed=0)
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    # the test machine is shared: two spinning torch threads on a busy 2-core box run 10x slower
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
 
 
 def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
@@ -89,10 +99,16 @@ def test_checkpoint_round_trips_to_identical_outputs(tmp_path: Path) -> None:
     assert _same_weights(loaded, again)
 
 
-def test_early_stopping_and_time_budget() -> None:
+def test_early_stopping_and_time_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    import reconstruction.train as rt
+
     tr = synthetic(4, seed=1)
-    frozen = train_unet(tr, tr, replace(TINY, lr=0.0, patience=2, max_epochs=10))
-    assert frozen.stop_reason == "patience" and frozen.epochs_run == 3 and frozen.best_epoch == 0
+    scripted = iter([1.0, 0.5, 0.6, 0.7, 0.4, 0.3])  # validation losses, one per epoch
+    monkeypatch.setattr(rt, "evaluate_loss", lambda *a, **k: next(scripted))
+    stopped = train_unet(tr, tr, replace(TINY, patience=2, max_epochs=10))
+    assert stopped.stop_reason == "patience" and stopped.epochs_run == 4 and stopped.best_epoch == 1
+    assert stopped.best_val_loss == 0.5
+    monkeypatch.undo()
     timed = train_unet(tr, tr, replace(TINY, max_train_seconds=1e-9, max_epochs=10))
     assert timed.stop_reason == "time" and timed.epochs_run == 1
 
@@ -165,8 +181,9 @@ def test_dd_in_box_is_higher_on_distended_synthetic() -> None:
 
 @pytest.mark.slow
 def test_dd_in_box_is_higher_on_distended_phantom() -> None:
-    data = _phantom(64, 20, 64, seed=0)
+    # measured: DD box-mean 0.079 distended vs 0.064 normal (AUROC 0.67) after 15 epochs, ~40 s
+    data = _phantom(96, 30, 64, seed=0)
     if data is None:
         pytest.skip("scans.phantom not available")
     dist, norm = _dd_gap(data, replace(TINY, unet=UNetConfig.profile("cpu"), max_epochs=15, lr=1e-3))
-    assert dist > norm
+    assert dist > 1.1 * norm

@@ -27,7 +27,8 @@ def _merge(base: dict[str, Any], update: dict[str, Any], where: str, strict: boo
         if strict and key not in out:
             raise ConfigError(f"{where}: unknown key '{key}' (known: {', '.join(sorted(out))})")
         if isinstance(out.get(key), dict) and isinstance(value, dict):
-            out[key] = _merge(out[key], value, f"{where}.{key}", strict)
+            # an empty mapping in the defaults is free-form (e.g. detector.options)
+            out[key] = _merge(out[key], value, f"{where}.{key}", strict and bool(out[key]))
         else:
             out[key] = copy.deepcopy(value)
     return out

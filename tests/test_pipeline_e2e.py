@@ -1,0 +1,155 @@
+"""Each command end to end on a tiny phantom with the quick profile (in-process, offline)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import shutil
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from pipeline.__main__ import main
+
+SUMMARY_KEYS = {"detector", "data", "profile", "folds", "reconstruction", "riad", "detection", "timing"}
+METRIC_KEYS = {"i_auroc", "p_auroc", "dice_oracle", "dice_val"}
+TIMING_KEYS = {"total_s", "detector_fit_s", "unet_fit_s", "inference_images_per_s"}
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("loris-cache")
+
+
+def tiny(cache: Path) -> list[str]:
+    sets = ["phantom.images=48", "phantom.distended=16", "phantom.patients=16", "image_size=64", "folds=3",
+            "unet.epochs=1", "riad.epochs=1", "riad.ks=[2,8]", f"cache_dir={cache / 'models'}", "threads=2",
+            "detector.options={epochs: 1, imgsz: 64, batch: 8}"]
+    return [a for s in sets for a in ("--set", s)]
+
+
+@pytest.fixture(autouse=True)
+def _cache_env(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LORIS_CACHE", str(cache))
+
+
+def _assert_run_outputs(out: Path, detector: str) -> dict:
+    summary = json.loads((out / "summary.json").read_text())
+    assert SUMMARY_KEYS <= set(summary), set(summary)
+    assert summary["detector"] == detector and summary["profile"] == "quick" and summary["folds"] == [0]
+    for name in ("msgmsd", "dd", "gmsd", "ssim"):
+        assert METRIC_KEYS <= set(summary["reconstruction"][name])
+        assert {"mean", "std"} <= set(summary["reconstruction"][name]["i_auroc"])
+    assert TIMING_KEYS <= set(summary["timing"])
+    for name in ("table1.md", "table2.md", "table1.csv", "per_image.csv", "report.html", "config.yaml",
+                 "versions.json", "commit.txt"):
+        assert (out / name).is_file(), name
+    html = (out / "report.html").read_text()
+    for ref in re.findall(r'(?:src|href)="([^"#:]+)"', html):
+        assert (out / ref).exists(), ref  # the page links only files that exist
+    rows = list(csv.DictReader(open(out / "per_image.csv")))
+    assert rows and {"id", "patient", "fold", "label"} <= set(rows[0])
+    return summary
+
+
+def test_run_gt_then_resume_and_refuse(tmp_path: Path, cache: Path) -> None:
+    out = tmp_path / "run"
+    assert main(["run", "--detector", "gt", "--profile", "quick", "--out", str(out), "--no-progress"] + tiny(cache)) == 0
+    summary = _assert_run_outputs(out, "gt")
+    assert summary["timing"]["unet_fit_s"] > 0
+    # a killed run: the fold is kept, the summary missing -> the rerun resumes without retraining
+    (out / "summary.json").unlink()
+    assert main(["run", "--detector", "gt", "--profile", "quick", "--out", str(out), "--no-progress"] + tiny(cache)) == 0
+    again = json.loads((out / "summary.json").read_text())
+    assert again["reconstruction"]["msgmsd"]["i_auroc"] == summary["reconstruction"]["msgmsd"]["i_auroc"]
+    # a finished run is never overwritten
+    assert main(["run", "--detector", "gt", "--profile", "quick", "--out", str(out), "--no-progress"] + tiny(cache)) == 2
+
+
+def test_unet_cache_is_reused_across_runs(tmp_path: Path, cache: Path) -> None:
+    args = ["run", "--detector", "gt", "--profile", "quick", "--no-progress"] + tiny(cache)
+    assert main(args + ["--out", str(tmp_path / "a")]) == 0
+    assert main(args + ["--out", str(tmp_path / "b")]) == 0
+    b = json.loads((tmp_path / "b" / "summary.json").read_text())
+    assert b["timing"]["unet_fit_s"] == 0.0  # every U-Net came from the cache
+    assert b["fold_info"][0]["unet"]["cached"] is True
+
+
+@pytest.mark.slow
+def test_run_yolov5(tmp_path: Path, cache: Path) -> None:
+    out = tmp_path / "yolo"
+    assert main(["run", "--detector", "yolov5", "--profile", "quick", "--out", str(out), "--no-progress"] + tiny(cache)) == 0
+    summary = _assert_run_outputs(out, "yolov5")
+    assert {"precision", "map50", "map75", "fallbacks"} <= set(summary["detection"])
+    assert (out / "folds" / "0" / "yolov5" / "test_predictions.coco.json").is_file()
+
+
+@pytest.mark.slow
+def test_run_codetr(tmp_path: Path, cache: Path) -> None:
+    out = tmp_path / "codetr"
+    sets = tiny(cache)[:-2] + ["--set", "detector.options={max_iters: 4, batch_size: 4}"]
+    assert main(["run", "--detector", "codetr", "--profile", "quick", "--out", str(out), "--no-progress"] + sets) == 0
+    summary = _assert_run_outputs(out, "codetr")
+    assert {"precision", "map50", "map75", "fallbacks"} <= set(summary["detection"])
+
+
+@pytest.mark.slow
+def test_ablate(tmp_path: Path, cache: Path) -> None:
+    out = tmp_path / "ablate"
+    assert main(["ablate", "--detectors", "gt,yolov5", "--profile", "quick", "--out", str(out), "--no-progress"]
+                + tiny(cache)) == 0
+    table2 = (out / "table2.md").read_text()
+    assert "GT" in table2 and "YOLOv5u" in table2 and "vs GT" in table2
+
+
+def _scan_folder(root: Path, phantom: Path) -> Path:
+    from tests.helpers import write_dicom
+
+    folder = root / "incoming"
+    (folder / "sub").mkdir(parents=True)
+    pngs = sorted((phantom / "images").glob("*.png"))[:3]
+    for p in pngs:
+        shutil.copy(p, folder / p.name)
+    img = cv2.imread(str(pngs[0]), cv2.IMREAD_GRAYSCALE)
+    write_dicom(folder / "scan.dcm", img)
+    shutil.copy(pngs[1], folder / "sub" / "deep.png")
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    (folder / "notes.txt").write_text("not an image")
+    return folder
+
+
+@pytest.mark.slow
+def test_train_then_predict_with_resume(tmp_path: Path, cache: Path) -> None:
+    model = tmp_path / "model"
+    assert main(["train", "--detector", "yolov5", "--profile", "quick", "--out", str(model), "--no-progress"]
+                + tiny(cache)) == 0
+    doc = json.loads((model / "bundle.json").read_text())
+    assert {"threshold", "operating_point"} <= set(doc["score"]) and "threshold" in doc["segmentation"]
+    phantom = Path(doc["config"]["data"] or next((cache / "phantom").iterdir()))
+    folder = _scan_folder(tmp_path, phantom)
+    out = tmp_path / "pred"
+    assert main(["predict", "--model", str(model), "--input", str(folder), "--out", str(out), "--no-progress"]) == 0
+    rows = list(csv.DictReader(open(out / "predictions.csv")))
+    errors = {r["file"]: r["reason"] for r in csv.DictReader(open(out / "errors.csv"))}
+    assert sorted(r["file"] for r in rows) == ["scan.dcm"] + sorted(p.name for p in (folder).glob("*.png")
+                                                                      if p.name != "broken.png")
+    assert set(errors) == {"broken.png", "notes.txt"} and "unsupported" in errors["notes.txt"]
+    for r in rows:
+        assert r["verdict"] in ("distended", "not distended") and r["box_source"] in ("detector", "fallback")
+        assert (out / r["mask"]).is_file() and (out / r["overlay"]).is_file()
+        mask = cv2.imread(str(out / r["mask"]), cv2.IMREAD_GRAYSCALE)
+        assert mask.shape == (int(r["height"]), int(r["width"]))
+    # resume: drop the last row as if killed mid-run; the rerun processes only that file
+    lines = (out / "predictions.csv").read_text().splitlines()
+    (out / "predictions.csv").write_text("\n".join(lines[:-1]) + "\n")
+    assert main(["predict", "--model", str(model), "--input", str(folder), "--out", str(out), "--no-progress",
+                 "--recursive"]) == 0
+    rows2 = list(csv.DictReader(open(out / "predictions.csv")))
+    assert len(rows2) == len(rows) + 1 and any(r["file"] == "sub/deep.png" for r in rows2)
+    assert len({r["file"] for r in rows2}) == len(rows2)  # nothing processed twice
+    files = {p.resolve() for p in tmp_path.rglob("*") if p.is_file()}
+    assert all(out.resolve() in f.parents or model.resolve() in f.parents or folder.resolve() in f.parents
+               for f in files)

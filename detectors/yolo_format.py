@@ -15,6 +15,7 @@ Layout under ``root``::
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Sequence
 
@@ -74,8 +75,10 @@ def write_split(arrays: ScanArrays, root: Path, split: str) -> int:
 
 
 def write_dataset(train: ScanArrays, val: ScanArrays, root: Path | str) -> Path:
-    """Write the train and validation splits under ``root`` and return the ``data.yaml`` path."""
+    """(Re)write the train and validation splits under ``root``; returns the ``data.yaml`` path."""
     root = Path(root).resolve()
+    for sub in ("images", "labels"):  # a re-fit must not train on a previous fold's leftover scans
+        shutil.rmtree(root / sub, ignore_errors=True)
     write_split(train, root, "train")
     write_split(val, root, "val")
     data = {"path": str(root), "train": "images/train", "val": "images/val", "names": {0: CLASS_NAME}}

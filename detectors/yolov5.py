@@ -184,8 +184,8 @@ class YoloV5Detector(Detector):
             hsv_h=0.0, hsv_s=0.0, hsv_v=c["hsv_v"],  # grayscale: hue/saturation jitter means nothing
             translate=c["translate"], scale=c["scale"], fliplr=c["fliplr"], mosaic=c["mosaic"],
             close_mosaic=c["close_mosaic"], degrees=c["degrees"], workers=c["workers"], seed=c["seed"],
-            deterministic=c["deterministic"], device=_ultralytics_device(c["device"]), project=str(workdir), name="train",
-            exist_ok=True, pretrained=False, amp=False, plots=False, single_cls=True, verbose=False,
+            deterministic=c["deterministic"], device=_ultralytics_device(c["device"]), project=str(workdir),
+            name="train", exist_ok=True, pretrained=False, amp=False, plots=False, single_cls=True, verbose=False,
             save=True, val=True, cache=False,
         )
         args.update(c["train_args"])
@@ -234,7 +234,8 @@ class YoloV5Detector(Detector):
             "detector": "yolov5", "architecture": "YOLOv5u", "model": self.config["model"],
             "train_images": len(train), "val_images": len(val), "epochs_run": int(trainer.epoch) + 1,
             "best_fitness": float(trainer.best_fitness) if trainer.best_fitness is not None else None,
-            "train_seconds": round(seconds, 1), "train_cpu_seconds": round(cpu_seconds, 1), "threads": threads, "run_dir": str(trainer.save_dir),
+            "train_seconds": round(seconds, 1), "train_cpu_seconds": round(cpu_seconds, 1), "threads": threads,
+            "run_dir": str(trainer.save_dir),
         }
 
     def _set_weights(self, model_yaml: dict[str, Any], state: dict[str, torch.Tensor]) -> None:
@@ -270,7 +271,8 @@ class YoloV5Detector(Detector):
         with torch.inference_mode():
             for s in range(0, n, bs):
                 x = torch.from_numpy(u8[s:s + bs]).float().div_(255.0)[:, None].expand(-1, 3, -1, -1).contiguous()
-                preds = non_max_suppression(self._model(x.to(self._torch_device)), conf_thres=float(self.config["conf"]),
+                preds = non_max_suppression(self._model(x.to(self._torch_device)),
+                                            conf_thres=float(self.config["conf"]),
                                             iou_thres=float(self.config["iou"]), max_det=int(self.config["max_det"]))
                 for p in preds:
                     p = p.cpu().numpy()

@@ -79,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     be = sub.add_parser("bench", help="measure stage throughput on this machine")
     be.add_argument("--out", type=Path, help="write the measurements as JSON here")
     be.add_argument("--quick", action="store_true", help="fewer repeats (for smoke tests)")
+    be.add_argument("--model", type=Path, help="a bundle from `train`: also measure end-to-end predict images/s")
 
     args = parser.parse_args(argv)
     try:
@@ -134,7 +135,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "bench":
         from pipeline.bench import run_bench
 
-        result = run_bench(quick=args.quick)
+        result = run_bench(quick=args.quick, model=args.model)
         text = json.dumps(result, indent=1)
         print(text)
         if args.out:

@@ -36,7 +36,7 @@ def dataset_root(cfg: dict[str, Any]) -> Path:
 
     ph = cfg["phantom"]
     return default_dataset(n_images=ph["images"], n_distended=ph["distended"], n_patients=ph["patients"],
-                           size=cfg["image_size"], seed=cfg["seed"])
+                           size=ph["size"], seed=cfg["seed"], progress=cfg.get("progress", True))
 
 
 def load_data(cfg: dict[str, Any]) -> Data:

@@ -112,7 +112,7 @@ def run_benchmark(
 ) -> dict[str, Any]:
     """Measure everything in one run and return a JSON-able dict (see module docstring).
 
-    The paper profile is slow on a CPU, so it gets at most 3 repetitions.
+    The paper profile is slow on a CPU, so it gets at most 2 timed repetitions.
     """
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -129,7 +129,7 @@ def run_benchmark(
             flops = unet_flops(cfg, size)
             res["flops"][p] = flops
             res["params"][p] = count_parameters(UNet(cfg))
-            speed = inference_speed(cfg, size, batch, reps if p != "paper" else min(reps, 3))
+            speed = inference_speed(cfg, size, batch, reps if p != "paper" else min(reps, 2))
             for v in speed.values():
                 v["gflops"] = v["images_per_s"] * flops / 1e9
                 v["fraction_of_matmul"] = v["gflops"] / res["matmul_gflops"]

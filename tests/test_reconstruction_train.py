@@ -187,3 +187,16 @@ def test_dd_in_box_is_higher_on_distended_phantom() -> None:
         pytest.skip("scans.phantom not available")
     dist, norm = _dd_gap(data, replace(TINY, unet=UNetConfig.profile("cpu"), max_epochs=15, lr=1e-3))
     assert dist > 1.1 * norm
+
+
+def test_folded_batchnorm_inference_matches_plain_module_call() -> None:
+    net = UNet(UNetConfig.profile("cpu"))
+    net.train()
+    with torch.no_grad():
+        for _ in range(3):  # non-trivial running statistics
+            net(torch.rand(4, 1, 64, 64) * 2 - 1)
+    data = synthetic(3)
+    fast = reconstruct(net, data.images, data.boxes, device="cpu")
+    plain = reconstruct(net, data.images, data.boxes, device="cpu", fold_bn=False, channels_last=False)
+    assert np.abs(fast.recon - plain.recon).max() < 1e-5
+    assert all(np.abs(fast.maps[k] - plain.maps[k]).max() < 1e-4 for k in fast.maps)

@@ -53,6 +53,15 @@ def test_registered() -> None:
     assert DETECTORS["yolov5"] is YoloV5Detector
     with pytest.raises(ValueError, match="multiple of 32"):
         build_detector("yolov5", imgsz=100)
+    with pytest.raises(ValueError, match="unknown yolov5 config keys"):
+        build_detector("yolov5", epoch=3)  # a typo must not silently train with defaults
+
+
+@pytest.mark.parametrize("name", ["yolov5.yaml", "yolov5_paper.yaml"])
+def test_shipped_configs_load(name: str) -> None:
+    path = Path(__file__).resolve().parents[1] / "configs" / "detectors" / name
+    det = build_detector("yolov5", config_file=str(path), seed=7, device="cpu")
+    assert det.config["seed"] == 7 and det.config["model"] in ("yolov5n.yaml", "yolov5s.yaml")  # arguments win
 
 
 def test_fit_save_load_predict_offline(tmp_path: Path) -> None:

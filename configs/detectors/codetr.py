@@ -53,6 +53,7 @@ model = dict(
     bbox_head=dict(
         type='LorisCoDINOHead',
         num_classes=1,
+        embed_dims=_embed,   # the head's default is 256
         sync_cls_avg_factor=True,
         # Co-DINO uses quality focal loss where DINO uses focal loss.
         loss_cls=dict(type='QualityFocalLoss', use_sigmoid=True, beta=2.0, loss_weight=1.0),

@@ -49,7 +49,7 @@ model = dict(
         post_norm_cfg=None),
     positional_encoding=dict(num_feats=_embed // 2, normalize=True, offset=0.0, temperature=20),
     bbox_head=dict(
-        type='LorisCoDINOHead', num_classes=1, sync_cls_avg_factor=True,
+        type='LorisCoDINOHead', num_classes=1, embed_dims=_embed, sync_cls_avg_factor=True,
         loss_cls=dict(type='QualityFocalLoss', use_sigmoid=True, beta=2.0, loss_weight=1.0),
         loss_bbox=dict(type='L1Loss', loss_weight=5.0),
         loss_iou=dict(type='GIoULoss', loss_weight=2.0)),

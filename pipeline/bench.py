@@ -1,0 +1,115 @@
+"""``python -m pipeline bench``: throughput of every stage on this machine, in one run.
+
+Measures the phantom generator, the U-Net (CPU and paper profiles, GFLOP/s against a dense
+``torch.matmul`` measured in the same run), the detectors' inference, and, given a trained
+bundle (``--model``), end-to-end ``predict`` images/s with its FLOP-bound ceiling. Medians of
+repeated timings are reported; the load average before and after tells whether the machine
+was quiet.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+
+def _median_rate(fn: Callable[[], int], reps: int) -> float:
+    fn()  # warm-up: first calls allocate and pick kernels
+    rates = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        n = fn()
+        rates.append(n / (time.perf_counter() - t0))
+    return float(statistics.median(rates))
+
+
+def phantom_speed(reps: int = 3, n: int = 20, size: int = 256) -> float:
+    from scans.phantom import render_scan, sample_anatomy
+
+    def go() -> int:
+        rng = np.random.default_rng(0)
+        anatomy = sample_anatomy(rng)
+        for i in range(n):
+            render_scan(rng, anatomy, 0.5 if i % 2 else 0.0, size)
+        return n
+
+    return _median_rate(go, reps)
+
+
+def detector_speed(name: str, reps: int = 3, n: int = 32, size: int = 256) -> float:
+    """Inference images/s of an untrained detector of the default config (speed does not depend on training)."""
+    from pipeline.config import load_config
+    from pipeline.stages import detector_kwargs
+    from detectors.base import build_detector
+
+    cfg = load_config(None, "default", [f"detector.name={name}"])
+    det = build_detector(name, **detector_kwargs(cfg))
+    if not hasattr(det, "init_untrained"):
+        raise RuntimeError(f"{name} cannot be benchmarked untrained")
+    det.init_untrained()  # type: ignore[attr-defined]
+    images = np.random.default_rng(0).random((n, size, size), dtype=np.float32)
+    return _median_rate(lambda: len(det.predict(images)), reps)
+
+
+def predict_speed(model: Path, n: int = 48, reps: int = 3) -> dict[str, Any]:
+    """End-to-end ``predict`` (read, detect, reconstruct, map, segment, write) on phantom PNGs."""
+    from pipeline.predict import predict_folder
+    from scans.phantom import default_dataset
+
+    src = sorted((default_dataset(progress=False) / "images").glob("*.png"))[:n]
+    rates = []
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "in"
+        folder.mkdir()
+        for p in src:
+            shutil.copy(p, folder / p.name)
+        for r in range(reps + 1):
+            out = Path(tmp) / f"out{r}"
+            stats = predict_folder(model, folder, out, progress=False)
+            if r:  # the first run warms up
+                rates.append(stats["images_per_s"])
+    return {"images_per_s": float(statistics.median(rates)), "images": len(src), "reps": reps}
+
+
+def run_bench(quick: bool = False, model: Path | None = None) -> dict[str, Any]:
+    import torch
+
+    from pipeline.provenance import machine, package_versions
+    from reconstruction.benchmark import run_benchmark
+
+    reps = 2 if quick else 5
+    res: dict[str, Any] = {"machine": machine(), "versions": package_versions(), "load_avg_start": os.getloadavg()}
+    res["phantom_images_per_s_one_thread"] = None
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        res["phantom_images_per_s_one_thread"] = phantom_speed(reps=2 if quick else 3)
+    finally:
+        torch.set_num_threads(threads)
+    res["unet"] = run_benchmark(profiles=("tiny",) if quick else ("cpu", "paper"), reps=reps,
+                                train_steps=2 if quick else 5, threads=os.cpu_count() or 2)
+    res["detectors"] = {}
+    for name in ("yolov5", "codetr"):
+        try:
+            res["detectors"][name] = {"images_per_s": detector_speed(name, reps=2 if quick else 3,
+                                                                     n=8 if quick else 32)}
+        except Exception as exc:  # a missing optional stack must not hide the other numbers
+            res["detectors"][name] = {"error": f"{exc.__class__.__name__}: {exc}"}
+    if model is not None:
+        e2e = predict_speed(Path(model), n=16 if quick else 48, reps=2 if quick else 3)
+        prof = res["unet"]["flops"]
+        res["predict"] = e2e
+        res["predict"]["note"] = "ceiling = matmul GFLOP/s / U-Net GFLOP per image (detector excluded)"
+        for p, flops in prof.items():
+            res["predict"][f"ceiling_images_per_s_{p}"] = res["unet"]["matmul_gflops"] / (flops / 1e9)
+    else:
+        res["predict"] = {"note": "pass --model MODEL_DIR (from `train`) to measure end-to-end predict images/s"}
+    res["load_avg_end"] = os.getloadavg()
+    return res

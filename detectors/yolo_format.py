@@ -9,8 +9,8 @@ Layout under ``root``::
 >>> import numpy as np
 >>> box_to_yolo_line((10.0, 20.0, 30.0, 60.0), width=100, height=100)
 '0 0.200000 0.400000 0.200000 0.400000'
->>> yolo_line_to_box('0 0.2 0.4 0.2 0.4', width=100, height=100)
-(10.0, 20.0, 30.0, 60.0)
+>>> [round(v, 3) for v in yolo_line_to_box('0 0.2 0.4 0.2 0.4', width=100, height=100)]
+[10.0, 20.0, 30.0, 60.0]
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ uses an 11x11 Gaussian window (sigma 1.5), ``k1 = 0.01``, ``k2 = 0.03`` and data
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -30,13 +31,79 @@ _EPS = 1e-12  # keeps sqrt differentiable where the gradient magnitude is 0
 _PREWITT_X = torch.tensor([[1.0, 0.0, -1.0], [1.0, 0.0, -1.0], [1.0, 0.0, -1.0]])
 
 
+def _sort3(a: Tensor, b: Tensor, c: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    lo, hi = torch.minimum(a, b), torch.maximum(a, b)
+    mid, hi = torch.minimum(hi, c), torch.maximum(hi, c)
+    return torch.minimum(lo, mid), torch.maximum(lo, mid), hi
+
+
+def _med3(a: Tensor, b: Tensor, c: Tensor) -> Tensor:
+    return torch.maximum(torch.minimum(a, b), torch.minimum(torch.maximum(a, b), c))
+
+
+def _median9_padded(p: Tensor) -> Tensor:
+    """Exact 3x3 median of a reflect-padded ``[..., H+2, W+2]`` tensor by min/max only.
+
+    Sorting each horizontal triple and then the columns of the 3x3 block puts the median on the
+    anti-diagonal: ``med3(max(lows), med3(mids), min(highs))``. The horizontal sort is shared by
+    the three rows of every window, so the whole filter is ~20 element-wise ops instead of a
+    9x unfold copy plus a sort (40x faster forward on the 2-core CPU).
+    """
+    h, w = p.shape[-2] - 2, p.shape[-1] - 2
+    lo, mid, hi = _sort3(p[..., 0:w], p[..., 1 : w + 1], p[..., 2 : w + 2])  # [..., H+2, W]
+    rows = (slice(0, h), slice(1, h + 1), slice(2, h + 2))
+    max_lo = torch.maximum(torch.maximum(lo[..., rows[0], :], lo[..., rows[1], :]), lo[..., rows[2], :])
+    min_hi = torch.minimum(torch.minimum(hi[..., rows[0], :], hi[..., rows[1], :]), hi[..., rows[2], :])
+    med_mid = _med3(mid[..., rows[0], :], mid[..., rows[1], :], mid[..., rows[2], :])
+    return _med3(max_lo, med_mid, min_hi)
+
+
+class _Median9(torch.autograd.Function):
+    """Median of the 3x3 windows of a padded tensor; the gradient goes to one window pixel equal to the median.
+
+    Autograd through the min/max network would split the gradient at ties and cost ~10x the
+    forward. Like ``Tensor.median``'s backward (which routes it to the one index it returns),
+    this sends each window's gradient to a single pixel: the first match in row-major order.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, p: Tensor) -> Tensor:  # noqa: D102
+        m = _median9_padded(p)
+        ctx.save_for_backward(p, m)
+        return m
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:  # noqa: D102
+        p, m = ctx.saved_tensors
+        h, w = m.shape[-2:]
+        gp = torch.zeros_like(p)
+        free = torch.ones_like(m, dtype=torch.bool)  # windows whose gradient is not yet placed
+        for dy in range(3):
+            for dx in range(3):
+                hit = free & (p[..., dy : dy + h, dx : dx + w] == m)
+                gp[..., dy : dy + h, dx : dx + w] += grad * hit
+                free &= ~hit
+        return gp
+
+
 def median3x3(x: Tensor) -> Tensor:
     """3x3 median filter per channel (reflect padding keeps borders free of fake edges).
+
+    Values equal :func:`median3x3_reference` exactly; gradients agree except at exact ties,
+    where either picks one of the tied pixels.
 
     >>> x = torch.zeros(1, 1, 5, 5); x[0, 0, 2, 2] = 1
     >>> float(median3x3(x).max())
     0.0
     """
+    p = F.pad(x, (1, 1, 1, 1), mode="reflect")
+    if torch.is_grad_enabled() and p.requires_grad:
+        return _Median9.apply(p)
+    return _median9_padded(p)
+
+
+def median3x3_reference(x: Tensor) -> Tensor:
+    """The straightforward 3x3 median (unfold + ``median``), kept as the specification for tests."""
     p = F.pad(x, (1, 1, 1, 1), mode="reflect")
     patches = p.unfold(2, 3, 1).unfold(3, 3, 1)  # [B, C, H, W, 3, 3]
     return patches.reshape(*x.shape, 9).median(dim=-1).values

@@ -178,7 +178,9 @@ def _train(train: ScanArrays, val: ScanArrays | None, cfg: TrainConfig, workdir:
 
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)  # shuffling and RIAD masks: one stream, saved on resume
-    model = UNet(cfg.unet).to(device)
+    # channels-last: mkldnn's NHWC convolutions made a cpu-profile step ~1.3x faster on the
+    # 2-core CPU (same maths; parameters load back into contiguous models unchanged)
+    model = UNet(cfg.unet).to(device=device, memory_format=torch.channels_last)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     state: dict[str, Any] = {"epoch": 0, "best_val": math.inf, "best_epoch": -1, "bad": 0, "history": [], "elapsed": 0.0}
     best_state = copy.deepcopy(model.state_dict())

@@ -184,3 +184,35 @@ def test_segment_thresholds_then_closes_and_opens() -> None:
     maps = rng.random((3, 32, 32)).astype(np.float32)
     assert np.array_equal(segment(maps, 0.7), close_open(maps > 0.7))
     assert np.array_equal(segment(maps, 0.7, postprocess=False), maps > 0.7)
+
+
+# --- fast 3x3 median -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_median3x3_equals_unfold_median_exactly(ties: bool) -> None:
+    from reconstruction.losses import median3x3, median3x3_reference
+
+    g = torch.Generator().manual_seed(1)
+    for shape in [(2, 1, 17, 23), (1, 3, 5, 4), (3, 1, 64, 64)]:
+        x = torch.rand(*shape, generator=g)
+        if ties:  # few distinct values, as in flat regions and the filled box
+            x = torch.randint(0, 3, shape, generator=g).float()
+        assert torch.equal(median3x3(x), median3x3_reference(x))
+        # the autograd path must give the same values too
+        assert torch.equal(median3x3(x.clone().requires_grad_()).detach(), median3x3_reference(x))
+
+
+def test_median3x3_gradient_matches_reference_without_ties() -> None:
+    from reconstruction.losses import median3x3, median3x3_reference
+
+    g = torch.Generator().manual_seed(2)
+    a = torch.rand(2, 1, 12, 9, generator=g, dtype=torch.float64).requires_grad_()
+    b = a.detach().clone().requires_grad_()
+    w = torch.rand(2, 1, 12, 9, generator=g, dtype=torch.float64)
+    (median3x3(a) * w).sum().backward()
+    (median3x3_reference(b) * w).sum().backward()
+    assert torch.allclose(a.grad, b.grad, atol=1e-12)
+    # with ties the gradient still lands on one tied pixel per window: its total is conserved
+    t = torch.randint(0, 3, (1, 1, 10, 10), generator=g).double().requires_grad_()
+    median3x3(t).sum().backward()
+    assert torch.isclose(t.grad.sum(), torch.tensor(100.0, dtype=torch.float64))

@@ -43,7 +43,7 @@ model = dict(
         num_layers=_layers,
         return_intermediate=True,
         layer_cfg=dict(
-            self_attn_cfg=dict(embed_dims=_embed, num_heads=8, dropout=0.0),
+            self_attn_cfg=dict(embed_dims=_embed, num_heads=8),  # dropout defaults to 0
             cross_attn_cfg=dict(embed_dims=_embed, num_levels=_levels, dropout=0.0),
             ffn_cfg=dict(embed_dims=_embed, feedforward_channels=_ffn, ffn_drop=0.0)),
         post_norm_cfg=None),

@@ -78,7 +78,6 @@ def test_unet_cache_is_reused_across_runs(tmp_path: Path, cache: Path) -> None:
     assert b["fold_info"][0]["unet"]["cached"] is True
 
 
-@pytest.mark.slow
 def test_run_yolov5(tmp_path: Path, cache: Path) -> None:
     out = tmp_path / "yolo"
     assert main(["run", "--detector", "yolov5", "--profile", "quick", "--out", str(out), "--no-progress"] + tiny(cache)) == 0
@@ -96,7 +95,6 @@ def test_run_codetr(tmp_path: Path, cache: Path) -> None:
     assert {"precision", "map50", "map75", "fallbacks"} <= set(summary["detection"])
 
 
-@pytest.mark.slow
 def test_ablate(tmp_path: Path, cache: Path) -> None:
     out = tmp_path / "ablate"
     assert main(["ablate", "--detectors", "gt,yolov5", "--profile", "quick", "--out", str(out), "--no-progress"]
@@ -121,7 +119,6 @@ def _scan_folder(root: Path, phantom: Path) -> Path:
     return folder
 
 
-@pytest.mark.slow
 def test_train_then_predict_with_resume(tmp_path: Path, cache: Path) -> None:
     model = tmp_path / "model"
     assert main(["train", "--detector", "yolov5", "--profile", "quick", "--out", str(model), "--no-progress"]
@@ -134,8 +131,8 @@ def test_train_then_predict_with_resume(tmp_path: Path, cache: Path) -> None:
     assert main(["predict", "--model", str(model), "--input", str(folder), "--out", str(out), "--no-progress"]) == 0
     rows = list(csv.DictReader(open(out / "predictions.csv")))
     errors = {r["file"]: r["reason"] for r in csv.DictReader(open(out / "errors.csv"))}
-    assert sorted(r["file"] for r in rows) == ["scan.dcm"] + sorted(p.name for p in (folder).glob("*.png")
-                                                                      if p.name != "broken.png")
+    expected = sorted(["scan.dcm"] + [p.name for p in folder.glob("*.png") if p.name != "broken.png"])
+    assert sorted(r["file"] for r in rows) == expected
     assert set(errors) == {"broken.png", "notes.txt"} and "unsupported" in errors["notes.txt"]
     for r in rows:
         assert r["verdict"] in ("distended", "not distended") and r["box_source"] in ("detector", "fallback")

@@ -238,6 +238,16 @@ class YoloV5Detector(Detector):
             "run_dir": str(trainer.save_dir),
         }
 
+    def init_untrained(self) -> "YoloV5Detector":
+        """Random weights of the configured architecture: for throughput benchmarks only."""
+        from ultralytics.nn.tasks import yaml_model_load
+
+        import_ultralytics()
+        torch.manual_seed(self.config["seed"])
+        model_yaml = dict(yaml_model_load(self.config["model"]))
+        self._set_weights(model_yaml, _build_model(model_yaml).state_dict())
+        return self
+
     def _set_weights(self, model_yaml: dict[str, Any], state: dict[str, torch.Tensor]) -> None:
         """Rebuild the network from its yaml and weights: the one path used after fit() and load()."""
         model = _build_model(model_yaml)

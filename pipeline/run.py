@@ -119,7 +119,7 @@ def run_fold(cfg: dict[str, Any], data: Data, f: int, detector_names: Sequence[s
             progress.stage(f, f"{src} fit")
             scfg = {**cfg, "detector": {**cfg["detector"], "name": src}}
             det, det_info = stages.fit_detector(scfg, data, tr, va, fdir / src)
-            timing["detector_fit_s"] += float(det_info.get("fit_s", 0.0))
+            timing["detector_fit_s"] += 0.0 if det_info["cached"] else float(det_info.get("fit_s", 0.0))
             info[f"detector_{src}"] = det_info
             progress.done()
         progress.stage(f, f"{src} priors + maps")

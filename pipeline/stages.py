@@ -92,25 +92,52 @@ def training_subset(arrays: ScanArrays, index: np.ndarray, train_classes: str) -
     return index[arrays.labels[index] == 0]
 
 
+def cache_root(cfg: dict[str, Any]) -> Path:
+    """Where trained models are cached across runs: ``cache_dir``, else ``$LORIS_CACHE/models``, else
+    ``$XDG_CACHE_HOME/loris/models``, else ``~/.cache/loris/models``."""
+    if cfg.get("cache_dir"):
+        return Path(cfg["cache_dir"])
+    base = os.environ.get("LORIS_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "loris"
+    return Path(base) / "models"
+
+
+def _key(doc: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
 def fit_detector(cfg: dict[str, Any], data: Data, train_idx: np.ndarray, val_idx: np.ndarray,
                  workdir: Path) -> tuple[Detector, dict[str, Any]]:
-    """Train (or reload from ``workdir/model``) the configured detector on its training subset."""
+    """Train the configured detector on its training subset, or reuse the cached one.
+
+    A trained detector depends only on the data, the fold's ids, its config and the seed, so it
+    is cached like the U-Nets and shared by ``run`` and ``ablate``. Training logs go to ``workdir``.
+    """
     name = cfg["detector"]["name"]
     arr = data.arrays
     tr = training_subset(arr, train_idx, cfg["detector"]["train_classes"])
     va = training_subset(arr, val_idx, cfg["detector"]["train_classes"])
-    det_cls = type(build_detector(name, **detector_kwargs(cfg)))
-    saved = workdir / "model"
-    if (saved / "DONE").is_file():
-        return det_cls.load(saved), json.loads((saved / "DONE").read_text())
-    det = build_detector(name, **detector_kwargs(cfg))
+    kwargs = detector_kwargs(cfg)
+    key_doc = {"data": _fingerprint(data), "size": cfg["image_size"], "frame": cfg.get("frame", 0),
+               "train": arr.ids[tr].tolist(), "val": arr.ids[va].tolist(), "detector": name,
+               "kwargs": {k: v for k, v in kwargs.items() if k != "device"},
+               "config_text": Path(kwargs["config_file"]).read_text() if "config_file" in kwargs else None,
+               "version": 1}
+    cache = cache_root(cfg) / f"det-{name}-{_key(key_doc)}"
+    det_cls = type(build_detector(name, **kwargs))
+    if (cache / "DONE").is_file():
+        return det_cls.load(cache), {**json.loads((cache / "DONE").read_text()), "cached": True, "cache": str(cache)}
+    det = build_detector(name, **kwargs)
     t0 = time.perf_counter()
-    info = det.fit(arr.subset(tr), arr.subset(va), workdir / "train")
+    info = det.fit(arr.subset(tr), arr.subset(va), Path(workdir) / "train")
     info = {"fit_s": time.perf_counter() - t0, "n_train": int(len(tr)), "n_val": int(len(va)),
             "n_train_distended": int(arr.labels[tr].sum()), **(info or {})}
-    det.save(saved)
-    (saved / "DONE").write_text(json.dumps(info, default=str))
-    return det, info
+    tmp = cache.with_name(cache.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    det.save(tmp)
+    (tmp / "DONE").write_text(json.dumps(info, default=str))
+    shutil.rmtree(cache, ignore_errors=True)
+    tmp.rename(cache)  # atomic: a half-saved detector is never taken from the cache
+    return det, {**info, "cached": False, "cache": str(cache)}
 
 
 def predict_priors(cfg: dict[str, Any], detector: Detector | None, arrays: ScanArrays,
@@ -164,11 +191,7 @@ def unet_cache_dir(cfg: dict[str, Any], data: Data, train_ids: tuple[int, ...], 
     key_doc = {"data": _fingerprint(data), "size": cfg["image_size"], "train": list(train_ids), "val": list(val_ids),
                "train_cfg": tc, "expand": [cfg["detector"]["expand_up"], cfg["detector"]["expand_side"]],
                "frame": cfg.get("frame", 0), "version": 1}
-    key = hashlib.sha256(json.dumps(key_doc, sort_keys=True, default=str).encode()).hexdigest()[:20]
-    root = Path(cfg["cache_dir"]) if cfg.get("cache_dir") else Path(
-        os.environ.get("LORIS_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "loris"
-    ) / "models"
-    return root / f"unet-{mode}-{key}"
+    return cache_root(cfg) / f"unet-{mode}-{_key(key_doc)}"
 
 
 def fit_unet(cfg: dict[str, Any], data: Data, train_idx: np.ndarray, val_idx: np.ndarray,

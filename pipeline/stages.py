@@ -174,7 +174,7 @@ def train_config(cfg: dict[str, Any], mode: str) -> Any:
         msgms_weight=float(w[0]), ssim_weight=float(w[1]), l2_weight=float(w[2]),
         mask_margin=float(u["mask_margin"]), riad_ks=tuple(int(k) for k in cfg["riad"]["ks"]),
         seed=int(cfg["seed"]), device=resolve_device(cfg),
-        max_train_seconds=float(u["max_minutes"]) * 60 if u.get("max_minutes") else None,
+        max_train_seconds=float(section["max_minutes"]) * 60 if section.get("max_minutes") else None,
         progress=bool(cfg.get("progress", True)))
 
 

@@ -5,6 +5,8 @@ detector fit -> priors -> U-Net fit (cached) -> reconstruction + maps -> evaluat
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -12,7 +14,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -101,6 +103,15 @@ def cache_root(cfg: dict[str, Any]) -> Path:
     return Path(base) / "models"
 
 
+@contextlib.contextmanager
+def cache_lock(entry: Path) -> Iterator[None]:
+    """Exclusive lock on one cache entry, so concurrent runs train it once and share it."""
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    with open(entry.with_name(entry.name + ".lock"), "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)  # released when the file closes, also if the process dies
+        yield
+
+
 def _key(doc: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
@@ -123,12 +134,18 @@ def fit_detector(cfg: dict[str, Any], data: Data, train_idx: np.ndarray, val_idx
                "config_text": Path(kwargs["config_file"]).read_text() if "config_file" in kwargs else None,
                "version": 1}
     cache = cache_root(cfg) / f"det-{name}-{_key(key_doc)}"
+    with cache_lock(cache):
+        return _fit_detector_locked(name, kwargs, arr, tr, va, cache, Path(workdir))
+
+
+def _fit_detector_locked(name: str, kwargs: dict[str, Any], arr: ScanArrays, tr: np.ndarray, va: np.ndarray,
+                         cache: Path, workdir: Path) -> tuple[Detector, dict[str, Any]]:
     det_cls = type(build_detector(name, **kwargs))
     if (cache / "DONE").is_file():
         return det_cls.load(cache), {**json.loads((cache / "DONE").read_text()), "cached": True, "cache": str(cache)}
     det = build_detector(name, **kwargs)
     t0 = time.perf_counter()
-    info = det.fit(arr.subset(tr), arr.subset(va), Path(workdir) / "train")
+    info = det.fit(arr.subset(tr), arr.subset(va), workdir / "train")
     info = {"fit_s": time.perf_counter() - t0, "n_train": int(len(tr)), "n_val": int(len(va)),
             "n_train_distended": int(arr.labels[tr].sum()), **(info or {})}
     tmp = cache.with_name(cache.name + ".tmp")
@@ -201,14 +218,20 @@ def fit_unet(cfg: dict[str, Any], data: Data, train_idx: np.ndarray, val_idx: np
     Trains on normal scans with ground-truth boxes (expanded by the prior policy, so the mask
     geometry matches inference). A killed training resumes from its last checkpoint.
     """
-    from reconstruction.checkpoint import load_model, save_model
-    from reconstruction.train import train_unet
-
     arr = data.arrays
     tr = arr.labels[train_idx] == 0
     va = arr.labels[val_idx] == 0
     train_idx, val_idx = train_idx[tr], val_idx[va]
     cache = unet_cache_dir(cfg, data, tuple(arr.ids[train_idx].tolist()), tuple(arr.ids[val_idx].tolist()), mode)
+    with cache_lock(cache):
+        return _fit_unet_locked(cfg, arr, train_idx, val_idx, mode, cache)
+
+
+def _fit_unet_locked(cfg: dict[str, Any], arr: ScanArrays, train_idx: np.ndarray, val_idx: np.ndarray, mode: str,
+                     cache: Path) -> tuple[Any, dict[str, Any]]:
+    from reconstruction.checkpoint import load_model, save_model
+    from reconstruction.train import train_unet
+
     if (cache / "DONE").is_file():
         model, meta = load_model(cache, map_location=resolve_device(cfg))
         return model, {**json.loads((cache / "DONE").read_text()), "cached": True, "cache": str(cache)}

@@ -108,13 +108,13 @@ def test_aux_heads_off_is_plain_dino() -> None:
 
 def test_a_few_steps_on_one_batch_reduce_the_loss() -> None:
     torch.manual_seed(0)
-    det = _detector(image_size=64)  # 64 px keeps ten full Co-DINO steps cheap
+    det = _detector(image_size=64)  # 64 px keeps full Co-DINO steps cheap
     x, samples = _batch(det, _toy(2, 64, seed=1))
     model = det.model
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     history = []
-    for _ in range(10):
+    for _ in range(6):
         total = _total(model.loss(x, samples))
         opt.zero_grad()
         total.backward()
@@ -122,7 +122,7 @@ def test_a_few_steps_on_one_batch_reduce_the_loss() -> None:
         opt.step()
         history.append(float(total))
     # Denoising noise and samplers make single steps noisy: compare the ends of the run.
-    assert np.mean(history[-3:]) < np.mean(history[:3]), history
+    assert np.mean(history[-2:]) < np.mean(history[:2]), history
 
 
 def test_predict_returns_at_most_n_boxes_inside_the_image() -> None:

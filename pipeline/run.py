@@ -23,7 +23,7 @@ from detectors.prior import PriorPolicy
 from evaluation.aggregate import json_safe
 from evaluation.detection import detection_metrics, write_coco_results
 from evaluation.figures import Example, select_cases
-from evaluation.metrics import per_image_dice, segmentation_metrics
+from evaluation.metrics import aggregate, per_image_dice, segmentation_metrics
 from evaluation.report import FoldResult, ImageRow, summary_from_folds, write_report
 from pipeline import stages
 from pipeline.data import Data, load_data
@@ -199,10 +199,6 @@ def _load_fold(fdir: Path) -> tuple[FoldResult, list[Example], dict[str, Any]]:
     return result, examples, {k: doc[k] for k in ("timing", "info")}
 
 
-def _nan_to_none(x: Any) -> Any:
-    return json_safe(x)
-
-
 def execute(cfg: dict[str, Any], out: Path, detector_names: Sequence[str], command: str = "run",
             progress: bool = True) -> dict[str, Any]:
     """Run (or resume) the cross-validation into ``out`` and write every output; returns the summary."""
@@ -250,8 +246,7 @@ def execute(cfg: dict[str, Any], out: Path, detector_names: Sequence[str], comma
                                       else (detector_names[0] if command == "run" else None)))
     if command == "ablate":
         summary["detection_by_detector"] = {
-            d: __import__("evaluation.metrics", fromlist=["aggregate"]).aggregate(
-                [r.detection[d] for r in results if d in r.detection]) for d in detector_names if d != "gt"}
+            d: aggregate([r.detection[d] for r in results if d in r.detection]) for d in detector_names if d != "gt"}
     if "detection" not in summary and detector_names[0] == "gt":
         summary["detection"] = {"note": "ground-truth priors: no detector", "fallbacks": 0}
     timing = {k: float(sum(e["timing"][k] for e in extras)) for k in ("detector_fit_s", "unet_fit_s", "inference_s")}

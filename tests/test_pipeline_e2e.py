@@ -86,10 +86,9 @@ def test_run_yolov5(tmp_path: Path, cache: Path) -> None:
     assert (out / "folds" / "0" / "yolov5" / "test_predictions.coco.json").is_file()
 
 
-@pytest.mark.slow
 def test_run_codetr(tmp_path: Path, cache: Path) -> None:
     out = tmp_path / "codetr"
-    sets = tiny(cache)[:-2] + ["--set", "detector.options={max_iters: 4, batch_size: 4}"]
+    sets = tiny(cache)[:-2] + ["--set", "detector.options={train: {epochs: 1, batch_size: 4}, image_size: 64}"]
     assert main(["run", "--detector", "codetr", "--profile", "quick", "--out", str(out), "--no-progress"] + sets) == 0
     summary = _assert_run_outputs(out, "codetr")
     assert {"precision", "map50", "map75", "fallbacks"} <= set(summary["detection"])

@@ -1,0 +1,79 @@
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from detectors.base import DETECTORS, Detections, Detector, register
+from pipeline import stages
+from pipeline.config import load_config
+from pipeline.data import Data
+from scans.dataset import load_dataset, to_arrays
+from scans.folds import make_folds
+from tests.helpers import make_dataset
+
+
+class Recorder(Detector):
+    seen: list[np.ndarray] = []
+
+    def __init__(self, **config: Any) -> None:
+        pass
+
+    def fit(self, train, val, workdir):  # type: ignore[no-untyped-def]
+        Recorder.seen = [train.labels.copy(), val.labels.copy()]
+        return {}
+
+    def predict(self, images: np.ndarray) -> list[Detections]:
+        return [Detections(np.zeros((0, 4)), np.zeros(0)) for _ in images]
+
+    def save(self, directory: Path) -> None:
+        Path(directory).mkdir(parents=True, exist_ok=True)
+
+    @classmethod
+    def load(cls, directory: Path) -> "Recorder":
+        return cls()
+
+
+@pytest.fixture()
+def data(tmp_path: Path) -> Data:
+    make_dataset(tmp_path / "d", n_patients=10, per_patient=4)
+    scans = load_dataset(tmp_path / "d")
+    return Data(tmp_path / "d", scans, to_arrays(scans, 64), make_folds(scans, k=3), "test")
+
+
+@pytest.mark.parametrize("classes,expect_distended", [("normal", False), ("all", True)])
+def test_detector_training_sees_distended_only_when_opted_in(tmp_path: Path, data: Data, classes: str,
+                                                             expect_distended: bool) -> None:
+    register("recorder")(Recorder)
+    try:
+        cfg = load_config(None, "quick", [f"detector.train_classes={classes}", f"cache_dir={tmp_path / 'c'}"])
+        cfg["detector"]["name"] = "recorder"
+        cfg["detector"]["config"] = None
+        fold = data.folds[0]
+        stages.fit_detector(cfg, data, data.index(fold.train), data.index(fold.val), tmp_path / "w")
+        train_labels, val_labels = Recorder.seen
+        assert bool((train_labels == 1).any() or (val_labels == 1).any()) is expect_distended
+        assert (data.arrays.labels[data.index(fold.train)] == 1).any()  # the fold did hold distended scans
+    finally:
+        DETECTORS.pop("recorder", None)
+
+
+def test_no_detection_falls_back_to_median_training_box(data: Data) -> None:
+    from detectors.prior import PriorPolicy
+
+    cfg = load_config(None, "quick", ["detector.expand_up=0.0"])
+    arr = data.arrays
+    policy = PriorPolicy(0.5, PriorPolicy.median_of(arr.boxes, 64, 64))
+    pri = stages.predict_priors(cfg, Recorder(), arr.subset([0, 1, 2]), policy)
+    assert pri.sources == ["fallback"] * 3 and pri.fallbacks == 3
+    np.testing.assert_allclose(pri.boxes[0], np.median(arr.boxes, axis=0), rtol=1e-5)
+
+
+def test_expansion_is_applied_to_priors_and_training_boxes_alike(data: Data) -> None:
+    cfg = load_config(None, "quick", ["detector.expand_up=0.5"])
+    arr = data.arrays
+    pri = stages.predict_priors(cfg, None, arr.subset([0]), None)
+    grown = stages.expand_all(arr.boxes[:1], cfg, 64)
+    np.testing.assert_allclose(pri.boxes, grown)
+    h = arr.boxes[0, 3] - arr.boxes[0, 1]
+    assert grown[0, 1] == pytest.approx(max(0.0, arr.boxes[0, 1] - 0.5 * h)) and grown[0, 3] == arr.boxes[0, 3]

@@ -319,6 +319,7 @@ def segmentation_metrics(
     *,
     kernel: int = 3,
     oracle_post: bool = True,
+    max_exact_pixels: int = DEFAULT_MAX_EXACT_PIXELS,
 ) -> dict[str, float]:
     """Every per-fold metric of one anomaly-map method on one test fold, as a flat dict.
 
@@ -335,7 +336,7 @@ def segmentation_metrics(
     maps, masks = _as_stack(maps, masks)
     out: dict[str, float] = {
         "i_auroc": image_auroc(scores, labels),
-        "p_auroc": pixel_auroc(maps, masks),
+        "p_auroc": pixel_auroc(maps, masks, max_exact_pixels=max_exact_pixels),
     }
     oracle = dice_oracle(maps, masks, kernel=1)
     out["dice_oracle"], out["dice_oracle_threshold"] = oracle.dice, oracle.threshold

@@ -78,6 +78,7 @@ class ImageRow:
     label: int
     prior_source: str
     box: tuple[float, float, float, float] | None = None
+    fallback: bool = False
     iou: float = math.nan
     scores: dict[str, float] = field(default_factory=dict)
     dice: dict[str, float] = field(default_factory=dict)
@@ -165,7 +166,10 @@ def build_tables(folds: Sequence[FoldResult], paper: bool = True) -> dict[str, l
                for d in sorted({d for f in folds for d in f.detection})}
     prior_agg = s.get("priors", {})
     ours: dict[str, dict[str, Any]] = {}
-    if "msgmsd" in s["reconstruction"]:
+    # the GT row comes from the ground-truth-prior results; ``methods`` may hold a detector's
+    if "gt" in prior_agg:
+        ours["gt"] = dict(prior_agg["gt"])
+    elif "msgmsd" in s["reconstruction"]:
         ours["gt"] = dict(s["reconstruction"]["msgmsd"])
     ours.update({p: dict(v) for p, v in prior_agg.items() if p != "gt"})
     for d, v in det_agg.items():
@@ -208,9 +212,9 @@ def _display(table: str, row: Mapping[str, Any]) -> list[str]:
     return cells
 
 
-def table_markdown(table: str, rows: Sequence[Mapping[str, Any]]) -> str:
+def table_markdown(table: str, rows: Sequence[Mapping[str, Any]], prior_name: str = "ground-truth") -> str:
     """Markdown table in the paper's layout, ``mean ± std`` over folds (ddof=1)."""
-    title = {"table1": "Table 1: anomaly detection and segmentation (LoRIS with ground-truth boxes)",
+    title = {"table1": f"Table 1: anomaly detection and segmentation (LoRIS with {prior_name} boxes)",
              "table2": "Table 2: detectors as location priors for LoRIS+MSGMSD"}[table]
     head = ["Model" if table == "table1" else "Prior", "Source"] + [label for _, label in _columns(table)]
     lines = [f"# {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -250,11 +254,13 @@ def per_image_csv(folds: Sequence[FoldResult]) -> str:
     dice_keys = ordered_methods(sorted({k for r in rows for k in r.dice}))
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["id", "patient", "fold", "label", "prior_source", "box_x1", "box_y1", "box_x2", "box_y2", "iou"]
+    w.writerow(["id", "patient", "fold", "label", "prior_source", "prior_fallback", "box_x1", "box_y1", "box_x2",
+                "box_y2", "iou"]
                + [f"score_{k}" for k in score_keys] + [f"dice_{k}" for k in dice_keys])
     for r in rows:
         box = list(r.box) if r.box is not None else [None] * 4
-        w.writerow([r.id, r.patient, r.fold, r.label, r.prior_source] + [_num(v) for v in box] + [_num(r.iou)]
+        w.writerow([r.id, r.patient, r.fold, r.label, r.prior_source, int(r.fallback)] + [_num(v) for v in box]
+                   + [_num(r.iou)]
                    + [_num(r.scores.get(k)) for k in score_keys] + [_num(r.dice.get(k)) for k in dice_keys])
     return buf.getvalue()
 
@@ -361,6 +367,8 @@ def write_report(
     examples: Sequence[Example] = (),
     *,
     paper: bool = True,
+    prior_name: str = "ground-truth",
+    figures: bool = True,
 ) -> dict[str, Path]:
     """Write tables (md/csv/json), per_image.csv, figures and report.html; every file atomically.
 
@@ -372,14 +380,14 @@ def write_report(
     tables = build_tables(folds, paper=paper)
     written: dict[str, Path] = {}
     for t, rows in tables.items():
-        for ext, text in (("md", table_markdown(t, rows)), ("csv", table_csv(t, rows)),
+        for ext, text in (("md", table_markdown(t, rows, prior_name)), ("csv", table_csv(t, rows)),
                           ("json", json.dumps(json_safe({"table": t, "note": PAPER_NOTE, "rows": rows}), indent=2))):
             path = out_dir / f"{t}.{ext}"
             atomic_write_text(path, text)
             written[f"{t}.{ext}"] = path
     atomic_write_text(out_dir / "per_image.csv", per_image_csv(folds))
     written["per_image.csv"] = out_dir / "per_image.csv"
-    figures = write_figures(out_dir, folds, examples)
+    figures = write_figures(out_dir, folds, examples) if figures else {}
     written.update({f"{k}.png": p for k, p in figures.items()})
     links = sorted(n for n in written)
     atomic_write_text(out_dir / "report.html", render_html(tables, figures, summary, config, versions, links))

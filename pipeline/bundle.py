@@ -74,7 +74,8 @@ def train_bundle(cfg: dict[str, Any], model_dir: Path) -> dict[str, Any]:
     pv = stages.predict_priors(cfg, det, val, policy)
     b = cfg["bundle"]
     maps = tuple(dict.fromkeys([b["score_map"], b["segment_map"]]))
-    rv = reconstruct(unet, val.images, pv.boxes, maps=maps, device=stages.resolve_device(cfg))
+    rv = reconstruct(unet, val.images, pv.boxes, maps=maps, device=stages.resolve_device(cfg),
+                     margin=float(cfg["unet"]["mask_margin"]))
     s = cfg["score"]
     scores = image_score(rv.maps[b["score_map"]], pv.boxes, pooling=s["pooling"], region=s["region"],
                          topk_fraction=s["topk_fraction"])
@@ -84,6 +85,7 @@ def train_bundle(cfg: dict[str, Any], model_dir: Path) -> dict[str, Any]:
     save_model(unet, model_dir / "unet", meta={k: v for k, v in unet_info.items() if k != "cache"})
     doc = {
         "format": BUNDLE_FORMAT, "detector": name, "image_size": size, "maps": list(maps),
+        "frame": int(cfg.get("frame", 0)), "mask_margin": float(cfg["unet"]["mask_margin"]),
         "score": {"map": b["score_map"], "threshold": thr, "operating_point": b["operating_point"],
                   "pooling": s["pooling"], "region": s["region"], "topk_fraction": s["topk_fraction"],
                   "validation": {**op, "i_auroc": image_auroc(scores, val.labels), "n": int(len(va)),
@@ -115,6 +117,7 @@ class Bundle:
     def __init__(self, doc: dict[str, Any], detector: Detector, unet: Any, device: str) -> None:
         self.doc, self.detector, self.unet, self.device = doc, detector, unet, device
         self.image_size = int(doc["image_size"])
+        self.frame = int(doc.get("frame", 0))
         self.score_threshold = float(doc["score"]["threshold"])
         p = doc["prior"]
         self.policy = PriorPolicy(float(p["threshold"]), tuple(p["median_box"]))  # type: ignore[arg-type]
@@ -150,7 +153,8 @@ class Bundle:
                             ids=np.arange(n), patients=[""] * n, scale=np.ones((n, 2), np.float32))
         pri = stages.predict_priors(self.cfg, self.detector, arrays, self.policy, batch_size=max(n, 1))
         d = self.doc
-        rec = reconstruct(self.unet, images, pri.boxes, maps=tuple(d["maps"]), device=self.device)
+        rec = reconstruct(self.unet, images, pri.boxes, maps=tuple(d["maps"]), device=self.device,
+                          margin=float(d.get("mask_margin", 0.0)))
         s = d["score"]
         scores = image_score(rec.maps[s["map"]], pri.boxes, pooling=s["pooling"], region=s["region"],
                              topk_fraction=s["topk_fraction"])

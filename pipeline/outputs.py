@@ -24,13 +24,16 @@ def default_run_dir(cfg: dict[str, Any], command: str) -> Path:
     return Path(cfg.get("out_root") or "runs") / name
 
 
-def prepare_run_dir(out: Path, cfg: dict[str, Any], resume: bool = True) -> Path:
+def prepare_run_dir(out: Path, cfg: dict[str, Any], resume: bool = True,
+                    identity: dict[str, Any] | None = None) -> Path:
     """Create ``out`` or resume it. A finished run (``summary.json`` present) is never overwritten.
 
-    A half-finished run resumes only when its resolved config matches; otherwise it says why not.
+    A half-finished run resumes only when its resolved config and ``identity`` (the command and
+    its prior sources) match; otherwise it says why not.
     """
     out = Path(out)
-    resolved = dump(cfg)
+    # display settings do not change results, so they do not block a resume
+    resolved = dump({k: v for k, v in cfg.items() if k != "progress"} | {"run": identity or {}})
     if (out / "summary.json").exists():
         raise RunDirError(f"{out} already holds a finished run (summary.json); choose another --out")
     if out.exists() and any(out.iterdir()):

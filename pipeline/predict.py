@@ -30,9 +30,11 @@ ERR_FIELDS = ["file", "reason"]
 
 
 def _files(folder: Path, recursive: bool, skip: Path) -> Iterator[Path]:
+    """Input files, never the output folder's own files (it may sit inside the input folder)."""
     it = folder.rglob("*") if recursive else folder.iterdir()
     for p in sorted(it):
-        if p.is_file() and skip not in p.parents and p != skip:
+        r = p.resolve()
+        if p.is_file() and skip not in r.parents and r != skip:
             yield p
 
 
@@ -51,8 +53,19 @@ def _done(path: Path, key: str = "file") -> set[str]:
         return {row[key] for row in csv.DictReader(fh) if row.get(key)}
 
 
+def _drop_torn_tail(path: Path) -> None:
+    """A kill during an append can leave half a row: cut the file back to its last newline."""
+    if not path.is_file():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        with open(path, "r+b") as fh:
+            fh.truncate(data.rfind(b"\n") + 1)
+
+
 class _CsvAppender:
     def __init__(self, path: Path, fields: list[str]) -> None:
+        _drop_torn_tail(path)
         new = not path.is_file() or path.stat().st_size == 0
         self.fh = open(path, "a", newline="")
         self.writer = csv.DictWriter(self.fh, fieldnames=fields)
@@ -97,6 +110,8 @@ def predict_folder(bundle_dir: Path, folder: Path, out: Path, recursive: bool = 
     out.mkdir(parents=True, exist_ok=True)
     bundle = Bundle.load(Path(bundle_dir), device=device)
     pred_csv, err_csv = confined(out, "predictions.csv"), confined(out, "errors.csv")
+    _drop_torn_tail(pred_csv)
+    _drop_torn_tail(err_csv)
     done = _done(pred_csv) | _done(err_csv)
     files = [p for p in _files(folder, recursive, out.resolve()) if p.relative_to(folder).as_posix() not in done]
     preds, errs = _CsvAppender(pred_csv, PRED_FIELDS), _CsvAppender(err_csv, ERR_FIELDS)
@@ -114,9 +129,14 @@ def predict_folder(bundle_dir: Path, folder: Path, out: Path, recursive: bool = 
                     err_rows.append({"file": rel, "reason": f"unsupported file type '{p.suffix or '(none)'}'"})
                     continue
                 try:
-                    img = read_image(p)
+                    img = read_image(p, frame=bundle.frame)
+                    if not np.isfinite(img).all():
+                        raise ReadError(p, "image holds NaN or infinite pixel values")
                 except ReadError as exc:
                     err_rows.append({"file": rel, "reason": exc.reason})
+                    continue
+                except Exception as exc:  # one odd file (permissions, a codec error) must not stop the batch
+                    err_rows.append({"file": rel, "reason": f"{exc.__class__.__name__}: {exc}"})
                     continue
                 originals.append(img)
                 images.append(resize_image(img, size))

@@ -65,7 +65,8 @@ def _method_metrics(cfg: dict[str, Any], scores: dict[str, np.ndarray], test_map
                     val_maps: dict[str, np.ndarray], test: ScanArrays, val: ScanArrays) -> dict[str, dict[str, float]]:
     k = int(cfg["evaluation"]["postprocess_kernel"])
     return {name: segmentation_metrics(scores[name], test.labels, test_maps[name], test.masks, val_maps[name],
-                                       val.masks, kernel=k)
+                                       val.masks, kernel=k,
+                                       max_exact_pixels=int(cfg["evaluation"]["exact_pauroc_max_pixels"]))
             for name in test_maps}
 
 
@@ -126,8 +127,9 @@ def run_fold(cfg: dict[str, Any], data: Data, f: int, detector_names: Sequence[s
         t0 = time.perf_counter()
         pv = stages.predict_priors(cfg, det, val, policy)
         pt = stages.predict_priors(cfg, det, test, policy)
-        rv = reconstruct(unet, val.images, pv.boxes, maps=cfg["maps"], device=device)
-        rt = reconstruct(unet, test.images, pt.boxes, maps=cfg["maps"], device=device)
+        margin = float(cfg["unet"]["mask_margin"])
+        rv = reconstruct(unet, val.images, pv.boxes, maps=cfg["maps"], device=device, margin=margin)
+        rt = reconstruct(unet, test.images, pt.boxes, maps=cfg["maps"], device=device, margin=margin)
         timing["inference_s"] += time.perf_counter() - t0
         timing["inference_images"] += len(va) + len(te)
         scores = _scores(cfg, rt.maps, pt.boxes)
@@ -138,7 +140,10 @@ def run_fold(cfg: dict[str, Any], data: Data, f: int, detector_names: Sequence[s
             result.detection[src] = detection_metrics(test.boxes, test.ids, preds, test.images.shape[1:],
                                                       labels=test.labels)
             result.detection[src]["fallbacks"] = pt.fallbacks
-            write_coco_results(fdir / src / "test_predictions.coco.json", test.ids, preds)
+            # the results file pairs with annotations.json, so boxes go back to the scans' own pixels
+            inv = np.concatenate([1 / test.scale, 1 / test.scale], axis=1)
+            write_coco_results(fdir / src / "test_predictions.coco.json", test.ids,
+                               [(b * inv[i], sc) for i, (b, sc) in enumerate(preds)])
         if src == sources[0]:
             result.methods.update(metrics)
             result.fallbacks = pt.fallbacks
@@ -149,9 +154,8 @@ def run_fold(cfg: dict[str, Any], data: Data, f: int, detector_names: Sequence[s
             result.rows.append(ImageRow(
                 id=int(test.ids[i]), patient=test.patients[i], fold=f, label=int(test.labels[i]), prior_source=src,
                 box=box, iou=box_iou(pt.raw_boxes[i], test.boxes[i]) if pt.sources[i] != "gt" else 1.0,
-                scores={k: float(v[i]) for k, v in scores.items()}, dice={k: float(v[i]) for k, v in dice.items()}))
-            if pt.sources[i] == "fallback":
-                result.rows[-1].prior_source = "fallback"
+                scores={k: float(v[i]) for k, v in scores.items()}, dice={k: float(v[i]) for k, v in dice.items()},
+                fallback=pt.sources[i] == "fallback"))
         if src == sources[0] and cfg["evaluation"]["figures"]:
             m = "dd" if "dd" in rt.maps else next(iter(rt.maps))
             examples = _examples(f, test, rt.recon, rt.maps, scores, dice[m], metrics[m]["dice_val_threshold"],
@@ -166,11 +170,12 @@ def run_fold(cfg: dict[str, Any], data: Data, f: int, detector_names: Sequence[s
         ks = tuple(int(k) for k in cfg["riad"]["ks"])
         rv = riad_reconstruct(riad, val.images, ks=ks, maps=(RIAD,), device=device, seed=cfg["seed"])
         rt = riad_reconstruct(riad, test.images, ks=ks, maps=(RIAD,), device=device, seed=cfg["seed"])
-        scores = _scores(cfg, rt.maps, test.boxes)
+        # RIAD has no location prior: always pool over the whole image
+        scores = _scores({**cfg, "score": {**cfg["score"], "region": "image"}}, rt.maps, test.boxes)
         result.methods.update(_method_metrics(cfg, scores, rt.maps, rv.maps, test, val))
-        for row in result.rows:
-            if row.prior_source in (sources[0], "fallback"):
-                row.scores[RIAD] = float(scores[RIAD][int(np.flatnonzero(test.ids == row.id)[0])])
+        pos = {int(i): n for n, i in enumerate(test.ids)}
+        for row in result.rows:  # an image-level score, the same whatever the row's prior
+            row.scores[RIAD] = float(scores[RIAD][pos[row.id]])
         progress.done()
     return result, examples, {"timing": timing, "info": info}
 
@@ -204,7 +209,7 @@ def execute(cfg: dict[str, Any], out: Path, detector_names: Sequence[str], comma
     """Run (or resume) the cross-validation into ``out`` and write every output; returns the summary."""
     t_start = time.perf_counter()
     stages.set_threads(cfg)
-    out = prepare_run_dir(out, cfg)
+    out = prepare_run_dir(out, cfg, identity={"command": command, "detectors": list(detector_names)})
     data = load_data(cfg)
     write_json(out / "splits.json", [fold.to_json() for fold in data.folds])
     fold_ids = cfg["run_folds"] if cfg.get("run_folds") is not None else list(range(len(data.folds)))
@@ -247,8 +252,10 @@ def execute(cfg: dict[str, Any], out: Path, detector_names: Sequence[str], comma
     if command == "ablate":
         summary["detection_by_detector"] = {
             d: aggregate([r.detection[d] for r in results if d in r.detection]) for d in detector_names if d != "gt"}
-    if "detection" not in summary and detector_names[0] == "gt":
-        summary["detection"] = {"note": "ground-truth priors: no detector", "fallbacks": 0}
+    if "detection" not in summary:
+        none = {"mean": None, "std": None}
+        summary["detection"] = {"precision": none, "map50": none, "map75": none, "fallbacks": 0,
+                                "note": "ground-truth priors: no detector"}
     timing = {k: float(sum(e["timing"][k] for e in extras)) for k in ("detector_fit_s", "unet_fit_s", "inference_s")}
     n_inf = sum(e["timing"]["inference_images"] for e in extras)
     summary["timing"] = {"total_s": time.perf_counter() - t_start, **timing,
@@ -261,7 +268,10 @@ def execute(cfg: dict[str, Any], out: Path, detector_names: Sequence[str], comma
         by_id = {e.id: e for e in cand}
         examples = [Example(**{**{k: getattr(by_id[i], k) for k in Example.__dataclass_fields__}, "case": c})
                     for i, _, c in picks]
-    write_report(out, summary, results, cfg, package_versions(), examples if cfg["evaluation"]["figures"] else ())
+    prior_name = {"gt": "ground-truth", "yolov5": "YOLOv5u", "codetr": "Co-DETR"}.get(detector_names[0],
+                                                                                      detector_names[0])
+    write_report(out, summary, results, cfg, package_versions(), examples if cfg["evaluation"]["figures"] else (),
+                 prior_name=prior_name, figures=bool(cfg["evaluation"]["figures"]))
     write_json(out / "per_fold.json", json_safe([asdict(r) | {"rows": len(r.rows)} for r in results]))
     write_json(out / "summary.json", json_safe(summary))  # last: its presence marks the run finished
     return summary

@@ -196,6 +196,8 @@ def train_config(cfg: dict[str, Any], mode: str) -> Any:
 
 
 def _fingerprint(data: Data) -> str:
+    """The dataset's identity for cache keys: its annotations. Replacing an image file under the same
+    name and annotations is not detected; clear the cache (``cache_dir``) after editing images."""
     return hashlib.sha256((data.root / "annotations.json").read_bytes()).hexdigest()[:16]
 
 

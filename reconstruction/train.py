@@ -200,14 +200,16 @@ def _train(train: ScanArrays, val: ScanArrays | None, cfg: TrainConfig, workdir:
 
     cap = min(cfg.epochs, cfg.max_epochs) if cfg.max_epochs is not None else cfg.epochs
     n = xt.shape[0]
-    t0, last_epoch_s, stop, ran = time.monotonic(), 0.0, "epochs", 0
+    last_epoch_s, stop, ran = 0.0, "epochs", 0
     bar = tqdm(total=cap, initial=min(state["epoch"], cap), desc=f"unet[{cfg.mode}]", unit="ep", disable=not cfg.progress, dynamic_ncols=True)
     while state["epoch"] < cap:
         if state["bad"] >= cfg.patience:
             stop = "patience"
             break
-        # the budget counts this call only; at least one epoch runs so a model always comes back
-        if cfg.max_train_seconds is not None and ran and time.monotonic() - t0 + last_epoch_s > cfg.max_train_seconds:
+        # the budget counts every call of a resumed run, so a kill and resume trains no longer than an
+        # uninterrupted run; the first epoch always runs so a model always comes back
+        if (cfg.max_train_seconds is not None and (ran or state["epoch"] > 0)
+                and state["elapsed"] + last_epoch_s > cfg.max_train_seconds):
             stop = "time"
             break
         e0 = time.monotonic()

@@ -80,17 +80,19 @@ def load_config(config_file: Path | str | None = None, profile: str = "default",
 
 
 def detector_config_path(cfg: dict[str, Any]) -> Path | None:
-    """The detector's own config file: explicit, else configs/detectors/<name>[_paper].(yaml|py), else None."""
+    """The detector's own config file: explicit, else configs/detectors/<name>[_paper|_quick].(yaml|py) by
+    profile, else configs/detectors/<name>.(yaml|py), else None."""
     det = cfg["detector"]
     if det["name"] == "gt":
         return None
     if det.get("config"):
         return Path(det["config"])
-    suffix = "_paper" if cfg["profile"] == "paper" else ""
-    for ext in (".yaml", ".py"):
-        path = CONFIG_DIR / "detectors" / f"{det['name']}{suffix}{ext}"
-        if path.is_file():
-            return path
+    suffix = {"paper": "_paper", "quick": "_quick"}.get(cfg["profile"], "")
+    for name in (f"{det['name']}{suffix}", det["name"]):  # a profile without its own file uses the base one
+        for ext in (".yaml", ".py"):
+            path = CONFIG_DIR / "detectors" / f"{name}{ext}"
+            if path.is_file():
+                return path
     return None  # a registered detector without a config file runs on its own defaults
 
 

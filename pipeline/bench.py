@@ -102,12 +102,21 @@ def run_bench(quick: bool = False, model: Path | None = None) -> dict[str, Any]:
         except Exception as exc:  # a missing optional stack must not hide the other numbers
             res["detectors"][name] = {"error": f"{exc.__class__.__name__}: {exc}"}
     if model is not None:
+        import json
+
+        from reconstruction.benchmark import unet_flops
+        from reconstruction.unet import UNetConfig
+
         e2e = predict_speed(Path(model), n=16 if quick else 48, reps=2 if quick else 3)
-        prof = res["unet"]["flops"]
-        res["predict"] = e2e
-        res["predict"]["note"] = "ceiling = matmul GFLOP/s / U-Net GFLOP per image (detector excluded)"
-        for p, flops in prof.items():
-            res["predict"][f"ceiling_images_per_s_{p}"] = res["unet"]["matmul_gflops"] / (flops / 1e9)
+        bundle = json.loads((Path(model) / "bundle.json").read_text())
+        size = int(bundle["image_size"])
+        unet_cfg = json.loads((Path(model) / "unet" / "model.json").read_text())["unet"]
+        gflop = unet_flops(UNetConfig.from_dict(unet_cfg), size) / 1e9
+        matmul = max(res["unet"]["matmul_gflops"], res["unet"].get("matmul_gflops_end", 0.0))
+        res["predict"] = {**e2e, "image_size": size, "unet_gflop_per_image": gflop,
+                          "ceiling_images_per_s": matmul / gflop,
+                          "note": "ceiling = best matmul GFLOP/s of this run / the bundle U-Net's GFLOP per image "
+                                  "(detector, I/O and maps excluded)"}
     else:
         res["predict"] = {"note": "pass --model MODEL_DIR (from `train`) to measure end-to-end predict images/s"}
     res["load_avg_end"] = os.getloadavg()

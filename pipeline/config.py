@@ -18,7 +18,7 @@ PROFILES = ("quick", "default", "paper")
 
 
 class ConfigError(ValueError):
-    pass
+    """A config file or override is invalid; the message names it and the key."""
 
 
 def _merge(base: dict[str, Any], update: dict[str, Any], where: str, strict: bool = True) -> dict[str, Any]:

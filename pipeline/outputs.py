@@ -15,7 +15,7 @@ from scans.io import atomic_write_text
 
 
 class RunDirError(RuntimeError):
-    pass
+    """The output folder cannot be used; the message says why."""
 
 
 def default_run_dir(cfg: dict[str, Any], command: str) -> Path:

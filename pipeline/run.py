@@ -254,8 +254,10 @@ def execute(cfg: dict[str, Any], out: Path, detector_names: Sequence[str], comma
             d: aggregate([r.detection[d] for r in results if d in r.detection]) for d in detector_names if d != "gt"}
     if "detection" not in summary:
         none = {"mean": None, "std": None}
-        summary["detection"] = {"precision": none, "map50": none, "map75": none, "fallbacks": 0,
-                                "note": "ground-truth priors: no detector"}
+        note = ("several detectors: see detection_by_detector" if command == "ablate"
+                else "ground-truth priors: no detector")
+        summary["detection"] = {"precision": none, "map50": none, "map75": none,
+                                "fallbacks": sum(r.fallbacks for r in results), "note": note}
     timing = {k: float(sum(e["timing"][k] for e in extras)) for k in ("detector_fit_s", "unet_fit_s", "inference_s")}
     n_inf = sum(e["timing"]["inference_images"] for e in extras)
     summary["timing"] = {"total_s": time.perf_counter() - t_start, **timing,

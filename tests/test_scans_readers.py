@@ -87,3 +87,14 @@ def test_resize_carries_box_and_mask() -> None:
     assert set(np.unique(m)) <= {False, True}
     ys, xs = np.nonzero(m)
     assert xs.min() >= 15 and xs.max() <= 48 and ys.min() >= 25 and ys.max() <= 39
+
+
+def test_dicom_ybr_full_is_converted_to_rgb_then_gray(tmp_path: Path) -> None:
+    from pydicom.pixels import convert_color_space
+
+    rgb = np.zeros((8, 8, 3), np.uint8)
+    rgb[..., 0] = 200  # pure red
+    ybr = convert_color_space(rgb, "RGB", "YBR_FULL")
+    write_dicom(tmp_path / "ybr.dcm", ybr, photometric="YBR_FULL")
+    # BT.601 luma of red 200 is 0.299 * 200; YBR rounding costs about one grey level
+    assert read_image(tmp_path / "ybr.dcm").mean() == pytest.approx(0.299 * 200 / 255, abs=0.01)

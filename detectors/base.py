@@ -70,10 +70,15 @@ def register(name: str) -> Callable[[type[Detector]], type[Detector]]:
     return wrap
 
 
-def build_detector(name: str, **config: Any) -> Detector:
-    """Instantiate a registered detector by name with its config keys as keyword arguments."""
+def detector_class(name: str) -> type[Detector]:
+    """The registered class called ``name`` (for ``load``), without building a model."""
     import detectors  # noqa: F401  (registers the built-in detectors)
 
     if name not in DETECTORS:
         raise KeyError(f"unknown detector '{name}'; known: {sorted(DETECTORS)}")
-    return DETECTORS[name](**config)
+    return DETECTORS[name]  # type: ignore[return-value]
+
+
+def build_detector(name: str, **config: Any) -> Detector:
+    """Instantiate a registered detector by name with its config keys as keyword arguments."""
+    return detector_class(name)(**config)

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import roc_curve
 
-from detectors.base import DETECTORS, Detector, build_detector
+from detectors.base import Detector, detector_class
 from detectors.prior import PriorPolicy
 from evaluation.metrics import image_auroc, select_threshold
 from pipeline import stages
@@ -135,8 +135,7 @@ class Bundle:
         if doc.get("format") != BUNDLE_FORMAT:
             raise ValueError(f"{path}: bundle format {doc.get('format')} is not supported (expected {BUNDLE_FORMAT})")
         dev = stages.resolve_device({"device": device})
-        build_detector(doc["detector"])  # imports and registers the detector classes
-        detector = DETECTORS[doc["detector"]].load(directory / "detector")  # type: ignore[attr-defined]
+        detector = detector_class(doc["detector"]).load(directory / "detector")
         unet, _ = load_model(directory / "unet", map_location=dev)
         return cls(doc, detector, unet, dev)
 

@@ -65,7 +65,6 @@ def _drop_torn_tail(path: Path) -> None:
 
 class _CsvAppender:
     def __init__(self, path: Path, fields: list[str]) -> None:
-        _drop_torn_tail(path)
         new = not path.is_file() or path.stat().st_size == 0
         self.fh = open(path, "a", newline="")
         self.writer = csv.DictWriter(self.fh, fieldnames=fields)

@@ -18,7 +18,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from detectors.base import Detections, Detector, build_detector
+from detectors.base import Detections, Detector, build_detector, detector_class
 from detectors.prior import PriorPolicy, expand_box
 from pipeline.config import detector_config_path
 from pipeline.data import Data
@@ -140,9 +140,8 @@ def fit_detector(cfg: dict[str, Any], data: Data, train_idx: np.ndarray, val_idx
 
 def _fit_detector_locked(name: str, kwargs: dict[str, Any], arr: ScanArrays, tr: np.ndarray, va: np.ndarray,
                          cache: Path, workdir: Path) -> tuple[Detector, dict[str, Any]]:
-    det_cls = type(build_detector(name, **kwargs))
     if (cache / "DONE").is_file():
-        return det_cls.load(cache), {**json.loads((cache / "DONE").read_text()), "cached": True, "cache": str(cache)}
+        return detector_class(name).load(cache), {**json.loads((cache / "DONE").read_text()), "cached": True, "cache": str(cache)}
     det = build_detector(name, **kwargs)
     t0 = time.perf_counter()
     info = det.fit(arr.subset(tr), arr.subset(va), workdir / "train")

@@ -46,6 +46,7 @@ import torch
 import yaml
 
 from detectors.base import Detections, Detector, register
+from detectors.fusion import fuse_top
 from detectors.yolo_format import to_uint8, write_dataset
 from scans.io import atomic_write, atomic_write_text
 from scans.records import ScanArrays
@@ -115,7 +116,8 @@ def _resize_batch(images: np.ndarray, size: int) -> np.ndarray:
 DEFAULTS: dict[str, Any] = dict(
     model="yolov5n.yaml", imgsz=256, epochs=30, batch=16, lr0=0.01, lrf=0.01, optimizer="SGD", patience=100,
     warmup_epochs=3.0, cos_lr=False, hsv_v=0.4, translate=0.1, scale=0.5, fliplr=0.5, mosaic=1.0, close_mosaic=10,
-    degrees=0.0, conf=0.001, iou=0.6, max_det=10, predict_batch=32, workers=0, threads=None, seed=0,
+    degrees=0.0, conf=0.001, iou=0.6, max_det=10, tta_flip=False, fuse_iou=None, predict_batch=32, workers=0,
+    threads=None, seed=0,
     deterministic=True, device="cpu", train_args={},
 )
 
@@ -161,6 +163,9 @@ class YoloV5Detector(Detector):
     * ``conf``: minimum confidence :meth:`predict` returns (the prior's threshold is
       :class:`detectors.prior.PriorPolicy`'s; keep this low so mAP sees the full ranking).
     * ``iou``: NMS IoU threshold; ``max_det``: detections kept per image.
+    * ``tta_flip``: also run the left-right flipped image and pool both passes' candidates.
+    * ``fuse_iou``: replace the best box by the score-weighted mean of the raw candidates with
+      IoU >= this with it (:func:`detectors.fusion.fuse_top`); ``None`` keeps plain NMS.
     * ``predict_batch``: images per forward pass in :meth:`predict`.
     * ``workers``: dataloader processes (0 = in the main process).
     * ``threads``: torch threads while training (None = the caller's setting, not ultralytics' cpu-1).
@@ -278,19 +283,40 @@ class YoloV5Detector(Detector):
         sx, sy = w / size, h / size
         out: list[Detections] = []
         bs = max(1, int(self.config["predict_batch"]))
+        fuse_iou = self.config["fuse_iou"]
         with torch.inference_mode():
             for s in range(0, n, bs):
                 x = torch.from_numpy(u8[s:s + bs]).float().div_(255.0)[:, None].expand(-1, 3, -1, -1).contiguous()
-                preds = non_max_suppression(self._model(x.to(self._torch_device)),
-                                            conf_thres=float(self.config["conf"]),
+                raw = self._raw(x.to(self._torch_device))
+                preds = non_max_suppression(raw, conf_thres=float(self.config["conf"]),
                                             iou_thres=float(self.config["iou"]), max_det=int(self.config["max_det"]))
-                for p in preds:
+                for p, r in zip(preds, raw):
                     p = p.cpu().numpy()
+                    if fuse_iou is not None and len(p):
+                        # Fuse over every raw candidate above a floor: weights are scores, so the
+                        # floor only drops the thousands of near-zero anchors.
+                        r = r.cpu().numpy()
+                        keep = r[4] >= max(float(self.config["conf"]), 0.01)
+                        if keep.any():
+                            xywh = r[:4, keep].T
+                            cand = np.concatenate([xywh[:, :2] - xywh[:, 2:] / 2, xywh[:, :2] + xywh[:, 2:] / 2], 1)
+                            p[0, :4] = fuse_top(cand, r[4, keep], float(fuse_iou))
                     boxes = p[:, :4] * np.array([sx, sy, sx, sy], dtype=np.float32)
                     boxes[:, [0, 2]] = boxes[:, [0, 2]].clip(0, w)
                     boxes[:, [1, 3]] = boxes[:, [1, 3]].clip(0, h)
                     out.append(Detections(boxes, p[:, 4]))
         return out
+
+    def _raw(self, x: torch.Tensor) -> torch.Tensor:
+        """Pre-NMS candidates ``[N, 5, A]`` (cx, cy, w, h, score), with the flipped pass appended."""
+        out = self._model(x)
+        out = out[0] if isinstance(out, (list, tuple)) else out
+        if not self.config["tta_flip"]:
+            return out
+        flipped = self._model(x.flip(-1))
+        flipped = (flipped[0] if isinstance(flipped, (list, tuple)) else flipped).clone()
+        flipped[:, 0] = x.shape[-1] - flipped[:, 0]  # mirror the centre; width and height are unchanged
+        return torch.cat([out, flipped], dim=2)
 
     # ------------------------------------------------------------------------------------ save/load
     def save(self, directory: Path) -> None:

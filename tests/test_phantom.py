@@ -98,5 +98,5 @@ def test_pockets_darker_and_boxes_taller() -> None:
             ring = box_mask(r.box, S, S) & ~r.pocket
             contrast.append(r.image[ring].mean() - r.image[r.pocket].mean())
     assert np.mean(contrast) > 0.15 and min(contrast) > 0.0
-    assert np.mean(heights[True]) > np.mean(heights[False]) + 5
+    assert np.mean(heights[True]) > np.mean(heights[False]) + 3  # v3: ~4.5 px at 128 (the pocket, less the pad it compresses)
     assert min(heights[False]) >= 0.05 * S  # walls included: no sliver boxes

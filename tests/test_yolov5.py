@@ -11,6 +11,7 @@ import torch
 
 from detectors import DETECTORS, Detections, PriorPolicy, build_detector
 from detectors.yolo_format import box_to_yolo_line, write_dataset, yolo_line_to_box
+from detectors.fusion import unflip
 from detectors.yolov5 import YoloV5Detector
 from scans.records import ScanArrays
 
@@ -93,6 +94,14 @@ def test_fit_save_load_predict_offline(tmp_path: Path) -> None:
     for a, b in zip(dets, loaded.predict(val.images)):
         np.testing.assert_array_equal(a.boxes, b.boxes)
         np.testing.assert_array_equal(a.scores, b.scores)
+
+    # Flip test-time augmentation pools both passes, so it is mirror-equivariant by construction.
+    tta = YoloV5Detector.load(tmp_path / "saved")
+    tta.config.update(tta_flip=True, fuse_iou=0.5)
+    plain, mirrored = tta.predict(val.images[:3]), tta.predict(val.images[:3, :, ::-1].copy())
+    for a, b in zip(plain, mirrored):
+        np.testing.assert_allclose(a.boxes[0], unflip(b.boxes[0], 64), atol=1e-3)
+        np.testing.assert_allclose(a.scores, b.scores, atol=1e-5)
 
     # Images larger than imgsz are resized in and the boxes scaled back to input pixels.
     big = np.kron(val.images[:2], np.ones((2, 2), np.float32))

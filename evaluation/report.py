@@ -116,9 +116,9 @@ def summary_from_folds(folds: Sequence[FoldResult], detector: str | None = None)
         detector = dets[0]
     det = [f.detection[detector] for f in folds if detector in f.detection] if detector else []
     priors = [f.priors for f in folds if f.priors]
-    return summary_sections(
-        [f.methods for f in folds], det or None, sum(f.fallbacks for f in folds), priors or None
-    )
+    # the fallbacks of the detector reported, which need not be the fold's first prior source
+    fallbacks = (sum(int(d.get("fallbacks", 0)) for d in det) if det else sum(f.fallbacks for f in folds))
+    return summary_sections([f.methods for f in folds], det or None, fallbacks, priors or None)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -229,11 +229,13 @@ def execute(cfg: dict[str, Any], out: Path, detector_names: Sequence[str], comma
     results: list[FoldResult] = []
     examples: list[Example] = []
     extras: list[dict[str, Any]] = []
+    resumed = 0
     try:
         for f in fold_ids:
             fdir = out / "folds" / str(f)
             if (fdir / "fold.json").is_file():
                 r, ex, extra = _load_fold(fdir)
+                resumed += 1
                 bar.done(per_fold)
             else:
                 r, ex, extra = run_fold(cfg, data, int(f), detector_names, out, bar)
@@ -252,6 +254,9 @@ def execute(cfg: dict[str, Any], out: Path, detector_names: Sequence[str], comma
     if command == "ablate":
         summary["detection_by_detector"] = {
             d: aggregate([r.detection[d] for r in results if d in r.detection]) for d in detector_names if d != "gt"}
+        summary["fallbacks_by_detector"] = {
+            d: int(sum(r.detection[d].get("fallbacks", 0) for r in results if d in r.detection))
+            for d in detector_names if d != "gt"}
     if "detection" not in summary:
         none = {"mean": None, "std": None}
         note = ("several detectors: see detection_by_detector" if command == "ablate"
@@ -260,7 +265,8 @@ def execute(cfg: dict[str, Any], out: Path, detector_names: Sequence[str], comma
                                 "fallbacks": sum(r.fallbacks for r in results), "note": note}
     timing = {k: float(sum(e["timing"][k] for e in extras)) for k in ("detector_fit_s", "unet_fit_s", "inference_s")}
     n_inf = sum(e["timing"]["inference_images"] for e in extras)
-    summary["timing"] = {"total_s": time.perf_counter() - t_start, **timing,
+    # total_s is this invocation's wall time; folds resumed from disk kept their stage times above.
+    summary["timing"] = {"total_s": time.perf_counter() - t_start, "resumed_folds": resumed, **timing,
                          "inference_images_per_s": n_inf / timing["inference_s"] if timing["inference_s"] else None}
     summary["fold_info"] = [e["info"] for e in extras]
     cand = examples

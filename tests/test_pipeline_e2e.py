@@ -100,6 +100,15 @@ def test_ablate(tmp_path: Path, cache: Path) -> None:
                 + tiny(cache)) == 0
     table2 = (out / "table2.md").read_text()
     assert "GT" in table2 and "YOLOv5u" in table2 and "vs GT" in table2
+    summary = json.loads((out / "summary.json").read_text())
+    # per detector, not only the first source's count
+    assert set(summary["fallbacks_by_detector"]) == {"yolov5"}
+    assert summary["detection"]["fallbacks"] == summary["fallbacks_by_detector"]["yolov5"]
+    assert summary["timing"]["resumed_folds"] == 0
+    (out / "summary.json").unlink()  # as if stopped after its fold finished: the rerun resumes it
+    assert main(["ablate", "--detectors", "gt,yolov5", "--profile", "quick", "--out", str(out), "--no-progress"]
+                + tiny(cache)) == 0
+    assert json.loads((out / "summary.json").read_text())["timing"]["resumed_folds"] == 1
 
 
 def _scan_folder(root: Path, phantom: Path) -> Path:

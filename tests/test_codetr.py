@@ -152,6 +152,21 @@ def test_fit_save_load_predict_identical(tmp_path: Path) -> None:
         np.testing.assert_array_equal(da.scores, db.scores)
 
 
+def test_geometric_jitter_moves_the_box_with_the_content() -> None:
+    from detectors.codetr.detector import _random_affine
+
+    boxes = torch.tensor([[10.0, 20, 40, 30], [5, 5, 20, 60], [30, 30, 50, 40]])
+    x = torch.zeros(3, 1, 64, 64)
+    for i, b in enumerate(boxes.long()):
+        x[i, 0, b[1]:b[3], b[0]:b[2]] = 1.0
+    y, moved = _random_affine(x, boxes, 0.2, 0.1, torch.Generator().manual_seed(0))
+    assert not torch.allclose(moved, boxes)
+    for i in range(3):
+        rows, cols = torch.nonzero(y[i, 0] > 0.5, as_tuple=True)
+        seen = torch.tensor([cols.min(), rows.min(), cols.max() + 1, rows.max() + 1], dtype=torch.float32)
+        assert torch.allclose(moved[i], seen, atol=1.0)  # within a pixel of where the rectangle went
+
+
 def test_paper_config_builds() -> None:
     cfg = load_config(PAPER_CONFIG)
     model = CoDetrDetector(**cfg).model

@@ -142,4 +142,6 @@ train = dict(
     val_interval=5,
     hflip=True,
     intensity_jitter=0.1,
+    scale_jitter=0.2,      # zoom 0.8-1.2x; v3 phantom fold 0 (9 min): mAP75 0.23 without geometric jitter,
+    translate=0.1,         # 0.61 with both (val IoU no longer plateaus at 0.75: it was overfitting 228 scans)
 )

@@ -132,4 +132,6 @@ train = dict(
     val_interval=10,
     hflip=True,
     intensity_jitter=0.1,
+    scale_jitter=0.2,      # stands in for the published multi-scale resize + crop (LSJ); CPU default's value
+    translate=0.1,
 )

@@ -117,7 +117,8 @@ def summary_from_folds(folds: Sequence[FoldResult], detector: str | None = None)
     det = [f.detection[detector] for f in folds if detector in f.detection] if detector else []
     priors = [f.priors for f in folds if f.priors]
     # the fallbacks of the detector reported, which need not be the fold's first prior source
-    fallbacks = (sum(int(d.get("fallbacks", 0)) for d in det) if det else sum(f.fallbacks for f in folds))
+    fallbacks = (sum(int(f.detection[detector].get("fallbacks", f.fallbacks)) for f in folds if detector in f.detection)
+                 if det else sum(f.fallbacks for f in folds))
     return summary_sections([f.methods for f in folds], det or None, fallbacks, priors or None)
 
 

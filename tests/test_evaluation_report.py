@@ -64,6 +64,11 @@ def test_summary_sections_follow_the_contract() -> None:
     assert s["reconstruction"]["msgmsd"]["i_auroc"]["ddof"] == 1
     assert "i_auroc" in s["riad"]
     assert s["detection"]["precision"]["mean"] == 1.0 and s["detection"]["fallbacks"] == 1
+    # A detector's own count wins over the fold's first prior source (ablate with gt first).
+    folds = _folds()
+    for f in folds:
+        f.detection["codetr"]["fallbacks"] = 2
+    assert summary_from_folds(folds)["detection"]["fallbacks"] == 2 * len(folds)
     assert set(s["detection"]) >= {"precision", "map50", "map75", "fallbacks"}
     assert "codetr" in s["priors"]
 

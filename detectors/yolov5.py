@@ -309,12 +309,14 @@ class YoloV5Detector(Detector):
 
     def _raw(self, x: torch.Tensor) -> torch.Tensor:
         """Pre-NMS candidates ``[N, 5, A]`` (cx, cy, w, h, score), with the flipped pass appended."""
-        out = self._model(x)
-        out = out[0] if isinstance(out, (list, tuple)) else out
+        def forward(inp: torch.Tensor) -> torch.Tensor:
+            y = self._model(inp)
+            return y[0] if isinstance(y, (list, tuple)) else y  # eval mode may also return features
+
+        out = forward(x)
         if not self.config["tta_flip"]:
             return out
-        flipped = self._model(x.flip(-1))
-        flipped = (flipped[0] if isinstance(flipped, (list, tuple)) else flipped).clone()
+        flipped = forward(x.flip(-1)).clone()
         flipped[:, 0] = x.shape[-1] - flipped[:, 0]  # mirror the centre; width and height are unchanged
         return torch.cat([out, flipped], dim=2)
 

@@ -117,7 +117,7 @@ DEFAULTS: dict[str, Any] = dict(
     model="yolov5n.yaml", imgsz=256, epochs=30, batch=16, lr0=0.01, lrf=0.01, optimizer="SGD", patience=100,
     warmup_epochs=3.0, cos_lr=False, hsv_v=0.4, translate=0.1, scale=0.5, fliplr=0.5, mosaic=1.0, close_mosaic=10,
     degrees=0.0, conf=0.001, iou=0.6, max_det=10, tta_flip=False, fuse_iou=None, predict_batch=32, workers=0,
-    threads=None, seed=0,
+    threads=None, seed=0, val_every_epoch=True,
     deterministic=True, device="cpu", train_args={},
 )
 
@@ -191,13 +191,14 @@ class YoloV5Detector(Detector):
             close_mosaic=c["close_mosaic"], degrees=c["degrees"], workers=c["workers"], seed=c["seed"],
             deterministic=c["deterministic"], device=_ultralytics_device(c["device"]), project=str(workdir),
             name="train", exist_ok=True, pretrained=False, amp=False, plots=False, single_cls=True, verbose=False,
-            save=True, val=True, cache=False,
+            save=True, val=bool(c["val_every_epoch"]), cache=False,
         )
         args.update(c["train_args"])
         return args
 
     def fit(self, train: ScanArrays, val: ScanArrays, workdir: Path) -> dict[str, Any]:
-        """Convert to YOLO format under ``workdir``, train, keep the best-validation weights."""
+        """Convert to YOLO format under ``workdir``, train, keep the best-validation weights (the last
+        epoch's when ``val_every_epoch`` is off: ultralytics then validates only after it)."""
         workdir = Path(workdir).resolve()
         workdir.mkdir(parents=True, exist_ok=True)
         if len(train) == 0:

@@ -16,6 +16,7 @@ from sklearn.metrics import roc_curve
 
 from detectors.base import Detector, detector_class
 from detectors.prior import PriorPolicy
+from detectors.refine import RefinedDetector
 from evaluation.metrics import image_auroc, select_threshold
 from pipeline import stages
 from pipeline.data import load_data
@@ -135,7 +136,10 @@ class Bundle:
         if doc.get("format") != BUNDLE_FORMAT:
             raise ValueError(f"{path}: bundle format {doc.get('format')} is not supported (expected {BUNDLE_FORMAT})")
         dev = stages.resolve_device({"device": device})
-        detector = detector_class(doc["detector"]).load(directory / "detector")
+        det_dir = directory / "detector"
+        # A refined detector (base + box refiner) says so in refined.json beside the base's files.
+        detector = (RefinedDetector.load(det_dir) if (det_dir / "refined.json").is_file()
+                    else detector_class(doc["detector"]).load(det_dir))
         unet, _ = load_model(directory / "unet", map_location=dev)
         return cls(doc, detector, unet, dev)
 

@@ -121,6 +121,8 @@ def run_fold(cfg: dict[str, Any], data: Data, f: int, detector_names: Sequence[s
             scfg = {**cfg, "detector": {**cfg["detector"], "name": src}}
             det, det_info = stages.fit_detector(scfg, data, tr, va, fdir / src)
             timing["detector_fit_s"] += 0.0 if det_info["cached"] else float(det_info.get("fit_s", 0.0))
+            ref_info = det_info.get("refiner") or {"cached": True}
+            timing["detector_fit_s"] += 0.0 if ref_info["cached"] else float(ref_info.get("fit_s", 0.0))
             info[f"detector_{src}"] = det_info
             progress.done()
         progress.stage(f, f"{src} priors + maps")

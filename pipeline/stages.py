@@ -14,12 +14,13 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
 from detectors.base import Detections, Detector, build_detector, detector_class
 from detectors.prior import PriorPolicy, expand_box
+from detectors.refine import BoxRefiner, RefinedDetector
 from pipeline.config import detector_config_path
 from pipeline.data import Data
 from scans.records import ScanArrays
@@ -135,7 +136,46 @@ def fit_detector(cfg: dict[str, Any], data: Data, train_idx: np.ndarray, val_idx
                "version": 1}
     cache = cache_root(cfg) / f"det-{name}-{_key(key_doc)}"
     with cache_lock(cache):
-        return _fit_detector_locked(name, kwargs, arr, tr, va, cache, Path(workdir))
+        det, info = _fit_detector_locked(name, kwargs, arr, tr, va, cache, Path(workdir))
+    if not cfg["detector"].get("refine", False) or name == "gt":
+        return det, info
+    refiner, rinfo = fit_refiner(cfg, data, tr, va)
+    return RefinedDetector(det, refiner), {**info, "refiner": rinfo}
+
+
+def _publish(cache: Path, save: Callable[[Path], None], info: dict[str, Any]) -> None:
+    """Save into a sibling folder, mark it DONE, then rename it into place: atomic, so a
+    half-saved model is never taken from the cache."""
+    tmp = cache.with_name(cache.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save(tmp)
+    (tmp / "DONE").write_text(json.dumps(info, default=str))
+    shutil.rmtree(cache, ignore_errors=True)
+    tmp.rename(cache)
+
+
+def fit_refiner(cfg: dict[str, Any], data: Data, tr: np.ndarray, va: np.ndarray) -> tuple[BoxRefiner, dict[str, Any]]:
+    """Train the box refiner on the scans the detector trained on, or reuse the cached one.
+
+    It depends on neither detector, so one cached refiner serves YOLOv5u and Co-DETR in a fold.
+    """
+    arr = data.arrays
+    options = dict(cfg["detector"].get("refiner") or {})
+    options.setdefault("seed", cfg["seed"])
+    key_doc = {"data": _fingerprint(data), "size": cfg["image_size"], "frame": cfg.get("frame", 0),
+               "train": arr.ids[tr].tolist(), "val": arr.ids[va].tolist(), "refiner": options, "version": 1}
+    cache = cache_root(cfg) / f"refiner-{_key(key_doc)}"
+    device = resolve_device(cfg)
+    with cache_lock(cache):
+        if (cache / "DONE").is_file():
+            info = json.loads((cache / "DONE").read_text())
+            return BoxRefiner.load(cache, device=device), {**info, "cached": True, "cache": str(cache)}
+        ref = BoxRefiner(device=device, **options)
+        t0 = time.perf_counter()
+        info = ref.fit(arr.images[tr], arr.boxes[tr], arr.images[va], arr.boxes[va])
+        info = {"fit_s": time.perf_counter() - t0, "n_train": int(len(tr)), **info}
+        _publish(cache, ref.save, info)
+        return ref, {**info, "cached": False, "cache": str(cache)}
 
 
 def _fit_detector_locked(name: str, kwargs: dict[str, Any], arr: ScanArrays, tr: np.ndarray, va: np.ndarray,
@@ -147,12 +187,7 @@ def _fit_detector_locked(name: str, kwargs: dict[str, Any], arr: ScanArrays, tr:
     info = det.fit(arr.subset(tr), arr.subset(va), workdir / "train")
     info = {"fit_s": time.perf_counter() - t0, "n_train": int(len(tr)), "n_val": int(len(va)),
             "n_train_distended": int(arr.labels[tr].sum()), **(info or {})}
-    tmp = cache.with_name(cache.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    det.save(tmp)
-    (tmp / "DONE").write_text(json.dumps(info, default=str))
-    shutil.rmtree(cache, ignore_errors=True)
-    tmp.rename(cache)  # atomic: a half-saved detector is never taken from the cache
+    _publish(cache, det.save, info)
     return det, {**info, "cached": False, "cache": str(cache)}
 
 

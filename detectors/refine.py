@@ -110,6 +110,8 @@ class RefinerConfig:
 class BoxRefiner:
     """Train on (image, ground-truth box) pairs, then move any detector's boxes onto the edges."""
 
+    INFERENCE_KEYS = frozenset({"iterations"})  # settings that do not change the trained weights
+
     def __init__(self, device: str = "cpu", **config: Any) -> None:
         unknown = sorted(set(config) - set(RefinerConfig.__dataclass_fields__))
         if unknown:
@@ -118,6 +120,14 @@ class BoxRefiner:
         self.device = device
         torch.manual_seed(self.config.seed)
         self.net = EdgeNet(self.config.width).to(device)
+
+    def set_inference(self, **settings: Any) -> None:
+        """Change inference-only settings (:attr:`INFERENCE_KEYS`) of a trained refiner."""
+        unknown = sorted(set(settings) - self.INFERENCE_KEYS)
+        if unknown:
+            raise ValueError(f"{unknown} change training; only {sorted(self.INFERENCE_KEYS)} can be set after it")
+        for k, v in settings.items():
+            setattr(self.config, k, v)
 
     def _crops(self, images: torch.Tensor, idx: torch.Tensor, regions: torch.Tensor) -> torch.Tensor:
         c = self.config

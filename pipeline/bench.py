@@ -57,6 +57,18 @@ def detector_speed(name: str, reps: int = 3, n: int = 32, size: int = 256) -> fl
     return _median_rate(lambda: len(det.predict(images)), reps)
 
 
+def refiner_speed(reps: int = 3, n: int = 64, size: int = 128) -> float:
+    """Images/s of the box refiner on one box per image (untrained: speed does not depend on training)."""
+    from pipeline.config import load_config
+    from detectors.refine import BoxRefiner
+
+    cfg = load_config(None, "default", [])
+    ref = BoxRefiner(**cfg["detector"]["refiner"])
+    images = np.random.default_rng(0).random((n, size, size), dtype=np.float32)
+    boxes = np.tile(np.array([[0.2, 0.4, 0.75, 0.6]], np.float32) * size, (n, 1))
+    return _median_rate(lambda: len(ref.refine(images, boxes)), reps)
+
+
 def predict_speed(model: Path, n: int = 48, reps: int = 3) -> dict[str, Any]:
     """End-to-end ``predict`` (read, detect, reconstruct, map, segment, write) on phantom PNGs."""
     from pipeline.predict import predict_folder
@@ -101,6 +113,8 @@ def run_bench(quick: bool = False, model: Path | None = None) -> dict[str, Any]:
                                                                      n=8 if quick else 32)}
         except Exception as exc:  # a missing optional stack must not hide the other numbers
             res["detectors"][name] = {"error": f"{exc.__class__.__name__}: {exc}"}
+    res["detectors"]["refiner"] = {"images_per_s": refiner_speed(reps=2 if quick else 3, n=16 if quick else 64),
+                                   "note": "box refiner alone, one box per 128-px image, its default passes"}
     if model is not None:
         import json
 

@@ -162,14 +162,18 @@ def fit_refiner(cfg: dict[str, Any], data: Data, tr: np.ndarray, va: np.ndarray)
     arr = data.arrays
     options = dict(cfg["detector"].get("refiner") or {})
     options.setdefault("seed", cfg["seed"])
+    # Inference-only settings stay out of the key: changing them must not retrain the refiner.
+    train_options = {k: v for k, v in options.items() if k not in BoxRefiner.INFERENCE_KEYS}
     key_doc = {"data": _fingerprint(data), "size": cfg["image_size"], "frame": cfg.get("frame", 0),
-               "train": arr.ids[tr].tolist(), "val": arr.ids[va].tolist(), "refiner": options, "version": 1}
+               "train": arr.ids[tr].tolist(), "val": arr.ids[va].tolist(), "refiner": train_options, "version": 1}
     cache = cache_root(cfg) / f"refiner-{_key(key_doc)}"
     device = resolve_device(cfg)
     with cache_lock(cache):
         if (cache / "DONE").is_file():
             info = json.loads((cache / "DONE").read_text())
-            return BoxRefiner.load(cache, device=device), {**info, "cached": True, "cache": str(cache)}
+            ref = BoxRefiner.load(cache, device=device)
+            ref.set_inference(**{k: v for k, v in options.items() if k in BoxRefiner.INFERENCE_KEYS})
+            return ref, {**info, "cached": True, "cache": str(cache)}
         ref = BoxRefiner(device=device, **options)
         t0 = time.perf_counter()
         info = ref.fit(arr.images[tr], arr.boxes[tr], arr.images[va], arr.boxes[va])

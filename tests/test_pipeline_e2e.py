@@ -133,6 +133,8 @@ def test_train_then_predict_with_resume(tmp_path: Path, cache: Path) -> None:
                 + tiny(cache)) == 0
     doc = json.loads((model / "bundle.json").read_text())
     assert {"threshold", "operating_point"} <= set(doc["score"]) and "threshold" in doc["segmentation"]
+    # The default prior is the refined detector: its refiner travels in the bundle.
+    assert (model / "detector" / "refined.json").is_file() and (model / "detector" / "refiner" / "refiner.pt").is_file()
     phantom = Path(doc["config"]["data"] or next((cache / "phantom").iterdir()))
     folder = _scan_folder(tmp_path, phantom)
     out = tmp_path / "pred"

@@ -77,3 +77,28 @@ def test_expansion_is_applied_to_priors_and_training_boxes_alike(data: Data) -> 
     np.testing.assert_allclose(pri.boxes, grown)
     h = arr.boxes[0, 3] - arr.boxes[0, 1]
     assert grown[0, 1] == pytest.approx(max(0.0, arr.boxes[0, 1] - 0.5 * h)) and grown[0, 3] == arr.boxes[0, 3]
+
+
+def test_refiner_trains_on_the_detector_scans_is_cached_and_can_be_switched_off(tmp_path: Path, data: Data) -> None:
+    from detectors.refine import RefinedDetector
+
+    register("recorder")(Recorder)
+    try:
+        cfg = load_config(None, "quick", [f"cache_dir={tmp_path / 'c'}"])
+        cfg["detector"]["name"] = "recorder"
+        cfg["detector"]["config"] = None
+        fold = data.folds[0]
+        tr, va = data.index(fold.train), data.index(fold.val)
+        det, info = stages.fit_detector(cfg, data, tr, va, tmp_path / "w")
+        assert isinstance(det, RefinedDetector) and isinstance(det.base, Recorder)
+        assert info["refiner"]["cached"] is False
+        assert info["refiner"]["n_train"] == int((data.arrays.labels[tr] == 0).sum())  # normal scans only
+        # An inference-only setting reuses the trained refiner.
+        cfg["detector"]["refiner"] = {**cfg["detector"]["refiner"], "iterations": 1}
+        det2, info2 = stages.fit_detector(cfg, data, tr, va, tmp_path / "w")
+        assert info2["refiner"]["cached"] is True and det2.refiner.config.iterations == 1
+        cfg["detector"]["refine"] = False
+        det3, info3 = stages.fit_detector(cfg, data, tr, va, tmp_path / "w")
+        assert isinstance(det3, Recorder) and "refiner" not in info3
+    finally:
+        DETECTORS.pop("recorder", None)

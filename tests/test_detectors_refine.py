@@ -48,6 +48,7 @@ def test_refined_boxes_stay_in_the_image_and_follow_their_own_image() -> None:
     out = ref.refine(imgs, np.array([[-20, -20, 90, 90], boxes[1]], np.float32), image_index=np.array([0, 1]))
     assert out.shape == (2, 4)
     assert (out >= 0).all() and (out <= 64).all()
+    assert (out[:, 2:] >= out[:, :2] + 1 - 1e-5).all()  # an untrained refiner still returns real boxes
     # The same box on the same image gives the same answer whatever else is in the batch.
     alone = ref.refine(imgs[1:2], boxes[1:2])
     np.testing.assert_allclose(out[1], alone[0], atol=1e-4)
@@ -94,7 +95,7 @@ class Fixed(Detector):
 
 def test_refined_detector_keeps_scores_and_order_and_moves_boxes() -> None:
     imgs, _ = lines(3, seed=6)
-    ref = small_refiner(steps=1)
+    ref = small_refiner(steps=1, dedup_iou=None)
     det = RefinedDetector(Fixed(), ref)
     raw, out = Fixed().predict(imgs), det.predict(imgs)
     assert len(out) == 3
@@ -117,3 +118,19 @@ def test_refined_detector_round_trip(tmp_path: Path) -> None:
             np.testing.assert_array_equal(x.scores, y.scores)
     finally:
         DETECTORS.pop("fixed", None)
+
+
+class Copies(Fixed):
+    """The same box twice (the copy scored lower) and a distinct box."""
+
+    def predict(self, images: np.ndarray) -> list[Detections]:
+        b = np.array([[5, 5, 30, 20], [5, 5, 30, 20], [36, 30, 60, 50]])
+        return [Detections(b, np.array([0.9, 0.8, 0.5])) for _ in images]
+
+
+def test_refined_copies_of_a_box_are_dropped_and_distinct_boxes_kept() -> None:
+    imgs, _ = lines(2, seed=8)
+    out = RefinedDetector(Copies(), small_refiner(steps=1, dedup_iou=0.9)).predict(imgs)
+    assert [d.scores.tolist() for d in out] == [pytest.approx([0.9, 0.5])] * 2
+    kept = RefinedDetector(Copies(), small_refiner(steps=1, dedup_iou=None)).predict(imgs)
+    assert [len(d) for d in kept] == [3, 3]

@@ -93,6 +93,7 @@ def test_report_renders_and_references_only_existing_files(tmp_path: Path) -> No
     assert "| GT | ours |" in t2 and "| Co-DETR | ours |" in t2 and "| CoDETR | paper |" in t2
     assert "-0.7" in t2  # paper's own I-AUROC gap for Co-DETR: 0.776 - 0.783
     assert "YOLOv5u" not in t2  # only detectors present in this run
+    assert "refiner" not in t2  # the config did not switch the refiner on
 
     for t in ("table1", "table2"):
         doc = _strict_json((tmp_path / f"{t}.json").read_text())
@@ -127,3 +128,11 @@ def test_report_without_riad_detector_or_examples(tmp_path: Path) -> None:
 def test_select_cases_with_one_class(labels: list[int]) -> None:
     cases = select_cases([1, 2], labels, [0.1, 0.9], [0.2, 0.1])
     assert [c for _, _, c in cases] == ["best", "median", "worst"]
+
+
+def test_refined_detector_rows_are_named_so(tmp_path: Path) -> None:
+    folds = _folds()
+    summary = {"detector": "codetr", **summary_from_folds(folds)}
+    write_report(tmp_path, summary, folds, {"detector": {"refine": True}}, {}, figures=False)
+    t2 = (tmp_path / "table2.md").read_text()
+    assert "| Co-DETR + refiner | ours |" in t2 and "| GT | ours |" in t2 and "| CoDETR | paper |" in t2

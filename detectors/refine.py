@@ -1,6 +1,6 @@
 """Box refinement: a second, close look that re-places the four edges of a detector's box.
 
-Why it exists: on the phantom both detectors find the recess (mAP@50 0.95-0.98) but put its
+Why it exists: on the phantom both detectors find the recess (mAP@50 0.95-0.99) but put its
 ends ~4.5 px and its walls ~1.5 px off at 128 px (YOLOv5u, v3 phantom, 5 folds, mean absolute
 edge error), although the recess ends are plainly visible. Refined, mAP@75 goes from 0.44 to
 0.73 (YOLOv5u) and 0.70 (Co-DETR) over 5 folds (README "Detectors"). A small CNN looks at a crop around

@@ -272,8 +272,8 @@ class RefinedDetector(Detector):
     """A trained detector whose every box goes through a :class:`BoxRefiner` (scores unchanged),
     then loses the copies that refinement made of a higher-scored box (``dedup_iou``).
 
-    Training the two is the pipeline's job (they are cached separately: one refiner serves every
-    detector of a fold); this class only chains them for prediction, saving and loading.
+    The pipeline trains and caches the two separately (one refiner serves every detector of a
+    fold); :meth:`fit` trains both in one call for scripts.
     """
 
     name = "refined"
@@ -282,7 +282,10 @@ class RefinedDetector(Detector):
         self.base, self.refiner = base, refiner
 
     def fit(self, train: ScanArrays, val: ScanArrays, workdir: Path) -> dict[str, Any]:
-        raise NotImplementedError("fit the base detector and the BoxRefiner separately, then chain them")
+        """Train the base detector, then the refiner on the same scans (the pipeline does the two
+        steps itself so that each is cached on its own)."""
+        info = self.base.fit(train, val, workdir) or {}
+        return {**info, "refiner": self.refiner.fit(train.images, train.boxes, val.images, val.boxes)}
 
     def predict(self, images: np.ndarray) -> list[Detections]:
         raw = self.base.predict(images)

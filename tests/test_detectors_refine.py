@@ -134,3 +134,13 @@ def test_refined_copies_of_a_box_are_dropped_and_distinct_boxes_kept() -> None:
     assert [d.scores.tolist() for d in out] == [pytest.approx([0.9, 0.5])] * 2
     kept = RefinedDetector(Copies(), small_refiner(steps=1, dedup_iou=None)).predict(imgs)
     assert [len(d) for d in kept] == [3, 3]
+
+
+def test_refined_detector_fit_trains_base_and_refiner_on_the_same_scans(tmp_path: Path) -> None:
+    from scans.records import ScanArrays
+
+    imgs, boxes = lines(8, seed=9)
+    arr = ScanArrays(images=imgs, boxes=boxes, masks=np.zeros(imgs.shape, bool), labels=np.zeros(8, np.int64),
+                     ids=np.arange(8), patients=["p"] * 8, scale=np.ones((8, 2), np.float32))
+    info = RefinedDetector(Fixed(), small_refiner(steps=4)).fit(arr, arr.subset([0, 1]), tmp_path)
+    assert info["refiner"]["refiner_steps"] == 4 and "val_edge_mae_after" in info["refiner"]

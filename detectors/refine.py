@@ -143,13 +143,18 @@ class BoxRefiner:
         return roi_align(images, rois, output_size=(c.crop_h, c.crop_w), spatial_scale=1.0,
                          sampling_ratio=2, aligned=True)
 
+    @staticmethod
+    def _frame(regions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Origin and size of each crop, repeated for (x1, y1, x2, y2): crop units are (box - origin) / size."""
+        return regions[:, :2].repeat(1, 2), (regions[:, 2:] - regions[:, :2]).repeat(1, 2)
+
     def _to_crop(self, boxes: torch.Tensor, regions: torch.Tensor) -> torch.Tensor:
-        wh = (regions[:, 2:] - regions[:, :2]).repeat(1, 2)
-        return (boxes - regions[:, :2].repeat(1, 2)) / wh
+        origin, size = self._frame(regions)
+        return (boxes - origin) / size
 
     def _from_crop(self, rel: torch.Tensor, regions: torch.Tensor) -> torch.Tensor:
-        wh = (regions[:, 2:] - regions[:, :2]).repeat(1, 2)
-        return regions[:, :2].repeat(1, 2) + rel * wh
+        origin, size = self._frame(regions)
+        return origin + rel * size
 
     def _jitter(self, boxes: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         c = self.config
@@ -163,8 +168,7 @@ class BoxRefiner:
         return torch.stack([out[:, 0], out[:, 1], torch.maximum(out[:, 2], out[:, 0] + 2),
                             torch.maximum(out[:, 3], out[:, 1] + 2)], 1)
 
-    def fit(self, images: np.ndarray, boxes: np.ndarray, val_images: np.ndarray, val_boxes: np.ndarray,
-            log: Path | None = None) -> dict[str, Any]:
+    def fit(self, images: np.ndarray, boxes: np.ndarray, val_images: np.ndarray, val_boxes: np.ndarray) -> dict[str, Any]:
         """Train on ``[N, S, S]`` images and their ``[N, 4]`` boxes; report validation edge error.
 
         Augmentation: horizontal mirror (box mirrored with it), gain jitter, and the box noise.
@@ -206,8 +210,6 @@ class BoxRefiner:
         info = {"refiner_steps": step + 1 if losses else 0, "refiner_seconds": round(seconds, 1),
                 "refiner_final_loss": float(np.mean(losses[-50:])) if losses else None}
         info.update(self.evaluate(val_images, val_boxes))
-        if log is not None:
-            atomic_write_text(Path(log), json.dumps(info, indent=1))
         return info
 
     def evaluate(self, images: np.ndarray, boxes: np.ndarray) -> dict[str, float]:

@@ -110,13 +110,14 @@ class RefinerConfig:
     # (2nd score ~0.87x the 1st) ranked above true boxes: v3 fold 0 test mAP@50/75 0.888/0.720 ->
     # 0.975/0.792 at 0.9 (0.8: 0.999/0.783); YOLOv5u (already NMS'd) folds 0-2: -0.004..+0.005.
     dedup_iou: float | None = 0.9
+    tta_flip: bool = False    # also refine the mirrored crop and average the two (inference only)
     seed: int = 0
 
 
 class BoxRefiner:
     """Train on (image, ground-truth box) pairs, then move any detector's boxes onto the edges."""
 
-    INFERENCE_KEYS = frozenset({"iterations", "dedup_iou"})  # settings that do not change the trained weights
+    INFERENCE_KEYS = frozenset({"iterations", "dedup_iou", "tta_flip"})  # settings that do not change the trained weights
 
     def __init__(self, device: str = "cpu", **config: Any) -> None:
         unknown = sorted(set(config) - set(RefinerConfig.__dataclass_fields__))
@@ -124,8 +125,11 @@ class BoxRefiner:
             raise ValueError(f"unknown box-refiner setting(s) {unknown}; known: {sorted(RefinerConfig.__dataclass_fields__)}")
         self.config = RefinerConfig(**config)
         self.device = device
-        torch.manual_seed(self.config.seed)
-        self.net = EdgeNet(self.config.width).to(device)
+        # The seed fixes the initial weights without reseeding the caller's global RNG.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.config.seed)
+            self.net = EdgeNet(self.config.width)
+        self.net.to(device)
 
     def set_inference(self, **settings: Any) -> None:
         """Change inference-only settings (:attr:`INFERENCE_KEYS`) of a trained refiner."""
@@ -147,6 +151,11 @@ class BoxRefiner:
     def _frame(regions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Origin and size of each crop, repeated for (x1, y1, x2, y2): crop units are (box - origin) / size."""
         return regions[:, :2].repeat(1, 2), (regions[:, 2:] - regions[:, :2]).repeat(1, 2)
+
+    @staticmethod
+    def _unflip(rel: torch.Tensor) -> torch.Tensor:
+        """Edges found on a mirrored crop, in the unmirrored crop's units (left and right swap)."""
+        return torch.stack([1 - rel[:, 2], rel[:, 1], 1 - rel[:, 0], rel[:, 3]], 1)
 
     def _to_crop(self, boxes: torch.Tensor, regions: torch.Tensor) -> torch.Tensor:
         origin, size = self._frame(regions)
@@ -243,7 +252,10 @@ class BoxRefiner:
             for s in range(0, len(out), batch_size):
                 b = out[s:s + batch_size]
                 regions = context_regions(b, self.config.pad_x, self.config.pad_y)
-                rel = self.net(self._crops(imgs, ti[s:s + batch_size], regions))
+                crops = self._crops(imgs, ti[s:s + batch_size], regions)
+                rel = self.net(crops)
+                if self.config.tta_flip:
+                    rel = 0.5 * (rel + self._unflip(self.net(crops.flip(-1))))
                 out[s:s + batch_size] = self._from_crop(rel, regions)
         res = out.cpu().numpy()
         # Edges cannot cross: a box keeps at least one pixel each way (and stays in the image).

@@ -144,3 +144,31 @@ def test_refined_detector_fit_trains_base_and_refiner_on_the_same_scans(tmp_path
                      ids=np.arange(8), patients=["p"] * 8, scale=np.ones((8, 2), np.float32))
     info = RefinedDetector(Fixed(), small_refiner(steps=4)).fit(arr, arr.subset([0, 1]), tmp_path)
     assert info["refiner"]["refiner_steps"] == 4 and "val_edge_mae_after" in info["refiner"]
+
+
+def test_flip_averaging_makes_refinement_mirror_equivariant() -> None:
+    # With tta_flip the refined box of a mirrored scan is the mirror of the refined box: the
+    # mirrored pass must map its left/right edges back correctly. Without it an untrained,
+    # asymmetric net breaks that symmetry, so the check can fail.
+    imgs, boxes = lines(6, seed=7)
+    size = imgs.shape[-1]
+    mirror = lambda b: np.stack([size - b[:, 2], b[:, 1], size - b[:, 0], b[:, 3]], 1)  # noqa: E731
+    ref = small_refiner(steps=80, iterations=1)  # trained enough that boxes keep their size
+    ref.fit(imgs, boxes, imgs[:2], boxes[:2])
+    start = boxes + np.array([3, -2, -1, 2], np.float32)
+    plain = ref.refine(imgs, start), mirror(ref.refine(imgs[:, :, ::-1], mirror(start)))
+    assert np.abs(plain[0] - plain[1]).max() > 1e-3
+    ref.set_inference(tta_flip=True)
+    flipped = ref.refine(imgs, start), mirror(ref.refine(imgs[:, :, ::-1], mirror(start)))
+    np.testing.assert_allclose(flipped[0], flipped[1], atol=1e-3)
+
+
+def test_refiner_seed_fixes_its_weights_without_touching_the_global_rng() -> None:
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    a, b = small_refiner(), small_refiner()
+    assert torch.equal(torch.rand(3), expected)  # constructing refiners did not reseed torch
+    for (_, pa), (_, pb) in zip(a.net.state_dict().items(), b.net.state_dict().items()):
+        assert torch.equal(pa, pb)
+    assert not torch.equal(next(iter(a.net.parameters())), next(iter(BoxRefiner(seed=1).net.parameters())))

@@ -312,7 +312,7 @@ class CoDetrDetector(Detector):
                     torch.nn.utils.clip_grad_norm_(model.parameters(), float(cfg["clip_grad"]))
                 opt.step()
                 if it % int(cfg["log_interval"]) == 0:
-                    rec = dict(iter=it, epoch=epoch, loss=float(total_loss), lr=opt.param_groups[1]["lr"],
+                    rec = dict(iter=it, epoch=epoch, loss=float(total_loss.detach()), lr=opt.param_groups[1]["lr"],
                                seconds=round(time.perf_counter() - t0, 1))
                     log.write(json.dumps(rec) + "\n")
                     log.flush()

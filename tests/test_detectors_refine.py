@@ -148,8 +148,8 @@ def test_refined_detector_fit_trains_base_and_refiner_on_the_same_scans(tmp_path
 
 def test_flip_averaging_makes_refinement_mirror_equivariant() -> None:
     # With tta_flip the refined box of a mirrored scan is the mirror of the refined box: the
-    # mirrored pass must map its left/right edges back correctly. Without it an untrained,
-    # asymmetric net breaks that symmetry, so the check can fail.
+    # mirrored pass must map its left/right edges back correctly. Without the pass the learned
+    # net is not exactly symmetric (asserted first), so the check can fail.
     imgs, boxes = lines(6, seed=7)
     size = imgs.shape[-1]
     mirror = lambda b: np.stack([size - b[:, 2], b[:, 1], size - b[:, 0], b[:, 3]], 1)  # noqa: E731

@@ -138,7 +138,8 @@ class Bundle:
         dev = stages.resolve_device({"device": device})
         det_dir = directory / "detector"
         # A refined detector (base + box refiner) says so in refined.json beside the base's files.
-        detector = (RefinedDetector.load(det_dir) if (det_dir / "refined.json").is_file()
+        # The bundle uses only the prior (the top box), so only that box is refined.
+        detector = (RefinedDetector.load(det_dir, top_k=1) if (det_dir / "refined.json").is_file()
                     else detector_class(doc["detector"]).load(det_dir))
         unet, _ = load_model(directory / "unet", map_location=dev)
         return cls(doc, detector, unet, dev)

@@ -172,3 +172,15 @@ def test_refiner_seed_fixes_its_weights_without_touching_the_global_rng() -> Non
     for (_, pa), (_, pb) in zip(a.net.state_dict().items(), b.net.state_dict().items()):
         assert torch.equal(pa, pb)
     assert not torch.equal(next(iter(a.net.parameters())), next(iter(BoxRefiner(seed=1).net.parameters())))
+
+
+def test_top_k_refines_only_the_best_boxes_and_keeps_the_prior() -> None:
+    imgs, _ = lines(3, seed=9)
+    ref = small_refiner(steps=1, dedup_iou=None)
+    every, top = RefinedDetector(Copies(), ref).predict(imgs), RefinedDetector(Copies(), ref, top_k=1).predict(imgs)
+    assert [len(d) for d in top] == [1, 1, 1]
+    for a, b in zip(every, top):
+        assert b.scores.tolist() == [pytest.approx(0.9)]
+        np.testing.assert_allclose(b.boxes[0], a.boxes[np.argmax(a.scores)], atol=1e-2)
+    with pytest.raises(ValueError, match="top_k"):
+        RefinedDetector(Copies(), ref, top_k=0)

@@ -136,6 +136,11 @@ def test_train_then_predict_with_resume(tmp_path: Path, cache: Path) -> None:
     # The default prior is the refined detector: its refiner travels in the bundle.
     assert (model / "detector" / "refined.json").is_file() and (model / "detector" / "refiner" / "refiner.pt").is_file()
     phantom = Path(doc["config"]["data"] or next((cache / "phantom").iterdir()))
+    # A bundle uses only the prior, so it refines only each scan's top box (the unit tests show
+    # that this leaves the prior unchanged).
+    from pipeline.bundle import Bundle
+
+    assert Bundle.load(model, device="cpu").detector.top_k == 1
     folder = _scan_folder(tmp_path, phantom)
     out = tmp_path / "pred"
     assert main(["predict", "--model", str(model), "--input", str(folder), "--out", str(out), "--no-progress"]) == 0

@@ -314,8 +314,8 @@ class RefinedDetector(Detector):
         if self.top_k is not None:
             # Co-DETR returns every query; refining 30 boxes per scan to use one made the refiner
             # ~60% of a bundle's predict time.
-            raw = [Detections(d.boxes[o], d.scores[o]) for d in raw
-                   for o in [np.argsort(-np.asarray(d.scores), kind="stable")[:self.top_k]]]
+            keep = [np.argsort(-np.asarray(d.scores), kind="stable")[: self.top_k] for d in raw]
+            raw = [Detections(d.boxes[k], d.scores[k]) for d, k in zip(raw, keep)]
         index = np.concatenate([np.full(len(d), i) for i, d in enumerate(raw)])
         boxes = self.refiner.refine(images, np.concatenate([d.boxes for d in raw]), index)
         out, k = [], 0

@@ -39,6 +39,17 @@ class Detector(ABC):
     """A trainable recess detector. Subclasses register with :func:`register`."""
 
     name: ClassVar[str]
+    # Config keys that only change prediction (thresholds, batch size, test-time passes): the
+    # pipeline keeps them out of the training cache key and applies them to a cached model.
+    INFERENCE_KEYS: ClassVar[frozenset[str]] = frozenset()
+
+    def set_inference(self, **settings: Any) -> None:
+        """Change inference-only settings (:attr:`INFERENCE_KEYS`) of a trained detector."""
+        unknown = sorted(set(settings) - self.INFERENCE_KEYS)
+        if unknown:
+            raise ValueError(f"{unknown} change training; only {sorted(self.INFERENCE_KEYS)} can be set after it")
+        if settings:
+            self.config.update(settings)
 
     @abstractmethod
     def fit(self, train: ScanArrays, val: ScanArrays, workdir: Path) -> dict[str, Any]:

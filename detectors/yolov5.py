@@ -173,6 +173,9 @@ class YoloV5Detector(Detector):
     * ``train_args``: further ultralytics train keys, passed through unchanged.
     """
 
+    # Read by predict() alone (ultralytics' trainer never sees them).
+    INFERENCE_KEYS = frozenset({"conf", "iou", "max_det", "tta_flip", "fuse_iou", "predict_batch"})
+
     def __init__(self, config_file: str | Path | None = None, **config: Any) -> None:
         self.config: dict[str, Any] = load_config(config_file, **config)
         self.model_yaml: dict[str, Any] | None = None

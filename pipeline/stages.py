@@ -129,9 +129,11 @@ def fit_detector(cfg: dict[str, Any], data: Data, train_idx: np.ndarray, val_idx
     tr = training_subset(arr, train_idx, cfg["detector"]["train_classes"])
     va = training_subset(arr, val_idx, cfg["detector"]["train_classes"])
     kwargs = detector_kwargs(cfg)
+    # Inference-only settings stay out of the key: changing them must not retrain the detector.
+    inference = detector_class(name).INFERENCE_KEYS
     key_doc = {"data": _fingerprint(data), "size": cfg["image_size"], "frame": cfg.get("frame", 0),
                "train": arr.ids[tr].tolist(), "val": arr.ids[va].tolist(), "detector": name,
-               "kwargs": {k: v for k, v in kwargs.items() if k != "device"},
+               "kwargs": {k: v for k, v in kwargs.items() if k != "device" and k not in inference},
                "config_text": Path(kwargs["config_file"]).read_text() if "config_file" in kwargs else None,
                "version": 1}
     cache = cache_root(cfg) / f"det-{name}-{_key(key_doc)}"
@@ -185,7 +187,9 @@ def fit_refiner(cfg: dict[str, Any], data: Data, tr: np.ndarray, va: np.ndarray)
 def _fit_detector_locked(name: str, kwargs: dict[str, Any], arr: ScanArrays, tr: np.ndarray, va: np.ndarray,
                          cache: Path, workdir: Path) -> tuple[Detector, dict[str, Any]]:
     if (cache / "DONE").is_file():
-        return detector_class(name).load(cache), {**json.loads((cache / "DONE").read_text()), "cached": True, "cache": str(cache)}
+        det = detector_class(name).load(cache)
+        det.set_inference(**{k: v for k, v in kwargs.items() if k in det.INFERENCE_KEYS})
+        return det, {**json.loads((cache / "DONE").read_text()), "cached": True, "cache": str(cache)}
     det = build_detector(name, **kwargs)
     t0 = time.perf_counter()
     info = det.fit(arr.subset(tr), arr.subset(va), workdir / "train")

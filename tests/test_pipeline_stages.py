@@ -1,3 +1,4 @@
+import json
 from pathlib import Path
 from typing import Any
 
@@ -102,3 +103,39 @@ def test_refiner_trains_on_the_detector_scans_is_cached_and_can_be_switched_off(
         assert isinstance(det3, Recorder) and "refiner" not in info3
     finally:
         DETECTORS.pop("recorder", None)
+
+
+class Tunable(Recorder):
+    """A detector with one inference-only setting (``conf``) and one training setting (``lr``)."""
+
+    INFERENCE_KEYS = frozenset({"conf"})
+
+    def __init__(self, **config: Any) -> None:
+        self.config = {"conf": 0.1, "lr": 1.0, **{k: v for k, v in config.items() if k in ("conf", "lr")}}
+
+    def save(self, directory: Path) -> None:
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        (Path(directory) / "config.json").write_text(json.dumps(self.config))
+
+    @classmethod
+    def load(cls, directory: Path) -> "Tunable":
+        return cls(**json.loads((Path(directory) / "config.json").read_text()))
+
+
+def test_inference_only_detector_settings_reuse_the_cached_model_and_apply(tmp_path: Path, data: Data) -> None:
+    register("tunable")(Tunable)
+    try:
+        cfg = load_config(None, "quick", [f"cache_dir={tmp_path / 'c'}", "detector.refine=false"])
+        cfg["detector"].update(name="tunable", config=None, options={"conf": 0.1, "lr": 1.0})
+        fold = data.folds[0]
+        tr, va = data.index(fold.train), data.index(fold.val)
+        assert stages.fit_detector(cfg, data, tr, va, tmp_path / "w")[1]["cached"] is False
+        cfg["detector"]["options"] = {"conf": 0.5, "lr": 1.0}
+        det, info = stages.fit_detector(cfg, data, tr, va, tmp_path / "w")
+        assert info["cached"] is True and det.config["conf"] == 0.5  # reused, with the new threshold
+        cfg["detector"]["options"] = {"conf": 0.5, "lr": 2.0}
+        assert stages.fit_detector(cfg, data, tr, va, tmp_path / "w")[1]["cached"] is False  # retrained
+        with pytest.raises(ValueError, match="change training"):
+            det.set_inference(lr=3.0)
+    finally:
+        DETECTORS.pop("tunable", None)

@@ -120,3 +120,13 @@ def test_prior_fallback_when_nothing_detected(tmp_path: Path) -> None:
     assert all(p.source == "fallback" for p in priors)
     med = np.median(train.boxes, axis=0)
     np.testing.assert_allclose(priors[0].box, med, atol=1e-4)
+
+
+def test_inference_keys_are_config_keys_the_trainer_never_receives(tmp_path: Path) -> None:
+    from detectors.yolov5 import DEFAULTS, YoloV5Detector
+
+    det = YoloV5Detector(epochs=1)
+    assert YoloV5Detector.INFERENCE_KEYS <= set(DEFAULTS)
+    assert not YoloV5Detector.INFERENCE_KEYS & set(det._train_args(tmp_path / "data.yaml", tmp_path))
+    det.set_inference(conf=0.2, tta_flip=True)
+    assert det.config["conf"] == 0.2 and det.config["tta_flip"] is True

@@ -35,6 +35,13 @@ class Detections:
         return int(self.scores.shape[0])
 
 
+def check_inference_settings(settings: dict[str, Any], allowed: frozenset[str]) -> None:
+    """Refuse settings that would need retraining: only ``allowed`` may change after training."""
+    unknown = sorted(set(settings) - allowed)
+    if unknown:
+        raise ValueError(f"{unknown} change training; only {sorted(allowed)} can be set after it")
+
+
 class Detector(ABC):
     """A trainable recess detector. Subclasses register with :func:`register`."""
 
@@ -45,9 +52,7 @@ class Detector(ABC):
 
     def set_inference(self, **settings: Any) -> None:
         """Change inference-only settings (:attr:`INFERENCE_KEYS`) of a trained detector."""
-        unknown = sorted(set(settings) - self.INFERENCE_KEYS)
-        if unknown:
-            raise ValueError(f"{unknown} change training; only {sorted(self.INFERENCE_KEYS)} can be set after it")
+        check_inference_settings(settings, self.INFERENCE_KEYS)
         if settings:
             self.config.update(settings)
 

@@ -2,8 +2,8 @@
 
 Why it exists: on the phantom both detectors find the recess (mAP@50 0.95-0.99) but put its
 ends ~4.5 px and its walls ~1.5 px off at 128 px (YOLOv5u, v3 phantom, 5 folds, mean absolute
-edge error), although the recess ends are plainly visible. Refined, mAP@75 goes from 0.44 to
-0.73 (YOLOv5u) and 0.70 (Co-DETR) over 5 folds (README "Detectors"). A small CNN looks at a crop around
+edge error), although the recess ends are plainly visible. Refined, mAP@75 goes from 0.43 to
+0.72 (YOLOv5u) and from 0.44 to 0.71 (Co-DETR) over 5 folds (README "Detectors"). A small CNN looks at a crop around
 the box at the crop's own resolution and localises each edge as a 1-D soft-argmax: left and
 right along the crop's width, top and bottom along its height. It is the detector-agnostic
 counterpart of Cascade R-CNN's later stages, trained on the same scans as the detector (normal
@@ -33,7 +33,7 @@ from torch import nn
 from torch.nn import functional as F
 from torchvision.ops import nms, roi_align
 
-from detectors.base import Detections, Detector, detector_class
+from detectors.base import Detections, Detector, check_inference_settings, detector_class
 from scans.io import atomic_write, atomic_write_text
 from scans.records import ScanArrays
 
@@ -135,9 +135,7 @@ class BoxRefiner:
 
     def set_inference(self, **settings: Any) -> None:
         """Change inference-only settings (:attr:`INFERENCE_KEYS`) of a trained refiner."""
-        unknown = sorted(set(settings) - self.INFERENCE_KEYS)
-        if unknown:
-            raise ValueError(f"{unknown} change training; only {sorted(self.INFERENCE_KEYS)} can be set after it")
+        check_inference_settings(settings, self.INFERENCE_KEYS)
         for k, v in settings.items():
             setattr(self.config, k, v)
 

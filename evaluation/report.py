@@ -27,6 +27,7 @@ import numpy as np
 
 from evaluation.aggregate import RIAD, ordered_methods, json_safe, summary_sections
 from evaluation.metrics import aggregate
+from evaluation.paired import mean_over_folds, paired_auroc
 from evaluation.figures import Example, overlay_figure, roc_figure, score_distribution_figure
 from scans.io import atomic_write_bytes, atomic_write_text
 
@@ -60,6 +61,9 @@ TABLE1_COLS = [("i_auroc", "I-AUROC"), ("p_auroc", "P-AUROC"), ("dice_oracle", "
 TABLE2_COLS = [("precision", "precision"), ("map50", "mAP@50"), ("map75", "mAP@75"), ("i_auroc", "I-AUROC"),
                ("p_auroc", "P-AUROC"), ("dice_oracle", "Dice (oracle)"), ("dice_val", "Dice (val)")]
 GAP_KEYS = ["i_auroc", "p_auroc", "dice_oracle", "dice_val"]
+GAP_METHOD = "msgmsd"  # Table 2's downstream method, whose ΔI-AUROC gets DeLong's interval
+GAP_NOTE = ("ΔI-AUROC vs GT: [brackets] hold the 95% interval of the mean paired difference (DeLong's test on "
+            "the same test images per fold, folds pooled; test-set sampling only, the trained models held fixed).")
 ROC_PRIOR = "gt"  # ROC curves and score histograms use the ground-truth-prior rows when present
 
 
@@ -119,7 +123,39 @@ def summary_from_folds(folds: Sequence[FoldResult], detector: str | None = None)
     # the fallbacks of the detector reported, which need not be the fold's first prior source
     fallbacks = (sum(int(f.detection[detector].get("fallbacks", f.fallbacks)) for f in folds if detector in f.detection)
                  if det else sum(f.fallbacks for f in folds))
-    return summary_sections([f.methods for f in folds], det or None, fallbacks, priors or None)
+    out = summary_sections([f.methods for f in folds], det or None, fallbacks, priors or None)
+    comparison = prior_comparisons(folds)
+    if comparison:
+        out["prior_comparison"] = comparison
+    return out
+
+
+def prior_comparisons(folds: Sequence[FoldResult], method: str = GAP_METHOD, reference: str = "gt",
+                      level: float = 0.95) -> dict[str, dict[str, Any]]:
+    """ΔI-AUROC of each detector prior against ``reference`` priors, paired per image (DeLong).
+
+    Per fold, the images scored with both prior sources are paired by id; the result per prior
+    is :func:`evaluation.paired.mean_over_folds` (mean over folds, interval, per-fold tests).
+    Folds where either source is missing, or a class has fewer than 2 images, are left out.
+    """
+    per_prior: dict[str, list[tuple[int, Any]]] = {}
+    for f in folds:
+        by_source: dict[str, dict[int, ImageRow]] = {}
+        for r in f.rows:
+            if method in r.scores:
+                by_source.setdefault(r.prior_source, {})[r.id] = r
+        ref = by_source.get(reference)
+        if not ref:
+            continue
+        for prior, rows in by_source.items():
+            ids = [i for i in ref if i in rows] if prior != reference else []
+            labels = np.array([ref[i].label for i in ids], int)
+            if min(int(labels.sum()), int(len(labels) - labels.sum()), len(ids)) < 2:
+                continue
+            per_prior.setdefault(prior, []).append((f.fold, paired_auroc(
+                labels, [ref[i].scores[method] for i in ids], [rows[i].scores[method] for i in ids], level)))
+    return {p: {"reference": reference, "method": method, "folds": [k for k, _ in v],
+                **mean_over_folds([t for _, t in v], level)} for p, v in sorted(per_prior.items())}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -166,6 +202,7 @@ def build_tables(folds: Sequence[FoldResult], paper: bool = True, refined: bool 
     det_agg = {d: aggregate([f.detection[d] for f in folds if d in f.detection])
                for d in sorted({d for f in folds for d in f.detection})}
     prior_agg = s.get("priors", {})
+    comparison = s.get("prior_comparison", {})
     ours: dict[str, dict[str, Any]] = {}
     # the GT row comes from the ground-truth-prior results; ``methods`` may hold a detector's
     if "gt" in prior_agg:
@@ -185,6 +222,10 @@ def build_tables(folds: Sequence[FoldResult], paper: bool = True, refined: bool 
             row = {"name": name, "source": "ours", "metrics": ours[p]}
             for k in GAP_KEYS:
                 row["metrics"][f"gap_{k}"] = _gap(ours[p], ours.get("gt", {}), k) if p != "gt" else None
+            gap, test = row["metrics"]["gap_i_auroc"], comparison.get(p)
+            if gap and test:  # the paired estimate and its interval, in points, over the folds both sources have
+                gap.update(mean=100.0 * test["diff"], ci_low=100.0 * test["ci_low"], ci_high=100.0 * test["ci_high"],
+                           level=test["level"])
             t2.append(row)
         key = "yolov5u" if p == "yolov5" else p
         if paper and key in PAPER_TABLE2 and (p in ours or p == "gt"):
@@ -204,7 +245,11 @@ def _columns(table: str) -> list[tuple[str, str]]:
 
 
 def _gap_cell(stat: Mapping[str, float] | None) -> str:
-    return "-" if not stat else f"{stat['mean']:+.1f}"
+    if not stat:
+        return "-"
+    if stat.get("ci_low") is None:
+        return f"{stat['mean']:+.1f}"
+    return f"{stat['mean']:+.1f} [{stat['ci_low']:+.1f}, {stat['ci_high']:+.1f}]"
 
 
 def _display(table: str, row: Mapping[str, Any]) -> list[str]:
@@ -224,7 +269,8 @@ def table_markdown(table: str, rows: Sequence[Mapping[str, Any]], prior_name: st
     lines += ["| " + " | ".join(_display(table, r)) + " |" for r in rows]
     lines += ["", "mean ± std across folds (sample std, ddof=1). Dice (oracle): threshold tuned on the test "
               "fold itself (the paper's, before post-processing). Dice (val): threshold chosen on the "
-              "validation fold, closing-then-opening 3x3.", "", PAPER_NOTE, ""]
+              "validation fold, closing-then-opening 3x3." + (" " + GAP_NOTE if table == "table2" else ""),
+              "", PAPER_NOTE, ""]
     return "\n".join(lines)
 
 
@@ -349,7 +395,7 @@ def render_html(
              "<h2>Table 2: detectors as location priors</h2>", _html_table("table2", tables["table2"]),
              "<p class='note'>mean ± std across folds (ddof=1). Dice (oracle) tunes its threshold on the test "
              "fold itself, as the paper does, so it is optimistic; Dice (val) chooses it on the validation "
-             "fold and applies closing-then-opening 3x3.</p>", "<h2>Figures</h2>"]
+             f"fold and applies closing-then-opening 3x3. {html.escape(GAP_NOTE)}</p>", "<h2>Figures</h2>"]
     parts += [_img(p, captions.get(k, k)) for k, p in figures.items()]
     parts.append("<h2>Files</h2><ul>" + "".join(f'<li><a href="{html.escape(n)}">{html.escape(n)}</a></li>'
                                                   for n in links) + "</ul>")

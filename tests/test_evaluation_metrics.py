@@ -39,7 +39,7 @@ def _fake(n: int = 12, size: int = 48, seed: int = 0, blur: bool = True) -> tupl
 
 
 @pytest.mark.parametrize("module", ["evaluation.metrics", "evaluation.detection", "evaluation.aggregate",
-                                    "evaluation.figures", "evaluation.report"])
+                                    "evaluation.figures", "evaluation.report", "evaluation.paired"])
 def test_docstring_examples_run(module: str) -> None:
     result = doctest.testmod(importlib.import_module(module))
     assert result.failed == 0 and result.attempted > 0

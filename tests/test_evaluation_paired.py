@@ -1,0 +1,130 @@
+"""DeLong's paired ΔAUROC: exact against the definition, calibrated by simulation, paired by image id."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from evaluation import FoldResult, ImageRow, summary_from_folds
+from evaluation.paired import PairedAuroc, mean_over_folds, paired_auroc
+from evaluation.report import build_tables, prior_comparisons, table_markdown
+
+
+def _definition_se(y: np.ndarray, a: np.ndarray, b: np.ndarray) -> float:
+    """DeLong's variance from the Mann-Whitney kernel written out over all (positive, negative) pairs."""
+    comps = []
+    for s in (a, b):
+        pos, neg = s[y == 1][:, None], s[y == 0][None, :]
+        psi = (pos > neg) + 0.5 * (pos == neg)
+        comps.append((psi.mean(1), psi.mean(0)))
+    v10 = np.stack([c[0] for c in comps])
+    v01 = np.stack([c[1] for c in comps])
+    cov = np.cov(v10) / v10.shape[1] + np.cov(v01) / v01.shape[1]
+    return math.sqrt(cov[0, 0] + cov[1, 1] - 2 * cov[0, 1])
+
+
+def test_matches_sklearn_and_the_definition_with_ties() -> None:
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 2, 60)
+    a = np.round(y + rng.normal(0, 1, 60), 1)  # rounding makes ties, within and across classes
+    b = np.round(0.5 * a + rng.normal(0, 0.7, 60) + 0.4 * y, 1)
+    r = paired_auroc(y, a, b)
+    assert r.auroc_a == pytest.approx(roc_auc_score(y, a))
+    assert r.auroc_b == pytest.approx(roc_auc_score(y, b))
+    assert r.diff == pytest.approx(roc_auc_score(y, b) - roc_auc_score(y, a))
+    assert r.se == pytest.approx(_definition_se(y, a, b))
+    assert (r.n_pos, r.n_neg) == (int(y.sum()), int((1 - y).sum()))
+    assert r.ci_low == pytest.approx(r.diff - 1.959964 * r.se, abs=1e-6)
+    assert r.ci_high == pytest.approx(r.diff + 1.959964 * r.se, abs=1e-6)
+
+
+def test_identical_scorers_differ_by_nothing() -> None:
+    y = np.array([0, 1] * 10)
+    s = np.linspace(0, 1, 20)
+    r = paired_auroc(y, s, s)
+    assert r.diff == 0 and r.se == 0 and math.isnan(r.p_value)
+
+
+def test_interval_is_calibrated_under_the_null() -> None:
+    """Two correlated scorers of equal AUROC: the 95% interval covers 0 in ~95% of test sets."""
+    rng = np.random.default_rng(7)
+    covered, diffs, ses = 0, [], []
+    trials = 400
+    for _ in range(trials):
+        y = np.r_[np.zeros(75, int), np.ones(25, int)]  # one phantom test fold's make-up
+        shared = rng.normal(0, 1, 100)
+        a = y + shared + rng.normal(0, 0.7, 100)
+        b = y + shared + rng.normal(0, 0.7, 100)
+        r = paired_auroc(y, a, b)
+        covered += r.ci_low <= 0 <= r.ci_high
+        diffs.append(r.diff)
+        ses.append(r.se)
+    assert 0.92 <= covered / trials <= 0.98
+    assert np.mean(ses) == pytest.approx(np.std(diffs), rel=0.15)
+
+
+def test_a_real_difference_is_found() -> None:
+    rng = np.random.default_rng(3)
+    y = np.r_[np.zeros(200, int), np.ones(100, int)]
+    shared = rng.normal(0, 1, 300)
+    r = paired_auroc(y, shared + 0.3 * y, shared + 1.5 * y)
+    assert r.diff > 0.2 and r.ci_low > 0 and r.p_value < 1e-6
+
+
+@pytest.mark.parametrize("labels, a, b, match", [
+    ([0, 1, 1], [0.1, 0.2, 0.3], [0.1, 0.2, 0.3], "at least 2 positives and 2 negatives"),
+    ([0, 0, 1, 1], [0.1, 0.2, 0.3], [0.1, 0.2, 0.3, 0.4], "4 labels but 3 and 4 scores"),
+    ([0, 0, 1, 1], [0.1, np.nan, 0.3, 0.4], [0.1, 0.2, 0.3, 0.4], "NaN"),
+])
+def test_bad_input_is_refused(labels: list[int], a: list[float], b: list[float], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        paired_auroc(labels, a, b)
+
+
+def test_fold_mean_pools_independent_variances() -> None:
+    f0 = PairedAuroc(0.9, 0.8, -0.1, 0.03, 0, 0, 0, 20, 80)
+    f1 = PairedAuroc(0.7, 0.8, 0.1, 0.04, 0, 0, 0, 25, 75)
+    f2 = PairedAuroc(0.8, 0.77, -0.03, 0.0, 0, 0, 0, 25, 75)
+    s = mean_over_folds([f0, f1, f2])
+    assert s["diff"] == pytest.approx(-0.01)
+    assert s["se"] == pytest.approx(0.05 / 3)
+    assert s["median_diff"] == pytest.approx(-0.03) and s["folds_b_lower"] == 2
+    assert (s["n_pos"], s["n_neg"]) == (70, 230) and len(s["per_fold"]) == 3
+    with pytest.raises(ValueError):
+        mean_over_folds([])
+
+
+def _fold(k: int, rng: np.random.Generator, with_gt: bool = True) -> tuple[FoldResult, np.ndarray, np.ndarray, np.ndarray]:
+    y = np.array([0, 1] * 6)
+    gt = y + rng.normal(0, 0.8, 12)
+    det = gt + rng.normal(0, 0.5, 12)
+    rows = [ImageRow(id=10 * k + i, patient="p", fold=k, label=int(y[i]), prior_source="gt", scores={"msgmsd": gt[i]})
+            for i in range(12)] if with_gt else []
+    # The detector's rows come in another order: pairing must go by image id, not position.
+    rows += [ImageRow(id=10 * k + i, patient="p", fold=k, label=int(y[i]), prior_source="codetr",
+                      scores={"msgmsd": det[i]}) for i in rng.permutation(12)]
+    priors = {"codetr": {"i_auroc": roc_auc_score(y, det)}}
+    if with_gt:
+        priors["gt"] = {"i_auroc": roc_auc_score(y, gt)}
+    return FoldResult(k, priors=priors, rows=rows), y, gt, det
+
+
+def test_report_pairs_rows_by_image_and_shows_the_interval() -> None:
+    rng = np.random.default_rng(0)
+    made = [_fold(k, rng) for k in range(3)] + [_fold(3, rng, with_gt=False)]
+    folds = [m[0] for m in made]
+    expected = mean_over_folds([paired_auroc(y, gt, det) for _, y, gt, det in made[:3]])
+    got = prior_comparisons(folds)["codetr"]
+    assert got["folds"] == [0, 1, 2]  # fold 3 has no ground-truth rows to pair with
+    assert got["diff"] == pytest.approx(expected["diff"]) and got["se"] == pytest.approx(expected["se"])
+    assert summary_from_folds(folds)["prior_comparison"]["codetr"]["se"] == pytest.approx(expected["se"])
+    row = next(r for r in build_tables(folds, paper=False)["table2"] if r["name"] == "Co-DETR")
+    gap = row["metrics"]["gap_i_auroc"]
+    assert gap["mean"] == pytest.approx(100 * expected["diff"])
+    assert gap["ci_low"] == pytest.approx(100 * expected["ci_low"])
+    assert gap["ci_high"] == pytest.approx(100 * expected["ci_high"])
+    text = table_markdown("table2", build_tables(folds, paper=False)["table2"])
+    assert f"[{gap['ci_low']:+.1f}, {gap['ci_high']:+.1f}]" in text and "DeLong" in text

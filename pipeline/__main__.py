@@ -165,6 +165,10 @@ def _print_summary(summary: dict[str, Any], out: Path) -> None:
         v = summary["riad"].get("riad", summary["riad"]).get("i_auroc", {})
         if isinstance(v, dict) and v.get("mean") is not None:
             lines.append(f"  RIAD           i_auroc {v['mean']:.3f}")
+    for prior, c in summary.get("prior_comparison", {}).items():
+        lines.append(f"  {prior} priors vs {c['reference']}: LoRIS+{c['method'].upper()} I-AUROC {c['auroc_b']:.3f} vs "
+                     f"{c['auroc_a']:.3f}, Δ {100 * c['diff']:+.1f} pts (95% CI {100 * c['ci_low']:+.1f} to "
+                     f"{100 * c['ci_high']:+.1f}, DeLong, {len(c['folds'])} folds)")
     print("\n".join(lines))
 
 

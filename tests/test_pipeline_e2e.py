@@ -94,13 +94,19 @@ def test_run_codetr(tmp_path: Path, cache: Path) -> None:
     assert {"precision", "map50", "map75", "fallbacks"} <= set(summary["detection"])
 
 
-def test_ablate(tmp_path: Path, cache: Path) -> None:
+def test_ablate(tmp_path: Path, cache: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "ablate"
     assert main(["ablate", "--detectors", "gt,yolov5", "--profile", "quick", "--out", str(out), "--no-progress"]
                 + tiny(cache)) == 0
     table2 = (out / "table2.md").read_text()
     assert "GT" in table2 and "YOLOv5u" in table2 and "vs GT" in table2
     summary = json.loads((out / "summary.json").read_text())
+    # The paired test of detector against ground-truth priors, on the same test images.
+    test = summary["prior_comparison"]["yolov5"]
+    assert test["reference"] == "gt" and test["folds"] == [0] and test["ci_low"] <= test["diff"] <= test["ci_high"]
+    i_auroc = summary["priors"]
+    assert test["diff"] == pytest.approx(i_auroc["yolov5"]["i_auroc"]["mean"] - i_auroc["gt"]["i_auroc"]["mean"])
+    assert "yolov5 priors vs gt" in capsys.readouterr().out
     # per detector, not only the first source's count
     assert set(summary["fallbacks_by_detector"]) == {"yolov5"}
     assert summary["detection"]["fallbacks"] == summary["fallbacks_by_detector"]["yolov5"]

@@ -93,6 +93,37 @@ def _result(a: float, b: float, diff: float, se: float, level: float, m: int, n:
     return PairedAuroc(a, b, diff, se, diff - z * se, diff + z * se, p, m, n)
 
 
+def mean_over_models(labels: Sequence[int] | np.ndarray, scores_a: np.ndarray, scores_b: np.ndarray,
+                     level: float = 0.95) -> dict[str, Any]:
+    """Mean ΔAUROC of K model pairs scored on the **same** images (an external test set).
+
+    ``scores_a`` and ``scores_b`` are ``[K, N]`` (pair k: fold k's models). The K differences
+    share their images, so their variances do not add as in :func:`mean_over_folds`: DeLong's
+    structural components are linear in the scorer, so the mean difference gets its own
+    components (the mean over k of B's minus A's), and its variance follows exactly.
+
+    >>> y = np.r_[np.zeros(30, int), np.ones(10, int)]
+    >>> a = np.stack([y + np.random.default_rng(k).normal(0, 1, 40) for k in range(3)])
+    >>> s = mean_over_models(y, a, a)
+    >>> s["diff"], s["se"], len(s["per_fold"])
+    (0.0, 0.0, 3)
+    """
+    y = np.asarray(labels).astype(bool).ravel()
+    a, b = np.atleast_2d(np.asarray(scores_a, np.float64)), np.atleast_2d(np.asarray(scores_b, np.float64))
+    if a.shape != b.shape or a.shape[1] != len(y):
+        raise ValueError(f"scores {a.shape} and {b.shape} must both be [K, {len(y)}]")
+    per = [paired_auroc(y, a[k], b[k], level) for k in range(len(a))]  # also validates the input
+    auc, v10, v01 = _components(y, np.concatenate([a, b]))
+    k = len(a)
+    d10, d01 = (v10[k:] - v10[:k]).mean(0), (v01[k:] - v01[:k]).mean(0)
+    m, n = len(d10), len(d01)
+    se = math.sqrt(float(d10.var(ddof=1)) / m + float(d01.var(ddof=1)) / n)
+    diffs = auc[k:] - auc[:k]
+    pooled = _result(float(auc[:k].mean()), float(auc[k:].mean()), float(diffs.mean()), se, level, m, n)
+    return {**pooled._asdict(), "level": level, "median_diff": float(np.median(diffs)),
+            "folds_b_lower": int((diffs < 0).sum()), "per_fold": [f._asdict() for f in per]}
+
+
 def mean_over_folds(per_fold: Sequence[PairedAuroc], level: float = 0.95) -> dict[str, Any]:
     """Mean ΔAUROC over folds with disjoint test sets, its DeLong interval, and the per-fold values.
 

@@ -27,7 +27,7 @@ import numpy as np
 
 from evaluation.aggregate import RIAD, ordered_methods, json_safe, summary_sections
 from evaluation.metrics import aggregate
-from evaluation.paired import mean_over_folds, paired_auroc
+from evaluation.paired import mean_over_folds, mean_over_models, paired_auroc
 from evaluation.figures import Example, overlay_figure, roc_figure, score_distribution_figure
 from scans.io import atomic_write_bytes, atomic_write_text
 
@@ -138,7 +138,8 @@ def prior_comparisons(folds: Sequence[FoldResult], method: str = GAP_METHOD, ref
     is :func:`evaluation.paired.mean_over_folds` (mean over folds, interval, per-fold tests).
     Folds where either source is missing, or a class has fewer than 2 images, are left out.
     """
-    per_prior: dict[str, list[tuple[int, Any]]] = {}
+    # per prior: (fold, image ids, labels, reference scores, prior scores)
+    per_prior: dict[str, list[tuple[int, list[int], np.ndarray, np.ndarray, np.ndarray]]] = {}
     for f in folds:
         by_source: dict[str, dict[int, ImageRow]] = {}
         for r in f.rows:
@@ -148,14 +149,22 @@ def prior_comparisons(folds: Sequence[FoldResult], method: str = GAP_METHOD, ref
         if not ref:
             continue
         for prior, rows in by_source.items():
-            ids = [i for i in ref if i in rows] if prior != reference else []
+            ids = sorted(i for i in ref if i in rows) if prior != reference else []
             labels = np.array([ref[i].label for i in ids], int)
             if min(int(labels.sum()), int(len(labels) - labels.sum()), len(ids)) < 2:
                 continue
-            per_prior.setdefault(prior, []).append((f.fold, paired_auroc(
-                labels, [ref[i].scores[method] for i in ids], [rows[i].scores[method] for i in ids], level)))
-    return {p: {"reference": reference, "method": method, "folds": [k for k, _ in v],
-                **mean_over_folds([t for _, t in v], level)} for p, v in sorted(per_prior.items())}
+            per_prior.setdefault(prior, []).append((f.fold, ids, labels, np.array([ref[i].scores[method] for i in ids]),
+                                                    np.array([rows[i].scores[method] for i in ids])))
+    out: dict[str, dict[str, Any]] = {}
+    for p, v in sorted(per_prior.items()):
+        # Every fold's models scored the same images (an external test set): the differences are
+        # correlated, so they are pooled per image rather than as independent folds.
+        shared = len(v) > 1 and all(ids == v[0][1] for _, ids, *_ in v)
+        test = (mean_over_models(v[0][2], np.stack([t[3] for t in v]), np.stack([t[4] for t in v]), level) if shared
+                else mean_over_folds([paired_auroc(lab, a, b, level) for _, _, lab, a, b in v], level))
+        out[p] = {"reference": reference, "method": method, "folds": [t[0] for t in v],
+                  "test_images": "shared" if shared else ("disjoint" if len(v) > 1 else "one fold"), **test}
+    return out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -34,6 +34,8 @@ def _config(args: argparse.Namespace, detector: str) -> dict[str, Any]:
     cfg = load_config(args.config, args.profile, [f"detector.name={detector}"] + sets)
     if args.data is not None:
         cfg["data"] = str(args.data)
+    if getattr(args, "external", None) is not None:
+        cfg["evaluation"]["external"] = str(args.external)
     if getattr(args, "folds", None):
         cfg["run_folds"] = [int(v) for v in args.folds.split(",")]
     cfg["progress"] = not args.no_progress
@@ -62,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     abl.add_argument("--folds", help="comma-separated fold indices (default: all)")
     abl.add_argument("--out", type=Path)
     _common(abl)
+    for p in (run, abl):
+        p.add_argument("--external", type=Path, help="held-out dataset folder: also evaluate every fold's models "
+                       "on all of it (reported under <out>/external/)")
 
     tr = sub.add_parser("train", help="train one deployable bundle on all the data")
     tr.add_argument("--detector", choices=("yolov5", "codetr"), default="codetr")
@@ -165,10 +170,13 @@ def _print_summary(summary: dict[str, Any], out: Path) -> None:
         v = summary["riad"].get("riad", summary["riad"]).get("i_auroc", {})
         if isinstance(v, dict) and v.get("mean") is not None:
             lines.append(f"  RIAD           i_auroc {v['mean']:.3f}")
-    for prior, c in summary.get("prior_comparison", {}).items():
-        lines.append(f"  {prior} priors vs {c['reference']}: LoRIS+{c['method'].upper()} I-AUROC {c['auroc_b']:.3f} vs "
-                     f"{c['auroc_a']:.3f}, Δ {100 * c['diff']:+.1f} pts (95% CI {100 * c['ci_low']:+.1f} to "
-                     f"{100 * c['ci_high']:+.1f}, DeLong, {len(c['folds'])} folds)")
+    ext = summary.get("external", {})
+    for where, comparisons in (("", summary.get("prior_comparison", {})),
+                               (f" [external: {ext.get('images')} images]", ext.get("prior_comparison", {}))):
+        for prior, c in comparisons.items():
+            lines.append(f"  {prior} priors vs {c['reference']}{where}: LoRIS+{c['method'].upper()} I-AUROC "
+                         f"{c['auroc_b']:.3f} vs {c['auroc_a']:.3f}, Δ {100 * c['diff']:+.1f} pts (95% CI "
+                         f"{100 * c['ci_low']:+.1f} to {100 * c['ci_high']:+.1f}, DeLong, {len(c['folds'])} folds)")
     print("\n".join(lines))
 
 

@@ -49,3 +49,31 @@ def load_data(cfg: dict[str, Any]) -> Data:
     arrays = to_arrays(scans, size=cfg["image_size"], frame=cfg.get("frame", 0))
     folds, source = resolve_folds(root, scans, k=cfg["folds"], seed=cfg["seed"])
     return Data(root, scans, arrays, folds, source)
+
+
+def load_external(cfg: dict[str, Any], data: Data) -> ScanArrays | None:
+    """The held-out test set named by ``evaluation.external`` (None when unset), as model-size arrays.
+
+    It must be a LoRIS dataset with a box on every scan and both classes, and not the run's own data.
+    """
+    path = cfg["evaluation"].get("external")
+    if not path:
+        return None
+    root = Path(path)
+    if not (root / "annotations.json").is_file():
+        raise FileNotFoundError(f"{root}: not a LoRIS dataset (no annotations.json); see README 'Your own data'")
+    if root.resolve() == data.root.resolve():
+        raise ValueError(f"{root}: the external test set is the run's own dataset; name a held-out folder")
+    scans = load_dataset(root)
+    missing = [s.path.name for s in scans if s.box is None]
+    if missing:
+        raise ValueError(f"{root}: {len(missing)} image(s) have no recess box (e.g. {missing[:3]}); "
+                         f"run `python -m scans check {root}`")
+    unlabelled = [s.path.name for s in scans if s.label not in (0, 1)]
+    if unlabelled:
+        raise ValueError(f"{root}: {len(unlabelled)} image(s) have no normal/distended label (e.g. {unlabelled[:3]})")
+    labels = {s.label for s in scans}
+    if labels != {0, 1}:
+        raise ValueError(f"{root}: the external test set needs normal and distended scans, it holds only "
+                         f"{'distended' if labels == {1} else 'normal'} ones")
+    return to_arrays(scans, size=cfg["image_size"], frame=cfg.get("frame", 0))

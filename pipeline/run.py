@@ -13,7 +13,7 @@ import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 from tqdm import tqdm
@@ -26,7 +26,7 @@ from evaluation.figures import Example, select_cases
 from evaluation.metrics import aggregate, per_image_dice, segmentation_metrics
 from evaluation.report import FoldResult, ImageRow, summary_from_folds, write_report
 from pipeline import stages
-from pipeline.data import Data, load_data
+from pipeline.data import Data, load_data, load_external
 from pipeline.outputs import prepare_run_dir, write_json
 from pipeline.provenance import package_versions
 from scans.io import atomic_write
@@ -85,9 +85,62 @@ def _examples(fold: int, test: ScanArrays, recon: np.ndarray, maps: dict[str, np
     return out
 
 
+class _Part(NamedTuple):
+    """What one prior source gave on one evaluated set (the fold's test part or the external set)."""
+
+    priors: Any
+    recon: Any
+    scores: dict[str, np.ndarray]
+    metrics: dict[str, dict[str, float]]
+    dice: dict[str, np.ndarray]
+
+
+def _evaluate_part(cfg: dict[str, Any], unet: Any, det: Detector | None, policy: PriorPolicy, src: str, f: int,
+                   arrays: ScanArrays, val: ScanArrays, val_maps: dict[str, np.ndarray], result: FoldResult,
+                   coco_dir: Path | None, device: str) -> _Part:
+    """Priors, reconstructions, maps, metrics and per-image rows of ``arrays`` into ``result``.
+
+    Thresholds (Dice) come from the fold's validation maps ``val_maps``, whatever set is scored.
+    """
+    from reconstruction.infer import reconstruct
+
+    kernel = int(cfg["evaluation"]["postprocess_kernel"])
+    pt = stages.predict_priors(cfg, det, arrays, policy)
+    rt = reconstruct(unet, arrays.images, pt.boxes, maps=cfg["maps"], device=device,
+                     margin=float(cfg["unet"]["mask_margin"]))
+    scores = _scores(cfg, rt.maps, pt.boxes)
+    metrics = _method_metrics(cfg, scores, rt.maps, val_maps, arrays, val)
+    result.priors[src] = metrics["msgmsd"] if "msgmsd" in metrics else next(iter(metrics.values()))
+    if src != "gt":
+        preds = [(d.boxes, d.scores) for d in pt.detections]
+        result.detection[src] = detection_metrics(arrays.boxes, arrays.ids, preds, arrays.images.shape[1:],
+                                                  labels=arrays.labels)
+        result.detection[src]["fallbacks"] = pt.fallbacks
+        if coco_dir is not None:
+            # the results file pairs with annotations.json, so boxes go back to the scans' own pixels
+            inv = np.concatenate([1 / arrays.scale, 1 / arrays.scale], axis=1)
+            write_coco_results(coco_dir / "test_predictions.coco.json", arrays.ids,
+                               [(b * inv[i], sc) for i, (b, sc) in enumerate(preds)])
+    dice = {name: per_image_dice(rt.maps[name], arrays.masks, metrics[name]["dice_val_threshold"], kernel=kernel)
+            for name in rt.maps}
+    for i in range(len(arrays)):
+        result.rows.append(ImageRow(
+            id=int(arrays.ids[i]), patient=arrays.patients[i], fold=f, label=int(arrays.labels[i]), prior_source=src,
+            box=tuple(float(v) for v in pt.boxes[i]),
+            iou=box_iou(pt.raw_boxes[i], arrays.boxes[i]) if pt.sources[i] != "gt" else 1.0,
+            scores={k: float(v[i]) for k, v in scores.items()}, dice={k: float(v[i]) for k, v in dice.items()},
+            fallback=pt.sources[i] == "fallback"))
+    return _Part(pt, rt, scores, metrics, dice)
+
+
 def run_fold(cfg: dict[str, Any], data: Data, f: int, detector_names: Sequence[str], out: Path,
-             progress: Progress) -> tuple[FoldResult, list[Example], dict[str, Any]]:
-    """One fold with one or more prior sources; the first of ``detector_names`` fills ``methods``."""
+             progress: Progress, external: ScanArrays | None = None
+             ) -> tuple[FoldResult, list[Example], dict[str, Any], FoldResult | None]:
+    """One fold with one or more prior sources; the first of ``detector_names`` fills ``methods``.
+
+    With ``external`` (a held-out set) the fold's models also score all of it: the last item
+    returned is that result (RIAD excluded), else None.
+    """
     from reconstruction.infer import reconstruct, riad_reconstruct
 
     fold = data.folds[f]
@@ -106,6 +159,8 @@ def run_fold(cfg: dict[str, Any], data: Data, f: int, detector_names: Sequence[s
     progress.done()
 
     result = FoldResult(fold=f)
+    ext_result = FoldResult(fold=f) if external is not None else None
+    margin = float(cfg["unet"]["mask_margin"])
     examples: list[Example] = []
     kernel = int(cfg["evaluation"]["postprocess_kernel"])
     median = PriorPolicy.median_of(arr.boxes[stages.training_subset(arr, tr, cfg["detector"]["train_classes"])],
@@ -128,40 +183,24 @@ def run_fold(cfg: dict[str, Any], data: Data, f: int, detector_names: Sequence[s
         progress.stage(f, f"{src} priors + maps")
         t0 = time.perf_counter()
         pv = stages.predict_priors(cfg, det, val, policy)
-        pt = stages.predict_priors(cfg, det, test, policy)
-        margin = float(cfg["unet"]["mask_margin"])
         rv = reconstruct(unet, val.images, pv.boxes, maps=cfg["maps"], device=device, margin=margin)
-        rt = reconstruct(unet, test.images, pt.boxes, maps=cfg["maps"], device=device, margin=margin)
+        part = _evaluate_part(cfg, unet, det, policy, src, f, test, val, rv.maps, result, fdir / src, device)
+        n_images = len(va) + len(te)
+        if external is not None and ext_result is not None:  # the same models, the held-out set
+            ext_part = _evaluate_part(cfg, unet, det, policy, src, f, external, val, rv.maps, ext_result, None, device)
+            n_images += len(external)
+            if src == sources[0]:
+                ext_result.methods.update(ext_part.metrics)
+                ext_result.fallbacks = ext_part.priors.fallbacks
         timing["inference_s"] += time.perf_counter() - t0
-        timing["inference_images"] += len(va) + len(te)
-        scores = _scores(cfg, rt.maps, pt.boxes)
-        metrics = _method_metrics(cfg, scores, rt.maps, rv.maps, test, val)
-        result.priors[src] = metrics["msgmsd"] if "msgmsd" in metrics else next(iter(metrics.values()))
-        if src != "gt":
-            preds = [(d.boxes, d.scores) for d in pt.detections]
-            result.detection[src] = detection_metrics(test.boxes, test.ids, preds, test.images.shape[1:],
-                                                      labels=test.labels)
-            result.detection[src]["fallbacks"] = pt.fallbacks
-            # the results file pairs with annotations.json, so boxes go back to the scans' own pixels
-            inv = np.concatenate([1 / test.scale, 1 / test.scale], axis=1)
-            write_coco_results(fdir / src / "test_predictions.coco.json", test.ids,
-                               [(b * inv[i], sc) for i, (b, sc) in enumerate(preds)])
+        timing["inference_images"] += n_images
         if src == sources[0]:
-            result.methods.update(metrics)
-            result.fallbacks = pt.fallbacks
-        dice = {name: per_image_dice(rt.maps[name], test.masks, metrics[name]["dice_val_threshold"], kernel=kernel)
-                for name in rt.maps}
-        for i in range(len(te)):
-            box = tuple(float(v) for v in pt.boxes[i])
-            result.rows.append(ImageRow(
-                id=int(test.ids[i]), patient=test.patients[i], fold=f, label=int(test.labels[i]), prior_source=src,
-                box=box, iou=box_iou(pt.raw_boxes[i], test.boxes[i]) if pt.sources[i] != "gt" else 1.0,
-                scores={k: float(v[i]) for k, v in scores.items()}, dice={k: float(v[i]) for k, v in dice.items()},
-                fallback=pt.sources[i] == "fallback"))
+            result.methods.update(part.metrics)
+            result.fallbacks = part.priors.fallbacks
         if src == sources[0] and cfg["evaluation"]["figures"]:
-            m = "dd" if "dd" in rt.maps else next(iter(rt.maps))
-            examples = _examples(f, test, rt.recon, rt.maps, scores, dice[m], metrics[m]["dice_val_threshold"],
-                                 kernel, m)
+            m = "dd" if "dd" in part.recon.maps else next(iter(part.recon.maps))
+            examples = _examples(f, test, part.recon.recon, part.recon.maps, part.scores, part.dice[m],
+                                 part.metrics[m]["dice_val_threshold"], kernel, m)
         progress.done()
 
     if cfg["riad"]["enabled"]:
@@ -179,11 +218,14 @@ def run_fold(cfg: dict[str, Any], data: Data, f: int, detector_names: Sequence[s
         for row in result.rows:  # an image-level score, the same whatever the row's prior
             row.scores[RIAD] = float(scores[RIAD][pos[row.id]])
         progress.done()
-    return result, examples, {"timing": timing, "info": info}
+    return result, examples, {"timing": timing, "info": info}, ext_result
 
 
-def _save_fold(fdir: Path, result: FoldResult, examples: list[Example], extra: dict[str, Any]) -> None:
+def _save_fold(fdir: Path, result: FoldResult, examples: list[Example], extra: dict[str, Any],
+               external: FoldResult | None = None) -> None:
     fdir.mkdir(parents=True, exist_ok=True)
+    if external is not None:  # before fold.json, whose presence marks the fold done
+        write_json(fdir / "external.json", json_safe(asdict(external)))
     if examples:
         arrays = {f"{i}_{k}": getattr(e, k) for i, e in enumerate(examples)
                   for k in ("image", "reconstruction", "anomaly_map", "gt_mask", "pred_mask")}
@@ -192,11 +234,14 @@ def _save_fold(fdir: Path, result: FoldResult, examples: list[Example], extra: d
     write_json(fdir / "fold.json", json_safe({"result": asdict(result), "examples": meta, **extra}))
 
 
+def _fold_result(r: dict[str, Any]) -> FoldResult:
+    rows = [ImageRow(**{**row, "box": tuple(row["box"]) if row["box"] else None}) for row in r.pop("rows")]
+    return FoldResult(**r, rows=rows)
+
+
 def _load_fold(fdir: Path) -> tuple[FoldResult, list[Example], dict[str, Any]]:
     doc = json.loads((fdir / "fold.json").read_text())
-    r = doc["result"]
-    rows = [ImageRow(**{**row, "box": tuple(row["box"]) if row["box"] else None}) for row in r.pop("rows")]
-    result = FoldResult(**r, rows=rows)
+    result = _fold_result(doc["result"])
     examples = []
     if doc["examples"]:
         with np.load(fdir / "examples.npz") as z:
@@ -213,6 +258,7 @@ def execute(cfg: dict[str, Any], out: Path, detector_names: Sequence[str], comma
     stages.set_threads(cfg)
     out = prepare_run_dir(out, cfg, identity={"command": command, "detectors": list(detector_names)})
     data = load_data(cfg)
+    external = load_external(cfg, data)
     write_json(out / "splits.json", [fold.to_json() for fold in data.folds])
     fold_ids = cfg["run_folds"] if cfg.get("run_folds") is not None else list(range(len(data.folds)))
     bad = [f for f in fold_ids if not 0 <= int(f) < len(data.folds)]
@@ -229,6 +275,7 @@ def execute(cfg: dict[str, Any], out: Path, detector_names: Sequence[str], comma
     per_fold = 1 + n_src + sum(d != "gt" for d in set(detector_names)) + (1 if cfg["riad"]["enabled"] else 0)
     bar = Progress(len(fold_ids), per_fold, progress)
     results: list[FoldResult] = []
+    ext_results: list[FoldResult] = []
     examples: list[Example] = []
     extras: list[dict[str, Any]] = []
     resumed = 0
@@ -237,12 +284,15 @@ def execute(cfg: dict[str, Any], out: Path, detector_names: Sequence[str], comma
             fdir = out / "folds" / str(f)
             if (fdir / "fold.json").is_file():
                 r, ex, extra = _load_fold(fdir)
+                ext = _fold_result(json.loads((fdir / "external.json").read_text())) if external is not None else None
                 resumed += 1
                 bar.done(per_fold)
             else:
-                r, ex, extra = run_fold(cfg, data, int(f), detector_names, out, bar)
-                _save_fold(fdir, r, ex, extra)
+                r, ex, extra, ext = run_fold(cfg, data, int(f), detector_names, out, bar, external)
+                _save_fold(fdir, r, ex, extra, ext)
             results.append(r)
+            if ext is not None:
+                ext_results.append(ext)
             examples.extend(ex)
             extras.append(extra)
     finally:
@@ -280,6 +330,19 @@ def execute(cfg: dict[str, Any], out: Path, detector_names: Sequence[str], comma
                     for i, _, c in picks]
     prior_name = {"gt": "ground-truth", "yolov5": "YOLOv5u", "codetr": "Co-DETR"}.get(detector_names[0],
                                                                                       detector_names[0])
+    if external is not None:
+        ext_summary = {"detector": summary["detector"], "data": str(cfg["evaluation"]["external"]),
+                       "trained_on": str(data.root), "profile": cfg["profile"], "folds": summary["folds"],
+                       "images": len(external), "distended": int((external.labels == 1).sum()),
+                       "note": "each fold's models scored every image of this held-out set; thresholds from "
+                               "each fold's validation part; RIAD not run here",
+                       **summary_from_folds(ext_results, detector=None if command == "run" and detector_names[0] == "gt"
+                                            else (detector_names[0] if command == "run" else None))}
+        write_report(out / "external", ext_summary, ext_results, cfg, package_versions(), (),
+                     prior_name=prior_name, figures=bool(cfg["evaluation"]["figures"]))
+        write_json(out / "external" / "summary.json", json_safe(ext_summary))
+        summary["external"] = {k: ext_summary[k] for k in ("data", "images", "distended")} | {
+            k: ext_summary[k] for k in ("priors", "prior_comparison") if k in ext_summary}
     write_report(out, summary, results, cfg, package_versions(), examples if cfg["evaluation"]["figures"] else (),
                  prior_name=prior_name, figures=bool(cfg["evaluation"]["figures"]))
     write_json(out / "per_fold.json", json_safe([asdict(r) | {"rows": len(r.rows)} for r in results]))

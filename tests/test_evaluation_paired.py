@@ -9,7 +9,7 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from evaluation import FoldResult, ImageRow, summary_from_folds
-from evaluation.paired import PairedAuroc, mean_over_folds, paired_auroc
+from evaluation.paired import PairedAuroc, mean_over_folds, mean_over_models, paired_auroc
 from evaluation.report import build_tables, prior_comparisons, table_markdown
 
 
@@ -128,3 +128,37 @@ def test_report_pairs_rows_by_image_and_shows_the_interval() -> None:
     assert gap["ci_high"] == pytest.approx(100 * expected["ci_high"])
     text = table_markdown("table2", build_tables(folds, paper=False)["table2"])
     assert f"[{gap['ci_low']:+.1f}, {gap['ci_high']:+.1f}]" in text and "DeLong" in text
+
+
+def test_models_on_shared_images_pool_per_image() -> None:
+    """On one shared test set, K copies of the same pair are one comparison, not K independent ones."""
+    rng = np.random.default_rng(5)
+    y = np.r_[np.zeros(60, int), np.ones(20, int)]
+    a = y + rng.normal(0, 1, 80)
+    b = a + 0.5 * y + rng.normal(0, 0.5, 80)
+    single = paired_auroc(y, a, b)
+    one = mean_over_models(y, a[None], b[None])
+    assert one["diff"] == pytest.approx(single.diff) and one["se"] == pytest.approx(single.se)
+    three = mean_over_models(y, np.stack([a] * 3), np.stack([b] * 3))
+    assert three["se"] == pytest.approx(single.se)  # fully correlated: no narrowing
+    assert mean_over_folds([single] * 3)["se"] == pytest.approx(single.se / math.sqrt(3))  # would be too narrow
+    # Different models on the same images: the mean difference's components are the mean of theirs.
+    b2 = a + 0.2 * y + rng.normal(0, 0.5, 80)
+    mixed = mean_over_models(y, np.stack([a, a]), np.stack([b, b2]))
+    assert mixed["diff"] == pytest.approx((single.diff + paired_auroc(y, a, b2).diff) / 2)
+    assert [f["diff"] for f in mixed["per_fold"]] == pytest.approx([single.diff, paired_auroc(y, a, b2).diff])
+    with pytest.raises(ValueError, match="must both be"):
+        mean_over_models(y, np.stack([a, a]), b[None])
+
+
+def test_report_recognises_an_external_test_set() -> None:
+    rng = np.random.default_rng(2)
+    y = np.array([0, 1] * 8)
+    gt = [y + rng.normal(0, 0.8, 16) for _ in range(2)]
+    det = [g + rng.normal(0, 0.5, 16) for g in gt]
+    folds = [FoldResult(k, rows=[ImageRow(id=i, patient="p", fold=k, label=int(y[i]), prior_source=src,
+                                          scores={"msgmsd": float(sc[k][i])})
+                                 for src, sc in (("gt", gt), ("codetr", det)) for i in range(16)]) for k in range(2)]
+    got = prior_comparisons(folds)["codetr"]
+    expected = mean_over_models(y, np.stack(gt), np.stack(det))
+    assert got["test_images"] == "shared" and got["se"] == pytest.approx(expected["se"])

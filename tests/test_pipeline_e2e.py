@@ -117,6 +117,33 @@ def test_ablate(tmp_path: Path, cache: Path, capsys: pytest.CaptureFixture[str])
     assert json.loads((out / "summary.json").read_text())["timing"]["resumed_folds"] == 1
 
 
+def test_ablate_with_external_test_set(tmp_path: Path, cache: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from scans.phantom import generate_dataset
+
+    ext = generate_dataset(tmp_path / "held-out", n_images=20, n_distended=8, n_patients=8, size=64, seed=11,
+                           progress=False)
+    out = tmp_path / "ablate-ext"
+    args = ["ablate", "--detectors", "gt,yolov5", "--profile", "quick", "--folds", "0,1", "--external", str(ext),
+            "--out", str(out), "--no-progress"] + tiny(cache)
+    assert main(args) == 0
+    summary = json.loads((out / "external" / "summary.json").read_text())
+    assert summary["images"] == 20 and summary["distended"] == 8 and summary["folds"] == [0, 1]
+    test = summary["prior_comparison"]["yolov5"]
+    assert test["test_images"] == "shared" and test["folds"] == [0, 1] and test["n_pos"] == 8
+    rows = list(csv.DictReader(open(out / "external" / "per_image.csv")))
+    assert len(rows) == 20 * 2 * 2  # every image, by each fold's models, with each prior source
+    assert {r["fold"] for r in rows} == {"0", "1"} and "YOLOv5u" in (out / "external" / "table2.md").read_text()
+    main_summary = json.loads((out / "summary.json").read_text())
+    assert main_summary["external"]["prior_comparison"]["yolov5"]["se"] == pytest.approx(test["se"])
+    assert "[external: 20 images]" in capsys.readouterr().out
+    # the held-out folder must not be the training data itself
+    with pytest.raises(ValueError, match="run's own dataset"):
+        from pipeline.config import load_config
+        from pipeline.data import Data, load_external
+
+        load_external(load_config(None, "quick", [f"evaluation.external={ext}"]), Data(ext, [], None, [], ""))  # type: ignore[arg-type]
+
+
 def _scan_folder(root: Path, phantom: Path) -> Path:
     from tests.helpers import write_dicom
 

@@ -63,7 +63,8 @@ TABLE2_COLS = [("precision", "precision"), ("map50", "mAP@50"), ("map75", "mAP@7
 GAP_KEYS = ["i_auroc", "p_auroc", "dice_oracle", "dice_val"]
 GAP_METHOD = "msgmsd"  # Table 2's downstream method, whose ΔI-AUROC gets DeLong's interval
 GAP_NOTE = ("ΔI-AUROC vs GT: [brackets] hold the 95% interval of the mean paired difference (DeLong's test on "
-            "the same test images per fold, folds pooled; test-set sampling only, the trained models held fixed).")
+            "the same test images per fold; folds pooled as independent test sets, or per image when every fold's "
+            "models scored the same images; test-set sampling only, the trained models held fixed).")
 ROC_PRIOR = "gt"  # ROC curves and score histograms use the ground-truth-prior rows when present
 
 

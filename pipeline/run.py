@@ -13,7 +13,7 @@ import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, NamedTuple, Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple, Sequence
 
 import numpy as np
 from tqdm import tqdm
@@ -31,6 +31,9 @@ from pipeline.outputs import prepare_run_dir, write_json
 from pipeline.provenance import package_versions
 from scans.io import atomic_write
 from scans.records import ScanArrays, box_iou
+
+if TYPE_CHECKING:
+    from reconstruction.infer import Reconstruction
 
 RIAD = "riad"
 
@@ -88,8 +91,8 @@ def _examples(fold: int, test: ScanArrays, recon: np.ndarray, maps: dict[str, np
 class _Part(NamedTuple):
     """What one prior source gave on one evaluated set (the fold's test part or the external set)."""
 
-    priors: Any
-    recon: Any
+    priors: stages.Priors
+    recon: Reconstruction
     scores: dict[str, np.ndarray]
     metrics: dict[str, dict[str, float]]
     dice: dict[str, np.ndarray]

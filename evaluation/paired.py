@@ -30,8 +30,9 @@ from scipy.stats import norm, rankdata
 class PairedAuroc(NamedTuple):
     """AUROC of scorers A and B on the same images and DeLong's test of ``diff = B - A``.
 
-    ``ci_low``/``ci_high`` bound ``diff`` at the requested level; ``p_value`` is two-sided
-    (NaN when ``se`` is 0, i.e. the scorers rank the images identically).
+    ``ci_low``/``ci_high`` bound ``diff`` at the requested level; ``p_value`` is two-sided. When
+    ``se`` is 0 the test is degenerate (e.g. identical rankings, or a perfect scorer against a
+    constant one): ``p_value`` is then 1 for no difference and 0 for any.
     """
 
     auroc_a: float
@@ -89,7 +90,7 @@ def paired_auroc(labels: Sequence[int] | np.ndarray, scores_a: Sequence[float] |
 
 def _result(a: float, b: float, diff: float, se: float, level: float, m: int, n: int) -> PairedAuroc:
     z = float(norm.ppf(0.5 + level / 2))
-    p = float(2 * norm.sf(abs(diff) / se)) if se > 0 else math.nan
+    p = float(2 * norm.sf(abs(diff) / se)) if se > 0 else float(diff == 0)
     return PairedAuroc(a, b, diff, se, diff - z * se, diff + z * se, p, m, n)
 
 

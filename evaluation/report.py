@@ -233,7 +233,10 @@ def build_tables(folds: Sequence[FoldResult], paper: bool = True, refined: bool 
             for k in GAP_KEYS:
                 row["metrics"][f"gap_{k}"] = _gap(ours[p], ours.get("gt", {}), k) if p != "gt" else None
             gap, test = row["metrics"]["gap_i_auroc"], comparison.get(p)
-            if gap and test:  # the paired estimate and its interval, in points, over the folds both sources have
+            n_folds = sum(1 for f in folds if p in f.priors and "gt" in f.priors)
+            # The paired estimate and its interval (points) replace the plain gap only when they cover
+            # the same folds; a fold DeLong cannot test (one class under 2 images) keeps the plain gap.
+            if gap and test and len(test["folds"]) == n_folds:
                 gap.update(mean=100.0 * test["diff"], ci_low=100.0 * test["ci_low"], ci_high=100.0 * test["ci_high"],
                            level=test["level"])
             t2.append(row)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -76,4 +77,12 @@ def load_external(cfg: dict[str, Any], data: Data) -> ScanArrays | None:
     if labels != {0, 1}:
         raise ValueError(f"{root}: the external test set needs normal and distended scans, it holds only "
                          f"{'distended' if labels == {1} else 'normal'} ones")
-    return to_arrays(scans, size=cfg["image_size"], frame=cfg.get("frame", 0))
+    arrays = to_arrays(scans, size=cfg["image_size"], frame=cfg.get("frame", 0))
+    # A copy of the run's data (or the same phantom generated elsewhere) passes the path check:
+    # compare the images themselves, as the models see them.
+    seen = {hashlib.sha256(im.tobytes()).digest() for im in data.arrays.images}
+    shared = [s.path.name for s, im in zip(scans, arrays.images) if hashlib.sha256(im.tobytes()).digest() in seen]
+    if shared:
+        raise ValueError(f"{root}: {len(shared)} of its {len(scans)} images are also in the run's dataset "
+                         f"(e.g. {shared[:3]}); an external test set must be held out from training")
+    return arrays

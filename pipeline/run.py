@@ -8,6 +8,7 @@ resumes at the next fold.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 import time
@@ -96,6 +97,7 @@ class _Part(NamedTuple):
     scores: dict[str, np.ndarray]
     metrics: dict[str, dict[str, float]]
     dice: dict[str, np.ndarray]
+    seconds: float
 
 
 def _evaluate_part(cfg: dict[str, Any], unet: Any, det: Detector | None, policy: PriorPolicy, src: str, f: int,
@@ -108,9 +110,11 @@ def _evaluate_part(cfg: dict[str, Any], unet: Any, det: Detector | None, policy:
     from reconstruction.infer import reconstruct
 
     kernel = int(cfg["evaluation"]["postprocess_kernel"])
+    t0 = time.perf_counter()
     pt = stages.predict_priors(cfg, det, arrays, policy)
     rt = reconstruct(unet, arrays.images, pt.boxes, maps=cfg["maps"], device=device,
                      margin=float(cfg["unet"]["mask_margin"]))
+    seconds = time.perf_counter() - t0  # inference only: detection, refinement, reconstruction, maps
     scores = _scores(cfg, rt.maps, pt.boxes)
     metrics = _method_metrics(cfg, scores, rt.maps, val_maps, arrays, val)
     result.priors[src] = metrics["msgmsd"] if "msgmsd" in metrics else next(iter(metrics.values()))
@@ -133,7 +137,7 @@ def _evaluate_part(cfg: dict[str, Any], unet: Any, det: Detector | None, policy:
             iou=box_iou(pt.raw_boxes[i], arrays.boxes[i]) if pt.sources[i] != "gt" else 1.0,
             scores={k: float(v[i]) for k, v in scores.items()}, dice={k: float(v[i]) for k, v in dice.items()},
             fallback=pt.sources[i] == "fallback"))
-    return _Part(pt, rt, scores, metrics, dice)
+    return _Part(pt, rt, scores, metrics, dice, seconds)
 
 
 def run_fold(cfg: dict[str, Any], data: Data, f: int, detector_names: Sequence[str], out: Path,
@@ -187,16 +191,17 @@ def run_fold(cfg: dict[str, Any], data: Data, f: int, detector_names: Sequence[s
         t0 = time.perf_counter()
         pv = stages.predict_priors(cfg, det, val, policy)
         rv = reconstruct(unet, val.images, pv.boxes, maps=cfg["maps"], device=device, margin=margin)
+        timing["inference_s"] += time.perf_counter() - t0
         part = _evaluate_part(cfg, unet, det, policy, src, f, test, val, rv.maps, result, fdir / src, device)
-        n_images = len(va) + len(te)
+        timing["inference_s"] += part.seconds
+        timing["inference_images"] += len(va) + len(te)
         if external is not None and ext_result is not None:  # the same models, the held-out set
             ext_part = _evaluate_part(cfg, unet, det, policy, src, f, external, val, rv.maps, ext_result, None, device)
-            n_images += len(external)
+            timing["inference_s"] += ext_part.seconds
+            timing["inference_images"] += len(external)
             if src == sources[0]:
                 ext_result.methods.update(ext_part.metrics)
                 ext_result.fallbacks = ext_part.priors.fallbacks
-        timing["inference_s"] += time.perf_counter() - t0
-        timing["inference_images"] += n_images
         if src == sources[0]:
             result.methods.update(part.metrics)
             result.fallbacks = part.priors.fallbacks
@@ -259,7 +264,11 @@ def execute(cfg: dict[str, Any], out: Path, detector_names: Sequence[str], comma
     """Run (or resume) the cross-validation into ``out`` and write every output; returns the summary."""
     t_start = time.perf_counter()
     stages.set_threads(cfg)
-    out = prepare_run_dir(out, cfg, identity={"command": command, "detectors": list(detector_names)})
+    identity: dict[str, Any] = {"command": command, "detectors": list(detector_names)}
+    ext_ann = Path(cfg["evaluation"]["external"]) / "annotations.json" if cfg["evaluation"].get("external") else None
+    if ext_ann is not None and ext_ann.is_file():  # a resume must score the same held-out set
+        identity["external_annotations_sha256"] = hashlib.sha256(ext_ann.read_bytes()).hexdigest()[:16]
+    out = prepare_run_dir(out, cfg, identity=identity)
     data = load_data(cfg)
     external = load_external(cfg, data)
     write_json(out / "splits.json", [fold.to_json() for fold in data.folds])

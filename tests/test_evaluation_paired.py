@@ -45,7 +45,9 @@ def test_identical_scorers_differ_by_nothing() -> None:
     y = np.array([0, 1] * 10)
     s = np.linspace(0, 1, 20)
     r = paired_auroc(y, s, s)
-    assert r.diff == 0 and r.se == 0 and math.isnan(r.p_value)
+    assert r.diff == 0 and r.se == 0 and r.p_value == 1
+    perfect = paired_auroc(y, np.full(20, 0.5), y.astype(float))  # against a constant scorer: also se 0
+    assert perfect.diff == 0.5 and perfect.se == 0 and perfect.p_value == 0
 
 
 def test_interval_is_calibrated_under_the_null() -> None:
@@ -162,3 +164,14 @@ def test_report_recognises_an_external_test_set() -> None:
     got = prior_comparisons(folds)["codetr"]
     expected = mean_over_models(y, np.stack(gt), np.stack(det))
     assert got["test_images"] == "shared" and got["se"] == pytest.approx(expected["se"])
+
+
+def test_a_fold_delong_cannot_test_keeps_the_plain_gap() -> None:
+    rng = np.random.default_rng(4)
+    folds = [_fold(k, rng)[0] for k in range(2)]
+    lonely = folds[1]  # leave one distended image: AUROC exists, DeLong's variance does not
+    positives = [r.id for r in lonely.rows if r.label == 1 and r.prior_source == "gt"]
+    lonely.rows = [r for r in lonely.rows if r.label == 0 or r.id == positives[0]]
+    assert prior_comparisons(folds)["codetr"]["folds"] == [0]
+    row = next(r for r in build_tables(folds, paper=False)["table2"] if r["name"] == "Co-DETR")
+    assert "ci_low" not in row["metrics"]["gap_i_auroc"]

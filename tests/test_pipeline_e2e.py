@@ -136,12 +136,27 @@ def test_ablate_with_external_test_set(tmp_path: Path, cache: Path, capsys: pyte
     main_summary = json.loads((out / "summary.json").read_text())
     assert main_summary["external"]["prior_comparison"]["yolov5"]["se"] == pytest.approx(test["se"])
     assert "[external: 20 images]" in capsys.readouterr().out
-    # the held-out folder must not be the training data itself
-    with pytest.raises(ValueError, match="run's own dataset"):
-        from pipeline.config import load_config
-        from pipeline.data import Data, load_external
 
-        load_external(load_config(None, "quick", [f"evaluation.external={ext}"]), Data(ext, [], None, [], ""))  # type: ignore[arg-type]
+
+def test_external_set_must_be_held_out(tmp_path: Path) -> None:
+    from pipeline.config import load_config
+    from pipeline.data import load_data, load_external
+    from scans.phantom import generate_dataset
+
+    own = generate_dataset(tmp_path / "own", n_images=24, n_distended=8, n_patients=8, size=64, seed=3, progress=False)
+    cfg = load_config(None, "quick", [f"evaluation.external={own}", "image_size=64", "folds=3"])
+    cfg["data"] = str(own)
+    data = load_data(cfg)
+    with pytest.raises(ValueError, match="run's own dataset"):
+        load_external(cfg, data)
+    copy = shutil.copytree(own, tmp_path / "copy")  # same images under another path
+    cfg["evaluation"]["external"] = str(copy)
+    with pytest.raises(ValueError, match="24 of its 24 images are also in the run's dataset"):
+        load_external(cfg, data)
+    other = generate_dataset(tmp_path / "other", n_images=16, n_distended=4, n_patients=8, size=64, seed=4,
+                             progress=False)
+    cfg["evaluation"]["external"] = str(other)
+    assert len(load_external(cfg, data)) == 16
 
 
 def _scan_folder(root: Path, phantom: Path) -> Path:

@@ -120,9 +120,14 @@ def mean_over_models(labels: Sequence[int] | np.ndarray, scores_a: np.ndarray, s
     m, n = len(d10), len(d01)
     se = math.sqrt(float(d10.var(ddof=1)) / m + float(d01.var(ddof=1)) / n)
     diffs = auc[k:] - auc[:k]
-    pooled = _result(float(auc[:k].mean()), float(auc[k:].mean()), float(diffs.mean()), se, level, m, n)
+    return _pooled(_result(float(auc[:k].mean()), float(auc[k:].mean()), float(diffs.mean()), se, level, m, n),
+                   per, level)
+
+
+def _pooled(pooled: PairedAuroc, per_fold: Sequence[PairedAuroc], level: float) -> dict[str, Any]:
+    diffs = np.array([f.diff for f in per_fold])
     return {**pooled._asdict(), "level": level, "median_diff": float(np.median(diffs)),
-            "folds_b_lower": int((diffs < 0).sum()), "per_fold": [f._asdict() for f in per]}
+            "folds_b_lower": int((diffs < 0).sum()), "per_fold": [f._asdict() for f in per_fold]}
 
 
 def mean_over_folds(per_fold: Sequence[PairedAuroc], level: float = 0.95) -> dict[str, Any]:
@@ -135,10 +140,8 @@ def mean_over_folds(per_fold: Sequence[PairedAuroc], level: float = 0.95) -> dic
     """
     if not per_fold:
         raise ValueError("no folds to pool")
-    k = len(per_fold)
-    diffs = np.array([f.diff for f in per_fold])
-    se = math.sqrt(sum(f.se ** 2 for f in per_fold)) / k
+    se = math.sqrt(sum(f.se ** 2 for f in per_fold)) / len(per_fold)
     pooled = _result(float(np.mean([f.auroc_a for f in per_fold])), float(np.mean([f.auroc_b for f in per_fold])),
-                     float(diffs.mean()), se, level, sum(f.n_pos for f in per_fold), sum(f.n_neg for f in per_fold))
-    return {**pooled._asdict(), "level": level, "median_diff": float(np.median(diffs)),
-            "folds_b_lower": int((diffs < 0).sum()), "per_fold": [f._asdict() for f in per_fold]}
+                     float(np.mean([f.diff for f in per_fold])), se, level, sum(f.n_pos for f in per_fold),
+                     sum(f.n_neg for f in per_fold))
+    return _pooled(pooled, per_fold, level)

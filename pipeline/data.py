@@ -40,13 +40,19 @@ def dataset_root(cfg: dict[str, Any]) -> Path:
                            size=ph["size"], seed=cfg["seed"], progress=cfg.get("progress", True))
 
 
-def load_data(cfg: dict[str, Any]) -> Data:
-    root = dataset_root(cfg)
+def _with_boxes(root: Path) -> list[Scan]:
+    """The dataset's scans; every one must carry its recess box (the ground-truth prior)."""
     scans = load_dataset(root)
     missing = [s.path.name for s in scans if s.box is None]
     if missing:
         raise ValueError(f"{root}: {len(missing)} image(s) have no recess box (e.g. {missing[:3]}); "
                          f"run `python -m scans check {root}`")
+    return scans
+
+
+def load_data(cfg: dict[str, Any]) -> Data:
+    root = dataset_root(cfg)
+    scans = _with_boxes(root)
     arrays = to_arrays(scans, size=cfg["image_size"], frame=cfg.get("frame", 0))
     folds, source = resolve_folds(root, scans, k=cfg["folds"], seed=cfg["seed"])
     return Data(root, scans, arrays, folds, source)
@@ -65,11 +71,7 @@ def load_external(cfg: dict[str, Any], data: Data) -> ScanArrays | None:
         raise FileNotFoundError(f"{root}: not a LoRIS dataset (no annotations.json); see README 'Your own data'")
     if root.resolve() == data.root.resolve():
         raise ValueError(f"{root}: the external test set is the run's own dataset; name a held-out folder")
-    scans = load_dataset(root)
-    missing = [s.path.name for s in scans if s.box is None]
-    if missing:
-        raise ValueError(f"{root}: {len(missing)} image(s) have no recess box (e.g. {missing[:3]}); "
-                         f"run `python -m scans check {root}`")
+    scans = _with_boxes(root)
     unlabelled = [s.path.name for s in scans if s.label not in (0, 1)]
     if unlabelled:
         raise ValueError(f"{root}: {len(unlabelled)} image(s) have no normal/distended label (e.g. {unlabelled[:3]})")

@@ -8,7 +8,6 @@ resumes at the next fold.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 import time
@@ -265,9 +264,9 @@ def execute(cfg: dict[str, Any], out: Path, detector_names: Sequence[str], comma
     t_start = time.perf_counter()
     stages.set_threads(cfg)
     identity: dict[str, Any] = {"command": command, "detectors": list(detector_names)}
-    ext_ann = Path(cfg["evaluation"]["external"]) / "annotations.json" if cfg["evaluation"].get("external") else None
-    if ext_ann is not None and ext_ann.is_file():  # a resume must score the same held-out set
-        identity["external_annotations_sha256"] = hashlib.sha256(ext_ann.read_bytes()).hexdigest()[:16]
+    ext = cfg["evaluation"].get("external")
+    if ext and (Path(ext) / "annotations.json").is_file():  # a resume must score the same held-out set
+        identity["external_annotations"] = stages.annotations_fingerprint(Path(ext))
     out = prepare_run_dir(out, cfg, identity=identity)
     data = load_data(cfg)
     external = load_external(cfg, data)

@@ -131,7 +131,7 @@ def fit_detector(cfg: dict[str, Any], data: Data, train_idx: np.ndarray, val_idx
     kwargs = detector_kwargs(cfg)
     # Inference-only settings stay out of the key: changing them must not retrain the detector.
     inference = detector_class(name).INFERENCE_KEYS
-    key_doc = {"data": _fingerprint(data), "size": cfg["image_size"], "frame": cfg.get("frame", 0),
+    key_doc = {"data": annotations_fingerprint(data.root), "size": cfg["image_size"], "frame": cfg.get("frame", 0),
                "train": arr.ids[tr].tolist(), "val": arr.ids[va].tolist(), "detector": name,
                "kwargs": {k: v for k, v in kwargs.items() if k != "device" and k not in inference},
                "config_text": Path(kwargs["config_file"]).read_text() if "config_file" in kwargs else None,
@@ -166,7 +166,7 @@ def fit_refiner(cfg: dict[str, Any], data: Data, tr: np.ndarray, va: np.ndarray)
     options.setdefault("seed", cfg["seed"])
     # Inference-only settings stay out of the key: changing them must not retrain the refiner.
     train_options = {k: v for k, v in options.items() if k not in BoxRefiner.INFERENCE_KEYS}
-    key_doc = {"data": _fingerprint(data), "size": cfg["image_size"], "frame": cfg.get("frame", 0),
+    key_doc = {"data": annotations_fingerprint(data.root), "size": cfg["image_size"], "frame": cfg.get("frame", 0),
                "train": arr.ids[tr].tolist(), "val": arr.ids[va].tolist(), "refiner": train_options, "version": 1}
     cache = cache_root(cfg) / f"refiner-{_key(key_doc)}"
     device = resolve_device(cfg)
@@ -237,10 +237,10 @@ def train_config(cfg: dict[str, Any], mode: str) -> Any:
         progress=bool(cfg.get("progress", True)))
 
 
-def _fingerprint(data: Data) -> str:
-    """The dataset's identity for cache keys: its annotations. Replacing an image file under the same
-    name and annotations is not detected; clear the cache (``cache_dir``) after editing images."""
-    return hashlib.sha256((data.root / "annotations.json").read_bytes()).hexdigest()[:16]
+def annotations_fingerprint(root: Path) -> str:
+    """A dataset's identity for cache keys and resumes: its annotations. Replacing an image file under
+    the same name and annotations is not detected; clear the cache (``cache_dir``) after editing images."""
+    return hashlib.sha256((Path(root) / "annotations.json").read_bytes()).hexdigest()[:16]
 
 
 def unet_cache_dir(cfg: dict[str, Any], data: Data, train_ids: tuple[int, ...], val_ids: tuple[int, ...],
@@ -249,7 +249,7 @@ def unet_cache_dir(cfg: dict[str, Any], data: Data, train_ids: tuple[int, ...], 
     tc = train_config(cfg, mode).to_dict()
     for k in ("progress", "device"):
         tc.pop(k, None)
-    key_doc = {"data": _fingerprint(data), "size": cfg["image_size"], "train": list(train_ids), "val": list(val_ids),
+    key_doc = {"data": annotations_fingerprint(data.root), "size": cfg["image_size"], "train": list(train_ids), "val": list(val_ids),
                "train_cfg": tc, "expand": [cfg["detector"]["expand_up"], cfg["detector"]["expand_side"]],
                "frame": cfg.get("frame", 0), "version": 1}
     return cache_root(cfg) / f"unet-{mode}-{_key(key_doc)}"

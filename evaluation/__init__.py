@@ -24,12 +24,13 @@ from evaluation.metrics import (
     segmentation_metrics,
     select_threshold,
 )
-from evaluation.paired import PairedAuroc, mean_over_folds, paired_auroc
+from evaluation.paired import PairedAuroc, mean_over_folds, mean_over_models, paired_auroc
 from evaluation.report import FoldResult, ImageRow, summary_from_folds, write_report
 
 __all__ = [
-    "DiceResult", "Example", "FoldResult", "ImageRow", "PairedAuroc", "aggregate", "coco_results", "detection_metrics",
-    "dice_oracle", "dice_per_image", "dice_val", "image_auroc", "json_safe", "mean_over_folds", "paired_auroc", "per_image_dice", "pixel_auroc",
+    "DiceResult", "Example", "FoldResult", "ImageRow", "PairedAuroc", "aggregate", "coco_results",
+    "detection_metrics", "dice_oracle", "dice_per_image", "dice_val", "image_auroc", "json_safe",
+    "mean_over_folds", "mean_over_models", "paired_auroc", "per_image_dice", "pixel_auroc",
     "pixel_auroc_streaming", "pooled_dice", "segmentation_metrics", "select_cases", "select_threshold",
     "summary_from_folds", "summary_sections", "top1_iou", "write_coco_results", "write_report",
 ]

@@ -136,7 +136,9 @@ def prior_comparisons(folds: Sequence[FoldResult], method: str = GAP_METHOD, ref
     """ΔI-AUROC of each detector prior against ``reference`` priors, paired per image (DeLong).
 
     Per fold, the images scored with both prior sources are paired by id; the result per prior
-    is :func:`evaluation.paired.mean_over_folds` (mean over folds, interval, per-fold tests).
+    is :func:`evaluation.paired.mean_over_folds` (disjoint test folds) or
+    :func:`evaluation.paired.mean_over_models` (every fold scored the same images), with the
+    per-fold tests.
     Folds where either source is missing, or a class has fewer than 2 images, are left out.
     """
     # per prior: (fold, image ids, labels, reference scores, prior scores)

@@ -27,12 +27,16 @@ class Data:
         return np.array([pos[int(i)] for i in ids], dtype=np.int64)
 
 
+def _dataset_folder(path: str | Path) -> Path:
+    root = Path(path)
+    if not (root / "annotations.json").is_file():
+        raise FileNotFoundError(f"{root}: not a LoRIS dataset (no annotations.json); see README 'Your own data'")
+    return root
+
+
 def dataset_root(cfg: dict[str, Any]) -> Path:
     if cfg.get("data"):
-        root = Path(cfg["data"])
-        if not (root / "annotations.json").is_file():
-            raise FileNotFoundError(f"{root}: not a LoRIS dataset (no annotations.json); see README 'Your own data'")
-        return root
+        return _dataset_folder(cfg["data"])
     from scans.phantom import default_dataset
 
     ph = cfg["phantom"]
@@ -66,9 +70,7 @@ def load_external(cfg: dict[str, Any], data: Data) -> ScanArrays | None:
     path = cfg["evaluation"].get("external")
     if not path:
         return None
-    root = Path(path)
-    if not (root / "annotations.json").is_file():
-        raise FileNotFoundError(f"{root}: not a LoRIS dataset (no annotations.json); see README 'Your own data'")
+    root = _dataset_folder(path)
     if root.resolve() == data.root.resolve():
         raise ValueError(f"{root}: the external test set is the run's own dataset; name a held-out folder")
     scans = _with_boxes(root)

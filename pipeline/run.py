@@ -264,9 +264,9 @@ def execute(cfg: dict[str, Any], out: Path, detector_names: Sequence[str], comma
     t_start = time.perf_counter()
     stages.set_threads(cfg)
     identity: dict[str, Any] = {"command": command, "detectors": list(detector_names)}
-    ext = cfg["evaluation"].get("external")
-    if ext and (Path(ext) / "annotations.json").is_file():  # a resume must score the same held-out set
-        identity["external_annotations"] = stages.annotations_fingerprint(Path(ext))
+    ext_path = cfg["evaluation"].get("external")
+    if ext_path and (Path(ext_path) / "annotations.json").is_file():  # a resume must score the same held-out set
+        identity["external_annotations"] = stages.annotations_fingerprint(Path(ext_path))
     out = prepare_run_dir(out, cfg, identity=identity)
     data = load_data(cfg)
     external = load_external(cfg, data)
@@ -312,8 +312,9 @@ def execute(cfg: dict[str, Any], out: Path, detector_names: Sequence[str], comma
     summary: dict[str, Any] = {"detector": detector_names[0] if command == "run" else list(detector_names),
                                "data": str(data.root), "profile": cfg["profile"], "folds": [int(f) for f in fold_ids],
                                "folds_source": data.folds_source}
-    summary.update(summary_from_folds(results, detector=None if command == "run" and detector_names[0] == "gt"
-                                      else (detector_names[0] if command == "run" else None)))
+    # whose detection metrics fill summary["detection"]: run's own detector; none for gt or ablate
+    reported = detector_names[0] if command == "run" and detector_names[0] != "gt" else None
+    summary.update(summary_from_folds(results, detector=reported))
     if command == "ablate":
         summary["detection_by_detector"] = {
             d: aggregate([r.detection[d] for r in results if d in r.detection]) for d in detector_names if d != "gt"}
@@ -347,8 +348,7 @@ def execute(cfg: dict[str, Any], out: Path, detector_names: Sequence[str], comma
                        "images": len(external), "distended": int((external.labels == 1).sum()),
                        "note": "each fold's models scored every image of this held-out set; thresholds from "
                                "each fold's validation part; RIAD not run here",
-                       **summary_from_folds(ext_results, detector=None if command == "run" and detector_names[0] == "gt"
-                                            else (detector_names[0] if command == "run" else None))}
+                       **summary_from_folds(ext_results, detector=reported)}
         write_report(out / "external", ext_summary, ext_results, cfg, package_versions(), (),
                      prior_name=prior_name, figures=bool(cfg["evaluation"]["figures"]))
         write_json(out / "external" / "summary.json", json_safe(ext_summary))

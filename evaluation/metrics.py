@@ -297,6 +297,10 @@ def dice_per_image(
 ) -> float:
     """Mean per-image Dice over distended images (``labels == 1``) at ``threshold`` (use dice_val's).
 
+    A distended image with an empty mask and an empty prediction has no Dice and is left out (it must
+    not turn the fold's mean into NaN, which the fold aggregate would then drop); NaN only when no
+    distended image has one.
+
     >>> m = np.zeros((2, 4, 4), bool); m[1, :2, :2] = True
     >>> dice_per_image(m * 1.0, m, np.array([0, 1]), 0.5, kernel=1)
     1.0
@@ -306,7 +310,8 @@ def dice_per_image(
     if not sel.any():
         raise ValueError("dice_per_image needs at least one distended image")
     maps, masks = _as_stack(maps, masks)
-    return float(np.mean(per_image_dice(maps[sel], masks[sel], threshold, kernel=kernel)))
+    d = per_image_dice(maps[sel], masks[sel], threshold, kernel=kernel)
+    return float(np.mean(d[np.isfinite(d)])) if np.isfinite(d).any() else math.nan
 
 
 def segmentation_metrics(

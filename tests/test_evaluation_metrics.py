@@ -184,3 +184,18 @@ def test_aggregate_known_numbers() -> None:
     assert out["a"]["std"] == pytest.approx(0.1)  # ddof=1: sqrt(0.02 / 2)
     assert out["a"]["n"] == 3 and out["a"]["ddof"] == 1
     assert out["b"]["mean"] == 1.0 and out["b"]["n"] == 1 and np.isnan(out["b"]["std"])
+
+
+def test_close_open_keeps_masks_touching_the_border() -> None:
+    from scans.morphology import close_open
+
+    m = np.zeros((1, 8, 8), bool)
+    m[0, :3, :] = True  # a band along the top edge
+    assert np.array_equal(close_open(m, 3), m)
+
+
+def test_dice_per_image_skips_undefined_images() -> None:
+    masks = np.zeros((3, 8, 8), bool)
+    masks[1, 2:6, 2:6] = True  # image 2 is distended but its mask is empty (e.g. clipped by the box)
+    maps = masks * 1.0
+    assert dice_per_image(maps, masks, np.array([0, 1, 1]), 0.5, kernel=1) == 1.0

@@ -19,6 +19,8 @@ def main(argv: list[str] | None = None) -> int:
     ph.add_argument("--patients", type=int, default=60)
     ph.add_argument("--size", type=int, default=256)
     ph.add_argument("--seed", type=int, default=0)
+    ph.add_argument("--null", action="store_true",
+                    help="negative control: distended scans keep their label and pocket mask but are rendered without the pocket")
     args = parser.parse_args(argv)
 
     from scans.check import check_dataset, summary_line
@@ -27,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
         from scans.phantom import generate_dataset
 
         out = generate_dataset(args.out, n_images=args.images, n_distended=args.distended,
-                               n_patients=args.patients, size=args.size, seed=args.seed)
+                               n_patients=args.patients, size=args.size, seed=args.seed, null=args.null)
         args.dir = out
         print(f"wrote {out}")
     problems = check_dataset(args.dir)

@@ -13,28 +13,43 @@ enhances), convolution with an anisotropic baseband point-spread function (wider
 than axially, widening away from the focus), envelope detection, time-gain compensation,
 patient gain and log compression to a patient dynamic range, then area down-sampling.
 
-Recess: a normal recess is a thin anechoic line (thickness varies between patients, and some
+Recess: a normal recess is a thin anechoic line (thickness varies between patients, and 45% of
 normal knees hold a little physiological fluid); a distended recess is a lens-shaped
-anechoic-to-hypoechoic pocket, sometimes with faint internal echoes, that lifts and
-compresses the suprapatellar fat pad. Severity is continuous and the mildest pockets overlap
-normal variability, so image-level detection is not trivial.
+anechoic-to-hypoechoic pocket, sometimes with faint internal echoes, that lifts and compresses
+the suprapatellar fat pad (the soft tissue above gives way; the femur and the skin do not).
+Severity is continuous (peak height ``POCKET_MIN + POCKET_RANGE * severity``, severity ~
+Beta(1.1, 1.8)) and the mildest pockets overlap the physiological fluid, so image-level
+detection is not trivial.
 
-Box rule (what a physician draws around the recess; identical for both classes):
+Box rule (generator v4; what the protocol asks a physician to draw; one rule for both classes,
+and nothing in it depends on the pocket, so box height, width or area alone cannot tell the
+classes apart):
 
 * horizontal: the recess extent (where the recess line exists; it is tied to the femur
-  because the recess lies on the prefemoral fat pad) widened by ``BOX_MARGIN_X`` of the
+  because the recess lies on the prefemoral fat pad) widened by ``BOX_MARGIN_X`` (2%) of the
   image width on each side;
-* bottom: over those columns, the deepest point ``BOX_WALL_FRACTION`` (0.5) of the way from
-  the recess floor down to the femur cortex: the box takes in half the prefemoral fat pad;
-* top: over those columns, the highest point ``BOX_WALL_FRACTION`` of the way from the recess
-  roof (the pocket roof when distended) up to the tendon's underside, as compressed by the
-  pocket: the box takes in half the suprapatellar fat pad.
+* bottom: ``BOX_BELOW_CORTEX`` (1.2% of the height, ~3 px at 256) below the deepest point of
+  the femur cortex over those columns;
+* top: over those columns, the highest point ``BOX_TENDON_FRACTION`` (0.1) of the way up into
+  the quadriceps tendon of the patient's *pocket-free* stack (femur, prefemoral fat pad, recess
+  line, suprapatellar fat pad, tendon), i.e. just above the tendon's underside as a normal scan
+  shows it. A pocket lifts the tendon but not the box: in distended scans the pocket fills more
+  of the box (the bigger the pocket, the higher the tendon above the box top).
+* annotator noise: each edge then moves by independent Gaussian noise of sd ``BOX_EDGE_NOISE``
+  (1.5 px at 256, scaled with the size), clipped to the image.
 
-Both walls are therefore placed between interfaces the image shows (recess, tendon, cortex).
-A normal box is ~47 px tall at 256 px on average (the walls, not a sliver) and a distended box
-is taller by the pocket (mean ~57). The
+Boxes are ~88 px tall at 256 px in both classes (seeds 0-2 and 100). A pocket taller than its
+box is clipped from the mask (0.1-0.4% of pocket pixels on the default phantom). The
 segmentation of a distended scan is its pocket (the part of the recess thicker than the
-normal line), always inside the box; normal scans carry their thin recess line.
+normal line), inside the box; normal scans carry their thin recess line.
+
+Null control (``null=True``, ``python -m scans phantom --null``): the same streams, labels,
+boxes and masks, but each distended scan is rendered without its pocket, i.e. exactly as the
+normal scan its stream would draw (every random draw is made whatever the class); its mask is
+where the pocket would have been.
+
+Distended scans spread over patients: a heavy-tailed propensity per patient, capped by
+:func:`distended_cap` (at most 6 of the 123 distended images per patient by default).
 
 >>> import numpy as np
 >>> rng = np.random.default_rng(0)
@@ -62,15 +77,27 @@ from scans.folds import make_folds, save_splits
 from scans.records import Box, Scan, box_mask
 from scans.io import write_png
 
-# v3: crisper recess ends and the box walls measured from the tendon and the femur cortex (the
-# v2 boxes sat a fixed fraction of the *uncompressed* fat pads away, edges no image shows).
-GENERATOR_VERSION = 3
+# v4: the box carries no class information (v3's top edge followed the pocket roof, so box
+# height alone separated the classes, AUROC 0.77); annotator noise on the box edges; distended
+# scans spread over more patients; the ``null`` negative control.
+GENERATOR_VERSION = 4
 OVERSAMPLE = 2
 BOX_MARGIN_X = 0.02
-# Each box wall lies this fraction of the way from the recess to the far border of its fat pad.
-# Measured on fold 0 (YOLOv5u, GT-prior LoRIS+MSGMSD I-AUROC): 0.5 -> mAP@75 0.63, 0.957;
-# 1.0 (whole fat pads) -> 0.65, 0.911 with worse Dice (the inpainted box gets too big).
-BOX_WALL_FRACTION = 0.5
+# The box's bottom edge lies this far (fraction of the height) below the deepest point of the
+# femur cortex over the box's columns.
+BOX_BELOW_CORTEX = 0.012
+# The box's top edge lies this fraction of the way up into the quadriceps tendon of the
+# pocket-free stack (chosen on the development phantom, seed 100).
+BOX_TENDON_FRACTION = 0.1
+# Annotator noise: standard deviation of each box edge, fraction of the image size (1.5 px at 256).
+BOX_EDGE_NOISE = 1.5 / 256
+# Pocket peak height (fraction of the image height): POCKET_MIN + POCKET_RANGE * severity.
+POCKET_MIN = 0.012
+POCKET_RANGE = 0.16
+# Normal knees: 45% hold up to this much physiological fluid (overlapping mild distension).
+PHYSIOLOGICAL_FLUID = 0.028
+# Shape of the gamma-distributed per-patient propensity to distension (heavy-tailed below 1).
+ASSIGN_PROPENSITY_SHAPE = 0.25
 # Half-width of the recess's end taper (fraction of the width). v2's 0.025 faded the thin line
 # out over ~13 px, so its end, and the box's side, were not visible in speckle.
 RECESS_END_RAMP = 0.008
@@ -177,21 +204,66 @@ def _pocket_profile(rng: np.random.Generator, v: np.ndarray, start: float, end: 
     return np.clip(1.0 - d * d, 0.0, None) ** rng.uniform(0.5, 0.9)
 
 
-def render_scan(rng: np.random.Generator, anatomy: PatientAnatomy, severity: float, size: int) -> RenderedScan:
-    """Render one scan. ``severity`` 0 is a normal recess; (0, 1] a distended one of growing size.
+@dataclass(frozen=True)
+class ScanGeometry:
+    """Everything :func:`render_scan` draws before the pixels: boundary curves (one value per
+    image column, depths as fractions of the height), the annotated box and the masks at the
+    output size. ``anatomical_box`` is the box rule's exact box, ``box`` the annotated one (with
+    annotator noise). ``pocket`` is the region of the pocket the severity calls for, even when the
+    scan is rendered without it (the ``null`` control); ``pocket_height`` is its peak in pixels."""
 
-    Pure function of its arguments (the image-level jitter comes from ``rng``).
+    skin_top: np.ndarray
+    fat_top: np.ndarray
+    tendon_top: np.ndarray
+    tendon_bot: np.ndarray
+    roof: np.ndarray
+    floor: np.ndarray
+    femur: np.ndarray
+    taper: np.ndarray
+    shift: float
+    press: float
+    gain_db: float
+    rendered_pocket: bool
+    anatomical_box: Box
+    box: Box
+    recess: np.ndarray
+    pocket: np.ndarray
+    pocket_height: float
+
+
+def _soft_tissue(a: PatientAnatomy, floor: np.ndarray, thick: np.ndarray, fluid_h: np.ndarray, spfat: np.ndarray,
+                 skin_top: np.ndarray, vs: np.ndarray, press: float) -> tuple[np.ndarray, ...]:
+    """Roof, tendon underside and top, fat top above a recess of thickness ``thick`` holding
+    ``fluid_h`` of fluid: the fluid compresses the suprapatellar fat pad and lifts the rest."""
+    roof = floor - thick
+    spfat = np.maximum(spfat - 0.45 * fluid_h, 0.35 * spfat)
+    tendon_bot = roof - spfat
+    tendon_top = tendon_bot - a.tendon * (1 + 0.15 * (vs - 0.5)) * press
+    fat_top = skin_top + a.skin
+    # Keep the stack ordered where it overflows (big pocket, thick pads): the soft tissue above
+    # gives way, never the recess, the femur or the skin.
+    tendon_bot = np.minimum(tendon_bot, roof - 0.2 * a.spfat)
+    tendon_top = np.minimum(np.maximum(tendon_top, fat_top + 0.3 * a.fat * press), tendon_bot - 0.3 * a.tendon)
+    return roof, tendon_bot, tendon_top, fat_top
+
+
+def scan_geometry(rng: np.random.Generator, anatomy: PatientAnatomy, severity: float, size: int,
+                  null: bool = False) -> ScanGeometry:
+    """The geometry of one scan (the first draws of :func:`render_scan`, which calls it).
+
+    ``severity`` 0 is a normal recess, (0, 1] a distended one. With ``null`` a distended scan's
+    pocket is computed (its region is the mask) but not rendered: the scan is drawn exactly as a
+    normal one. The box never depends on ``severity`` (see the module docstring).
 
     >>> a = sample_anatomy(np.random.default_rng(0))
-    >>> s = render_scan(np.random.default_rng(1), a, 0.0, 64)
-    >>> bool(s.pocket.any()), s.box[3] > s.box[1]
-    (False, True)
+    >>> g0 = scan_geometry(np.random.default_rng(5), a, 0.0, 64)
+    >>> g1 = scan_geometry(np.random.default_rng(5), a, 0.9, 64)
+    >>> g0.box == g1.box, bool(g1.pocket.any()), bool(g1.roof.min() < g0.roof.min())
+    (True, True, True)
     """
     a = anatomy
-    # Oversampled axially only: axial speckle is finer than lateral, and this halves the cost.
-    hr, wr = size * OVERSAMPLE, size
+    wr = size
     v = ((np.arange(wr) + 0.5) / wr).astype(np.float32)
-    u = ((np.arange(hr) + 0.5) / hr).astype(np.float32)[:, None]
 
     # Image-level jitter: probe position, tilt, pressure, depth and gain.
     shift = rng.normal(0.0, 0.035)
@@ -207,34 +279,76 @@ def render_scan(rng: np.random.Generator, anatomy: PatientAnatomy, severity: flo
     prefem = a.prefemoral * (0.75 + 0.5 * np.clip(vs, 0, 1)) * (1 + 0.08 * _smooth_noise_1d(rng, wr, wr / 8))
     floor = femur - prefem
 
-    # Recess thickness along the scan: thin line, plus a pocket when distended. Normal knees
-    # sometimes hold a little physiological fluid so that mild distension overlaps normality.
+    # Recess thickness along the scan: the thin line, plus fluid. Normal knees sometimes hold a
+    # little physiological fluid so that mild distension overlaps normality. Every draw is made
+    # whatever the severity, so a scan's other features do not depend on its class.
     ramp = RECESS_END_RAMP
     taper = _smoothstep((v - start + ramp) / (2 * ramp)) * _smoothstep((end + ramp - v) / (2 * ramp))
     line = a.recess * rng.uniform(0.8, 1.25) * (1 + 0.25 * _smooth_noise_1d(rng, wr, wr / 12))
-    if severity > 0:
-        pocket_h = 0.012 + 0.16 * float(severity)
-    elif rng.random() < 0.45:
-        pocket_h = rng.uniform(0.0, 0.028)
-    else:
-        pocket_h = 0.0
-    profile = _pocket_profile(rng, v, start, end) if pocket_h > 0 else np.zeros_like(v)
-    fluid_h = pocket_h * profile * taper
-    thick = line * taper + fluid_h
-    roof = floor - thick
-
-    # The pocket compresses the suprapatellar fat pad and lifts everything above it.
+    physiological = rng.uniform(0.0, PHYSIOLOGICAL_FLUID) if rng.random() < 0.45 else 0.0
+    profile = _pocket_profile(rng, v, start, end) * taper
+    pocket_h = POCKET_MIN + POCKET_RANGE * float(severity) if severity > 0 else 0.0
+    rendered_pocket = severity > 0 and not null
+    fluid_h = (pocket_h if rendered_pocket else physiological) * profile
     spfat = a.spfat * (0.6 + 0.8 * np.clip(vs, 0, 1)) * (1 + 0.1 * _smooth_noise_1d(rng, wr, wr / 8))
-    spfat = np.maximum(spfat - 0.45 * fluid_h, 0.35 * spfat)
-    tendon_bot = roof - spfat
-    tendon_top = tendon_bot - a.tendon * (1 + 0.15 * (vs - 0.5)) * press
     skin_top = np.full_like(v, a.skin_depth) + 0.002 * _smooth_noise_1d(rng, wr, wr / 6)
-    fat_top = skin_top + a.skin
-    # Keep the stack ordered where it overflows (big pocket, thick pads): the soft tissue above
-    # gives way, never the recess, whose roof and floor are what the box is drawn from.
-    tendon_bot = np.minimum(tendon_bot, roof - 0.2 * a.spfat)
-    tendon_top = np.minimum(np.maximum(tendon_top, fat_top + 0.3 * a.fat * press), tendon_bot - 0.3 * a.tendon)
-    bounds = [skin_top, fat_top, tendon_top, tendon_bot, roof, floor, femur]
+    roof, tendon_bot, tendon_top, fat_top = _soft_tissue(a, floor, line * taper + fluid_h, fluid_h, spfat, skin_top, vs, press)
+
+    # Masks at output resolution (the curves are sampled at the output columns).
+    rows = (np.arange(size) + 0.5)[:, None] / size
+    half = 0.5 / size  # a pixel belongs when its centre is within half a pixel of the recess
+    below_floor = rows <= floor[None, :] + half
+    recess = (rows >= roof[None, :] - half) & below_floor & (taper > 0.5)[None, :]
+    pocket = np.zeros_like(recess)
+    if pocket_h > 0:  # where the pocket is, or would be (null): same rule in both cases
+        fluid_pocket = pocket_h * profile
+        pocket = ((rows >= (floor - line * taper - fluid_pocket)[None, :] - half) & below_floor
+                  & (fluid_pocket > 1.0 / size)[None, :] & (taper > 0.05)[None, :])
+
+    # Box: the recess extent plus a margin; from just below the femur cortex up to a fixed
+    # fraction into the tendon of the *pocket-free* stack (the anatomy a normal scan shows),
+    # then annotator noise on each edge. Nothing here depends on the severity.
+    _, ref_bot, ref_top, _ = _soft_tissue(a, floor, line * taper, np.zeros_like(v), spfat, skin_top, vs, press)
+    x1 = max(0.0, (start - BOX_MARGIN_X) * size)
+    x2 = min(float(size), (end + BOX_MARGIN_X) * size)
+    c0, c1 = int(x1), max(int(np.ceil(x2)), int(x1) + 1)
+    top = float((ref_bot - BOX_TENDON_FRACTION * (ref_bot - ref_top))[c0:c1].min())
+    bottom = float(femur[c0:c1].max()) + BOX_BELOW_CORTEX
+    exact = (float(x1), max(top * size, 0.0), float(x2), min(bottom * size, float(size)))
+    noise = rng.normal(0.0, BOX_EDGE_NOISE * size, 4)
+    x1, x2 = np.clip([x1 + noise[0], x2 + noise[2]], 0.0, float(size))
+    y1, y2 = np.clip([top * size + noise[1], bottom * size + noise[3]], 0.0, float(size))
+    x2, y2 = max(x2, min(x1 + 1.0, size)), max(y2, min(y1 + 1.0, size))
+    box = (round(float(x1), 2), round(float(y1), 2), round(float(x2), 2), round(float(y2), 2))
+    inside = box_mask(box, size, size)
+    return ScanGeometry(skin_top=skin_top, fat_top=fat_top, tendon_top=tendon_top, tendon_bot=tendon_bot, roof=roof,
+                        floor=floor, femur=femur, taper=taper, shift=float(shift), press=float(press),
+                        gain_db=float(gain_db), rendered_pocket=rendered_pocket, anatomical_box=exact, box=box,
+                        recess=recess & inside, pocket=pocket & inside, pocket_height=float(pocket_h * size))
+
+
+def render_scan(rng: np.random.Generator, anatomy: PatientAnatomy, severity: float, size: int,
+                null: bool = False) -> RenderedScan:
+    """Render one scan. ``severity`` 0 is a normal recess; (0, 1] a distended one of growing size.
+
+    Pure function of its arguments (the image-level jitter comes from ``rng``). The geometry
+    (curves, box, masks) is :func:`scan_geometry`'s; ``null`` renders a distended scan without
+    its pocket (see there).
+
+    >>> a = sample_anatomy(np.random.default_rng(0))
+    >>> s = render_scan(np.random.default_rng(1), a, 0.0, 64)
+    >>> bool(s.pocket.any()), s.box[3] > s.box[1]
+    (False, True)
+    """
+    a = anatomy
+    g = scan_geometry(rng, anatomy, severity, size, null)
+    # Oversampled axially only: axial speckle is finer than lateral, and this halves the cost.
+    hr, wr = size * OVERSAMPLE, size
+    v = ((np.arange(wr) + 0.5) / wr).astype(np.float32)
+    u = ((np.arange(hr) + 0.5) / hr).astype(np.float32)[:, None]
+    shift, press, taper = g.shift, g.press, g.taper
+    skin_top, tendon_top, tendon_bot, roof, floor, femur = g.skin_top, g.tendon_top, g.tendon_bot, g.roof, g.floor, g.femur
+    bounds = [skin_top, g.fat_top, tendon_top, tendon_bot, roof, floor, femur]
     label = np.zeros((hr, wr), dtype=np.uint8)
     for b in bounds:
         label += u >= b[None, :]
@@ -249,8 +363,11 @@ def render_scan(rng: np.random.Generator, anatomy: PatientAnatomy, severity: flo
     label[on_patella] = BONE
 
     # Echogenicity (backscatter amplitude) per layer, modulated by tissue textures.
-    # Mostly anechoic; some pockets hold echogenic blood and read hypoechoic.
-    fluid = 0.006 + 0.045 * rng.beta(0.8, 2.5) if severity > 0 else 0.006
+    # Mostly anechoic; some pockets hold echogenic blood and read hypoechoic. The draws are made
+    # for every scan (the streams stay aligned between classes and with the null control).
+    blood = rng.beta(0.8, 2.5)
+    debris, debris_rate, debris_amp = rng.random(), rng.uniform(0.003, 0.015), rng.uniform(0.1, 0.3)
+    fluid = 0.006 + 0.045 * blood if g.rendered_pocket else 0.006
     echo = np.array([0.004, 0.35, a.fat_echo, a.tendon_echo, a.pad_echo, fluid, a.pad_echo * 1.15, 0.02],
                     dtype=np.float32)
     # Fibrillar tendon: long lateral streaks that follow the tendon's course (remapped rows).
@@ -263,13 +380,6 @@ def render_scan(rng: np.random.Generator, anatomy: PatientAnatomy, severity: flo
     tex = np.where(label == TENDON, 0.75 * fib, 0.6 * lob)
     tex = np.where(label == BONE, 0.0, tex)
     amp = echo[label] * np.exp(tex)
-    if severity > 0 and rng.random() < 0.5:
-        # Faint internal echoes (debris, clot) scattered in the pocket.
-        r0 = max(int(roof.min() * hr) - 1, 0)
-        r1 = min(int(floor.max() * hr) + 2, hr)
-        sub = amp[r0:r1]
-        sparkle = (rng.random(sub.shape, dtype=np.float32) < rng.uniform(0.003, 0.015)) & (label[r0:r1] == RECESS)
-        sub[sparkle] += rng.uniform(0.1, 0.3)
 
     # Specular interfaces: coherent (unspeckled) bright lines after the PSF.
     spec = np.zeros((hr, wr), dtype=np.float32)
@@ -316,9 +426,16 @@ def render_scan(rng: np.random.Generator, anatomy: PatientAnatomy, severity: flo
 
     # Speckle: complex scatterers -> anisotropic baseband PSF -> envelope. Scatterers are
     # scaled by the PSF's norm so that ``amp`` is the mean speckle amplitude after blurring.
+    n = rng.standard_normal((2, hr, wr), dtype=np.float32)
+    if g.rendered_pocket and debris < 0.5:
+        # Faint internal echoes (debris, clot) scattered in the pocket: the stream's last draw.
+        r0 = max(int(roof.min() * hr) - 1, 0)
+        r1 = min(int(floor.max() * hr) + 2, hr)
+        sub = amp[r0:r1]
+        sparkle = (rng.random(sub.shape, dtype=np.float32) < debris_rate) & (label[r0:r1] == RECESS)
+        sub[sparkle] += debris_amp
     sx, sy = a.psf_lateral, a.psf_axial * OVERSAMPLE
     norm = np.float32(2.0 * np.sqrt(np.pi * sx * sy))
-    n = rng.standard_normal((2, hr, wr), dtype=np.float32)
     scat = (amp * att + 0.008) * norm
     re = cv2.GaussianBlur(scat * n[0] + spec * att, (0, 0), sigmaX=sx, sigmaY=sy)
     im = cv2.GaussianBlur(scat * n[1], (0, 0), sigmaX=sx, sigmaY=sy)
@@ -328,53 +445,83 @@ def render_scan(rng: np.random.Generator, anatomy: PatientAnatomy, severity: flo
     im += w_far * (cv2.GaussianBlur(im, (0, 0), sigmaX=sx, sigmaY=0.3) - im)
     env = cv2.magnitude(re, im)
 
-    db = 20.0 * np.log10(env + 1e-6) + (gain_db - 14.0)
+    db = 20.0 * np.log10(env + 1e-6) + (g.gain_db - 14.0)
     img = np.clip(1.0 + db / a.dynamic_range, 0.0, 1.0)
     img = cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA).astype(np.float32)
-
-    # Annotations at output resolution from the down-sampled boundary curves.
-    xs = (np.arange(size) + 0.5) / size
-    roof_o = np.interp(xs, v, roof)
-    floor_o = np.interp(xs, v, floor)
-    fluid_o = np.interp(xs, v, fluid_h)
-    taper_o = np.interp(xs, v, taper)
-    rows = (np.arange(size) + 0.5)[:, None] / size
-    half = 0.5 / size  # a pixel belongs when its centre is within half a pixel of the recess
-    in_band = (rows >= roof_o[None, :] - half) & (rows <= floor_o[None, :] + half)
-    recess = in_band & (taper_o > 0.5)[None, :]
-    pocket = in_band & (fluid_o > 1.0 / size)[None, :] & (taper_o > 0.05)[None, :] if severity > 0 else np.zeros_like(recess)
-
-    x1 = max(0.0, (start - BOX_MARGIN_X) * size)
-    x2 = min(float(size), (end + BOX_MARGIN_X) * size)
-    c0, c1 = int(x1), max(int(np.ceil(x2)), int(x1) + 1)
-    # The walls are drawn from the two crisp interfaces around the recess (tendon underside above,
-    # femur cortex below), as they appear in this image: a pocket that lifts the tendon lifts the
-    # top edge with it, and a detector can anchor on edges both classes show.
-    tendon_o = np.interp(xs, v, tendon_bot)
-    femur_o = np.interp(xs, v, femur)
-    top = float((roof_o - BOX_WALL_FRACTION * (roof_o - tendon_o))[c0:c1].min())
-    bottom = float((floor_o + BOX_WALL_FRACTION * (femur_o - floor_o))[c0:c1].max())
-    y1 = max(0.0, top * size)
-    y2 = min(float(size), bottom * size)
-    box = (round(x1, 2), round(y1, 2), round(x2, 2), round(y2, 2))
-    inside = box_mask(box, size, size)
-    return RenderedScan(img, box, recess & inside, pocket & inside, float(pocket_h * size))
+    return RenderedScan(img, g.box, g.recess, g.pocket, g.pocket_height)
 
 
 # ----------------------------------------------------------------------------------------
 # Dataset
 
 
+def distended_cap(n_distended: int, counts: np.ndarray) -> int:
+    """Most distended images one patient may hold: 5% of the distended images, or twice the even
+    share ``2 * n_distended / n_patients`` (rounded up) when larger (small datasets keep some
+    heterogeneity), raised until the patients' image counts ``counts`` can take them all
+    (nobody holds more distended images than images).
+
+    >>> distended_cap(123, np.full(60, 8)), distended_cap(8, np.full(8, 3)), distended_cap(4, np.array([1, 1, 5]))
+    (6, 2, 3)
+    """
+    cap = max(int(0.05 * n_distended), -(-2 * n_distended // len(counts)), 1 if n_distended else 0)
+    while np.minimum(counts, cap).sum() < n_distended and cap < counts.max():
+        cap += 1
+    return cap
+
+
 def _assign(rng: np.random.Generator, n_images: int, n_distended: int, n_patients: int) -> tuple[np.ndarray, np.ndarray]:
-    """Patient index per image and the distended flags, exact counts, uneven across patients."""
+    """Patient index per image and the distended flags: exact counts, uneven across patients.
+
+    Distended images are drawn one at a time without replacement, each weighted by its patient's
+    heavy-tailed propensity (some patients bleed often, many never), but no patient takes more
+    than :func:`distended_cap`: distension spreads over many patients and no one patient's
+    anatomy stands for the class.
+    """
     counts = 1 + rng.multinomial(n_images - n_patients, rng.dirichlet(np.full(n_patients, 4.0)))
     patient = np.repeat(np.arange(n_patients), counts)
-    # Heavy-tailed propensity: a few patients bleed often, many never show a distension.
-    propensity = rng.gamma(0.25, size=n_patients) + 1e-3
-    p = propensity[patient] / propensity[patient].sum()
+    propensity = rng.gamma(ASSIGN_PROPENSITY_SHAPE, size=n_patients) + 1e-3
+    cap = distended_cap(n_distended, counts)
+    held = np.zeros(n_patients, dtype=np.int64)
+    free = np.ones(n_images, dtype=bool)
     distended = np.zeros(n_images, dtype=bool)
-    distended[rng.choice(n_images, size=n_distended, replace=False, p=p)] = True
+    for _ in range(n_distended):
+        w = propensity[patient] * free * (held < np.minimum(counts, cap))[patient]
+        i = int(rng.choice(n_images, p=w / w.sum()))
+        free[i], distended[i] = False, True
+        held[patient[i]] += 1
     return patient, distended
+
+
+def _plan(n_images: int, n_distended: int, n_patients: int, seed: int) -> tuple[np.ndarray, np.ndarray, list[PatientAnatomy]]:
+    """Patient per image, distended flags and the patients' anatomies of a dataset."""
+    patient, distended = _assign(np.random.default_rng([seed, 2]), n_images, n_distended, n_patients)
+    anatomies = [sample_anatomy(np.random.default_rng([seed, 0, p])) for p in range(n_patients)]
+    return patient, distended, anatomies
+
+
+def _image_draws(seed: int, i: int, distended: bool) -> tuple[np.random.Generator, float]:
+    """Image ``i``'s random stream and severity (drawn from it; the same with ``null``)."""
+    rng = np.random.default_rng([seed, 1, i])
+    severity = float(rng.beta(1.1, 1.8)) if distended else 0.0
+    return rng, severity
+
+
+def dataset_geometry(n_images: int = 483, n_distended: int = 123, n_patients: int = 60, size: int = 256,
+                     seed: int = 0, null: bool = False) -> tuple[np.ndarray, np.ndarray, list[ScanGeometry]]:
+    """Patient per image, distended flags and each image's :class:`ScanGeometry` (boxes, masks),
+    exactly as :func:`generate_dataset` would make them, without rendering a pixel (fast).
+
+    >>> p, d, g = dataset_geometry(12, 3, 6, size=64)
+    >>> len(g), int(d.sum()), len(set(p.tolist()))
+    (12, 3, 6)
+    """
+    patient, distended, anatomies = _plan(n_images, n_distended, n_patients, seed)
+    geoms = []
+    for i in range(n_images):
+        rng, severity = _image_draws(seed, i, bool(distended[i]))
+        geoms.append(scan_geometry(rng, anatomies[patient[i]], severity, size, null))
+    return patient, distended, geoms
 
 
 def _check_out(out: Path) -> None:
@@ -383,8 +530,12 @@ def _check_out(out: Path) -> None:
 
 
 def generate_dataset(out: Path | str, n_images: int = 483, n_distended: int = 123, n_patients: int = 60,
-                     size: int = 256, seed: int = 0, progress: bool = True) -> Path:
+                     size: int = 256, seed: int = 0, progress: bool = True, null: bool = False) -> Path:
     """Write a phantom dataset folder (``images/``, ``annotations.json``, ``splits.json``).
+
+    ``null`` writes the negative control: the same dataset (same streams, labels, boxes and
+    masks) but every distended scan rendered without its pocket, i.e. as a normal scan; its
+    mask is where the pocket would have been. Normal scans are identical in both.
 
     Built in a temporary sibling folder and renamed into place, so a killed run leaves no
     half dataset. Refuses a non-empty existing ``out``.
@@ -406,8 +557,7 @@ def generate_dataset(out: Path | str, n_images: int = 483, n_distended: int = 12
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     try:
         (tmp / "images").mkdir()
-        patient, distended = _assign(np.random.default_rng([seed, 2]), n_images, n_distended, n_patients)
-        anatomies = [sample_anatomy(np.random.default_rng([seed, 0, p])) for p in range(n_patients)]
+        patient, distended, anatomies = _plan(n_images, n_distended, n_patients, seed)
         width = len(str(n_patients))
         scans: list[Scan] = []
         it = range(n_images)
@@ -416,9 +566,8 @@ def generate_dataset(out: Path | str, n_images: int = 483, n_distended: int = 12
 
             it = tqdm(it, desc="phantom", unit="img", file=sys.stderr)
         for i in it:
-            rng = np.random.default_rng([seed, 1, i])
-            severity = float(rng.beta(1.1, 1.8)) if distended[i] else 0.0
-            r = render_scan(rng, anatomies[patient[i]], severity, size)
+            rng, severity = _image_draws(seed, i, bool(distended[i]))
+            r = render_scan(rng, anatomies[patient[i]], severity, size, null)
             path = tmp / "images" / f"{i + 1:04d}.png"
             write_png(path, np.round(r.image * 255.0).astype(np.uint8))
             mask = r.pocket if distended[i] else r.recess
@@ -448,31 +597,34 @@ def cache_root(cache_dir: Path | str | None = None) -> Path:
     return base / "loris" / "phantom"
 
 
-def dataset_key(n_images: int = 483, n_distended: int = 123, n_patients: int = 60, size: int = 256, seed: int = 0) -> str:
+def dataset_key(n_images: int = 483, n_distended: int = 123, n_patients: int = 60, size: int = 256, seed: int = 0,
+                null: bool = False) -> str:
     """Cache key naming the generator version and every parameter.
 
-    >>> dataset_key()
-    'v2-n483-d123-p60-s256-seed0'
+    >>> dataset_key(), dataset_key(null=True)
+    ('v4-n483-d123-p60-s256-seed0', 'v4-n483-d123-p60-s256-seed0-null')
     """
-    return f"v{GENERATOR_VERSION}-n{n_images}-d{n_distended}-p{n_patients}-s{size}-seed{seed}"
+    return f"v{GENERATOR_VERSION}-n{n_images}-d{n_distended}-p{n_patients}-s{size}-seed{seed}" + ("-null" if null else "")
 
 
 def default_dataset(cache_dir: Path | str | None = None, n_images: int = 483, n_distended: int = 123,
-                    n_patients: int = 60, size: int = 256, seed: int = 0, progress: bool = True) -> Path:
+                    n_patients: int = 60, size: int = 256, seed: int = 0, progress: bool = True,
+                    null: bool = False) -> Path:
     """The default dataset: generated on first use into the cache (see :func:`cache_root`), then reused.
+    ``null`` gives the negative control (see :func:`generate_dataset`).
 
     >>> import tempfile
     >>> d = default_dataset(tempfile.mkdtemp(), n_images=12, n_distended=3, n_patients=6, size=64, progress=False)
     >>> d.name, (d / "annotations.json").is_file()
-    ('v2-n12-d3-p6-s64-seed0', True)
+    ('v4-n12-d3-p6-s64-seed0', True)
     """
-    target = cache_root(cache_dir) / dataset_key(n_images, n_distended, n_patients, size, seed)
+    target = cache_root(cache_dir) / dataset_key(n_images, n_distended, n_patients, size, seed, null)
     if (target / "annotations.json").is_file() and (target / "splits.json").is_file():
         return target
     if progress:
         print(f"generating the phantom dataset into {target} (first use only)", file=sys.stderr)
     try:
-        return generate_dataset(target, n_images, n_distended, n_patients, size, seed, progress)
+        return generate_dataset(target, n_images, n_distended, n_patients, size, seed, progress, null)
     except FileExistsError:
         # Another process finished the same dataset first; the rename makes it complete.
         if (target / "annotations.json").is_file():

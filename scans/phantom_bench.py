@@ -2,6 +2,9 @@
 
 Times the full per-image work of :func:`scans.phantom.generate_dataset` (render, 8-bit PNG
 encoding, RLE of the mask) and prints the median images/s over the repeats.
+``--boxes SEED [SEED ...]`` instead prints, for the default phantom of each seed, the I-AUROC of
+the annotated box's height, width and area alone (no image; chance is 0.5) and the patient
+spread of the distended images, from the geometry only (seconds).
 
 >>> main(["--size", "64", "--images", "2", "--repeats", "1"]) == 0  # doctest: +ELLIPSIS
 phantom ... images/s ...
@@ -22,7 +25,7 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
 from scans.coco import encode_mask  # noqa: E402
-from scans.phantom import render_scan, sample_anatomy  # noqa: E402
+from scans.phantom import dataset_geometry, render_scan, sample_anatomy  # noqa: E402
 
 
 def images_per_second(size: int, n_images: int, seed: int = 0) -> float:
@@ -37,12 +40,32 @@ def images_per_second(size: int, n_images: int, seed: int = 0) -> float:
     return n_images / (time.perf_counter() - t0)
 
 
+def box_report(seed: int, n_images: int = 483, n_distended: int = 123, n_patients: int = 60, size: int = 256) -> dict[str, float]:
+    """Box-size-only AUROCs, mean box heights and the patient spread of one phantom (geometry only)."""
+    from sklearn.metrics import roc_auc_score
+
+    patient, distended, geoms = dataset_geometry(n_images, n_distended, n_patients, size, seed)
+    b = np.array([g.box for g in geoms])
+    h, w = b[:, 3] - b[:, 1], b[:, 2] - b[:, 0]
+    per = np.bincount(patient[distended], minlength=n_patients)
+    return {"auroc_height": roc_auc_score(distended, h), "auroc_width": roc_auc_score(distended, w),
+            "auroc_area": roc_auc_score(distended, h * w), "height_normal": float(h[~distended].mean()),
+            "height_distended": float(h[distended].mean()), "patients_distended": int((per > 0).sum()),
+            "max_per_patient": int(per.max())}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m scans.phantom_bench", description=__doc__.split("\n")[0])
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--images", type=int, default=40)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--boxes", type=int, nargs="+", metavar="SEED", help="box-size AUROCs of these seeds' phantoms")
     args = parser.parse_args(argv)
+    if args.boxes:
+        for seed in args.boxes:
+            r = box_report(seed, size=args.size)
+            print(f"seed {seed}: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in r.items()))
+        return 0
     cv2.setNumThreads(1)
     images_per_second(args.size, 2)  # warm-up (imports, allocator)
     rates = [images_per_second(args.size, args.images) for _ in range(args.repeats)]

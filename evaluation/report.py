@@ -25,7 +25,9 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from evaluation.aggregate import RIAD, ordered_methods, json_safe, summary_sections
+from evaluation.aggregate import RIAD, aggregate_methods, ordered_methods, json_safe, summary_sections
+from evaluation.controls import CONTROL_NAMES
+from evaluation.intervals import NO_PRIOR, find_difference
 from evaluation.metrics import aggregate
 from evaluation.paired import mean_over_folds, mean_over_models, paired_auroc
 from evaluation.figures import Example, overlay_figure, roc_figure, score_distribution_figure
@@ -57,14 +59,21 @@ PAPER_METHOD_NAMES = {RIAD: "RIAD", "msgmsd": "LoRIS+MSGMSD", "dd": "LoRIS+DD"}
 PRIOR_NAMES = {"gt": "GT", "yolov5u": "YOLOv5u", "yolov5": "YOLOv5u", "codetr": "Co-DETR"}
 PAPER_PRIOR_NAMES = {"gt": "GT", "yolov5u": "Yolo-V5", "codetr": "CoDETR"}
 TABLE1_COLS = [("i_auroc", "I-AUROC"), ("p_auroc", "P-AUROC"), ("dice_oracle", "Dice (oracle)"),
-               ("dice_val", "Dice (val)")]
+               ("dice_oracle_post", "Dice (oracle, post)"), ("dice_val", "Dice (val)")]
 TABLE2_COLS = [("precision", "precision"), ("map50", "mAP@50"), ("map75", "mAP@75"), ("i_auroc", "I-AUROC"),
-               ("p_auroc", "P-AUROC"), ("dice_oracle", "Dice (oracle)"), ("dice_val", "Dice (val)")]
+               ("p_auroc", "P-AUROC"), ("dice_oracle", "Dice (oracle)"), ("dice_oracle_post", "Dice (oracle, post)"),
+               ("dice_val", "Dice (val)")]
+CONTROL_GAP = ("gap_control_i_auroc", "ΔI-AUROC vs best prior-only control (pts)")
 GAP_KEYS = ["i_auroc", "p_auroc", "dice_oracle", "dice_val"]
 GAP_METHOD = "msgmsd"  # Table 2's downstream method, whose ΔI-AUROC gets DeLong's interval
-GAP_NOTE = ("ΔI-AUROC vs GT: [brackets] hold the 95% interval of the mean paired difference (DeLong's test on "
-            "the same test images per fold; folds pooled as independent test sets, or per image when every fold's "
-            "models scored the same images; test-set sampling only, the trained models held fixed).")
+GAP_NOTE = ("Δ columns: paired differences in points, the row minus the reference on the same test images, "
+            "[brackets] their 95% patient-clustered bootstrap interval. DeLong's per-image interval of ΔI-AUROC vs "
+            "GT is in summary.json (prior_comparison); it treats images of one patient as independent.")
+INTERVAL_NOTE = ("[brackets]: 95% patient-cluster bootstrap interval of the mean over folds (patients resampled "
+                 "with all their images within each test fold, 2000 replicates; on an external set one draw of "
+                 "its patients is shared by every fold's models); test-set sampling only, the trained models "
+                 "held fixed. Prior only: the image score is the prior box's height or area and the map is 1 "
+                 "inside the masked box, no image used; LoRIS must beat it.")
 ROC_PRIOR = "gt"  # ROC curves and score histograms use the ground-truth-prior rows when present
 
 
@@ -101,6 +110,8 @@ class FoldResult:
         detection: ``{detector: detection_metrics(...)}``.
         rows: per-image rows (any prior sources).
         fallbacks: test images where the detector found nothing and a fallback box was used.
+        controls: ``{prior_source: {control: segmentation_metrics(...)}}`` of the prior-only
+            controls (:mod:`evaluation.controls`) computed from that source's boxes.
     """
 
     fold: int
@@ -109,6 +120,7 @@ class FoldResult:
     detection: dict[str, dict[str, float]] = field(default_factory=dict)
     rows: list[ImageRow] = field(default_factory=list)
     fallbacks: int = 0
+    controls: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
 
 
 def summary_from_folds(folds: Sequence[FoldResult], detector: str | None = None) -> dict[str, Any]:
@@ -178,9 +190,10 @@ def _cell(stat: Mapping[str, float] | None) -> str:
     if not stat or stat.get("mean") is None or not math.isfinite(stat["mean"]):
         return "-"
     std = stat.get("std")
+    ci = f" [{stat['ci_low']:.3f}, {stat['ci_high']:.3f}]" if stat.get("ci_low") is not None else ""
     if std is None or not math.isfinite(std):
-        return f"{stat['mean']:.3f} (n={stat.get('n', 1)})"
-    return f"{stat['mean']:.3f} ± {std:.3f}"
+        return f"{stat['mean']:.3f} (n={stat.get('n', 1)}){ci}"
+    return f"{stat['mean']:.3f} ± {std:.3f}{ci}"
 
 
 def _paper(values: Mapping[str, tuple[float, float]]) -> dict[str, dict[str, float]]:
@@ -195,26 +208,60 @@ def _gap(row: Mapping[str, Any], ref: Mapping[str, Any], key: str) -> dict[str, 
     return {"mean": gap, "std": math.nan} if math.isfinite(gap) else None
 
 
-def build_tables(folds: Sequence[FoldResult], paper: bool = True, refined: bool = False) -> dict[str, list[dict[str, Any]]]:
+def _with_intervals(stats: Mapping[str, Any], clustered: Mapping[str, Any] | None, row: str) -> dict[str, Any]:
+    """Copy of a row's aggregated metrics with the clustered interval of each (``ci_low``/``ci_high``)."""
+    out = {k: dict(v) if isinstance(v, Mapping) else v for k, v in stats.items()}
+    for metric, cell in ((clustered or {}).get("rows", {}).get(row) or {}).items():
+        if metric in out and out[metric]:
+            pool = cell["pooled"]
+            out[metric].update(ci_low=pool["low"], ci_high=pool["high"], ci_se=pool["se"])
+    return out
+
+
+def _paired_gap(clustered: Mapping[str, Any] | None, a: str, b: str, metric: str) -> dict[str, float] | None:
+    """A paired difference in points with its clustered interval, from :func:`clustered_summary`."""
+    d = find_difference(clustered or {}, a, b, metric)
+    if d is None:
+        return None
+    p = d["pooled"]
+    return {"mean": 100.0 * p["estimate"], "ci_low": 100.0 * p["low"], "ci_high": 100.0 * p["high"],
+            "std": math.nan, "reference": b}
+
+
+def build_tables(folds: Sequence[FoldResult], paper: bool = True, refined: bool = False,
+                 clustered: Mapping[str, Any] | None = None) -> dict[str, list[dict[str, Any]]]:
     """Rows of Tables 1 and 2: ``{"table1": [...], "table2": [...]}``.
 
-    Each row: ``{"name", "source": "ours"|"paper", "metrics": {key: {mean, std, ...}}}``; Table 2
-    rows add ``gap_<key>`` (points, row minus the same source's GT row).
+    Each row: ``{"name", "source": "ours"|"paper", "metrics": {key: {mean, std, ...}}}``, with
+    ``ci_low``/``ci_high`` where ``clustered`` (:func:`evaluation.intervals.clustered_summary`) has the
+    row. Table 2 rows add ``gap_<key>`` (points, row minus the GT row); LoRIS rows add
+    ``gap_control_i_auroc`` (minus the same source's best prior-only control).
     """
     s = summary_from_folds(folds)
+    cl = clustered or {}
+    main = cl.get("main_source", "gt")
+    best = cl.get("best_control", {})
     methods = dict(s["reconstruction"])
     if RIAD in s:
         methods = {RIAD: s[RIAD], **methods}
     t1: list[dict[str, Any]] = []
     for m, stats in methods.items():
-        t1.append({"name": METHOD_NAMES.get(m, f"LoRIS+{m.upper()}"), "source": "ours", "metrics": stats})
+        key = f"{NO_PRIOR}/{m}" if m == RIAD else f"{main}/{m}"
+        metrics = _with_intervals(stats, cl, key)
+        if m != RIAD and main in best:
+            metrics[CONTROL_GAP[0]] = _paired_gap(cl, key, best[main], "i_auroc")
+        t1.append({"name": METHOD_NAMES.get(m, f"LoRIS+{m.upper()}"), "source": "ours", "metrics": metrics})
         if paper and m in PAPER_TABLE1:
             t1.append({"name": PAPER_METHOD_NAMES[m], "source": "paper", "metrics": _paper(PAPER_TABLE1[m])})
+    controls = {src: aggregate_methods([f.controls[src] for f in folds if src in f.controls])
+                for src in sorted({c for f in folds for c in f.controls})}
+    for c, stats in controls.get(main, {}).items():
+        t1.append({"name": CONTROL_NAMES.get(c, c), "source": "ours (control)",
+                   "metrics": _with_intervals(stats, cl, f"{main}/{c}")})
 
     det_agg = {d: aggregate([f.detection[d] for f in folds if d in f.detection])
                for d in sorted({d for f in folds for d in f.detection})}
     prior_agg = s.get("priors", {})
-    comparison = s.get("prior_comparison", {})
     ours: dict[str, dict[str, Any]] = {}
     # the GT row comes from the ground-truth-prior results; ``methods`` may hold a detector's
     if "gt" in prior_agg:
@@ -231,17 +278,16 @@ def build_tables(folds: Sequence[FoldResult], paper: bool = True, refined: bool 
         if p in ours:
             # Refined boxes are not the paper's raw detector output: the row says so.
             name = PRIOR_NAMES.get(p, p) + (" + refiner" if refined and p != "gt" else "")
-            row = {"name": name, "source": "ours", "metrics": ours[p]}
+            metrics = _with_intervals(ours[p], cl, f"{p}/msgmsd")
             for k in GAP_KEYS:
-                row["metrics"][f"gap_{k}"] = _gap(ours[p], ours.get("gt", {}), k) if p != "gt" else None
-            gap, test = row["metrics"]["gap_i_auroc"], comparison.get(p)
-            n_folds = sum(1 for f in folds if p in f.priors and "gt" in f.priors)
-            # The paired estimate and its interval (points) replace the plain gap only when they cover
-            # the same folds; a fold DeLong cannot test (one class under 2 images) keeps the plain gap.
-            if gap and test and len(test["folds"]) == n_folds:
-                gap.update(mean=100.0 * test["diff"], ci_low=100.0 * test["ci_low"], ci_high=100.0 * test["ci_high"],
-                           level=test["level"])
-            t2.append(row)
+                plain = _gap(ours[p], ours.get("gt", {}), k) if p != "gt" else None
+                metrics[f"gap_{k}"] = (_paired_gap(cl, f"{p}/msgmsd", "gt/msgmsd", k) or plain) if plain else None
+            if p in best:
+                metrics[CONTROL_GAP[0]] = _paired_gap(cl, f"{p}/msgmsd", best[p], "i_auroc")
+            t2.append({"name": name, "source": "ours", "metrics": metrics})
+            for c, stats in controls.get(p, {}).items():
+                t2.append({"name": f"{PRIOR_NAMES.get(p, p)}: {CONTROL_NAMES.get(c, c).lower()}",
+                           "source": "ours (control)", "metrics": _with_intervals(stats, cl, f"{p}/{c}")})
         key = "yolov5u" if p == "yolov5" else p
         if paper and key in PAPER_TABLE2 and (p in ours or p == "gt"):
             pm = _paper(PAPER_TABLE2[key])
@@ -254,9 +300,9 @@ def build_tables(folds: Sequence[FoldResult], paper: bool = True, refined: bool 
 
 def _columns(table: str) -> list[tuple[str, str]]:
     if table == "table1":
-        return TABLE1_COLS
+        return TABLE1_COLS + [CONTROL_GAP]
     gaps = [(f"gap_{k}", f"Δ{label} vs GT (pts)") for k, label in TABLE1_COLS if k in GAP_KEYS]
-    return TABLE2_COLS + gaps
+    return TABLE2_COLS + gaps + [CONTROL_GAP]
 
 
 def _gap_cell(stat: Mapping[str, float] | None) -> str:
@@ -276,31 +322,57 @@ def _display(table: str, row: Mapping[str, Any]) -> list[str]:
 
 
 def table_markdown(table: str, rows: Sequence[Mapping[str, Any]], prior_name: str = "ground-truth") -> str:
-    """Markdown table in the paper's layout, ``mean ± std`` over folds (ddof=1)."""
+    """Markdown table in the paper's layout, ``mean ± std`` over folds (ddof=1) [clustered 95% interval]."""
     title = {"table1": f"Table 1: anomaly detection and segmentation (LoRIS with {prior_name} boxes)",
              "table2": "Table 2: detectors as location priors for LoRIS+MSGMSD"}[table]
     head = ["Model" if table == "table1" else "Prior", "Source"] + [label for _, label in _columns(table)]
     lines = [f"# {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(_display(table, r)) + " |" for r in rows]
-    lines += ["", "mean ± std across folds (sample std, ddof=1). Dice (oracle): threshold tuned on the test "
-              "fold itself (the paper's, before post-processing). Dice (val): threshold chosen on the "
-              "validation fold, closing-then-opening 3x3." + (" " + GAP_NOTE if table == "table2" else ""),
-              "", PAPER_NOTE, ""]
+    lines += ["", "mean ± std across folds (sample std, ddof=1). " + INTERVAL_NOTE + " Dice (oracle): threshold "
+              "tuned on the test fold itself (the paper's, before post-processing); Dice (oracle, post): the same "
+              "oracle after closing-then-opening; Dice (val): threshold chosen on the validation fold, "
+              "closing-then-opening 3x3. " + GAP_NOTE, "", PAPER_NOTE, ""]
     return "\n".join(lines)
 
 
 def table_csv(table: str, rows: Sequence[Mapping[str, Any]]) -> str:
-    """CSV with ``<key>_mean``/``<key>_std`` columns (empty when absent)."""
+    """CSV with ``<key>_mean``/``<key>_std``/``<key>_ci_low``/``<key>_ci_high`` columns (empty when absent)."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     keys = [k for k, _ in _columns(table)]
-    w.writerow(["name", "source"] + [f"{k}_{s}" for k in keys for s in ("mean", "std")])
+    parts = ("mean", "std", "ci_low", "ci_high")
+    w.writerow(["name", "source"] + [f"{k}_{s}" for k in keys for s in parts])
     for r in rows:
         vals: list[Any] = [r["name"], r["source"]]
         for k in keys:
             stat = r["metrics"].get(k) or {}
-            vals += [_num(stat.get("mean")), _num(stat.get("std"))]
+            vals += [_num(stat.get(s)) for s in parts]
         w.writerow(vals)
+    return buf.getvalue()
+
+
+def differences_markdown(clustered: Mapping[str, Any]) -> str:
+    """Every paired difference of a run, pooled over folds, with its clustered interval (points)."""
+    lines = ["# Paired differences (row A minus row B, same test images)", "",
+             "| A | B | metric | Δ (pts) [95% clustered CI] | per fold |", "|---|---|---|---|---|"]
+    for d in clustered.get("differences", []):
+        p = d["pooled"]
+        folds = ", ".join(f"{100 * f['estimate']:+.1f}" for f in d["per_fold"])
+        lines.append(f"| {d['a']} | {d['b']} | {d['metric']} | {100 * p['estimate']:+.1f} "
+                     f"[{100 * p['low']:+.1f}, {100 * p['high']:+.1f}] | {folds} |")
+    lines += ["", "Rows are <prior source>/<method>: 'none/riad' is RIAD (no prior), 'control_*' the prior-only "
+              "controls. " + INTERVAL_NOTE, ""]
+    return "\n".join(lines)
+
+
+def differences_csv(clustered: Mapping[str, Any]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["a", "b", "metric", "estimate", "ci_low", "ci_high", "se", "per_fold_estimates"])
+    for d in clustered.get("differences", []):
+        p = d["pooled"]
+        w.writerow([d["a"], d["b"], d["metric"], _num(p["estimate"]), _num(p["low"]), _num(p["high"]), _num(p["se"]),
+                    " ".join(_num(f["estimate"]) for f in d["per_fold"])])
     return buf.getvalue()
 
 
@@ -408,9 +480,10 @@ def render_html(
              f"<p class='note'>{html.escape(PAPER_NOTE)}</p>",
              "<h2>Table 1: anomaly detection and segmentation</h2>", _html_table("table1", tables["table1"]),
              "<h2>Table 2: detectors as location priors</h2>", _html_table("table2", tables["table2"]),
-             "<p class='note'>mean ± std across folds (ddof=1). Dice (oracle) tunes its threshold on the test "
-             "fold itself, as the paper does, so it is optimistic; Dice (val) chooses it on the validation "
-             f"fold and applies closing-then-opening 3x3. {html.escape(GAP_NOTE)}</p>", "<h2>Figures</h2>"]
+             "<p class='note'>mean ± std across folds (ddof=1). " + html.escape(INTERVAL_NOTE) + " Dice (oracle) "
+             "tunes its threshold on the test fold itself, as the paper does, so it is optimistic (Dice (oracle, "
+             "post): after closing-then-opening); Dice (val) chooses it on the validation fold and applies "
+             f"closing-then-opening 3x3. {html.escape(GAP_NOTE)}</p>", "<h2>Figures</h2>"]
     parts += [_img(p, captions.get(k, k)) for k, p in figures.items()]
     parts.append("<h2>Files</h2><ul>" + "".join(f'<li><a href="{html.escape(n)}">{html.escape(n)}</a></li>'
                                                   for n in links) + "</ul>")
@@ -433,6 +506,7 @@ def write_report(
     paper: bool = True,
     prior_name: str = "ground-truth",
     figures: bool = True,
+    clustered: Mapping[str, Any] | None = None,
 ) -> dict[str, Path]:
     """Write tables (md/csv/json), per_image.csv, figures and report.html; every file atomically.
 
@@ -442,7 +516,8 @@ def write_report(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     detector_cfg = config.get("detector") if isinstance(config.get("detector"), Mapping) else {}
-    tables = build_tables(folds, paper=paper, refined=bool(detector_cfg.get("refine")))  # type: ignore[union-attr]
+    tables = build_tables(folds, paper=paper, refined=bool(detector_cfg.get("refine")),  # type: ignore[union-attr]
+                          clustered=clustered)
     written: dict[str, Path] = {}
     for t, rows in tables.items():
         for ext, text in (("md", table_markdown(t, rows, prior_name)), ("csv", table_csv(t, rows)),
@@ -450,6 +525,11 @@ def write_report(
             path = out_dir / f"{t}.{ext}"
             atomic_write_text(path, text)
             written[f"{t}.{ext}"] = path
+    if clustered:
+        for name, text in (("differences.md", differences_markdown(clustered)),
+                           ("differences.csv", differences_csv(clustered))):
+            atomic_write_text(out_dir / name, text)
+            written[name] = out_dir / name
     atomic_write_text(out_dir / "per_image.csv", per_image_csv(folds))
     written["per_image.csv"] = out_dir / "per_image.csv"
     figures = write_figures(out_dir, folds, examples) if figures else {}

@@ -34,8 +34,9 @@ def _config(args: argparse.Namespace, detector: str) -> dict[str, Any]:
     cfg = load_config(args.config, args.profile, [f"detector.name={detector}"] + sets)
     if args.data is not None:
         cfg["data"] = str(args.data)
-    if getattr(args, "external", None) is not None:
-        cfg["evaluation"]["external"] = str(args.external)
+    if getattr(args, "external", None):
+        paths = [str(p) for p in args.external]
+        cfg["evaluation"]["external"] = paths[0] if len(paths) == 1 else paths
     if getattr(args, "folds", None):
         cfg["run_folds"] = [int(v) for v in args.folds.split(",")]
     cfg["progress"] = not args.no_progress
@@ -65,8 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     abl.add_argument("--out", type=Path)
     _common(abl)
     for p in (run, abl):
-        p.add_argument("--external", type=Path, help="held-out dataset folder: also evaluate every fold's models "
-                       "on all of it (reported under <out>/external/)")
+        p.add_argument("--external", type=Path, action="append", help="held-out dataset folder: also evaluate "
+                       "every fold's models on all of it (reported under <out>/external/); repeatable, one "
+                       "report per set under <out>/external/<name>/")
 
     tr = sub.add_parser("train", help="train one deployable bundle on all the data")
     tr.add_argument("--detector", choices=("yolov5", "codetr"), default="codetr")
@@ -154,29 +156,60 @@ def _dispatch(args: argparse.Namespace) -> int:
     raise AssertionError(args.command)
 
 
+def _ci(d: dict[str, Any] | None, scale: float = 1.0, fmt: str = ".3f") -> str:
+    if not d or d.get("low") is None:
+        return ""
+    return f" [{scale * d['low']:{fmt}}, {scale * d['high']:{fmt}}]"
+
+
 def _print_summary(summary: dict[str, Any], out: Path) -> None:
+    """The closing lines: each method and control with its patient-clustered 95% interval, and the
+    paired differences a reader checks first (vs the best prior-only control, vs ground-truth priors)."""
+    from evaluation.controls import CONTROL_NAMES
+    from evaluation.intervals import find_difference
+
     rec = summary.get("reconstruction", {})
-    lines = [f"results in {out} (report.html, table1.md, table2.md, summary.json)"]
-    for name, m in rec.items():
+    cl = summary.get("clustered", {})
+    main = summary["detector"] if isinstance(summary["detector"], str) else summary["detector"][0]
+    lines = [f"results in {out} (report.html, table1.md, table2.md, summary.json); "
+             f"[95% patient-clustered bootstrap intervals]"]
+
+    def row(label: str, key: str, metrics: dict[str, Any]) -> str:
         cells = []
-        for key in ("i_auroc", "p_auroc", "dice_oracle", "dice_val"):
-            v = m.get(key, {})
+        for m in ("i_auroc", "p_auroc", "dice_oracle", "dice_val"):
+            v = metrics.get(m, {})
             if v.get("mean") is not None:
-                std = v.get("std")
-                spread = f" ± {std:.3f}" if std is not None and std == std else " (1 fold)"
-                cells.append(f"{key} {v['mean']:.3f}{spread}")
-        lines.append(f"  LoRIS+{name.upper():7s} " + ", ".join(cells))
+                iv = cl.get("rows", {}).get(key, {}).get(m, {}).get("pooled")
+                cells.append(f"{m} {v['mean']:.3f}{_ci(iv)}")
+        return f"  {label:30s} " + ", ".join(cells)
+
+    for name, m in rec.items():
+        lines.append(row(f"LoRIS+{name.upper()}", f"{main}/{name}", m))
     if "riad" in summary:
-        v = summary["riad"].get("riad", summary["riad"]).get("i_auroc", {})
-        if isinstance(v, dict) and v.get("mean") is not None:
-            lines.append(f"  RIAD           i_auroc {v['mean']:.3f}")
-    ext = summary.get("external", {})
-    for where, comparisons in (("", summary.get("prior_comparison", {})),
-                               (f" [external: {ext.get('images')} images]", ext.get("prior_comparison", {}))):
+        lines.append(row("RIAD", "none/riad", summary["riad"]))
+    for src, ctrls in summary.get("controls", {}).items():
+        for c, m in ctrls.items():
+            lines.append(row(f"{CONTROL_NAMES.get(c, c)} ({src})", f"{src}/{c}", m))
+    for src, ctrl in cl.get("best_control", {}).items():
+        d = find_difference(cl, f"{src}/msgmsd", ctrl, "i_auroc")
+        if d:
+            p = d["pooled"]
+            lines.append(f"  {src} priors: LoRIS+MSGMSD minus {CONTROL_NAMES.get(ctrl.split('/')[1], ctrl)}: "
+                         f"ΔI-AUROC {100 * p['estimate']:+.1f} pts{_ci(p, 100, '+.1f')}")
+    for src in summary.get("priors", {}):
+        d = find_difference(cl, f"{src}/msgmsd", "gt/msgmsd", "i_auroc") if src != "gt" else None
+        if d:
+            p = d["pooled"]
+            lines.append(f"  {src} priors vs gt: LoRIS+MSGMSD ΔI-AUROC {100 * p['estimate']:+.1f} pts"
+                         f"{_ci(p, 100, '+.1f')} (clustered)")
+    for where, comparisons in [("", summary.get("prior_comparison", {}))] + [
+            (f" [external {e['data']}: {e.get('images')} images]", e.get("prior_comparison", {}))
+            for e in summary.get("external", [])]:
         for prior, c in comparisons.items():
             lines.append(f"  {prior} priors vs {c['reference']}{where}: LoRIS+{c['method'].upper()} I-AUROC "
                          f"{c['auroc_b']:.3f} vs {c['auroc_a']:.3f}, Δ {100 * c['diff']:+.1f} pts (95% CI "
-                         f"{100 * c['ci_low']:+.1f} to {100 * c['ci_high']:+.1f}, DeLong, {len(c['folds'])} folds)")
+                         f"{100 * c['ci_low']:+.1f} to {100 * c['ci_high']:+.1f}, per-image DeLong, "
+                         f"{len(c['folds'])} folds)")
     print("\n".join(lines))
 
 

@@ -62,12 +62,32 @@ def load_data(cfg: dict[str, Any]) -> Data:
     return Data(root, scans, arrays, folds, source)
 
 
-def load_external(cfg: dict[str, Any], data: Data) -> ScanArrays | None:
-    """The held-out test set named by ``evaluation.external`` (None when unset), as model-size arrays.
+def external_paths(cfg: dict[str, Any]) -> list[str]:
+    """The held-out sets named by ``evaluation.external``: null, one folder, or a list of folders."""
+    value = cfg["evaluation"].get("external")
+    if not value:
+        return []
+    paths = [value] if isinstance(value, (str, Path)) else list(value)
+    if not all(isinstance(p, (str, Path)) and str(p) for p in paths):
+        raise ValueError(f"evaluation.external must be a folder or a list of folders, got {value!r}")
+    return [str(p) for p in paths]
+
+
+def load_externals(cfg: dict[str, Any], data: Data) -> list[ScanArrays]:
+    """Every held-out set of ``evaluation.external``, in order (see :func:`load_external`)."""
+    sets = [load_external(cfg, data, p) for p in external_paths(cfg)]
+    return [s for s in sets if s is not None]
+
+
+def load_external(cfg: dict[str, Any], data: Data, path: str | None = None) -> ScanArrays | None:
+    """A held-out test set (``path``, default the first of ``evaluation.external``; None when unset), as
+    model-size arrays.
 
     It must be a LoRIS dataset with a box on every scan and both classes, and not the run's own data.
     """
-    path = cfg["evaluation"].get("external")
+    if path is None:
+        paths = external_paths(cfg)
+        path = paths[0] if paths else None
     if not path:
         return None
     root = _dataset_folder(path)

@@ -21,12 +21,15 @@ from tqdm import tqdm
 from detectors.base import Detector
 from detectors.prior import PriorPolicy
 from evaluation.aggregate import json_safe
+from evaluation.controls import CONTROLS, box_indicator, control_scores
 from evaluation.detection import detection_metrics, write_coco_results
 from evaluation.figures import Example, select_cases
+from evaluation.intervals import NO_PRIOR, clustered_summary, fold_estimates, fold_weights, row_replicates
+from evaluation.aggregate import aggregate_methods
 from evaluation.metrics import aggregate, per_image_dice, segmentation_metrics
 from evaluation.report import FoldResult, ImageRow, summary_from_folds, write_report
 from pipeline import stages
-from pipeline.data import Data, load_data, load_external
+from pipeline.data import Data, external_paths, load_data, load_externals
 from pipeline.outputs import prepare_run_dir, write_json
 from pipeline.provenance import package_versions
 from scans.io import atomic_write
@@ -60,8 +63,16 @@ def _scores(cfg: dict[str, Any], maps: dict[str, np.ndarray], boxes: np.ndarray)
     from reconstruction.deviation import image_score
 
     s = cfg["score"]
-    return {name: image_score(m, boxes, pooling=s["pooling"], region=s["region"], topk_fraction=s["topk_fraction"])
+    margin = float(cfg["unet"]["mask_margin"])  # score.region=box pools over the pixels that were masked
+    return {name: image_score(m, boxes, pooling=s["pooling"], region=s["region"], topk_fraction=s["topk_fraction"],
+                              margin=margin)
             for name, m in maps.items()}
+
+
+def _control_maps(cfg: dict[str, Any], boxes: np.ndarray, size: int) -> dict[str, np.ndarray]:
+    """The box-indicator map of every prior-only control (one array, shared)."""
+    ind = box_indicator(boxes, size, size, float(cfg["unet"]["mask_margin"]))
+    return {c: ind for c in CONTROLS}
 
 
 def _method_metrics(cfg: dict[str, Any], scores: dict[str, np.ndarray], test_maps: dict[str, np.ndarray],
@@ -97,14 +108,18 @@ class _Part(NamedTuple):
     metrics: dict[str, dict[str, float]]
     dice: dict[str, np.ndarray]
     seconds: float
+    replicates: dict[str, np.ndarray]
 
 
 def _evaluate_part(cfg: dict[str, Any], unet: Any, det: Detector | None, policy: PriorPolicy, src: str, f: int,
                    arrays: ScanArrays, val: ScanArrays, val_maps: dict[str, np.ndarray], result: FoldResult,
-                   coco_dir: Path | None, device: str) -> _Part:
-    """Priors, reconstructions, maps, metrics and per-image rows of ``arrays`` into ``result``.
+                   coco_dir: Path | None, device: str, weights: np.ndarray, main: bool) -> _Part:
+    """Priors, reconstructions, maps, metrics, controls, bootstrap replicates and per-image rows of
+    ``arrays`` into ``result``.
 
-    Thresholds (Dice) come from the fold's validation maps ``val_maps``, whatever set is scored.
+    Thresholds (Dice) come from the fold's validation maps ``val_maps`` (controls included), whatever
+    set is scored. ``weights`` are the part's patient-cluster bootstrap weights; ``main`` marks Table 1's
+    source, whose every map gets replicates (other sources: LoRIS+MSGMSD and the controls).
     """
     from reconstruction.infer import reconstruct
 
@@ -116,7 +131,17 @@ def _evaluate_part(cfg: dict[str, Any], unet: Any, det: Detector | None, policy:
     seconds = time.perf_counter() - t0  # inference only: detection, refinement, reconstruction, maps
     scores = _scores(cfg, rt.maps, pt.boxes)
     metrics = _method_metrics(cfg, scores, rt.maps, val_maps, arrays, val)
+    ctrl_maps = _control_maps(cfg, pt.boxes, arrays.images.shape[-1])
+    ctrl_scores = control_scores(pt.boxes)
+    result.controls[src] = _method_metrics(cfg, ctrl_scores, ctrl_maps, val_maps, arrays, val)
     result.priors[src] = metrics["msgmsd"] if "msgmsd" in metrics else next(iter(metrics.values()))
+    reps: dict[str, np.ndarray] = {}
+    for name in (list(rt.maps) if main else [m for m in rt.maps if m == "msgmsd"]):
+        reps.update(row_replicates(src, name, metrics[name], scores[name], arrays.labels, rt.maps[name],
+                                   arrays.masks, weights, kernel))
+    for name in CONTROLS:
+        reps.update(row_replicates(src, name, result.controls[src][name], ctrl_scores[name], arrays.labels,
+                                   ctrl_maps[name], arrays.masks, weights, kernel))
     if src != "gt":
         preds = [(d.boxes, d.scores) for d in pt.detections]
         result.detection[src] = detection_metrics(arrays.boxes, arrays.ids, preds, arrays.images.shape[1:],
@@ -134,18 +159,27 @@ def _evaluate_part(cfg: dict[str, Any], unet: Any, det: Detector | None, policy:
             id=int(arrays.ids[i]), patient=arrays.patients[i], fold=f, label=int(arrays.labels[i]), prior_source=src,
             box=tuple(float(v) for v in pt.boxes[i]),
             iou=box_iou(pt.raw_boxes[i], arrays.boxes[i]) if pt.sources[i] != "gt" else 1.0,
-            scores={k: float(v[i]) for k, v in scores.items()}, dice={k: float(v[i]) for k, v in dice.items()},
-            fallback=pt.sources[i] == "fallback"))
-    return _Part(pt, rt, scores, metrics, dice, seconds)
+            scores={k: float(v[i]) for k, v in {**scores, **ctrl_scores}.items()},
+            dice={k: float(v[i]) for k, v in dice.items()}, fallback=pt.sources[i] == "fallback"))
+    return _Part(pt, rt, scores, metrics, dice, seconds, reps)
+
+
+class FoldOutput(NamedTuple):
+    """One fold's results: the test part, its examples, timings and infos, its bootstrap
+    replicates, and per external set the same models' result and replicates."""
+
+    result: FoldResult
+    examples: list[Example]
+    extra: dict[str, Any]
+    replicates: dict[str, np.ndarray]
+    external: list[tuple[FoldResult, dict[str, np.ndarray]]]
 
 
 def run_fold(cfg: dict[str, Any], data: Data, f: int, detector_names: Sequence[str], out: Path,
-             progress: Progress, external: ScanArrays | None = None
-             ) -> tuple[FoldResult, list[Example], dict[str, Any], FoldResult | None]:
+             progress: Progress, externals: Sequence[ScanArrays] = ()) -> FoldOutput:
     """One fold with one or more prior sources; the first of ``detector_names`` fills ``methods``.
 
-    With ``external`` (a held-out set) the fold's models also score all of it: the last item
-    returned is that result (RIAD excluded), else None.
+    Each of ``externals`` (held-out sets) is also scored by all of the fold's models (RIAD excluded).
     """
     from reconstruction.infer import reconstruct, riad_reconstruct
 
@@ -155,6 +189,7 @@ def run_fold(cfg: dict[str, Any], data: Data, f: int, detector_names: Sequence[s
     val, test = arr.subset(va), arr.subset(te)
     fdir = out / "folds" / str(f)
     device = stages.resolve_device(cfg)
+    seed = int(cfg["seed"])
     timing: dict[str, float] = {"detector_fit_s": 0.0, "unet_fit_s": 0.0, "inference_s": 0.0, "inference_images": 0}
     info: dict[str, Any] = {"n_train": len(tr), "n_val": len(va), "n_test": len(te)}
 
@@ -165,12 +200,15 @@ def run_fold(cfg: dict[str, Any], data: Data, f: int, detector_names: Sequence[s
     progress.done()
 
     result = FoldResult(fold=f)
-    ext_result = FoldResult(fold=f) if external is not None else None
+    weights = fold_weights(test.patients, seed, f)
+    reps: dict[str, np.ndarray] = {}
+    ext_out = [(FoldResult(fold=f), {}, ext, fold_weights(ext.patients, seed, None)) for ext in externals]
     margin = float(cfg["unet"]["mask_margin"])
+    size = arr.images.shape[-1]
     examples: list[Example] = []
     kernel = int(cfg["evaluation"]["postprocess_kernel"])
     median = PriorPolicy.median_of(arr.boxes[stages.training_subset(arr, tr, cfg["detector"]["train_classes"])],
-                                   arr.images.shape[-1], arr.images.shape[-1])
+                                   size, size)
     policy = PriorPolicy(float(cfg["detector"]["threshold"]), median)
     sources = list(dict.fromkeys(detector_names))
     if "gt" not in sources:
@@ -187,24 +225,30 @@ def run_fold(cfg: dict[str, Any], data: Data, f: int, detector_names: Sequence[s
             info[f"detector_{src}"] = det_info
             progress.done()
         progress.stage(f, f"{src} priors + maps")
+        main = src == sources[0]
         t0 = time.perf_counter()
         pv = stages.predict_priors(cfg, det, val, policy)
         rv = reconstruct(unet, val.images, pv.boxes, maps=cfg["maps"], device=device, margin=margin)
         timing["inference_s"] += time.perf_counter() - t0
-        part = _evaluate_part(cfg, unet, det, policy, src, f, test, val, rv.maps, result, fdir / src, device)
+        val_maps = {**rv.maps, **_control_maps(cfg, pv.boxes, size)}
+        part = _evaluate_part(cfg, unet, det, policy, src, f, test, val, val_maps, result, fdir / src, device,
+                              weights, main)
+        reps.update(part.replicates)
         timing["inference_s"] += part.seconds
         timing["inference_images"] += len(va) + len(te)
-        if external is not None and ext_result is not None:  # the same models, the held-out set
-            ext_part = _evaluate_part(cfg, unet, det, policy, src, f, external, val, rv.maps, ext_result, None, device)
+        for ext_result, ext_reps, ext, ext_w in ext_out:  # the same models, each held-out set
+            ext_part = _evaluate_part(cfg, unet, det, policy, src, f, ext, val, val_maps, ext_result, None, device,
+                                      ext_w, main)
+            ext_reps.update(ext_part.replicates)
             timing["inference_s"] += ext_part.seconds
-            timing["inference_images"] += len(external)
-            if src == sources[0]:
+            timing["inference_images"] += len(ext)
+            if main:
                 ext_result.methods.update(ext_part.metrics)
                 ext_result.fallbacks = ext_part.priors.fallbacks
-        if src == sources[0]:
+        if main:
             result.methods.update(part.metrics)
             result.fallbacks = part.priors.fallbacks
-        if src == sources[0] and cfg["evaluation"]["figures"]:
+        if main and cfg["evaluation"]["figures"]:
             m = "dd" if "dd" in part.recon.maps else next(iter(part.recon.maps))
             examples = _examples(f, test, part.recon.recon, part.recon.maps, part.scores, part.dice[m],
                                  part.metrics[m]["dice_val_threshold"], kernel, m)
@@ -216,29 +260,49 @@ def run_fold(cfg: dict[str, Any], data: Data, f: int, detector_names: Sequence[s
         timing["unet_fit_s"] += 0.0 if riad_info["cached"] else riad_info["fit_s"]
         info["riad"] = riad_info
         ks = tuple(int(k) for k in cfg["riad"]["ks"])
-        rv = riad_reconstruct(riad, val.images, ks=ks, maps=(RIAD,), device=device, seed=cfg["seed"])
-        rt = riad_reconstruct(riad, test.images, ks=ks, maps=(RIAD,), device=device, seed=cfg["seed"])
+        rv = riad_reconstruct(riad, val.images, ks=ks, maps=(RIAD,), device=device, seed=seed)
+        rt = riad_reconstruct(riad, test.images, ks=ks, maps=(RIAD,), device=device, seed=seed)
         # RIAD has no location prior: always pool over the whole image
         scores = _scores({**cfg, "score": {**cfg["score"], "region": "image"}}, rt.maps, test.boxes)
-        result.methods.update(_method_metrics(cfg, scores, rt.maps, rv.maps, test, val))
+        riad_metrics = _method_metrics(cfg, scores, rt.maps, rv.maps, test, val)
+        result.methods.update(riad_metrics)
+        reps.update(row_replicates(NO_PRIOR, RIAD, riad_metrics[RIAD], scores[RIAD], test.labels, rt.maps[RIAD],
+                                   test.masks, weights, kernel))
         pos = {int(i): n for n, i in enumerate(test.ids)}
         for row in result.rows:  # an image-level score, the same whatever the row's prior
             row.scores[RIAD] = float(scores[RIAD][pos[row.id]])
         progress.done()
-    return result, examples, {"timing": timing, "info": info}, ext_result
+    return FoldOutput(result, examples, {"timing": timing, "info": info}, reps,
+                      [(r, x) for r, x, _, _ in ext_out])
 
 
-def _save_fold(fdir: Path, result: FoldResult, examples: list[Example], extra: dict[str, Any],
-               external: FoldResult | None = None) -> None:
+def _save_fold(fdir: Path, fo: FoldOutput) -> None:
     fdir.mkdir(parents=True, exist_ok=True)
-    if external is not None:  # before fold.json, whose presence marks the fold done
-        write_json(fdir / "external.json", json_safe(asdict(external)))
-    if examples:
-        arrays = {f"{i}_{k}": getattr(e, k) for i, e in enumerate(examples)
+    # everything else first: fold.json's presence marks the fold done
+    _save_replicates(fdir / "bootstrap.npz", fo.replicates)
+    for i, (ext, ext_reps) in enumerate(fo.external):
+        write_json(fdir / f"external-{i}.json", json_safe(asdict(ext)))
+        _save_replicates(fdir / f"bootstrap-external-{i}.npz", ext_reps)
+    if fo.examples:
+        arrays = {f"{i}_{k}": getattr(e, k) for i, e in enumerate(fo.examples)
                   for k in ("image", "reconstruction", "anomaly_map", "gt_mask", "pred_mask")}
         atomic_write(fdir / "examples.npz", lambda p: np.savez_compressed(open(p, "wb"), **arrays))
-    meta = [{k: getattr(e, k) for k in ("id", "label", "case", "dice", "score", "method")} for e in examples]
-    write_json(fdir / "fold.json", json_safe({"result": asdict(result), "examples": meta, **extra}))
+    meta = [{k: getattr(e, k) for k in ("id", "label", "case", "dice", "score", "method")} for e in fo.examples]
+    write_json(fdir / "fold.json", json_safe({"result": asdict(fo.result), "examples": meta, **fo.extra}))
+
+
+def _save_replicates(path: Path, reps: dict[str, np.ndarray]) -> None:
+    # npz keys cannot hold "/" portably; the row names never contain "|"
+    arrays = {k.replace("/", "|"): v for k, v in reps.items()}
+    atomic_write(path, lambda p: np.savez_compressed(open(p, "wb"), **arrays))
+
+
+def _load_replicates(path: Path) -> dict[str, np.ndarray]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: this fold was finished by an older LoRIS without bootstrap replicates; "
+                                f"start the run again in a new --out folder")
+    with np.load(path) as z:
+        return {k.replace("|", "/"): z[k] for k in z.files}
 
 
 def _fold_result(r: dict[str, Any]) -> FoldResult:
@@ -246,7 +310,7 @@ def _fold_result(r: dict[str, Any]) -> FoldResult:
     return FoldResult(**r, rows=rows)
 
 
-def _load_fold(fdir: Path) -> tuple[FoldResult, list[Example], dict[str, Any]]:
+def _load_fold(fdir: Path, n_external: int) -> FoldOutput:
     doc = json.loads((fdir / "fold.json").read_text())
     result = _fold_result(doc["result"])
     examples = []
@@ -255,23 +319,24 @@ def _load_fold(fdir: Path) -> tuple[FoldResult, list[Example], dict[str, Any]]:
             for i, meta in enumerate(doc["examples"]):
                 examples.append(Example(**meta, **{k: z[f"{i}_{k}"] for k in
                                                    ("image", "reconstruction", "anomaly_map", "gt_mask", "pred_mask")}))
-    return result, examples, {k: doc[k] for k in ("timing", "info")}
+    ext = [(_fold_result(json.loads((fdir / f"external-{i}.json").read_text())),
+            _load_replicates(fdir / f"bootstrap-external-{i}.npz")) for i in range(n_external)]
+    return FoldOutput(result, examples, {k: doc[k] for k in ("timing", "info")},
+                      _load_replicates(fdir / "bootstrap.npz"), ext)
 
 
-def execute(cfg: dict[str, Any], out: Path, detector_names: Sequence[str], command: str = "run",
-            progress: bool = True) -> dict[str, Any]:
-    """Run (or resume) the cross-validation into ``out`` and write every output; returns the summary."""
-    t_start = time.perf_counter()
-    stages.set_threads(cfg)
-    identity: dict[str, Any] = {"command": command, "detectors": list(detector_names)}
-    ext_path = cfg["evaluation"].get("external")
-    if ext_path and (Path(ext_path) / "annotations.json").is_file():  # a resume must score the same held-out set
-        identity["external_annotations"] = stages.annotations_fingerprint(Path(ext_path))
-    out = prepare_run_dir(out, cfg, identity=identity)
-    data = load_data(cfg)
-    external = load_external(cfg, data)
-    write_json(out / "splits.json", [fold.to_json() for fold in data.folds])
-    fold_ids = cfg["run_folds"] if cfg.get("run_folds") is not None else list(range(len(data.folds)))
+def _external_dirs(out: Path, paths: Sequence[str]) -> list[Path]:
+    """Report folder per external set: ``<out>/external`` for one, ``<out>/external/<name>`` for several."""
+    if len(paths) == 1:
+        return [out / "external"]
+    names: list[str] = []
+    for p in paths:
+        base = Path(p).name or "set"
+        names.append(base if base not in names else f"{base}-{len(names)}")
+    return [out / "external" / n for n in names]
+
+
+def _check_parts(data: Data, fold_ids: Sequence[int]) -> None:
     bad = [f for f in fold_ids if not 0 <= int(f) < len(data.folds)]
     if bad:
         raise ValueError(f"folds {bad} do not exist; the data has {len(data.folds)} folds")
@@ -282,39 +347,64 @@ def execute(cfg: dict[str, Any], out: Path, detector_names: Sequence[str], comma
                 raise ValueError(f"fold {f}: its {part} part holds only {'distended' if labels.all() else 'normal'} "
                                  f"scans, so AUROC and the validation Dice threshold are undefined; use more data, "
                                  f"fewer folds (--set folds=3) or a splits.json with both classes in every part")
+
+
+def _summarise(results: Sequence[FoldResult], reps: Sequence[dict[str, np.ndarray]], main_source: str,
+               reported: str | None) -> dict[str, Any]:
+    """Fold aggregates, prior-only controls and patient-clustered intervals of one evaluated set."""
+    out = summary_from_folds(results, detector=reported)
+    sources = sorted({s for r in results for s in r.controls})
+    out["controls"] = {s: {c: v for c, v in aggregate_methods([r.controls[s] for r in results if s in r.controls]).items()}
+                       for s in sources}
+    estimates = [fold_estimates(r.methods, r.priors, r.controls, main_source) for r in results]
+    out["clustered"] = clustered_summary(estimates, reps, main_source=main_source)
+    return out
+
+
+def execute(cfg: dict[str, Any], out: Path, detector_names: Sequence[str], command: str = "run",
+            progress: bool = True) -> dict[str, Any]:
+    """Run (or resume) the cross-validation into ``out`` and write every output; returns the summary."""
+    t_start = time.perf_counter()
+    stages.set_threads(cfg)
+    identity: dict[str, Any] = {"command": command, "detectors": list(detector_names)}
+    ext_paths = external_paths(cfg)
+    if ext_paths:  # a resume must score the same held-out sets
+        identity["external_annotations"] = [stages.annotations_fingerprint(Path(p)) for p in ext_paths
+                                            if (Path(p) / "annotations.json").is_file()]
+    out = prepare_run_dir(out, cfg, identity=identity)
+    data = load_data(cfg)
+    externals = load_externals(cfg, data)
+    write_json(out / "splits.json", [fold.to_json() for fold in data.folds])
+    fold_ids = cfg["run_folds"] if cfg.get("run_folds") is not None else list(range(len(data.folds)))
+    _check_parts(data, fold_ids)
     n_src = len(set(detector_names) | {"gt"})
     per_fold = 1 + n_src + sum(d != "gt" for d in set(detector_names)) + (1 if cfg["riad"]["enabled"] else 0)
     bar = Progress(len(fold_ids), per_fold, progress)
-    results: list[FoldResult] = []
-    ext_results: list[FoldResult] = []
-    examples: list[Example] = []
-    extras: list[dict[str, Any]] = []
+    outputs: list[FoldOutput] = []
     resumed = 0
     try:
         for f in fold_ids:
             fdir = out / "folds" / str(f)
             if (fdir / "fold.json").is_file():
-                r, ex, extra = _load_fold(fdir)
-                ext = _fold_result(json.loads((fdir / "external.json").read_text())) if external is not None else None
+                fo = _load_fold(fdir, len(externals))
                 resumed += 1
                 bar.done(per_fold)
             else:
-                r, ex, extra, ext = run_fold(cfg, data, int(f), detector_names, out, bar, external)
-                _save_fold(fdir, r, ex, extra, ext)
-            results.append(r)
-            if ext is not None:
-                ext_results.append(ext)
-            examples.extend(ex)
-            extras.append(extra)
+                fo = run_fold(cfg, data, int(f), detector_names, out, bar, externals)
+                _save_fold(fdir, fo)
+            outputs.append(fo)
     finally:
         bar.close()
+    results = [fo.result for fo in outputs]
+    extras = [fo.extra for fo in outputs]
 
-    summary: dict[str, Any] = {"detector": detector_names[0] if command == "run" else list(detector_names),
+    main_source = detector_names[0]
+    summary: dict[str, Any] = {"detector": main_source if command == "run" else list(detector_names),
                                "data": str(data.root), "profile": cfg["profile"], "folds": [int(f) for f in fold_ids],
                                "folds_source": data.folds_source}
     # whose detection metrics fill summary["detection"]: run's own detector; none for gt or ablate
-    reported = detector_names[0] if command == "run" and detector_names[0] != "gt" else None
-    summary.update(summary_from_folds(results, detector=reported))
+    reported = main_source if command == "run" and main_source != "gt" else None
+    summary.update(_summarise(results, [fo.replicates for fo in outputs], main_source, reported))
     if command == "ablate":
         summary["detection_by_detector"] = {
             d: aggregate([r.detection[d] for r in results if d in r.detection]) for d in detector_names if d != "gt"}
@@ -333,29 +423,32 @@ def execute(cfg: dict[str, Any], out: Path, detector_names: Sequence[str], comma
     summary["timing"] = {"total_s": time.perf_counter() - t_start, "resumed_folds": resumed, **timing,
                          "inference_images_per_s": n_inf / timing["inference_s"] if timing["inference_s"] else None}
     summary["fold_info"] = [e["info"] for e in extras]
-    cand = examples
-    if cand:
-        picks = select_cases([e.id for e in cand], [e.label for e in cand], [e.dice for e in cand],
-                             [e.score for e in cand])
-        by_id = {e.id: e for e in cand}
+    examples = [e for fo in outputs for e in fo.examples]
+    if examples:
+        picks = select_cases([e.id for e in examples], [e.label for e in examples], [e.dice for e in examples],
+                             [e.score for e in examples])
+        by_id = {e.id: e for e in examples}
         examples = [Example(**{**{k: getattr(by_id[i], k) for k in Example.__dataclass_fields__}, "case": c})
                     for i, _, c in picks]
-    prior_name = {"gt": "ground-truth", "yolov5": "YOLOv5u", "codetr": "Co-DETR"}.get(detector_names[0],
-                                                                                      detector_names[0])
-    if external is not None:
-        ext_summary = {"detector": summary["detector"], "data": str(cfg["evaluation"]["external"]),
-                       "trained_on": str(data.root), "profile": cfg["profile"], "folds": summary["folds"],
-                       "images": len(external), "distended": int((external.labels == 1).sum()),
+    prior_name = {"gt": "ground-truth", "yolov5": "YOLOv5u", "codetr": "Co-DETR"}.get(main_source, main_source)
+    summary["external"] = []
+    for i, (path, ext_dir) in enumerate(zip(ext_paths, _external_dirs(out, ext_paths))):
+        ext_results = [fo.external[i][0] for fo in outputs]
+        ext_summary = {"detector": summary["detector"], "data": path, "trained_on": str(data.root),
+                       "profile": cfg["profile"], "folds": summary["folds"], "images": len(externals[i]),
+                       "distended": int((externals[i].labels == 1).sum()),
                        "note": "each fold's models scored every image of this held-out set; thresholds from "
-                               "each fold's validation part; RIAD not run here",
-                       **summary_from_folds(ext_results, detector=reported)}
-        write_report(out / "external", ext_summary, ext_results, cfg, package_versions(), (),
-                     prior_name=prior_name, figures=bool(cfg["evaluation"]["figures"]))
-        write_json(out / "external" / "summary.json", json_safe(ext_summary))
-        summary["external"] = {k: ext_summary[k] for k in ("data", "images", "distended")} | {
-            k: ext_summary[k] for k in ("priors", "prior_comparison") if k in ext_summary}
+                               "each fold's validation part; intervals resample its patients once for all fold "
+                               "models; RIAD not run here",
+                       **_summarise(ext_results, [fo.external[i][1] for fo in outputs], main_source, reported)}
+        write_report(ext_dir, ext_summary, ext_results, cfg, package_versions(), (), prior_name=prior_name,
+                     figures=bool(cfg["evaluation"]["figures"]), clustered=ext_summary["clustered"])
+        write_json(ext_dir / "summary.json", json_safe(ext_summary))
+        summary["external"].append({"data": path, "report": str(ext_dir.relative_to(out)),
+                                    **{k: ext_summary[k] for k in ("images", "distended", "controls", "clustered")},
+                                    **{k: ext_summary[k] for k in ("priors", "prior_comparison") if k in ext_summary}})
     write_report(out, summary, results, cfg, package_versions(), examples if cfg["evaluation"]["figures"] else (),
-                 prior_name=prior_name, figures=bool(cfg["evaluation"]["figures"]))
+                 prior_name=prior_name, figures=bool(cfg["evaluation"]["figures"]), clustered=summary["clustered"])
     write_json(out / "per_fold.json", json_safe([asdict(r) | {"rows": len(r.rows)} for r in results]))
     write_json(out / "summary.json", json_safe(summary))  # last: its presence marks the run finished
     return summary

@@ -123,13 +123,12 @@ def test_report_pairs_rows_by_image_and_shows_the_interval() -> None:
     assert got["folds"] == [0, 1, 2]  # fold 3 has no ground-truth rows to pair with
     assert got["diff"] == pytest.approx(expected["diff"]) and got["se"] == pytest.approx(expected["se"])
     assert summary_from_folds(folds)["prior_comparison"]["codetr"]["se"] == pytest.approx(expected["se"])
+    # Table 2's gap carries the patient-clustered interval when the run has one (tests of
+    # evaluation.intervals); DeLong's per-image test stays in summary.json and the note says so.
     row = next(r for r in build_tables(folds, paper=False)["table2"] if r["name"] == "Co-DETR")
-    gap = row["metrics"]["gap_i_auroc"]
-    assert gap["mean"] == pytest.approx(100 * expected["diff"])
-    assert gap["ci_low"] == pytest.approx(100 * expected["ci_low"])
-    assert gap["ci_high"] == pytest.approx(100 * expected["ci_high"])
+    assert row["metrics"]["gap_i_auroc"].get("ci_low") is None
     text = table_markdown("table2", build_tables(folds, paper=False)["table2"])
-    assert f"[{gap['ci_low']:+.1f}, {gap['ci_high']:+.1f}]" in text and "DeLong" in text
+    assert "DeLong" in text and "patient-clustered" in text
 
 
 def test_models_on_shared_images_pool_per_image() -> None:

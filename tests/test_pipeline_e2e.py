@@ -51,7 +51,17 @@ def _assert_run_outputs(out: Path, detector: str) -> dict:
     for ref in re.findall(r'(?:src|href)="([^"#:]+)"', html):
         assert (out / ref).exists(), ref  # the page links only files that exist
     rows = list(csv.DictReader(open(out / "per_image.csv")))
-    assert rows and {"id", "patient", "fold", "label"} <= set(rows[0])
+    assert rows and {"id", "patient", "fold", "label", "score_control_height"} <= set(rows[0])
+    # prior-only controls and patient-clustered intervals reach every output
+    assert set(summary["controls"]["gt"]) == {"control_height", "control_area"}
+    cl = summary["clustered"]
+    assert cl["n_boot"] == 2000 and cl["best_control"]["gt"] in ("gt/control_height", "gt/control_area")
+    iv = cl["rows"][f"{detector}/msgmsd"]["i_auroc"]["pooled"]
+    assert iv["low"] <= iv["estimate"] <= iv["high"]
+    assert iv["estimate"] == pytest.approx(summary["reconstruction"]["msgmsd"]["i_auroc"]["mean"])
+    table1 = (out / "table1.md").read_text()
+    assert "Prior only: box height" in table1 and "vs best prior-only control" in table1 and " [" in table1
+    assert "Prior only" in html and (out / "differences.md").is_file()
     return summary
 
 
@@ -117,25 +127,36 @@ def test_ablate(tmp_path: Path, cache: Path, capsys: pytest.CaptureFixture[str])
     assert json.loads((out / "summary.json").read_text())["timing"]["resumed_folds"] == 1
 
 
-def test_ablate_with_external_test_set(tmp_path: Path, cache: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_ablate_with_external_test_sets(tmp_path: Path, cache: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from scans.phantom import generate_dataset
 
-    ext = generate_dataset(tmp_path / "held-out", n_images=20, n_distended=8, n_patients=8, size=64, seed=11,
-                           progress=False)
+    exts = [generate_dataset(tmp_path / name, n_images=20, n_distended=8, n_patients=8, size=64, seed=seed,
+                             progress=False) for name, seed in (("held-out-a", 11), ("held-out-b", 12))]
     out = tmp_path / "ablate-ext"
-    args = ["ablate", "--detectors", "gt,yolov5", "--profile", "quick", "--folds", "0,1", "--external", str(ext),
-            "--out", str(out), "--no-progress"] + tiny(cache)
+    args = ["ablate", "--detectors", "gt,yolov5", "--profile", "quick", "--folds", "0,1", "--external", str(exts[0]),
+            "--external", str(exts[1]), "--out", str(out), "--no-progress"] + tiny(cache)
     assert main(args) == 0
-    summary = json.loads((out / "external" / "summary.json").read_text())
-    assert summary["images"] == 20 and summary["distended"] == 8 and summary["folds"] == [0, 1]
-    test = summary["prior_comparison"]["yolov5"]
-    assert test["test_images"] == "shared" and test["folds"] == [0, 1] and test["n_pos"] == 8
-    rows = list(csv.DictReader(open(out / "external" / "per_image.csv")))
-    assert len(rows) == 20 * 2 * 2  # every image, by each fold's models, with each prior source
-    assert {r["fold"] for r in rows} == {"0", "1"} and "YOLOv5u" in (out / "external" / "table2.md").read_text()
     main_summary = json.loads((out / "summary.json").read_text())
-    assert main_summary["external"]["prior_comparison"]["yolov5"]["se"] == pytest.approx(test["se"])
-    assert "[external: 20 images]" in capsys.readouterr().out
+    assert [e["report"] for e in main_summary["external"]] == ["external/held-out-a", "external/held-out-b"]
+    for i, ext in enumerate(exts):
+        d = out / "external" / ext.name
+        summary = json.loads((d / "summary.json").read_text())
+        assert summary["images"] == 20 and summary["distended"] == 8 and summary["folds"] == [0, 1]
+        test = summary["prior_comparison"]["yolov5"]
+        assert test["test_images"] == "shared" and test["folds"] == [0, 1] and test["n_pos"] == 8
+        rows = list(csv.DictReader(open(d / "per_image.csv")))
+        assert len(rows) == 20 * 2 * 2  # every image, by each fold's models, with each prior source
+        assert {r["fold"] for r in rows} == {"0", "1"} and "YOLOv5u" in (d / "table2.md").read_text()
+        assert main_summary["external"][i]["prior_comparison"]["yolov5"]["se"] == pytest.approx(test["se"])
+        diff = summary["clustered"]["differences"]
+        assert any(x["a"] == "yolov5/msgmsd" and x["b"] == "gt/msgmsd" for x in diff)
+        assert set(summary["controls"]) == {"gt", "yolov5"}
+    assert "20 images]" in capsys.readouterr().out
+    # a resume must score the same held-out sets
+    (out / "summary.json").unlink()
+    one_set = ["ablate", "--detectors", "gt,yolov5", "--profile", "quick", "--folds", "0,1", "--external",
+               str(exts[0]), "--out", str(out), "--no-progress"] + tiny(cache)
+    assert main(one_set) == 2
 
 
 def test_external_set_must_be_held_out(tmp_path: Path) -> None:

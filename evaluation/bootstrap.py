@@ -61,9 +61,10 @@ class Interval(NamedTuple):
 def patient_weights(patients: Sequence[str] | np.ndarray, n_boot: int, rng: np.random.Generator) -> np.ndarray:
     """``[n_boot, N]`` float64 image weights of a patient-cluster bootstrap.
 
-    Each replicate draws the P distinct patients P times with replacement; an image's weight is the
-    number of times its patient was drawn (so rows sum to N only in expectation). Column order is
-    the order of ``patients``.
+    Each replicate draws P - 1 of the P distinct patients with replacement (P when P = 1); an image's
+    weight is the number of times its patient was drawn. Drawing P - 1 makes the bootstrap variance
+    of a mean over patients unbiased (P draws give (P-1)/P of it), which matters with the 6-20
+    patients of a test fold. Column order is the order of ``patients``.
 
     >>> patient_weights(["a", "a", "b"], 3, np.random.default_rng(1)).shape
     (3, 3)
@@ -73,7 +74,7 @@ def patient_weights(patients: Sequence[str] | np.ndarray, n_boot: int, rng: np.r
         raise ValueError("no images to resample")
     _, inverse = np.unique(ids, return_inverse=True)
     n_pat = int(inverse.max()) + 1
-    counts = rng.multinomial(n_pat, np.full(n_pat, 1.0 / n_pat), size=n_boot)  # [B, P]
+    counts = rng.multinomial(max(n_pat - 1, 1), np.full(n_pat, 1.0 / n_pat), size=n_boot)  # [B, P]
     return counts[:, inverse.ravel()].astype(np.float64)
 
 

@@ -59,10 +59,11 @@ def test_patient_weights_shape_clusters_and_seed() -> None:
     for p in np.unique(patients):  # every image of a patient shares its patient's weight
         cols = w[:, patients == p]
         assert np.all(cols == cols[:, :1])
-    # each replicate draws 4 patients: per-patient weights sum to 4; image weights sum to 8 only on average
+    # each replicate draws 4 - 1 patients (the small-sample correction): per-patient weights sum to 3;
+    # image weights sum to 8 * 3/4 only on average
     first = np.array([np.flatnonzero(patients == p)[0] for p in np.unique(patients)])
-    assert np.all(w[:, first].sum(1) == 4)
-    assert len(np.unique(w.sum(1))) > 1 and w.sum(1).mean() == pytest.approx(8, rel=0.05)
+    assert np.all(w[:, first].sum(1) == 3)
+    assert len(np.unique(w.sum(1))) > 1 and w.sum(1).mean() == pytest.approx(6, rel=0.05)
     again = patient_weights(patients, 400, np.random.default_rng([3, 0, 7]))
     assert np.array_equal(w, again)
     assert not np.array_equal(w, patient_weights(patients, 400, np.random.default_rng([3, 1, 7])))

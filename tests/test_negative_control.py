@@ -21,8 +21,8 @@ def test_null_phantom_scores_at_chance(tmp_path: Path, monkeypatch: pytest.Monke
     from scans.__main__ import main as scans_main
 
     data = tmp_path / "null"
-    assert scans_main(["phantom", "--null", "--out", str(data), "--images", "150", "--distended", "45",
-                       "--patients", "30", "--size", "128", "--seed", "5"]) == 0
+    # the default phantom's composition (483 images, 123 "distended", 60 patients) at 128 px, seed 0
+    assert scans_main(["phantom", "--null", "--out", str(data), "--size", "128", "--seed", "0"]) == 0
     out = tmp_path / "run"
     sets = ["run_folds=null", f"cache_dir={tmp_path / 'models'}", "riad.enabled=false", "evaluation.figures=false"]
     args = ["run", "--detector", "gt", "--profile", "quick", "--data", str(data), "--out", str(out), "--no-progress"]

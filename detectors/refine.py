@@ -100,10 +100,10 @@ class RefinerConfig:
     jitter_x: float = 0.12    # training box noise: mean std of each x edge, fraction of width
     jitter_y: float = 0.15    # ... of each y edge, fraction of height (per sample 0-2x the mean)
     width: int = 24           # CNN channels
-    steps: int = 500          # optimisation steps: ~80 s on one CPU thread
+    steps: int = 500          # the training budget in optimisation steps: 55-86 s per fold on 2 cores (README "Time"), the refiner's ~1-min share of a fold
     batch_size: int = 32
     lr: float = 2e-3          # AdamW with cosine decay
-    max_seconds: float = 0.0  # wall-clock cap on training; 0 = none (a fixed step count is reproducible)
+    max_seconds: float = 0.0  # opt-in wall-clock cap on training; 0 = none. A cap that binds makes the refiner depend on the machine's speed
     iterations: int = 2       # refinement passes at inference (the second starts from a closer box)
     # Candidates the refiner moved onto the same edges are one box: drop the lower-scored copies
     # (IoU >= this after refinement; null keeps all). Co-DETR has no NMS, and its near-duplicates

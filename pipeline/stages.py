@@ -124,18 +124,46 @@ def fit_detector(cfg: dict[str, Any], data: Data, train_idx: np.ndarray, val_idx
     A trained detector depends only on the data, the fold's ids, its config and the seed, so it
     is cached like the U-Nets and shared by ``run`` and ``ablate``. Training logs go to ``workdir``.
     """
+    def _config_bases(path: Path) -> list[Path]:
+        """The ``_base_`` files an mmengine-style python config inherits from, recursively, in order."""
+        import ast
+
+        out: list[Path] = []
+        try:
+            tree = ast.parse(path.read_text())
+        except (OSError, SyntaxError):
+            return out
+        for node in tree.body:
+            if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "_base_" for t in node.targets):
+                try:
+                    value = ast.literal_eval(node.value)
+                except ValueError:
+                    continue
+                for rel in [value] if isinstance(value, str) else list(value):
+                    base = (path.parent / rel).resolve()
+                    if base.is_file():
+                        out.extend(b for b in [*_config_bases(base), base] if b not in out)
+        return out
+
     name = cfg["detector"]["name"]
     arr = data.arrays
     tr = training_subset(arr, train_idx, cfg["detector"]["train_classes"])
     va = training_subset(arr, val_idx, cfg["detector"]["train_classes"])
     kwargs = detector_kwargs(cfg)
     # Inference-only settings stay out of the key: changing them must not retrain the detector.
+    # The training budget (epochs, and any opt-in time cap such as Co-DETR's max_minutes or an
+    # ultralytics `time` in train_args) is in the kwargs or the config text, so a model trained
+    # under another budget is never taken for this one.
     inference = detector_class(name).INFERENCE_KEYS
     key_doc = {"data": annotations_fingerprint(data.root), "size": cfg["image_size"], "frame": cfg.get("frame", 0),
                "train": arr.ids[tr].tolist(), "val": arr.ids[va].tolist(), "detector": name,
                "kwargs": {k: v for k, v in kwargs.items() if k != "device" and k not in inference},
                "config_text": Path(kwargs["config_file"]).read_text() if "config_file" in kwargs else None,
                "version": 1}
+    if "config_file" in kwargs:
+        bases = _config_bases(Path(kwargs["config_file"]))
+        if bases:  # a config built on `_base_` files (codetr_quick.py) also depends on their text
+            key_doc["base_texts"] = [b.read_text() for b in bases]
     cache = cache_root(cfg) / f"det-{name}-{_key(key_doc)}"
     with cache_lock(cache):
         det, info = _fit_detector_locked(name, kwargs, arr, tr, va, cache, Path(workdir))
@@ -164,10 +192,17 @@ def fit_refiner(cfg: dict[str, Any], data: Data, tr: np.ndarray, va: np.ndarray)
     arr = data.arrays
     options = dict(cfg["detector"].get("refiner") or {})
     options.setdefault("seed", cfg["seed"])
-    # Inference-only settings stay out of the key: changing them must not retrain the refiner.
-    train_options = {k: v for k, v in options.items() if k not in BoxRefiner.INFERENCE_KEYS}
+    # The key holds every training setting resolved over RefinerConfig's defaults (so the step
+    # budget `steps` and the opt-in `max_seconds` cap are in it even when the config leaves them
+    # at their defaults); inference-only settings stay out: changing them must not retrain.
+    from dataclasses import asdict
+
+    from detectors.refine import RefinerConfig
+
+    resolved = {**asdict(RefinerConfig()), **options}
+    train_options = {k: v for k, v in resolved.items() if k not in BoxRefiner.INFERENCE_KEYS}
     key_doc = {"data": annotations_fingerprint(data.root), "size": cfg["image_size"], "frame": cfg.get("frame", 0),
-               "train": arr.ids[tr].tolist(), "val": arr.ids[va].tolist(), "refiner": train_options, "version": 1}
+               "train": arr.ids[tr].tolist(), "val": arr.ids[va].tolist(), "refiner": train_options, "version": 2}
     cache = cache_root(cfg) / f"refiner-{_key(key_doc)}"
     device = resolve_device(cfg)
     with cache_lock(cache):
@@ -245,7 +280,11 @@ def annotations_fingerprint(root: Path) -> str:
 
 def unet_cache_dir(cfg: dict[str, Any], data: Data, train_ids: tuple[int, ...], val_ids: tuple[int, ...],
                    mode: str) -> Path:
-    """Cache folder keyed by everything a trained U-Net depends on: data, fold, config, seed."""
+    """Cache folder keyed by everything a trained U-Net depends on: data, fold, config, seed.
+
+    The training config in the key holds the budget (``epochs``, ``patience``) and the opt-in
+    time cap (``max_train_seconds``, None when off), so a U-Net trained under another budget is
+    never reused as this one; a killed training resumes from ``<entry>/work`` of the same key."""
     tc = train_config(cfg, mode).to_dict()
     for k in ("progress", "device"):
         tc.pop(k, None)

@@ -40,7 +40,10 @@ from scans.records import DISTENDED, ScanArrays
 LAST = "last.pt"
 BEST_DIR = "best"
 _FORMAT = 1
-# settings that may change between a run and its resumption without changing the result's meaning
+# settings that may change between a run and its resumption without changing the result's meaning:
+# the budget may be extended (more epochs, a cap lifted) and the run goes on from its last epoch;
+# a checkpoint already past this run's epoch budget is refused (see _train). Callers that cache
+# finished models must key them on these too (pipeline.stages.unet_cache_dir keys the whole config).
 _BUDGET_KEYS = {"epochs", "patience", "max_epochs", "max_train_seconds", "progress", "device", "num_threads", "eval_batch_size"}
 
 
@@ -48,9 +51,12 @@ _BUDGET_KEYS = {"epochs", "patience", "max_epochs", "max_train_seconds", "progre
 class TrainConfig:
     """Every hyper-parameter of a reconstruction training run (paper defaults unless noted).
 
-    ``max_epochs`` caps ``epochs`` for short CPU runs; ``max_train_seconds`` stops before an
-    epoch that would overrun the budget of this call (estimated from the previous epoch; at
-    least one epoch always runs). ``mode="riad"`` trains
+    The budget is ``epochs`` (capped by ``max_epochs`` for short runs), ended sooner only by
+    early stopping with ``patience`` on the validation loss: both are counted in epochs, so the
+    same config and seed give the same model on any machine. ``max_train_seconds`` is an opt-in
+    safety valve, off by default (None): it stops before an epoch that would overrun it
+    (estimated from the previous epoch; at least one epoch always runs), so when it binds the
+    result depends on the machine's speed and load. ``mode="riad"`` trains
     the same network with RIAD's disjoint grid masks (one cell size from ``riad_ks`` per batch).
     """
 
@@ -70,7 +76,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     max_epochs: int | None = None
-    max_train_seconds: float | None = None
+    max_train_seconds: float | None = None  # opt-in wall-clock cap; a binding cap makes results machine-dependent
     num_threads: int | None = None
     progress: bool = True
 
@@ -191,6 +197,10 @@ def _train(train: ScanArrays, val: ScanArrays | None, cfg: TrainConfig, workdir:
         if (wd / LAST).exists():
             ck = torch.load(wd / LAST, map_location=device, weights_only=True)
             _check_resume(ck["config"], cfg.to_dict())
+            cap_now = min(cfg.epochs, cfg.max_epochs) if cfg.max_epochs is not None else cfg.epochs
+            if int(ck["epoch"]) > cap_now:
+                raise ValueError(f"workdir checkpoint has trained {int(ck['epoch'])} epochs, more than this run's budget "
+                                 f"of {cap_now}; use a fresh workdir")
             model.load_state_dict(ck["model"])
             opt.load_state_dict(ck["optimizer"])
             best_state = ck["best_state"]
@@ -251,5 +261,6 @@ def _train(train: ScanArrays, val: ScanArrays | None, cfg: TrainConfig, workdir:
     model.eval()
     if wd is not None:
         save_model(model, wd / BEST_DIR, meta={"mode": cfg.mode, "train_config": cfg.to_dict(), "best_epoch": state["best_epoch"],
-                                               "best_val_loss": state["best_val"], "epochs_run": state["epoch"]})
+                                               "best_val_loss": state["best_val"], "epochs_run": state["epoch"],
+                                               "stop_reason": stop})
     return TrainResult(model, state["history"], state["best_epoch"], state["best_val"], state["epoch"], stop)

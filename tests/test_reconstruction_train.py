@@ -111,6 +111,17 @@ def test_early_stopping_and_time_budget(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.undo()
     timed = train_unet(tr, tr, replace(TINY, max_train_seconds=1e-9, max_epochs=10))
     assert timed.stop_reason == "time" and timed.epochs_run == 1
+    assert TrainConfig().max_train_seconds is None  # the time cap is opt-in: by default the epochs end a run
+
+
+def test_resume_refuses_a_checkpoint_past_the_budget(tmp_path: Path) -> None:
+    """A workdir trained for more epochs than this run's budget is not passed off as this budget;
+    extending the budget resumes (test_same_seed_same_run_and_resume_matches)."""
+    tr = synthetic(4, seed=1)
+    train_unet(tr, tr, replace(TINY, max_epochs=2), workdir=tmp_path)
+    with pytest.raises(ValueError, match="more than this run's budget"):
+        train_unet(tr, tr, replace(TINY, max_epochs=1), workdir=tmp_path)
+    assert train_unet(tr, tr, replace(TINY, max_epochs=2), workdir=tmp_path).epochs_run == 2  # same budget: done
 
 
 def test_rejects_distended_or_boxless_training_scans() -> None:

@@ -118,7 +118,7 @@ model = dict(
 )
 
 train = dict(
-    epochs=300,            # from scratch on ~230 scans; the published 12 epochs assume ImageNet weights
+    epochs=300,            # (int) the budget; from scratch on ~230 scans; the published 12 epochs assume ImageNet weights
     batch_size=16,         # published 8 GPUs x 2
     lr=2e-4,               # published
     weight_decay=1e-4,     # published
@@ -128,7 +128,7 @@ train = dict(
     clip_grad=0.1,         # published
     seed=0,
     num_threads=None,
-    max_minutes=None,
+    max_minutes=None,      # (float|None) opt-in wall-clock cap, off: a binding cap makes results machine-dependent
     val_interval=10,
     hflip=True,
     intensity_jitter=0.1,

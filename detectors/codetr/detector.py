@@ -30,7 +30,7 @@ from scans.records import ScanArrays
 
 # Defaults for the training block of the config; the config file overrides any of them.
 DEFAULT_TRAIN: dict[str, Any] = dict(
-    epochs=60,            # passes over the training scans
+    epochs=60,            # the training budget: passes over the training scans
     batch_size=8,
     lr=4e-4,              # AdamW
     weight_decay=1e-4,
@@ -40,7 +40,7 @@ DEFAULT_TRAIN: dict[str, Any] = dict(
     clip_grad=0.1,        # DINO's max gradient norm
     seed=0,
     num_threads=None,     # torch intra-op threads; None leaves torch's default
-    max_minutes=None,     # wall-clock cap; the cosine schedule ends at whichever of epochs/cap comes first
+    max_minutes=None,     # opt-in wall-clock cap, off by default; when it binds the model depends on the machine's speed (the cosine then follows the clock)
     val_interval=5,       # epochs between validation passes (top-1 IoU on val)
     hflip=True,           # left/right knees mirror each other, so a flip is a plausible scan
     intensity_jitter=0.1,  # +-10 % gain and offset: probe gain varies between scans
@@ -244,10 +244,19 @@ class CoDetrDetector(Detector):
     def fit(self, train: ScanArrays, val: ScanArrays, workdir: Path) -> dict[str, Any]:
         """Train from scratch with AdamW + warm-up + cosine; keep the weights with the best val IoU.
 
-        The run stops after ``epochs`` or ``max_minutes``, whichever comes first; the cosine
-        schedule follows the same budget, so a capped run is still annealed (but then depends on
-        the machine's speed, which the summary records as ``stopped_early``).
+        The run trains for ``epochs`` (a fixed number of steps, so the same config and seed give
+        the same model on any machine). ``max_minutes`` is an opt-in safety valve, off by default:
+        when set, the cosine schedule also follows the clock and the run stops at whichever budget
+        ends first, so a capped run is still annealed but depends on the machine's speed (the
+        summary records it as ``stopped_early``).
         """
+        threads_before = torch.get_num_threads()
+        try:
+            return self._fit(train, val, workdir)
+        finally:
+            torch.set_num_threads(threads_before)  # num_threads applies to this training only
+
+    def _fit(self, train: ScanArrays, val: ScanArrays, workdir: Path) -> dict[str, Any]:
         cfg = self.train_cfg
         workdir = Path(workdir)
         workdir.mkdir(parents=True, exist_ok=True)

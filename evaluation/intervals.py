@@ -32,26 +32,35 @@ LORIS_MAPS = ("msgmsd", "dd", "gmsd", "ssim")
 # Where a fold's weights come from: [seed, fold, WEIGHTS_STREAM]; an external set: [seed, EXTERNAL_STREAM].
 WEIGHTS_STREAM = 7
 EXTERNAL_STREAM = 99
+MIN_PATIENTS = 3  # fewer distinct patients in a part: its intervals are NaN (shown as none)
 
 
 def fold_weights(patients: Sequence[str], seed: int, fold: int | None, n_boot: int = N_BOOT) -> np.ndarray:
     """``[n_boot, N]`` patient-cluster weights of one fold's test part (``fold=None``: an external set,
     one draw shared by every fold's models)."""
     key = [seed, EXTERNAL_STREAM] if fold is None else [seed, fold, WEIGHTS_STREAM]
+    if len(np.unique(np.asarray(patients))) < MIN_PATIENTS:
+        # one or two patients cannot show between-patient spread: no interval rather than a false one
+        return np.full((n_boot, len(patients)), np.nan)
     return patient_weights(np.asarray(patients), n_boot, np.random.default_rng(key))
 
 
-def oracle_grid(maps: np.ndarray, masks: np.ndarray, n: int = 32) -> np.ndarray:
-    """Candidate thresholds for the post-processed oracle Dice: quantiles of the anomalous pixels' values."""
+def oracle_grid(maps: np.ndarray, masks: np.ndarray, metrics: Mapping[str, float], n: int = 32) -> np.ndarray:
+    """Candidate thresholds for the post-processed oracle Dice in each replicate: the quantiles of the
+    anomalous pixels' values that :func:`evaluation.metrics.select_threshold` searches, plus the
+    thresholds the estimate chose, so that full weights reproduce the estimate."""
     pos = maps[masks]
-    return np.unique(np.quantile(pos, np.linspace(0.0, 1.0, n))) if pos.size else np.array([np.inf])
+    if not pos.size:
+        return np.array([np.inf])
+    chosen = [metrics[k] for k in ("dice_oracle_threshold", "dice_oracle_post_threshold") if k in metrics]
+    return np.unique(np.append(np.quantile(pos, np.linspace(0.0, 1.0, n)), chosen))
 
 
 def row_replicates(src: str, method: str, metrics: Mapping[str, float], scores: np.ndarray, labels: np.ndarray,
                    maps: np.ndarray, masks: np.ndarray, w: np.ndarray, kernel: int) -> dict[str, np.ndarray]:
     """``{"<src>/<method>/<metric>": [B] float32}`` for one row on one fold's images."""
     reps = replicates(scores, labels, maps, masks, w, val_threshold=float(metrics["dice_val_threshold"]),
-                      oracle_thresholds=oracle_grid(maps, masks), kernel=kernel)
+                      oracle_thresholds=oracle_grid(maps, masks, metrics), kernel=kernel)
     return {f"{src}/{method}/{k}": np.asarray(v, np.float32) for k, v in reps.items()}
 
 

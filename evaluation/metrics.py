@@ -329,7 +329,7 @@ def segmentation_metrics(
     """Every per-fold metric of one anomaly-map method on one test fold, as a flat dict.
 
     Keys: ``i_auroc``, ``p_auroc``, ``dice_oracle`` (+ ``_threshold``; before post-processing, the
-    paper's), ``dice_oracle_post`` (oracle after closing-opening, if ``oracle_post``), ``dice_val``
+    paper's), ``dice_oracle_post`` (+ ``_threshold``; oracle after closing-opening, if ``oracle_post``), ``dice_val``
     (+ ``_threshold``), ``dice_per_image``. ``val_*`` are the validation fold's maps and masks.
 
     >>> m = np.zeros((4, 8, 8), bool); m[2:, 2:6, 2:6] = True
@@ -346,7 +346,8 @@ def segmentation_metrics(
     oracle = dice_oracle(maps, masks, kernel=1)
     out["dice_oracle"], out["dice_oracle_threshold"] = oracle.dice, oracle.threshold
     if oracle_post:
-        out["dice_oracle_post"] = dice_oracle(maps, masks, kernel=kernel).dice
+        post = dice_oracle(maps, masks, kernel=kernel)
+        out["dice_oracle_post"], out["dice_oracle_post_threshold"] = post.dice, post.threshold
     val = dice_val(val_maps, val_masks, maps, masks, kernel=kernel)
     out["dice_val"], out["dice_val_threshold"] = val.dice, val.threshold
     out["dice_per_image"] = dice_per_image(maps, masks, labels, val.threshold, kernel=kernel)

@@ -190,10 +190,14 @@ def _cell(stat: Mapping[str, float] | None) -> str:
     if not stat or stat.get("mean") is None or not math.isfinite(stat["mean"]):
         return "-"
     std = stat.get("std")
-    ci = f" [{stat['ci_low']:.3f}, {stat['ci_high']:.3f}]" if stat.get("ci_low") is not None else ""
+    ci = f" [{stat['ci_low']:.3f}, {stat['ci_high']:.3f}]" if _finite(stat.get("ci_low"), stat.get("ci_high")) else ""
     if std is None or not math.isfinite(std):
         return f"{stat['mean']:.3f} (n={stat.get('n', 1)}){ci}"
     return f"{stat['mean']:.3f} ± {std:.3f}{ci}"
+
+
+def _finite(*values: Any) -> bool:
+    return all(v is not None and math.isfinite(float(v)) for v in values)
 
 
 def _paper(values: Mapping[str, tuple[float, float]]) -> dict[str, dict[str, float]]:
@@ -308,7 +312,7 @@ def _columns(table: str) -> list[tuple[str, str]]:
 def _gap_cell(stat: Mapping[str, float] | None) -> str:
     if not stat:
         return "-"
-    if stat.get("ci_low") is None:
+    if not _finite(stat.get("ci_low"), stat.get("ci_high")):
         return f"{stat['mean']:+.1f}"
     return f"{stat['mean']:+.1f} [{stat['ci_low']:+.1f}, {stat['ci_high']:+.1f}]"
 

@@ -157,7 +157,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 
 def _ci(d: dict[str, Any] | None, scale: float = 1.0, fmt: str = ".3f") -> str:
-    if not d or d.get("low") is None:
+    if not d or any(d.get(k) is None or d[k] != d[k] for k in ("low", "high")):  # None or NaN: no interval
         return ""
     return f" [{scale * d['low']:{fmt}}, {scale * d['high']:{fmt}}]"
 

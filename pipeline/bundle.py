@@ -79,7 +79,7 @@ def train_bundle(cfg: dict[str, Any], model_dir: Path) -> dict[str, Any]:
                      margin=float(cfg["unet"]["mask_margin"]))
     s = cfg["score"]
     scores = image_score(rv.maps[b["score_map"]], pv.boxes, pooling=s["pooling"], region=s["region"],
-                         topk_fraction=s["topk_fraction"])
+                         topk_fraction=s["topk_fraction"], margin=float(cfg["unet"]["mask_margin"]))
     thr, op = operating_threshold(scores, val.labels, b["operating_point"], float(b["sensitivity"]))
     seg = select_threshold(rv.maps[b["segment_map"]], val.masks, kernel=int(cfg["evaluation"]["postprocess_kernel"]))
     det.save(model_dir / "detector")
@@ -161,7 +161,7 @@ class Bundle:
                           margin=float(d.get("mask_margin", 0.0)))
         s = d["score"]
         scores = image_score(rec.maps[s["map"]], pri.boxes, pooling=s["pooling"], region=s["region"],
-                             topk_fraction=s["topk_fraction"])
+                             topk_fraction=s["topk_fraction"], margin=float(d.get("mask_margin", 0.0)))
         g = d["segmentation"]
         heat = rec.maps[g["map"]]
         masks = segment(heat, float(g["threshold"]), kernel=int(g["kernel"]))

@@ -87,3 +87,31 @@ def test_score_region_box_pools_over_the_masked_margin() -> None:
 
 def test_controls_listed_once() -> None:
     assert set(CONTROLS) == set(control_scores(np.zeros((1, 4))).keys())
+
+
+def test_full_weights_reproduce_every_estimate() -> None:
+    """A replicate with every image weighted once is the estimate itself, post-processed oracle included."""
+    from evaluation.intervals import row_replicates
+
+    rng = np.random.default_rng(3)
+    masks = np.zeros((12, 32, 32), bool)
+    masks[6:, 10:20, 8:24] = True
+    maps = rng.random((12, 32, 32)).astype(np.float32) * 0.6 + masks * rng.random((12, 32, 32)) * 0.8
+    labels = np.r_[np.zeros(6, int), np.ones(6, int)]
+    scores = maps.mean((1, 2))
+    m = segmentation_metrics(scores, labels, maps, masks, maps, masks)
+    reps = row_replicates("gt", "x", m, scores, labels, maps, masks, np.ones((1, 12)), kernel=3)
+    for k in ("i_auroc", "dice_oracle_post", "dice_val"):
+        assert reps[f"gt/x/{k}"][0] == pytest.approx(m[k], abs=1e-6), k
+    assert reps["gt/x/p_auroc"][0] == pytest.approx(m["p_auroc"], abs=5e-3)
+
+
+def test_too_few_patients_give_no_interval() -> None:
+    from evaluation.controls import CONTROL_NAMES  # noqa: F401  (import check)
+    from evaluation.intervals import fold_weights
+    from evaluation.report import _cell
+
+    w = fold_weights(np.array(["a", "a", "b", "b"]), seed=0, fold=0, n_boot=50)
+    assert np.isnan(w).all()
+    assert fold_weights(np.array(["a", "b", "c"]), seed=0, fold=0, n_boot=50).shape == (50, 3)
+    assert _cell({"mean": 0.7, "std": 0.1, "ci_low": float("nan"), "ci_high": float("nan")}) == "0.700 ± 0.100"

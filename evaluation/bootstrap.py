@@ -350,3 +350,99 @@ def pooled(replicates_per_fold: Sequence[np.ndarray]) -> np.ndarray:
     if len({r.size for r in reps}) != 1:
         raise ValueError(f"folds have different replicate counts: {[r.size for r in reps]}")
     return np.mean(np.stack(reps), axis=0)
+
+
+# ----------------------------------------------------------------------------- detection
+
+_RECALL_GRID = np.linspace(0.0, 1.0, 101)  # COCO's 101 recall thresholds
+
+
+class DetectionMatches(NamedTuple):
+    """Every detection's image, score and COCO match at each IoU threshold (one box per image)."""
+
+    image: np.ndarray     # [D] index of the image each detection belongs to
+    score: np.ndarray     # [D]
+    tp: np.ndarray        # [T, D] bool: a true positive at threshold t (COCO's greedy match)
+    has_gt: np.ndarray    # [N] bool: the image has a ground-truth box
+    top1_hit: np.ndarray  # [N] bool: its top-scoring box has IoU >= 0.5
+    has_pred: np.ndarray  # [N] bool
+
+
+def detection_matches(gt_boxes: np.ndarray, predictions: Sequence[tuple[np.ndarray, np.ndarray]],
+                      iou_thresholds: Sequence[float] = (0.5, 0.75), max_dets: int = 100) -> DetectionMatches:
+    """Match detections to the one ground-truth box per image as COCO does (score order, the first
+    detection with IoU >= t takes it, the rest are false positives; at most ``max_dets`` per image)."""
+    gt = np.asarray(gt_boxes, np.float64).reshape(-1, 4)
+    img, sc, ious = [], [], []
+    top1 = np.zeros(len(gt), bool)
+    has_pred = np.zeros(len(gt), bool)
+    for i, (boxes, scores) in enumerate(predictions):
+        b = np.asarray(boxes, np.float64).reshape(-1, 4)
+        s = np.asarray(scores, np.float64).ravel()
+        order = np.argsort(-s, kind="mergesort")[:max_dets]
+        b, s = b[order], s[order]
+        if np.isfinite(gt[i]).all() and len(b):
+            iw = np.clip(np.minimum(b[:, 2], gt[i, 2]) - np.maximum(b[:, 0], gt[i, 0]), 0, None)
+            ih = np.clip(np.minimum(b[:, 3], gt[i, 3]) - np.maximum(b[:, 1], gt[i, 1]), 0, None)
+            inter = iw * ih
+            union = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]) + (gt[i, 2] - gt[i, 0]) * (gt[i, 3] - gt[i, 1]) - inter
+            iou = np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
+        else:
+            iou = np.zeros(len(b))
+        has_pred[i] = len(b) > 0
+        top1[i] = bool(len(b)) and iou[0] >= 0.5
+        img.append(np.full(len(b), i))
+        sc.append(s)
+        ious.append(iou)
+    image = np.concatenate(img) if img else np.zeros(0, int)
+    iou_all = np.concatenate(ious) if ious else np.zeros(0)
+    tp = np.zeros((len(iou_thresholds), image.size), bool)
+    for t, thr in enumerate(iou_thresholds):
+        ok = iou_all >= thr
+        # the first qualifying detection of each image (score order within the image) is the match
+        first = np.full(len(gt), -1)
+        for d in np.flatnonzero(ok)[::-1]:
+            first[image[d]] = d
+        tp[t, first[first >= 0]] = True
+    return DetectionMatches(image.astype(np.int64), np.concatenate(sc) if sc else np.zeros(0), tp,
+                            np.isfinite(gt).all(1), top1, has_pred)
+
+
+def weighted_ap(m: DetectionMatches, w: np.ndarray) -> np.ndarray:
+    """``[B, T]`` COCO average precision (101-point interpolation) at each matched IoU threshold under
+    image weights ``w`` ``[B, N]``; NaN where no ground truth has weight."""
+    w = _weights(w, m.has_gt.size)
+    order = np.argsort(-m.score, kind="mergesort")  # COCO pools every image's detections by score
+    wd = w[:, m.image[order]]                       # [B, D]
+    n_gt = w[:, m.has_gt].sum(1)                    # [B]
+    out = np.full((w.shape[0], m.tp.shape[0]), np.nan)
+    for t in range(m.tp.shape[0]):
+        tp_d = m.tp[t, order]
+        tps = np.cumsum(wd * tp_d, axis=1)
+        fps = np.cumsum(wd * ~tp_d, axis=1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            rec = tps / n_gt[:, None]
+            prec = np.where(tps + fps > 0, tps / np.maximum(tps + fps, 1e-300), 0.0)
+        prec = np.maximum.accumulate(prec[:, ::-1], axis=1)[:, ::-1]  # precision envelope
+        for b in range(w.shape[0]):  # searchsorted is 1-D; D and 101 points are small
+            if n_gt[b] <= 0:
+                continue
+            idx = np.searchsorted(rec[b], _RECALL_GRID, side="left")
+            q = np.where(idx < prec.shape[1], prec[b, np.minimum(idx, prec.shape[1] - 1)], 0.0)
+            out[b, t] = q.mean()
+    return out
+
+
+def weighted_top1_precision(m: DetectionMatches, w: np.ndarray) -> np.ndarray:
+    """``[B]`` share (weighted) of images with a detection whose top box has IoU >= 0.5."""
+    w = _weights(w, m.has_gt.size)
+    sel = m.has_pred & m.has_gt
+    den = w[:, sel].sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, w[:, sel & m.top1_hit].sum(1) / den, np.nan)
+
+
+def detection_replicates(m: DetectionMatches, w: np.ndarray) -> dict[str, np.ndarray]:
+    """``{"precision", "map50", "map75"}`` replicates (``m`` matched at IoU 0.5 and 0.75)."""
+    ap = weighted_ap(m, w)
+    return {"precision": weighted_top1_precision(m, w), "map50": ap[:, 0], "map75": ap[:, 1]}

@@ -25,7 +25,7 @@ import numpy as np
 from evaluation.bootstrap import N_BOOT, interval, patient_weights, pooled, replicates
 from evaluation.controls import CONTROLS
 
-METRICS = ("i_auroc", "p_auroc", "dice_oracle", "dice_oracle_post", "dice_val")
+METRICS = ("i_auroc", "p_auroc", "dice_oracle", "dice_oracle_post", "dice_val", "precision", "map50", "map75")
 LEVEL = 0.95
 NO_PRIOR = "none"  # source of methods that use no location prior (RIAD)
 LORIS_MAPS = ("msgmsd", "dd", "gmsd", "ssim")
@@ -144,11 +144,11 @@ def clustered_summary(estimates: Sequence[Mapping[str, Mapping[str, float]]],
 
 
 def fold_estimates(methods: Mapping[str, Mapping[str, float]], priors: Mapping[str, Mapping[str, float]],
-                   controls: Mapping[str, Mapping[str, Mapping[str, float]]], main_source: str
-                   ) -> dict[str, Mapping[str, float]]:
+                   controls: Mapping[str, Mapping[str, Mapping[str, float]]], main_source: str,
+                   detection: Mapping[str, Mapping[str, float]] | None = None) -> dict[str, Mapping[str, float]]:
     """One fold's rows: Table 1's methods under ``main_source`` (RIAD under ``none``), each source's
-    LoRIS+MSGMSD and each source's controls."""
-    out: dict[str, Mapping[str, float]] = {}
+    LoRIS+MSGMSD, each source's controls and each detector's detection metrics (``<src>/detection``)."""
+    out: dict[str, Mapping[str, float]] = {f"{src}/detection": v for src, v in (detection or {}).items()}
     for m, v in methods.items():
         out[f"{NO_PRIOR}/{m}" if m == "riad" else f"{main_source}/{m}"] = v
     for src, v in priors.items():

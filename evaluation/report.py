@@ -282,7 +282,7 @@ def build_tables(folds: Sequence[FoldResult], paper: bool = True, refined: bool 
         if p in ours:
             # Refined boxes are not the paper's raw detector output: the row says so.
             name = PRIOR_NAMES.get(p, p) + (" + refiner" if refined and p != "gt" else "")
-            metrics = _with_intervals(ours[p], cl, f"{p}/msgmsd")
+            metrics = _with_intervals(_with_intervals(ours[p], cl, f"{p}/msgmsd"), cl, f"{p}/detection")
             for k in GAP_KEYS:
                 plain = _gap(ours[p], ours.get("gt", {}), k) if p != "gt" else None
                 metrics[f"gap_{k}"] = (_paired_gap(cl, f"{p}/msgmsd", "gt/msgmsd", k) or plain) if plain else None

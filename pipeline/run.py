@@ -21,6 +21,7 @@ from tqdm import tqdm
 from detectors.base import Detector
 from detectors.prior import PriorPolicy
 from evaluation.aggregate import json_safe
+from evaluation.bootstrap import detection_matches, detection_replicates
 from evaluation.controls import CONTROLS, box_indicator, control_scores
 from evaluation.detection import detection_metrics, write_coco_results
 from evaluation.figures import Example, select_cases
@@ -147,6 +148,8 @@ def _evaluate_part(cfg: dict[str, Any], unet: Any, det: Detector | None, policy:
         result.detection[src] = detection_metrics(arrays.boxes, arrays.ids, preds, arrays.images.shape[1:],
                                                   labels=arrays.labels)
         result.detection[src]["fallbacks"] = pt.fallbacks
+        reps.update({f"{src}/detection/{k}": v.astype(np.float32) for k, v in
+                     detection_replicates(detection_matches(arrays.boxes, preds), weights).items()})
         if coco_dir is not None:
             # the results file pairs with annotations.json, so boxes go back to the scans' own pixels
             inv = np.concatenate([1 / arrays.scale, 1 / arrays.scale], axis=1)
@@ -356,7 +359,7 @@ def _summarise(results: Sequence[FoldResult], reps: Sequence[dict[str, np.ndarra
     sources = sorted({s for r in results for s in r.controls})
     out["controls"] = {s: {c: v for c, v in aggregate_methods([r.controls[s] for r in results if s in r.controls]).items()}
                        for s in sources}
-    estimates = [fold_estimates(r.methods, r.priors, r.controls, main_source) for r in results]
+    estimates = [fold_estimates(r.methods, r.priors, r.controls, main_source, r.detection) for r in results]
     out["clustered"] = clustered_summary(estimates, reps, main_source=main_source)
     return out
 

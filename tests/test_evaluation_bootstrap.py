@@ -273,3 +273,30 @@ def test_pooled_cluster_interval_covers_at_the_nominal_level() -> None:
         delong += d["ci_low"] <= true <= d["ci_high"]
     assert cluster / trials >= 0.92, cluster / trials
     assert delong / trials < 0.80, delong / trials
+
+
+def test_weighted_detection_metrics_equal_pycocotools_with_unit_weights() -> None:
+    """The detection replicates reproduce pycocotools' mAP@50/75 and the top-1 precision exactly."""
+    from evaluation.bootstrap import detection_matches, detection_replicates
+    from evaluation.detection import detection_metrics
+
+    rng = np.random.default_rng(0)
+    n = 40
+    corner = rng.uniform(0, 30, (n, 2))
+    gt = np.concatenate([corner, corner + rng.uniform(10, 30, (n, 2))], 1)
+    gt[3] = np.nan  # an image without ground truth
+    preds = []
+    for i in range(n):
+        k = int(rng.integers(0, 5))
+        b = np.nan_to_num(gt[i], nan=20.0) + rng.normal(0, 4, (k, 4))
+        b[:, 2:] = np.maximum(b[:, 2:], b[:, :2] + 1)
+        preds.append((b, rng.random(k)))
+    ref = detection_metrics(gt, np.arange(1, n + 1), preds, (64, 64))
+    m = detection_matches(gt, preds)
+    got = detection_replicates(m, np.ones((1, n)))
+    for k in ("precision", "map50", "map75"):
+        assert got[k][0] == pytest.approx(ref[k], abs=1e-9), k
+    w = patient_weights(np.arange(n) // 4, 200, np.random.default_rng(1))
+    reps = detection_replicates(m, w)
+    assert all(v.shape == (200,) and np.isfinite(v).all() for v in reps.values())
+    assert reps["map50"].std() > 0

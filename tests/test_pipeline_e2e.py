@@ -110,6 +110,11 @@ def test_ablate(tmp_path: Path, cache: Path, capsys: pytest.CaptureFixture[str])
                 + tiny(cache)) == 0
     table2 = (out / "table2.md").read_text()
     assert "GT" in table2 and "YOLOv5u" in table2 and "vs GT" in table2
+    rows = {r["name"]: r for r in json.loads((out / "table2.json").read_text())["rows"] if r["source"] == "ours"}
+    det = rows["YOLOv5u + refiner"]["metrics"]
+    # detection figures and the detector-vs-GT gap carry patient-clustered intervals too
+    assert det["map50"]["ci_low"] <= det["map50"]["mean"] + 1e-9 or det["map50"]["ci_low"] is None
+    assert "ci_low" in det["map50"] and "ci_low" in det["gap_i_auroc"]
     summary = json.loads((out / "summary.json").read_text())
     # The paired test of detector against ground-truth priors, on the same test images.
     test = summary["prior_comparison"]["yolov5"]

@@ -145,6 +145,8 @@ class RenderedScan:
     recess: np.ndarray
     pocket: np.ndarray
     pocket_height: float
+    pocket_outside: int = 0  # pocket pixels the box clips off the mask
+
 
 
 def sample_anatomy(rng: np.random.Generator) -> PatientAnatomy:
@@ -229,6 +231,8 @@ class ScanGeometry:
     recess: np.ndarray
     pocket: np.ndarray
     pocket_height: float
+    pocket_outside: int = 0  # pocket pixels the box clips off the mask
+
 
 
 def _soft_tissue(a: PatientAnatomy, floor: np.ndarray, thick: np.ndarray, fluid_h: np.ndarray, spfat: np.ndarray,
@@ -324,7 +328,8 @@ def scan_geometry(rng: np.random.Generator, anatomy: PatientAnatomy, severity: f
     return ScanGeometry(skin_top=skin_top, fat_top=fat_top, tendon_top=tendon_top, tendon_bot=tendon_bot, roof=roof,
                         floor=floor, femur=femur, taper=taper, shift=float(shift), press=float(press),
                         gain_db=float(gain_db), rendered_pocket=rendered_pocket, anatomical_box=exact, box=box,
-                        recess=recess & inside, pocket=pocket & inside, pocket_height=float(pocket_h * size))
+                        recess=recess & inside, pocket=pocket & inside, pocket_height=float(pocket_h * size),
+                        pocket_outside=int((pocket & ~inside).sum()))
 
 
 def render_scan(rng: np.random.Generator, anatomy: PatientAnatomy, severity: float, size: int,

@@ -48,10 +48,12 @@ def box_report(seed: int, n_images: int = 483, n_distended: int = 123, n_patient
     b = np.array([g.box for g in geoms])
     h, w = b[:, 3] - b[:, 1], b[:, 2] - b[:, 0]
     per = np.bincount(patient[distended], minlength=n_patients)
+    kept = sum(int(g.pocket.sum()) for g, d in zip(geoms, distended) if d)
+    lost = sum(g.pocket_outside for g, d in zip(geoms, distended) if d)
     return {"auroc_height": roc_auc_score(distended, h), "auroc_width": roc_auc_score(distended, w),
             "auroc_area": roc_auc_score(distended, h * w), "height_normal": float(h[~distended].mean()),
             "height_distended": float(h[distended].mean()), "patients_distended": int((per > 0).sum()),
-            "max_per_patient": int(per.max())}
+            "max_per_patient": int(per.max()), "pocket_clipped": lost / max(kept + lost, 1)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -157,6 +157,11 @@ def test_ablate_with_external_test_sets(tmp_path: Path, cache: Path, capsys: pyt
         assert any(x["a"] == "yolov5/msgmsd" and x["b"] == "gt/msgmsd" for x in diff)
         assert set(summary["controls"]) == {"gt", "yolov5"}
     assert "20 images]" in capsys.readouterr().out
+    from evaluation.claims import main as claims
+
+    assert claims([str(out)]) == 0  # the paper's claims, read from the finished run
+    text = capsys.readouterr().out
+    assert "held-out held-out-a" in text and "| YOLOv5u priors close to GT: ΔI-AUROC | +" in text.replace("| -", "| +")
     # a resume must score the same held-out sets
     (out / "summary.json").unlink()
     one_set = ["ablate", "--detectors", "gt,yolov5", "--profile", "quick", "--folds", "0,1", "--external",

@@ -12,6 +12,8 @@ import json
 import sys
 from pathlib import Path
 
+from evaluation.intervals import find_difference
+
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
@@ -27,17 +29,19 @@ def main(argv: list[str] | None = None) -> int:
         sets.append((f"held-out {Path(e['data']).name}", json.loads((run / e["report"] / "summary.json").read_text())))
 
     def diff(cl, a, b, m):
-        for d in cl["differences"]:
-            for sign, (x, y) in ((1, (a, b)), (-1, (b, a))):
-                if d["a"] == x and d["b"] == y and d["metric"] == m:
-                    p = d["pooled"]; lo, hi = sorted((sign * p['low'], sign * p['high']))
-                    return f"{100*sign*p['estimate']:+.1f} [{100*lo:+.1f}, {100*hi:+.1f}]"
+        for sign, (x, y) in ((1, (a, b)), (-1, (b, a))):  # a claim may name the pair in either order
+            d = find_difference(cl, x, y, m)
+            if d:
+                p = d["pooled"]
+                lo, hi = sorted((sign * p["low"], sign * p["high"]))
+                return f"{100 * sign * p['estimate']:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]"
         return "-"
+
     def row(cl, r, m):
         c = cl["rows"].get(r, {}).get(m)
         if not c: return "-"
         p = c["pooled"]; return f"{p['estimate']:.3f} [{p['low']:.3f}, {p['high']:.3f}]"
-    
+
     claims = [
      ("single mask beats RIAD: I-AUROC", "gt/msgmsd", "none/riad", "i_auroc"),
      ("single mask beats RIAD: P-AUROC", "gt/msgmsd", "none/riad", "p_auroc"),

@@ -9,9 +9,10 @@ class policy (normal scans only unless ``detector.train_classes: all``).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -70,7 +71,7 @@ class Detector(ABC):
 
     @classmethod
     @abstractmethod
-    def load(cls, directory: Path) -> "Detector":
+    def load(cls, directory: Path) -> Detector:
         """Rebuild a trained detector saved by :meth:`save`."""
 
 

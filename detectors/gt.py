@@ -47,12 +47,12 @@ class GtDetector(Detector):
             raise ValueError(f"boxes must be [N, 4], got shape {b.shape}")
         return b
 
-    def with_boxes(self, boxes: np.ndarray) -> "GtDetector":
+    def with_boxes(self, boxes: np.ndarray) -> GtDetector:
         """A copy of this detector bound to ``boxes`` (``[N, 4]``, one per image to predict)."""
         return GtDetector(boxes=boxes)
 
     @classmethod
-    def for_arrays(cls, arrays: ScanArrays) -> "GtDetector":
+    def for_arrays(cls, arrays: ScanArrays) -> GtDetector:
         """A detector bound to the annotated boxes of ``arrays``."""
         return cls(boxes=arrays.boxes)
 
@@ -80,7 +80,7 @@ class GtDetector(Detector):
         atomic_write_text(Path(directory) / "detector.json", json.dumps({"detector": "gt"}))
 
     @classmethod
-    def load(cls, directory: Path) -> "GtDetector":
+    def load(cls, directory: Path) -> GtDetector:
         path = Path(directory) / "detector.json"
         meta = json.loads(path.read_text())
         if meta.get("detector") != "gt":

@@ -13,8 +13,8 @@ image) and is marked ``source="fallback"``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
@@ -66,8 +66,9 @@ class PriorPolicy:
         return [self.select(d, width, height) for d in detections]
 
 
-def expand_box(box: Sequence[float], width: int, height: int, *, up: float = 0.0, down: float = 0.0,
-               side: float = 0.0) -> tuple[float, float, float, float]:
+def expand_box(
+    box: Sequence[float], width: int, height: int, *, up: float = 0.0, down: float = 0.0, side: float = 0.0
+) -> tuple[float, float, float, float]:
     """Grow a box by fractions of its own height (``up``, ``down``) and width (``side``, each side).
 
     Used as the distension remedy: a detector trained on normal recesses finds the recess floor
@@ -76,8 +77,12 @@ def expand_box(box: Sequence[float], width: int, height: int, *, up: float = 0.0
     """
     x1, y1, x2, y2 = (float(v) for v in box)
     w, h = x2 - x1, y2 - y1
-    return (max(0.0, x1 - side * w), max(0.0, y1 - up * h), min(float(width), x2 + side * w),
-            min(float(height), y2 + down * h))
+    return (
+        max(0.0, x1 - side * w),
+        max(0.0, y1 - up * h),
+        min(float(width), x2 + side * w),
+        min(float(height), y2 + down * h),
+    )
 
 
 @dataclass(frozen=True)
@@ -94,8 +99,14 @@ class ExpansionChoice:
     scores: dict[float, dict[str, float]]
 
 
-def choose_expansion(priors: np.ndarray, gt_boxes: np.ndarray, labels: np.ndarray, width: int, height: int,
-                     candidates: Sequence[float] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0)) -> ExpansionChoice:
+def choose_expansion(
+    priors: np.ndarray,
+    gt_boxes: np.ndarray,
+    labels: np.ndarray,
+    width: int,
+    height: int,
+    candidates: Sequence[float] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0),
+) -> ExpansionChoice:
     """Pick the upward growth (fraction of the prior's height) that best fits distended validation boxes.
 
     A detector trained on normal recesses puts a normal-height box on a distended one (bottom edge
@@ -120,8 +131,9 @@ def choose_expansion(priors: np.ndarray, gt_boxes: np.ndarray, labels: np.ndarra
     for up in candidates:
         grown = [expand_box(b, width, height, up=up) for b in priors]
         iou = np.array([box_iou(g, t) if k else np.nan for g, t, k in zip(grown, gt, ok)])
-        cons = np.array([box_iou(g, expand_box(t, width, height, up=up)) if k else np.nan
-                         for g, t, k in zip(grown, gt, ok)])
+        cons = np.array(
+            [box_iou(g, expand_box(t, width, height, up=up)) if k else np.nan for g, t, k in zip(grown, gt, ok)]
+        )
         dist, norm = ok & (labels == 1), ok & (labels == 0)
         scores[float(up)] = {
             "distended_iou": float(iou[dist].mean()) if dist.any() else float("nan"),

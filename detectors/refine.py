@@ -43,8 +43,9 @@ def context_regions(boxes: torch.Tensor, pad_x: float, pad_y: float) -> torch.Te
     ``pad_y`` of its height above and below (it must hold the true edges the box missed)."""
     w = (boxes[:, 2] - boxes[:, 0]).clamp(min=1.0)
     h = (boxes[:, 3] - boxes[:, 1]).clamp(min=1.0)
-    return torch.stack([boxes[:, 0] - pad_x * w, boxes[:, 1] - pad_y * h,
-                        boxes[:, 2] + pad_x * w, boxes[:, 3] + pad_y * h], 1)
+    return torch.stack(
+        [boxes[:, 0] - pad_x * w, boxes[:, 1] - pad_y * h, boxes[:, 2] + pad_x * w, boxes[:, 3] + pad_y * h], 1
+    )
 
 
 class _Block(nn.Module):
@@ -72,8 +73,13 @@ class EdgeNet(nn.Module):
     def __init__(self, width: int = 24, dilations: tuple[int, ...] = (1, 2, 4, 8)) -> None:
         super().__init__()
         self.stem = nn.Sequential(
-            nn.Conv2d(1, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(inplace=True),
-            nn.Conv2d(16, width, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True))
+            nn.Conv2d(1, 16, 3, padding=1, bias=False),
+            nn.BatchNorm2d(16),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(16, width, 3, stride=2, padding=1, bias=False),
+            nn.BatchNorm2d(width),
+            nn.ReLU(inplace=True),
+        )
         self.body = nn.Sequential(*[_Block(width, d) for d in dilations])
         self.head = nn.Conv2d(width, 4, 1)  # left, top, right, bottom
 
@@ -93,18 +99,18 @@ class EdgeNet(nn.Module):
 class RefinerConfig:
     """Settings of :class:`BoxRefiner` (the defaults are the measured CPU default)."""
 
-    crop_h: int = 32          # crop grid rows (the padded box is ~50 px tall at 128 px)
-    crop_w: int = 96          # crop grid columns (the padded box is ~105 px wide at 128 px)
-    pad_x: float = 0.3        # context each side, fraction of box width (YOLOv5u x errors: MAE ~0.06 w, tail 0.2 w)
-    pad_y: float = 0.6        # context above/below, fraction of box height (distended boxes are taller)
-    jitter_x: float = 0.12    # training box noise: mean std of each x edge, fraction of width
-    jitter_y: float = 0.15    # ... of each y edge, fraction of height (per sample 0-2x the mean)
-    width: int = 24           # CNN channels
-    steps: int = 500          # the training budget in optimisation steps: 55-86 s per fold on 2 cores (README "Time"), the refiner's ~1-min share of a fold
+    crop_h: int = 32  # crop grid rows (the padded box is ~50 px tall at 128 px)
+    crop_w: int = 96  # crop grid columns (the padded box is ~105 px wide at 128 px)
+    pad_x: float = 0.3  # context each side, fraction of box width (YOLOv5u x errors: MAE ~0.06 w, tail 0.2 w)
+    pad_y: float = 0.6  # context above/below, fraction of box height (distended boxes are taller)
+    jitter_x: float = 0.12  # training box noise: mean std of each x edge, fraction of width
+    jitter_y: float = 0.15  # ... of each y edge, fraction of height (per sample 0-2x the mean)
+    width: int = 24  # CNN channels
+    steps: int = 500  # the training budget in optimisation steps: 55-86 s per fold on 2 cores (README "Time"), the refiner's ~1-min share of a fold
     batch_size: int = 32
-    lr: float = 2e-3          # AdamW with cosine decay
+    lr: float = 2e-3  # AdamW with cosine decay
     max_seconds: float = 0.0  # opt-in wall-clock cap on training; 0 = none. A cap that binds makes the refiner depend on the machine's speed
-    iterations: int = 2       # refinement passes at inference (the second starts from a closer box)
+    iterations: int = 2  # refinement passes at inference (the second starts from a closer box)
     # Candidates the refiner moved onto the same edges are one box: drop the lower-scored copies
     # (IoU >= this after refinement; null keeps all). Co-DETR has no NMS, and its near-duplicates
     # (2nd score ~0.87x the 1st) ranked above true boxes: v3 fold 0 test mAP@50/75 0.888/0.720 ->
@@ -119,12 +125,16 @@ class RefinerConfig:
 class BoxRefiner:
     """Train on (image, ground-truth box) pairs, then move any detector's boxes onto the edges."""
 
-    INFERENCE_KEYS = frozenset({"iterations", "dedup_iou", "tta_flip"})  # settings that do not change the trained weights
+    INFERENCE_KEYS = frozenset(
+        {"iterations", "dedup_iou", "tta_flip"}
+    )  # settings that do not change the trained weights
 
     def __init__(self, device: str = "cpu", **config: Any) -> None:
         unknown = sorted(set(config) - set(RefinerConfig.__dataclass_fields__))
         if unknown:
-            raise ValueError(f"unknown box-refiner setting(s) {unknown}; known: {sorted(RefinerConfig.__dataclass_fields__)}")
+            raise ValueError(
+                f"unknown box-refiner setting(s) {unknown}; known: {sorted(RefinerConfig.__dataclass_fields__)}"
+            )
         self.config = RefinerConfig(**config)
         self.device = device
         # The seed fixes the initial weights without reseeding the caller's global RNG.
@@ -144,8 +154,9 @@ class BoxRefiner:
         rois = torch.cat([idx[:, None].to(regions.dtype), regions], 1)
         # roi_align samples the padded region on a fixed grid; outside the image it reads zeros
         # (the scan's black surround), so boxes at the border need no special case.
-        return roi_align(images, rois, output_size=(c.crop_h, c.crop_w), spatial_scale=1.0,
-                         sampling_ratio=2, aligned=True)
+        return roi_align(
+            images, rois, output_size=(c.crop_h, c.crop_w), spatial_scale=1.0, sampling_ratio=2, aligned=True
+        )
 
     @staticmethod
     def _frame(regions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -174,10 +185,13 @@ class BoxRefiner:
         nx = torch.randn(len(boxes), 2, generator=gen, device=boxes.device) * c.jitter_x * w * 2 * level
         ny = torch.randn(len(boxes), 2, generator=gen, device=boxes.device) * c.jitter_y * h * 2 * level
         out = boxes + torch.stack([nx[:, 0], ny[:, 0], nx[:, 1], ny[:, 1]], 1)
-        return torch.stack([out[:, 0], out[:, 1], torch.maximum(out[:, 2], out[:, 0] + 2),
-                            torch.maximum(out[:, 3], out[:, 1] + 2)], 1)
+        return torch.stack(
+            [out[:, 0], out[:, 1], torch.maximum(out[:, 2], out[:, 0] + 2), torch.maximum(out[:, 3], out[:, 1] + 2)], 1
+        )
 
-    def fit(self, images: np.ndarray, boxes: np.ndarray, val_images: np.ndarray, val_boxes: np.ndarray) -> dict[str, Any]:
+    def fit(
+        self, images: np.ndarray, boxes: np.ndarray, val_images: np.ndarray, val_boxes: np.ndarray
+    ) -> dict[str, Any]:
         """Train on ``[N, S, S]`` images and their ``[N, 4]`` boxes; report validation edge error.
 
         Augmentation: horizontal mirror (box mirrored with it), gain jitter, and the box noise.
@@ -216,8 +230,11 @@ class BoxRefiner:
             sched.step()
             losses.append(float(loss.detach()))
         seconds = time.perf_counter() - t0
-        info = {"refiner_steps": step + 1 if losses else 0, "refiner_seconds": round(seconds, 1),
-                "refiner_final_loss": float(np.mean(losses[-50:])) if losses else None}
+        info = {
+            "refiner_steps": step + 1 if losses else 0,
+            "refiner_seconds": round(seconds, 1),
+            "refiner_final_loss": float(np.mean(losses[-50:])) if losses else None,
+        }
         info.update(self.evaluate(val_images, val_boxes))
         return info
 
@@ -231,18 +248,24 @@ class BoxRefiner:
         noisy = self._jitter(gts, gen).numpy()
         fixed = self.refine(images[ok], noisy)
         g = gts.numpy()
-        return {"val_edge_mae_before": float(np.abs(noisy - g).mean()), "val_edge_mae_after": float(np.abs(fixed - g).mean())}
+        return {
+            "val_edge_mae_before": float(np.abs(noisy - g).mean()),
+            "val_edge_mae_after": float(np.abs(fixed - g).mean()),
+        }
 
     @torch.no_grad()
-    def refine(self, images: np.ndarray, boxes: np.ndarray, image_index: np.ndarray | None = None,
-               batch_size: int = 256) -> np.ndarray:
+    def refine(
+        self, images: np.ndarray, boxes: np.ndarray, image_index: np.ndarray | None = None, batch_size: int = 256
+    ) -> np.ndarray:
         """Refined ``[K, 4]`` boxes; box k lies on ``images[image_index[k]]`` (default: image k)."""
         boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
         if len(boxes) == 0:
             return boxes.copy()
         idx = np.arange(len(boxes)) if image_index is None else np.asarray(image_index, np.int64).reshape(-1)
         if len(idx) != len(boxes) or idx.min() < 0 or idx.max() >= len(images):
-            raise ValueError(f"{len(boxes)} boxes need as many image indices in [0, {len(images)}), got {idx.tolist()[:8]}")
+            raise ValueError(
+                f"{len(boxes)} boxes need as many image indices in [0, {len(images)}), got {idx.tolist()[:8]}"
+            )
         imgs = torch.from_numpy(np.ascontiguousarray(images, np.float32))[:, None].to(self.device)
         size_h, size_w = imgs.shape[-2:]
         self.net.eval()
@@ -250,13 +273,13 @@ class BoxRefiner:
         ti = torch.from_numpy(idx).to(self.device)
         for _ in range(self.config.iterations):
             for s in range(0, len(out), batch_size):
-                b = out[s:s + batch_size]
+                b = out[s : s + batch_size]
                 regions = context_regions(b, self.config.pad_x, self.config.pad_y)
-                crops = self._crops(imgs, ti[s:s + batch_size], regions)
+                crops = self._crops(imgs, ti[s : s + batch_size], regions)
                 rel = self.net(crops)
                 if self.config.tta_flip:
                     rel = 0.5 * (rel + self._unflip(self.net(crops.flip(-1))))
-                out[s:s + batch_size] = self._from_crop(rel, regions)
+                out[s : s + batch_size] = self._from_crop(rel, regions)
         res = out.cpu().numpy()
         # Edges cannot cross: a box keeps at least one pixel each way (and stays in the image).
         res[:, 0] = res[:, 0].clip(0, size_w - 1)
@@ -273,7 +296,7 @@ class BoxRefiner:
         atomic_write_text(directory / "refiner.json", json.dumps({"refiner": asdict(self.config)}, indent=1))
 
     @classmethod
-    def load(cls, directory: Path, device: str = "cpu") -> "BoxRefiner":
+    def load(cls, directory: Path, device: str = "cpu") -> BoxRefiner:
         directory = Path(directory)
         meta = json.loads((directory / "refiner.json").read_text())
         ref = cls(device=device, **meta["refiner"])
@@ -319,7 +342,7 @@ class RefinedDetector(Detector):
         out, k = [], 0
         dedup = self.refiner.config.dedup_iou
         for d in raw:
-            b, s = boxes[k:k + len(d)], d.scores
+            b, s = boxes[k : k + len(d)], d.scores
             k += len(d)
             if dedup is not None and len(s) > 1:
                 keep = nms(torch.from_numpy(b), torch.from_numpy(s), float(dedup)).numpy()
@@ -334,10 +357,12 @@ class RefinedDetector(Detector):
         atomic_write_text(directory / "refined.json", json.dumps({"base": self.base.name}))
 
     @classmethod
-    def load(cls, directory: Path, top_k: int | None = None) -> "RefinedDetector":
+    def load(cls, directory: Path, top_k: int | None = None) -> RefinedDetector:
         directory = Path(directory)
         meta = json.loads((directory / "refined.json").read_text())
         base = detector_class(meta["base"]).load(directory)
-        return cls(base, BoxRefiner.load(directory / "refiner", device="cuda" if torch.cuda.is_available() else "cpu"),
-                   top_k=top_k)
-
+        return cls(
+            base,
+            BoxRefiner.load(directory / "refiner", device="cuda" if torch.cuda.is_available() else "cpu"),
+            top_k=top_k,
+        )

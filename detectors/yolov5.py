@@ -51,8 +51,17 @@ from detectors.yolo_format import to_uint8, write_dataset
 from scans.io import atomic_write, atomic_write_text
 from scans.records import ScanArrays
 
-_INTEGRATIONS_OFF = {"sync": False, "clearml": False, "comet": False, "dvc": False, "mlflow": False,
-                     "raytune": False, "tensorboard": False, "wandb": False, "hub": False}
+_INTEGRATIONS_OFF = {
+    "sync": False,
+    "clearml": False,
+    "comet": False,
+    "dvc": False,
+    "mlflow": False,
+    "raytune": False,
+    "tensorboard": False,
+    "wandb": False,
+    "hub": False,
+}
 
 
 def _dejavu_font() -> Path:
@@ -114,11 +123,36 @@ def _resize_batch(images: np.ndarray, size: int) -> np.ndarray:
 
 # Every config key with its default; configs/detectors/yolov5.yaml documents the chosen values.
 DEFAULTS: dict[str, Any] = dict(
-    model="yolov5n.yaml", imgsz=256, epochs=30, batch=16, lr0=0.01, lrf=0.01, optimizer="SGD", patience=100,
-    warmup_epochs=3.0, cos_lr=False, hsv_v=0.4, translate=0.1, scale=0.5, fliplr=0.5, mosaic=1.0, close_mosaic=10,
-    degrees=0.0, conf=0.001, iou=0.6, max_det=10, tta_flip=False, fuse_iou=None, predict_batch=32, workers=0,
-    threads=None, seed=0, val_every_epoch=True,
-    deterministic=True, device="cpu", train_args={},
+    model="yolov5n.yaml",
+    imgsz=256,
+    epochs=30,
+    batch=16,
+    lr0=0.01,
+    lrf=0.01,
+    optimizer="SGD",
+    patience=100,
+    warmup_epochs=3.0,
+    cos_lr=False,
+    hsv_v=0.4,
+    translate=0.1,
+    scale=0.5,
+    fliplr=0.5,
+    mosaic=1.0,
+    close_mosaic=10,
+    degrees=0.0,
+    conf=0.001,
+    iou=0.6,
+    max_det=10,
+    tta_flip=False,
+    fuse_iou=None,
+    predict_batch=32,
+    workers=0,
+    threads=None,
+    seed=0,
+    val_every_epoch=True,
+    deterministic=True,
+    device="cpu",
+    train_args={},
 )
 
 
@@ -187,14 +221,40 @@ class YoloV5Detector(Detector):
         c = self.config
         # Keys the ultralytics trainer needs for an offline, reproducible, plot-free CPU run.
         args = dict(
-            data=str(data), epochs=c["epochs"], imgsz=c["imgsz"], batch=c["batch"], lr0=c["lr0"], lrf=c["lrf"],
-            optimizer=c["optimizer"], patience=c["patience"], warmup_epochs=c["warmup_epochs"], cos_lr=c["cos_lr"],
-            hsv_h=0.0, hsv_s=0.0, hsv_v=c["hsv_v"],  # grayscale: hue/saturation jitter means nothing
-            translate=c["translate"], scale=c["scale"], fliplr=c["fliplr"], mosaic=c["mosaic"],
-            close_mosaic=c["close_mosaic"], degrees=c["degrees"], workers=c["workers"], seed=c["seed"],
-            deterministic=c["deterministic"], device=_ultralytics_device(c["device"]), project=str(workdir),
-            name="train", exist_ok=True, pretrained=False, amp=False, plots=False, single_cls=True, verbose=False,
-            save=True, val=bool(c["val_every_epoch"]), cache=False,
+            data=str(data),
+            epochs=c["epochs"],
+            imgsz=c["imgsz"],
+            batch=c["batch"],
+            lr0=c["lr0"],
+            lrf=c["lrf"],
+            optimizer=c["optimizer"],
+            patience=c["patience"],
+            warmup_epochs=c["warmup_epochs"],
+            cos_lr=c["cos_lr"],
+            hsv_h=0.0,
+            hsv_s=0.0,
+            hsv_v=c["hsv_v"],  # grayscale: hue/saturation jitter means nothing
+            translate=c["translate"],
+            scale=c["scale"],
+            fliplr=c["fliplr"],
+            mosaic=c["mosaic"],
+            close_mosaic=c["close_mosaic"],
+            degrees=c["degrees"],
+            workers=c["workers"],
+            seed=c["seed"],
+            deterministic=c["deterministic"],
+            device=_ultralytics_device(c["device"]),
+            project=str(workdir),
+            name="train",
+            exist_ok=True,
+            pretrained=False,
+            amp=False,
+            plots=False,
+            single_cls=True,
+            verbose=False,
+            save=True,
+            val=bool(c["val_every_epoch"]),
+            cache=False,
         )
         args.update(c["train_args"])
         return args
@@ -229,8 +289,10 @@ class YoloV5Detector(Detector):
             yolo.train(**self._train_args(data, workdir))
             trainer = yolo.trainer
             # YOLO.train reloads best.pt (written by this run moments ago) into yolo.model.
-            state = {k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu().clone()
-                     for k, v in yolo.model.state_dict().items()}
+            state = {
+                k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu().clone()
+                for k, v in yolo.model.state_dict().items()
+            }
             model_yaml = dict(yolo.model.yaml)
         finally:
             LOGGER.removeHandler(handler)
@@ -240,14 +302,20 @@ class YoloV5Detector(Detector):
         seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
         self._set_weights(model_yaml, state)
         return {
-            "detector": "yolov5", "architecture": "YOLOv5u", "model": self.config["model"],
-            "train_images": len(train), "val_images": len(val), "epochs_run": int(trainer.epoch) + 1,
+            "detector": "yolov5",
+            "architecture": "YOLOv5u",
+            "model": self.config["model"],
+            "train_images": len(train),
+            "val_images": len(val),
+            "epochs_run": int(trainer.epoch) + 1,
             "best_fitness": float(trainer.best_fitness) if trainer.best_fitness is not None else None,
-            "train_seconds": round(seconds, 1), "train_cpu_seconds": round(cpu_seconds, 1), "threads": threads,
+            "train_seconds": round(seconds, 1),
+            "train_cpu_seconds": round(cpu_seconds, 1),
+            "threads": threads,
             "run_dir": str(trainer.save_dir),
         }
 
-    def init_untrained(self) -> "YoloV5Detector":
+    def init_untrained(self) -> YoloV5Detector:
         """Random weights of the configured architecture: for throughput benchmarks only."""
         from ultralytics.nn.tasks import yaml_model_load
 
@@ -290,10 +358,14 @@ class YoloV5Detector(Detector):
         fuse_iou = self.config["fuse_iou"]
         with torch.inference_mode():
             for s in range(0, n, bs):
-                x = torch.from_numpy(u8[s:s + bs]).float().div_(255.0)[:, None].expand(-1, 3, -1, -1).contiguous()
+                x = torch.from_numpy(u8[s : s + bs]).float().div_(255.0)[:, None].expand(-1, 3, -1, -1).contiguous()
                 raw = self._raw(x.to(self._torch_device))
-                preds = non_max_suppression(raw, conf_thres=float(self.config["conf"]),
-                                            iou_thres=float(self.config["iou"]), max_det=int(self.config["max_det"]))
+                preds = non_max_suppression(
+                    raw,
+                    conf_thres=float(self.config["conf"]),
+                    iou_thres=float(self.config["iou"]),
+                    max_det=int(self.config["max_det"]),
+                )
                 for p, r in zip(preds, raw):
                     p = p.cpu().numpy()
                     if fuse_iou is not None and len(p):
@@ -313,6 +385,7 @@ class YoloV5Detector(Detector):
 
     def _raw(self, x: torch.Tensor) -> torch.Tensor:
         """Pre-NMS candidates ``[N, 5, A]`` (cx, cy, w, h, score), with the flipped pass appended."""
+
         def forward(inp: torch.Tensor) -> torch.Tensor:
             y = self._model(inp)
             return y[0] if isinstance(y, (list, tuple)) else y  # eval mode may also return features
@@ -336,7 +409,7 @@ class YoloV5Detector(Detector):
         atomic_write_text(directory / "detector.json", json.dumps(meta, indent=1))
 
     @classmethod
-    def load(cls, directory: Path) -> "YoloV5Detector":
+    def load(cls, directory: Path) -> YoloV5Detector:
         directory = Path(directory)
         meta = json.loads((directory / "detector.json").read_text())
         if meta.get("detector") != "yolov5":

@@ -11,7 +11,8 @@ Every aggregated metric is ``{"mean", "std", "n", "ddof"}`` with the sample stan
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from evaluation.metrics import aggregate
 

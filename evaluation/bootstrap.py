@@ -37,7 +37,8 @@ the interval, which therefore conditions on both classes being present, as the e
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 
@@ -180,12 +181,12 @@ def pixel_hist(maps: np.ndarray, masks: np.ndarray, n_bins: int = 1024) -> Pixel
     lo = math.inf
     sample_all, sample_pos = [], []
     for s in range(0, n, _CHUNK):
-        block = np.asarray(maps[s:s + _CHUNK])
+        block = np.asarray(maps[s : s + _CHUNK])
         if not np.all(np.isfinite(block)):
             raise ValueError("anomaly maps contain NaN or inf")
         lo = min(lo, float(block.min()))
         sample_all.append(block.ravel()[::step])
-        sample_pos.append(block[np.asarray(masks[s:s + _CHUNK], dtype=bool)][::step])
+        sample_pos.append(block[np.asarray(masks[s : s + _CHUNK], dtype=bool)][::step])
     n_q = max(n_bins // 2, 1)
     all_sorted = np.sort(np.concatenate(sample_all).astype(np.float64))
     pos_sorted = np.sort(np.concatenate(sample_pos).astype(np.float64))
@@ -194,12 +195,12 @@ def pixel_hist(maps: np.ndarray, masks: np.ndarray, n_bins: int = 1024) -> Pixel
     pos = np.empty((n, k), np.int64)
     neg = np.empty((n, k), np.int64)
     for s in range(0, n, _CHUNK):
-        block = np.asarray(maps[s:s + _CHUNK])
+        block = np.asarray(maps[s : s + _CHUNK])
         m = block.shape[0]
         idx = np.searchsorted(edges, block.reshape(m, -1).astype(np.float64), side="right") - 1
-        code = (idx + k * np.arange(m)[:, None]) * 2 + np.asarray(masks[s:s + _CHUNK], bool).reshape(m, -1)
+        code = (idx + k * np.arange(m)[:, None]) * 2 + np.asarray(masks[s : s + _CHUNK], bool).reshape(m, -1)
         counts = np.bincount(code.ravel(), minlength=2 * k * m).reshape(m, k, 2)
-        neg[s:s + m], pos[s:s + m] = counts[..., 0], counts[..., 1]
+        neg[s : s + m], pos[s : s + m] = counts[..., 0], counts[..., 1]
     return PixelHist(pos, neg, edges)
 
 
@@ -254,13 +255,13 @@ def dice_counts(maps: np.ndarray, masks: np.ndarray, thresholds: Sequence[float]
     pred = np.empty((n, t.size), np.int64)
     true = np.empty(n, np.int64)
     for s in range(0, n, _CHUNK):
-        block = np.asarray(maps[s:s + _CHUNK])
-        mask = np.asarray(masks[s:s + _CHUNK], dtype=bool)
-        true[s:s + len(block)] = np.count_nonzero(mask, axis=(1, 2))
+        block = np.asarray(maps[s : s + _CHUNK])
+        mask = np.asarray(masks[s : s + _CHUNK], dtype=bool)
+        true[s : s + len(block)] = np.count_nonzero(mask, axis=(1, 2))
         for j, th in enumerate(t):
             p = close_open(block >= th, kernel)
-            tp[s:s + len(block), j] = np.count_nonzero(p & mask, axis=(1, 2))
-            pred[s:s + len(block), j] = np.count_nonzero(p, axis=(1, 2))
+            tp[s : s + len(block), j] = np.count_nonzero(p & mask, axis=(1, 2))
+            pred[s : s + len(block), j] = np.count_nonzero(p, axis=(1, 2))
     return DiceCounts(tp, pred, true)
 
 
@@ -360,16 +361,20 @@ _RECALL_GRID = np.linspace(0.0, 1.0, 101)  # COCO's 101 recall thresholds
 class DetectionMatches(NamedTuple):
     """Every detection's image, score and COCO match at each IoU threshold (one box per image)."""
 
-    image: np.ndarray     # [D] index of the image each detection belongs to
-    score: np.ndarray     # [D]
-    tp: np.ndarray        # [T, D] bool: a true positive at threshold t (COCO's greedy match)
-    has_gt: np.ndarray    # [N] bool: the image has a ground-truth box
+    image: np.ndarray  # [D] index of the image each detection belongs to
+    score: np.ndarray  # [D]
+    tp: np.ndarray  # [T, D] bool: a true positive at threshold t (COCO's greedy match)
+    has_gt: np.ndarray  # [N] bool: the image has a ground-truth box
     top1_hit: np.ndarray  # [N] bool: its top-scoring box has IoU >= 0.5
     has_pred: np.ndarray  # [N] bool
 
 
-def detection_matches(gt_boxes: np.ndarray, predictions: Sequence[tuple[np.ndarray, np.ndarray]],
-                      iou_thresholds: Sequence[float] = (0.5, 0.75), max_dets: int = 100) -> DetectionMatches:
+def detection_matches(
+    gt_boxes: np.ndarray,
+    predictions: Sequence[tuple[np.ndarray, np.ndarray]],
+    iou_thresholds: Sequence[float] = (0.5, 0.75),
+    max_dets: int = 100,
+) -> DetectionMatches:
     """Match detections to the one ground-truth box per image as COCO does (score order, the first
     detection with IoU >= t takes it, the rest are false positives; at most ``max_dets`` per image)."""
     gt = np.asarray(gt_boxes, np.float64).reshape(-1, 4)
@@ -404,8 +409,9 @@ def detection_matches(gt_boxes: np.ndarray, predictions: Sequence[tuple[np.ndarr
         for d in np.flatnonzero(ok)[::-1]:
             first[image[d]] = d
         tp[t, first[first >= 0]] = True
-    return DetectionMatches(image.astype(np.int64), np.concatenate(sc) if sc else np.zeros(0), tp,
-                            np.isfinite(gt).all(1), top1, has_pred)
+    return DetectionMatches(
+        image.astype(np.int64), np.concatenate(sc) if sc else np.zeros(0), tp, np.isfinite(gt).all(1), top1, has_pred
+    )
 
 
 def weighted_ap(m: DetectionMatches, w: np.ndarray) -> np.ndarray:
@@ -413,8 +419,8 @@ def weighted_ap(m: DetectionMatches, w: np.ndarray) -> np.ndarray:
     image weights ``w`` ``[B, N]``; NaN where no ground truth has weight."""
     w = _weights(w, m.has_gt.size)
     order = np.argsort(-m.score, kind="mergesort")  # COCO pools every image's detections by score
-    wd = w[:, m.image[order]]                       # [B, D]
-    n_gt = w[:, m.has_gt].sum(1)                    # [B]
+    wd = w[:, m.image[order]]  # [B, D]
+    n_gt = w[:, m.has_gt].sum(1)  # [B]
     out = np.full((w.shape[0], m.tp.shape[0]), np.nan)
     for t in range(m.tp.shape[0]):
         tp_d = m.tp[t, order]

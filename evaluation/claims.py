@@ -39,27 +39,29 @@ def main(argv: list[str] | None = None) -> int:
 
     def row(cl, r, m):
         c = cl["rows"].get(r, {}).get(m)
-        if not c: return "-"
-        p = c["pooled"]; return f"{p['estimate']:.3f} [{p['low']:.3f}, {p['high']:.3f}]"
+        if not c:
+            return "-"
+        p = c["pooled"]
+        return f"{p['estimate']:.3f} [{p['low']:.3f}, {p['high']:.3f}]"
 
     claims = [
-     ("single mask beats RIAD: I-AUROC", "gt/msgmsd", "none/riad", "i_auroc"),
-     ("single mask beats RIAD: P-AUROC", "gt/msgmsd", "none/riad", "p_auroc"),
-     ("single mask beats RIAD: Dice (val)", "gt/msgmsd", "none/riad", "dice_val"),
-     ("MSGMSD best I-AUROC: vs DD", "gt/msgmsd", "gt/dd", "i_auroc"),
-     ("MSGMSD best I-AUROC: vs GMSD", "gt/msgmsd", "gt/gmsd", "i_auroc"),
-     ("MSGMSD best I-AUROC: vs SSIM", "gt/msgmsd", "gt/ssim", "i_auroc"),
-     ("DD best Dice (val): vs MSGMSD", "gt/dd", "gt/msgmsd", "dice_val"),
-     ("DD best Dice (oracle): vs MSGMSD", "gt/dd", "gt/msgmsd", "dice_oracle"),
-     ("YOLOv5u priors close to GT: ΔI-AUROC", "yolov5/msgmsd", "gt/msgmsd", "i_auroc"),
-     ("Co-DETR priors close to GT: ΔI-AUROC", "codetr/msgmsd", "gt/msgmsd", "i_auroc"),
-     ("YOLOv5u priors close to GT: ΔDice (val)", "yolov5/msgmsd", "gt/msgmsd", "dice_val"),
-     ("Co-DETR priors close to GT: ΔDice (val)", "codetr/msgmsd", "gt/msgmsd", "dice_val"),
+        ("single mask beats RIAD: I-AUROC", "gt/msgmsd", "none/riad", "i_auroc"),
+        ("single mask beats RIAD: P-AUROC", "gt/msgmsd", "none/riad", "p_auroc"),
+        ("single mask beats RIAD: Dice (val)", "gt/msgmsd", "none/riad", "dice_val"),
+        ("MSGMSD best I-AUROC: vs DD", "gt/msgmsd", "gt/dd", "i_auroc"),
+        ("MSGMSD best I-AUROC: vs GMSD", "gt/msgmsd", "gt/gmsd", "i_auroc"),
+        ("MSGMSD best I-AUROC: vs SSIM", "gt/msgmsd", "gt/ssim", "i_auroc"),
+        ("DD best Dice (val): vs MSGMSD", "gt/dd", "gt/msgmsd", "dice_val"),
+        ("DD best Dice (oracle): vs MSGMSD", "gt/dd", "gt/msgmsd", "dice_oracle"),
+        ("YOLOv5u priors close to GT: ΔI-AUROC", "yolov5/msgmsd", "gt/msgmsd", "i_auroc"),
+        ("Co-DETR priors close to GT: ΔI-AUROC", "codetr/msgmsd", "gt/msgmsd", "i_auroc"),
+        ("YOLOv5u priors close to GT: ΔDice (val)", "yolov5/msgmsd", "gt/msgmsd", "dice_val"),
+        ("Co-DETR priors close to GT: ΔDice (val)", "codetr/msgmsd", "gt/msgmsd", "dice_val"),
     ]
     print("| claim (row A minus row B, points) | " + " | ".join(n for n, _ in sets) + " |")
     print("|---|" + "---|" * len(sets))
     for name, a, b, m in claims:
-        print(f"| {name} | " + " | ".join(diff(s['clustered'], a, b, m) for _, s in sets) + " |")
+        print(f"| {name} | " + " | ".join(diff(s["clustered"], a, b, m) for _, s in sets) + " |")
     for src in ("gt", "yolov5", "codetr"):
         for m in ("i_auroc", "p_auroc", "dice_val"):
             cells = []
@@ -70,16 +72,30 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print("| row | metric | " + " | ".join(n for n, _ in sets) + " |")
     print("|---|---|" + "---|" * len(sets))
-    for r in ("gt/msgmsd", "gt/dd", "gt/gmsd", "gt/ssim", "none/riad", "gt/control_height", "gt/control_area",
-              "yolov5/msgmsd", "yolov5/control_height", "yolov5/control_area", "codetr/msgmsd", "codetr/control_height",
-              "codetr/control_area", "yolov5/detection", "codetr/detection"):
+    for r in (
+        "gt/msgmsd",
+        "gt/dd",
+        "gt/gmsd",
+        "gt/ssim",
+        "none/riad",
+        "gt/control_height",
+        "gt/control_area",
+        "yolov5/msgmsd",
+        "yolov5/control_height",
+        "yolov5/control_area",
+        "codetr/msgmsd",
+        "codetr/control_height",
+        "codetr/control_area",
+        "yolov5/detection",
+        "codetr/detection",
+    ):
         ms = ("map50", "map75") if r.endswith("detection") else ("i_auroc", "p_auroc", "dice_oracle", "dice_val")
         for m in ms:
-            print(f"| {r} | {m} | " + " | ".join(row(s['clustered'], r, m) for _, s in sets) + " |")
+            print(f"| {r} | {m} | " + " | ".join(row(s["clustered"], r, m) for _, s in sets) + " |")
     print()
     for n, s in sets:
         for p, c in s.get("prior_comparison", {}).items():
-            print(f"DeLong {n} {p}: {100*c['diff']:+.1f} [{100*c['ci_low']:+.1f}, {100*c['ci_high']:+.1f}]")
+            print(f"DeLong {n} {p}: {100 * c['diff']:+.1f} [{100 * c['ci_low']:+.1f}, {100 * c['ci_high']:+.1f}]")
     return 0
 
 

@@ -20,8 +20,9 @@ import contextlib
 import io
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from pycocotools.coco import COCO
@@ -75,8 +76,14 @@ def coco_ground_truth(
             continue
         xywh = _xywh(box)
         anns.append(
-            {"id": len(anns) + 1, "image_id": int(i), "category_id": CATEGORY_ID, "bbox": xywh,
-             "area": xywh[2] * xywh[3], "iscrowd": 0}
+            {
+                "id": len(anns) + 1,
+                "image_id": int(i),
+                "category_id": CATEGORY_ID,
+                "bbox": xywh,
+                "area": xywh[2] * xywh[3],
+                "iscrowd": 0,
+            }
         )
     return {"images": images, "annotations": anns, "categories": [{"id": CATEGORY_ID, "name": "recess"}]}
 
@@ -152,8 +159,10 @@ def top1_iou(gt_boxes: np.ndarray, predictions: Sequence[Prediction]) -> np.ndar
     top = top1_boxes(predictions)
     gt_boxes = np.asarray(gt_boxes, dtype=np.float64)
     return np.array(
-        [box_iou(g, p) if np.all(np.isfinite(g)) and np.all(np.isfinite(p)) else math.nan
-         for g, p in zip(gt_boxes, top)]
+        [
+            box_iou(g, p) if np.all(np.isfinite(g)) and np.all(np.isfinite(p)) else math.nan
+            for g, p in zip(gt_boxes, top)
+        ]
     )
 
 

@@ -18,7 +18,8 @@ Rows are named ``"<source>/<method>"``: ``gt/msgmsd``, ``codetr/control_height``
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -56,11 +57,28 @@ def oracle_grid(maps: np.ndarray, masks: np.ndarray, metrics: Mapping[str, float
     return np.unique(np.append(np.quantile(pos, np.linspace(0.0, 1.0, n)), chosen))
 
 
-def row_replicates(src: str, method: str, metrics: Mapping[str, float], scores: np.ndarray, labels: np.ndarray,
-                   maps: np.ndarray, masks: np.ndarray, w: np.ndarray, kernel: int) -> dict[str, np.ndarray]:
+def row_replicates(
+    src: str,
+    method: str,
+    metrics: Mapping[str, float],
+    scores: np.ndarray,
+    labels: np.ndarray,
+    maps: np.ndarray,
+    masks: np.ndarray,
+    w: np.ndarray,
+    kernel: int,
+) -> dict[str, np.ndarray]:
     """``{"<src>/<method>/<metric>": [B] float32}`` for one row on one fold's images."""
-    reps = replicates(scores, labels, maps, masks, w, val_threshold=float(metrics["dice_val_threshold"]),
-                      oracle_thresholds=oracle_grid(maps, masks, metrics), kernel=kernel)
+    reps = replicates(
+        scores,
+        labels,
+        maps,
+        masks,
+        w,
+        val_threshold=float(metrics["dice_val_threshold"]),
+        oracle_thresholds=oracle_grid(maps, masks, metrics),
+        kernel=kernel,
+    )
     return {f"{src}/{method}/{k}": np.asarray(v, np.float32) for k, v in reps.items()}
 
 
@@ -68,8 +86,13 @@ def _as_dict(iv: Any) -> dict[str, float]:
     return {k: float(v) for k, v in iv._asdict().items()}
 
 
-def row_interval(estimates: Sequence[Mapping[str, Mapping[str, float]]], reps: Sequence[Mapping[str, np.ndarray]],
-                 row: str, metric: str, level: float = LEVEL) -> dict[str, Any] | None:
+def row_interval(
+    estimates: Sequence[Mapping[str, Mapping[str, float]]],
+    reps: Sequence[Mapping[str, np.ndarray]],
+    row: str,
+    metric: str,
+    level: float = LEVEL,
+) -> dict[str, Any] | None:
     """Pooled and per-fold intervals of one row's metric; None when any fold lacks it."""
     key = f"{row}/{metric}"
     if not reps or any(key not in r for r in reps) or any(metric not in e.get(row, {}) for e in estimates):
@@ -80,8 +103,14 @@ def row_interval(estimates: Sequence[Mapping[str, Mapping[str, float]]], reps: S
     return {"pooled": _as_dict(pool), "per_fold": [_as_dict(p) for p in per]}
 
 
-def difference(estimates: Sequence[Mapping[str, Mapping[str, float]]], reps: Sequence[Mapping[str, np.ndarray]],
-               a: str, b: str, metric: str, level: float = LEVEL) -> dict[str, Any] | None:
+def difference(
+    estimates: Sequence[Mapping[str, Mapping[str, float]]],
+    reps: Sequence[Mapping[str, np.ndarray]],
+    a: str,
+    b: str,
+    metric: str,
+    level: float = LEVEL,
+) -> dict[str, Any] | None:
     """Paired difference ``a - b`` of one metric: pooled over folds and per fold; None when absent."""
     ka, kb = f"{a}/{metric}", f"{b}/{metric}"
     if not reps or any(ka not in r or kb not in r for r in reps):
@@ -105,26 +134,36 @@ def best_control(estimates: Sequence[Mapping[str, Mapping[str, float]]], src: st
     return best
 
 
-def clustered_summary(estimates: Sequence[Mapping[str, Mapping[str, float]]],
-                      reps: Sequence[Mapping[str, np.ndarray]], *, main_source: str,
-                      level: float = LEVEL) -> dict[str, Any]:
+def clustered_summary(
+    estimates: Sequence[Mapping[str, Mapping[str, float]]],
+    reps: Sequence[Mapping[str, np.ndarray]],
+    *,
+    main_source: str,
+    level: float = LEVEL,
+) -> dict[str, Any]:
     """Intervals of every row and the paired differences the tables report.
 
     ``estimates[f]`` maps a row to its fold-``f`` metrics; ``reps[f]`` holds that fold's replicates.
     ``main_source`` is the prior of Table 1 (the run's detector, or ``gt``).
     """
     rows = sorted({r for e in estimates for r in e})
-    out: dict[str, Any] = {"level": level, "n_boot": int(next(iter(reps[0].values())).size) if reps and reps[0] else 0,
-                           "method": "patient-cluster bootstrap (percentile), resampling patients within each "
-                                     "test fold; pooled = mean over folds",
-                           "main_source": main_source, "rows": {}, "differences": [], "best_control": {}}
+    out: dict[str, Any] = {
+        "level": level,
+        "n_boot": int(next(iter(reps[0].values())).size) if reps and reps[0] else 0,
+        "method": "patient-cluster bootstrap (percentile), resampling patients within each "
+        "test fold; pooled = mean over folds",
+        "main_source": main_source,
+        "rows": {},
+        "differences": [],
+        "best_control": {},
+    }
     for row in rows:
         cells = {m: row_interval(estimates, reps, row, m, level) for m in METRICS}
         out["rows"][row] = {m: c for m, c in cells.items() if c is not None}
     pairs: list[tuple[str, str]] = []
     sources = sorted({r.split("/")[0] for r in rows} - {NO_PRIOR})
     maps = [m for m in LORIS_MAPS if f"{main_source}/{m}" in rows]
-    pairs += [(f"{main_source}/{a}", f"{main_source}/{b}") for i, a in enumerate(maps) for b in maps[i + 1:]]
+    pairs += [(f"{main_source}/{a}", f"{main_source}/{b}") for i, a in enumerate(maps) for b in maps[i + 1 :]]
     if f"{NO_PRIOR}/riad" in rows and maps:
         pairs += [(f"{main_source}/{m}", f"{NO_PRIOR}/riad") for m in maps]
     for src in sources:
@@ -143,9 +182,13 @@ def clustered_summary(estimates: Sequence[Mapping[str, Mapping[str, float]]],
     return out
 
 
-def fold_estimates(methods: Mapping[str, Mapping[str, float]], priors: Mapping[str, Mapping[str, float]],
-                   controls: Mapping[str, Mapping[str, Mapping[str, float]]], main_source: str,
-                   detection: Mapping[str, Mapping[str, float]] | None = None) -> dict[str, Mapping[str, float]]:
+def fold_estimates(
+    methods: Mapping[str, Mapping[str, float]],
+    priors: Mapping[str, Mapping[str, float]],
+    controls: Mapping[str, Mapping[str, Mapping[str, float]]],
+    main_source: str,
+    detection: Mapping[str, Mapping[str, float]] | None = None,
+) -> dict[str, Mapping[str, float]]:
     """One fold's rows: Table 1's methods under ``main_source`` (RIAD under ``none``), each source's
     LoRIS+MSGMSD, each source's controls and each detector's detection metrics (``<src>/detection``)."""
     out: dict[str, Mapping[str, float]] = {f"{src}/detection": v for src, v in (detection or {}).items()}
@@ -165,4 +208,3 @@ def find_difference(clustered: Mapping[str, Any], a: str, b: str, metric: str) -
         if d["a"] == a and d["b"] == b and d["metric"] == metric:
             return d
     return None
-

@@ -23,7 +23,8 @@ Three Dice scores, never to be confused:
 from __future__ import annotations
 
 import math
-from typing import Mapping, NamedTuple, Sequence
+from collections.abc import Mapping, Sequence
+from typing import NamedTuple
 
 import numpy as np
 from sklearn.metrics import roc_auc_score

@@ -21,7 +21,8 @@ Written here because neither scikit-learn nor SciPy ship DeLong's test. Midranks
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 from scipy.stats import norm, rankdata
@@ -60,8 +61,12 @@ def _components(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.
     return auc, v10, v01
 
 
-def paired_auroc(labels: Sequence[int] | np.ndarray, scores_a: Sequence[float] | np.ndarray,
-                 scores_b: Sequence[float] | np.ndarray, level: float = 0.95) -> PairedAuroc:
+def paired_auroc(
+    labels: Sequence[int] | np.ndarray,
+    scores_a: Sequence[float] | np.ndarray,
+    scores_b: Sequence[float] | np.ndarray,
+    level: float = 0.95,
+) -> PairedAuroc:
     """DeLong's paired test of two scorers' AUROC on the same images (1 = positive).
 
     >>> rng = np.random.default_rng(0)
@@ -94,8 +99,9 @@ def _result(a: float, b: float, diff: float, se: float, level: float, m: int, n:
     return PairedAuroc(a, b, diff, se, diff - z * se, diff + z * se, p, m, n)
 
 
-def mean_over_models(labels: Sequence[int] | np.ndarray, scores_a: np.ndarray, scores_b: np.ndarray,
-                     level: float = 0.95) -> dict[str, Any]:
+def mean_over_models(
+    labels: Sequence[int] | np.ndarray, scores_a: np.ndarray, scores_b: np.ndarray, level: float = 0.95
+) -> dict[str, Any]:
     """Mean ΔAUROC of K model pairs scored on the **same** images (an external test set).
 
     ``scores_a`` and ``scores_b`` are ``[K, N]`` (pair k: fold k's models). The K differences
@@ -120,14 +126,20 @@ def mean_over_models(labels: Sequence[int] | np.ndarray, scores_a: np.ndarray, s
     m, n = len(d10), len(d01)
     se = math.sqrt(float(d10.var(ddof=1)) / m + float(d01.var(ddof=1)) / n)
     diffs = auc[k:] - auc[:k]
-    return _pooled(_result(float(auc[:k].mean()), float(auc[k:].mean()), float(diffs.mean()), se, level, m, n),
-                   per, level)
+    return _pooled(
+        _result(float(auc[:k].mean()), float(auc[k:].mean()), float(diffs.mean()), se, level, m, n), per, level
+    )
 
 
 def _pooled(pooled: PairedAuroc, per_fold: Sequence[PairedAuroc], level: float) -> dict[str, Any]:
     diffs = np.array([f.diff for f in per_fold])
-    return {**pooled._asdict(), "level": level, "median_diff": float(np.median(diffs)),
-            "folds_b_lower": int((diffs < 0).sum()), "per_fold": [f._asdict() for f in per_fold]}
+    return {
+        **pooled._asdict(),
+        "level": level,
+        "median_diff": float(np.median(diffs)),
+        "folds_b_lower": int((diffs < 0).sum()),
+        "per_fold": [f._asdict() for f in per_fold],
+    }
 
 
 def mean_over_folds(per_fold: Sequence[PairedAuroc], level: float = 0.95) -> dict[str, Any]:
@@ -140,8 +152,14 @@ def mean_over_folds(per_fold: Sequence[PairedAuroc], level: float = 0.95) -> dic
     """
     if not per_fold:
         raise ValueError("no folds to pool")
-    se = math.sqrt(sum(f.se ** 2 for f in per_fold)) / len(per_fold)
-    pooled = _result(float(np.mean([f.auroc_a for f in per_fold])), float(np.mean([f.auroc_b for f in per_fold])),
-                     float(np.mean([f.diff for f in per_fold])), se, level, sum(f.n_pos for f in per_fold),
-                     sum(f.n_neg for f in per_fold))
+    se = math.sqrt(sum(f.se**2 for f in per_fold)) / len(per_fold)
+    pooled = _result(
+        float(np.mean([f.auroc_a for f in per_fold])),
+        float(np.mean([f.auroc_b for f in per_fold])),
+        float(np.mean([f.diff for f in per_fold])),
+        se,
+        level,
+        sum(f.n_pos for f in per_fold),
+        sum(f.n_neg for f in per_fold),
+    )
     return _pooled(pooled, per_fold, level)

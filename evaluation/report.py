@@ -19,18 +19,19 @@ import html
 import io
 import json
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
-from evaluation.aggregate import RIAD, aggregate_methods, ordered_methods, json_safe, summary_sections
+from evaluation.aggregate import RIAD, aggregate_methods, json_safe, ordered_methods, summary_sections
 from evaluation.controls import CONTROL_NAMES
+from evaluation.figures import Example, overlay_figure, roc_figure, score_distribution_figure
 from evaluation.intervals import NO_PRIOR, find_difference
 from evaluation.metrics import aggregate
 from evaluation.paired import mean_over_folds, mean_over_models, paired_auroc
-from evaluation.figures import Example, overlay_figure, roc_figure, score_distribution_figure
 from scans.io import atomic_write_bytes, atomic_write_text
 
 PAPER_NOTE = (
@@ -48,32 +49,65 @@ PAPER_TABLE1: dict[str, dict[str, tuple[float, float]]] = {
 }
 PAPER_TABLE2: dict[str, dict[str, tuple[float, float]]] = {
     "gt": {"i_auroc": (0.783, 0.050), "p_auroc": (0.932, 0.018), "dice_oracle": (0.263, 0.042)},
-    "yolov5u": {"precision": (0.954, 0.044), "map50": (0.796, 0.052), "map75": (0.254, 0.063),
-                "i_auroc": (0.773, 0.038), "p_auroc": (0.872, 0.033), "dice_oracle": (0.223, 0.030)},
-    "codetr": {"precision": (1.0, 0.0), "map50": (0.9, 0.035), "map75": (0.41, 0.066),
-               "i_auroc": (0.776, 0.029), "p_auroc": (0.910, 0.038), "dice_oracle": (0.240, 0.031)},
+    "yolov5u": {
+        "precision": (0.954, 0.044),
+        "map50": (0.796, 0.052),
+        "map75": (0.254, 0.063),
+        "i_auroc": (0.773, 0.038),
+        "p_auroc": (0.872, 0.033),
+        "dice_oracle": (0.223, 0.030),
+    },
+    "codetr": {
+        "precision": (1.0, 0.0),
+        "map50": (0.9, 0.035),
+        "map75": (0.41, 0.066),
+        "i_auroc": (0.776, 0.029),
+        "p_auroc": (0.910, 0.038),
+        "dice_oracle": (0.240, 0.031),
+    },
 }
-METHOD_NAMES = {RIAD: "RIAD (ours, multi-mask baseline)", "msgmsd": "LoRIS+MSGMSD", "dd": "LoRIS+DD",
-                "gmsd": "LoRIS+GMSD", "ssim": "LoRIS+SSIM"}
+METHOD_NAMES = {
+    RIAD: "RIAD (ours, multi-mask baseline)",
+    "msgmsd": "LoRIS+MSGMSD",
+    "dd": "LoRIS+DD",
+    "gmsd": "LoRIS+GMSD",
+    "ssim": "LoRIS+SSIM",
+}
 PAPER_METHOD_NAMES = {RIAD: "RIAD", "msgmsd": "LoRIS+MSGMSD", "dd": "LoRIS+DD"}
 PRIOR_NAMES = {"gt": "GT", "yolov5u": "YOLOv5u", "yolov5": "YOLOv5u", "codetr": "Co-DETR"}
 PAPER_PRIOR_NAMES = {"gt": "GT", "yolov5u": "Yolo-V5", "codetr": "CoDETR"}
-TABLE1_COLS = [("i_auroc", "I-AUROC"), ("p_auroc", "P-AUROC"), ("dice_oracle", "Dice (oracle)"),
-               ("dice_oracle_post", "Dice (oracle, post)"), ("dice_val", "Dice (val)")]
-TABLE2_COLS = [("precision", "precision"), ("map50", "mAP@50"), ("map75", "mAP@75"), ("i_auroc", "I-AUROC"),
-               ("p_auroc", "P-AUROC"), ("dice_oracle", "Dice (oracle)"), ("dice_oracle_post", "Dice (oracle, post)"),
-               ("dice_val", "Dice (val)")]
+TABLE1_COLS = [
+    ("i_auroc", "I-AUROC"),
+    ("p_auroc", "P-AUROC"),
+    ("dice_oracle", "Dice (oracle)"),
+    ("dice_oracle_post", "Dice (oracle, post)"),
+    ("dice_val", "Dice (val)"),
+]
+TABLE2_COLS = [
+    ("precision", "precision"),
+    ("map50", "mAP@50"),
+    ("map75", "mAP@75"),
+    ("i_auroc", "I-AUROC"),
+    ("p_auroc", "P-AUROC"),
+    ("dice_oracle", "Dice (oracle)"),
+    ("dice_oracle_post", "Dice (oracle, post)"),
+    ("dice_val", "Dice (val)"),
+]
 CONTROL_GAP = ("gap_control_i_auroc", "ΔI-AUROC vs best prior-only control (pts)")
 GAP_KEYS = ["i_auroc", "p_auroc", "dice_oracle", "dice_val"]
 GAP_METHOD = "msgmsd"  # Table 2's downstream method, whose ΔI-AUROC gets DeLong's interval
-GAP_NOTE = ("Δ columns: paired differences in points, the row minus the reference on the same test images, "
-            "[brackets] their 95% patient-clustered bootstrap interval. DeLong's per-image interval of ΔI-AUROC vs "
-            "GT is in summary.json (prior_comparison); it treats images of one patient as independent.")
-INTERVAL_NOTE = ("[brackets]: 95% patient-cluster bootstrap interval of the mean over folds (patients resampled "
-                 "with all their images within each test fold, 2000 replicates; on an external set one draw of "
-                 "its patients is shared by every fold's models); test-set sampling only, the trained models "
-                 "held fixed. Prior only: the image score is the prior box's height or area and the map is 1 "
-                 "inside the masked box, no image used; LoRIS must beat it.")
+GAP_NOTE = (
+    "Δ columns: paired differences in points, the row minus the reference on the same test images, "
+    "[brackets] their 95% patient-clustered bootstrap interval. DeLong's per-image interval of ΔI-AUROC vs "
+    "GT is in summary.json (prior_comparison); it treats images of one patient as independent."
+)
+INTERVAL_NOTE = (
+    "[brackets]: 95% patient-cluster bootstrap interval of the mean over folds (patients resampled "
+    "with all their images within each test fold, 2000 replicates; on an external set one draw of "
+    "its patients is shared by every fold's models); test-set sampling only, the trained models "
+    "held fixed. Prior only: the image score is the prior box's height or area and the map is 1 "
+    "inside the masked box, no image used; LoRIS must beat it."
+)
 ROC_PRIOR = "gt"  # ROC curves and score histograms use the ground-truth-prior rows when present
 
 
@@ -134,8 +168,11 @@ def summary_from_folds(folds: Sequence[FoldResult], detector: str | None = None)
     det = [f.detection[detector] for f in folds if detector in f.detection] if detector else []
     priors = [f.priors for f in folds if f.priors]
     # the fallbacks of the detector reported, which need not be the fold's first prior source
-    fallbacks = (sum(int(f.detection[detector].get("fallbacks", f.fallbacks)) for f in folds if detector in f.detection)
-                 if det else sum(f.fallbacks for f in folds))
+    fallbacks = (
+        sum(int(f.detection[detector].get("fallbacks", f.fallbacks)) for f in folds if detector in f.detection)
+        if det
+        else sum(f.fallbacks for f in folds)
+    )
     out = summary_sections([f.methods for f in folds], det or None, fallbacks, priors or None)
     comparison = prior_comparisons(folds)
     if comparison:
@@ -143,8 +180,9 @@ def summary_from_folds(folds: Sequence[FoldResult], detector: str | None = None)
     return out
 
 
-def prior_comparisons(folds: Sequence[FoldResult], method: str = GAP_METHOD, reference: str = "gt",
-                      level: float = 0.95) -> dict[str, dict[str, Any]]:
+def prior_comparisons(
+    folds: Sequence[FoldResult], method: str = GAP_METHOD, reference: str = "gt", level: float = 0.95
+) -> dict[str, dict[str, Any]]:
     """ΔI-AUROC of each detector prior against ``reference`` priors, paired per image (DeLong).
 
     Per fold, the images scored with both prior sources are paired by id; the result per prior
@@ -168,17 +206,32 @@ def prior_comparisons(folds: Sequence[FoldResult], method: str = GAP_METHOD, ref
             labels = np.array([ref[i].label for i in ids], int)
             if min(int(labels.sum()), int(len(labels) - labels.sum()), len(ids)) < 2:
                 continue
-            per_prior.setdefault(prior, []).append((f.fold, ids, labels, np.array([ref[i].scores[method] for i in ids]),
-                                                    np.array([rows[i].scores[method] for i in ids])))
+            per_prior.setdefault(prior, []).append(
+                (
+                    f.fold,
+                    ids,
+                    labels,
+                    np.array([ref[i].scores[method] for i in ids]),
+                    np.array([rows[i].scores[method] for i in ids]),
+                )
+            )
     out: dict[str, dict[str, Any]] = {}
     for p, v in sorted(per_prior.items()):
         # Every fold's models scored the same images (an external test set): the differences are
         # correlated, so they are pooled per image rather than as independent folds.
         shared = len(v) > 1 and all(ids == v[0][1] for _, ids, *_ in v)
-        test = (mean_over_models(v[0][2], np.stack([t[3] for t in v]), np.stack([t[4] for t in v]), level) if shared
-                else mean_over_folds([paired_auroc(lab, a, b, level) for _, _, lab, a, b in v], level))
-        out[p] = {"reference": reference, "method": method, "folds": [t[0] for t in v],
-                  "test_images": "shared" if shared else ("disjoint" if len(v) > 1 else "one fold"), **test}
+        test = (
+            mean_over_models(v[0][2], np.stack([t[3] for t in v]), np.stack([t[4] for t in v]), level)
+            if shared
+            else mean_over_folds([paired_auroc(lab, a, b, level) for _, _, lab, a, b in v], level)
+        )
+        out[p] = {
+            "reference": reference,
+            "method": method,
+            "folds": [t[0] for t in v],
+            "test_images": "shared" if shared else ("disjoint" if len(v) > 1 else "one fold"),
+            **test,
+        }
     return out
 
 
@@ -228,12 +281,18 @@ def _paired_gap(clustered: Mapping[str, Any] | None, a: str, b: str, metric: str
     if d is None:
         return None
     p = d["pooled"]
-    return {"mean": 100.0 * p["estimate"], "ci_low": 100.0 * p["low"], "ci_high": 100.0 * p["high"],
-            "std": math.nan, "reference": b}
+    return {
+        "mean": 100.0 * p["estimate"],
+        "ci_low": 100.0 * p["low"],
+        "ci_high": 100.0 * p["high"],
+        "std": math.nan,
+        "reference": b,
+    }
 
 
-def build_tables(folds: Sequence[FoldResult], paper: bool = True, refined: bool = False,
-                 clustered: Mapping[str, Any] | None = None) -> dict[str, list[dict[str, Any]]]:
+def build_tables(
+    folds: Sequence[FoldResult], paper: bool = True, refined: bool = False, clustered: Mapping[str, Any] | None = None
+) -> dict[str, list[dict[str, Any]]]:
     """Rows of Tables 1 and 2: ``{"table1": [...], "table2": [...]}``.
 
     Each row: ``{"name", "source": "ours"|"paper", "metrics": {key: {mean, std, ...}}}``, with
@@ -257,14 +316,23 @@ def build_tables(folds: Sequence[FoldResult], paper: bool = True, refined: bool 
         t1.append({"name": METHOD_NAMES.get(m, f"LoRIS+{m.upper()}"), "source": "ours", "metrics": metrics})
         if paper and m in PAPER_TABLE1:
             t1.append({"name": PAPER_METHOD_NAMES[m], "source": "paper", "metrics": _paper(PAPER_TABLE1[m])})
-    controls = {src: aggregate_methods([f.controls[src] for f in folds if src in f.controls])
-                for src in sorted({c for f in folds for c in f.controls})}
+    controls = {
+        src: aggregate_methods([f.controls[src] for f in folds if src in f.controls])
+        for src in sorted({c for f in folds for c in f.controls})
+    }
     for c, stats in controls.get(main, {}).items():
-        t1.append({"name": CONTROL_NAMES.get(c, c), "source": "ours (control)",
-                   "metrics": _with_intervals(stats, cl, f"{main}/{c}")})
+        t1.append(
+            {
+                "name": CONTROL_NAMES.get(c, c),
+                "source": "ours (control)",
+                "metrics": _with_intervals(stats, cl, f"{main}/{c}"),
+            }
+        )
 
-    det_agg = {d: aggregate([f.detection[d] for f in folds if d in f.detection])
-               for d in sorted({d for f in folds for d in f.detection})}
+    det_agg = {
+        d: aggregate([f.detection[d] for f in folds if d in f.detection])
+        for d in sorted({d for f in folds for d in f.detection})
+    }
     prior_agg = s.get("priors", {})
     ours: dict[str, dict[str, Any]] = {}
     # the GT row comes from the ground-truth-prior results; ``methods`` may hold a detector's
@@ -276,8 +344,11 @@ def build_tables(folds: Sequence[FoldResult], paper: bool = True, refined: bool 
     for d, v in det_agg.items():
         ours.setdefault(d, {}).update({k: v[k] for k in ("precision", "map50", "map75") if k in v})
     t2: list[dict[str, Any]] = []
-    order = ["gt"] + [p for p in ("yolov5u", "yolov5", "codetr") if p in ours] + sorted(
-        p for p in ours if p not in ("gt", "yolov5u", "yolov5", "codetr"))
+    order = (
+        ["gt"]
+        + [p for p in ("yolov5u", "yolov5", "codetr") if p in ours]
+        + sorted(p for p in ours if p not in ("gt", "yolov5u", "yolov5", "codetr"))
+    )
     for p in order:
         if p in ours:
             # Refined boxes are not the paper's raw detector output: the row says so.
@@ -290,8 +361,13 @@ def build_tables(folds: Sequence[FoldResult], paper: bool = True, refined: bool 
                 metrics[CONTROL_GAP[0]] = _paired_gap(cl, f"{p}/msgmsd", best[p], "i_auroc")
             t2.append({"name": name, "source": "ours", "metrics": metrics})
             for c, stats in controls.get(p, {}).items():
-                t2.append({"name": f"{PRIOR_NAMES.get(p, p)}: {CONTROL_NAMES.get(c, c).lower()}",
-                           "source": "ours (control)", "metrics": _with_intervals(stats, cl, f"{p}/{c}")})
+                t2.append(
+                    {
+                        "name": f"{PRIOR_NAMES.get(p, p)}: {CONTROL_NAMES.get(c, c).lower()}",
+                        "source": "ours (control)",
+                        "metrics": _with_intervals(stats, cl, f"{p}/{c}"),
+                    }
+                )
         key = "yolov5u" if p == "yolov5" else p
         if paper and key in PAPER_TABLE2 and (p in ours or p == "gt"):
             pm = _paper(PAPER_TABLE2[key])
@@ -327,15 +403,23 @@ def _display(table: str, row: Mapping[str, Any]) -> list[str]:
 
 def table_markdown(table: str, rows: Sequence[Mapping[str, Any]], prior_name: str = "ground-truth") -> str:
     """Markdown table in the paper's layout, ``mean ± std`` over folds (ddof=1) [clustered 95% interval]."""
-    title = {"table1": f"Table 1: anomaly detection and segmentation (LoRIS with {prior_name} boxes)",
-             "table2": "Table 2: detectors as location priors for LoRIS+MSGMSD"}[table]
+    title = {
+        "table1": f"Table 1: anomaly detection and segmentation (LoRIS with {prior_name} boxes)",
+        "table2": "Table 2: detectors as location priors for LoRIS+MSGMSD",
+    }[table]
     head = ["Model" if table == "table1" else "Prior", "Source"] + [label for _, label in _columns(table)]
     lines = [f"# {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(_display(table, r)) + " |" for r in rows]
-    lines += ["", "mean ± std across folds (sample std, ddof=1). " + INTERVAL_NOTE + " Dice (oracle): threshold "
-              "tuned on the test fold itself (the paper's, before post-processing); Dice (oracle, post): the same "
-              "oracle after closing-then-opening; Dice (val): threshold chosen on the validation fold, "
-              "closing-then-opening 3x3. " + GAP_NOTE, "", PAPER_NOTE, ""]
+    lines += [
+        "",
+        "mean ± std across folds (sample std, ddof=1). " + INTERVAL_NOTE + " Dice (oracle): threshold "
+        "tuned on the test fold itself (the paper's, before post-processing); Dice (oracle, post): the same "
+        "oracle after closing-then-opening; Dice (val): threshold chosen on the validation fold, "
+        "closing-then-opening 3x3. " + GAP_NOTE,
+        "",
+        PAPER_NOTE,
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -357,15 +441,25 @@ def table_csv(table: str, rows: Sequence[Mapping[str, Any]]) -> str:
 
 def differences_markdown(clustered: Mapping[str, Any]) -> str:
     """Every paired difference of a run, pooled over folds, with its clustered interval (points)."""
-    lines = ["# Paired differences (row A minus row B, same test images)", "",
-             "| A | B | metric | Δ (pts) [95% clustered CI] | per fold |", "|---|---|---|---|---|"]
+    lines = [
+        "# Paired differences (row A minus row B, same test images)",
+        "",
+        "| A | B | metric | Δ (pts) [95% clustered CI] | per fold |",
+        "|---|---|---|---|---|",
+    ]
     for d in clustered.get("differences", []):
         p = d["pooled"]
         folds = ", ".join(f"{100 * f['estimate']:+.1f}" for f in d["per_fold"])
-        lines.append(f"| {d['a']} | {d['b']} | {d['metric']} | {100 * p['estimate']:+.1f} "
-                     f"[{100 * p['low']:+.1f}, {100 * p['high']:+.1f}] | {folds} |")
-    lines += ["", "Rows are <prior source>/<method>: 'none/riad' is RIAD (no prior), 'control_*' the prior-only "
-              "controls. " + INTERVAL_NOTE, ""]
+        lines.append(
+            f"| {d['a']} | {d['b']} | {d['metric']} | {100 * p['estimate']:+.1f} "
+            f"[{100 * p['low']:+.1f}, {100 * p['high']:+.1f}] | {folds} |"
+        )
+    lines += [
+        "",
+        "Rows are <prior source>/<method>: 'none/riad' is RIAD (no prior), 'control_*' the prior-only "
+        "controls. " + INTERVAL_NOTE,
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -375,8 +469,18 @@ def differences_csv(clustered: Mapping[str, Any]) -> str:
     w.writerow(["a", "b", "metric", "estimate", "ci_low", "ci_high", "se", "per_fold_estimates"])
     for d in clustered.get("differences", []):
         p = d["pooled"]
-        w.writerow([d["a"], d["b"], d["metric"], _num(p["estimate"]), _num(p["low"]), _num(p["high"]), _num(p["se"]),
-                    " ".join(_num(f["estimate"]) for f in d["per_fold"])])
+        w.writerow(
+            [
+                d["a"],
+                d["b"],
+                d["metric"],
+                _num(p["estimate"]),
+                _num(p["low"]),
+                _num(p["high"]),
+                _num(p["se"]),
+                " ".join(_num(f["estimate"]) for f in d["per_fold"]),
+            ]
+        )
     return buf.getvalue()
 
 
@@ -394,14 +498,32 @@ def per_image_csv(folds: Sequence[FoldResult]) -> str:
     dice_keys = ordered_methods(sorted({k for r in rows for k in r.dice}))
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["id", "patient", "fold", "label", "prior_source", "prior_fallback", "box_x1", "box_y1", "box_x2",
-                "box_y2", "iou"]
-               + [f"score_{k}" for k in score_keys] + [f"dice_{k}" for k in dice_keys])
+    w.writerow(
+        [
+            "id",
+            "patient",
+            "fold",
+            "label",
+            "prior_source",
+            "prior_fallback",
+            "box_x1",
+            "box_y1",
+            "box_x2",
+            "box_y2",
+            "iou",
+        ]
+        + [f"score_{k}" for k in score_keys]
+        + [f"dice_{k}" for k in dice_keys]
+    )
     for r in rows:
         box = list(r.box) if r.box is not None else [None] * 4
-        w.writerow([r.id, r.patient, r.fold, r.label, r.prior_source, int(r.fallback)] + [_num(v) for v in box]
-                   + [_num(r.iou)]
-                   + [_num(r.scores.get(k)) for k in score_keys] + [_num(r.dice.get(k)) for k in dice_keys])
+        w.writerow(
+            [r.id, r.patient, r.fold, r.label, r.prior_source, int(r.fallback)]
+            + [_num(v) for v in box]
+            + [_num(r.iou)]
+            + [_num(r.scores.get(k)) for k in score_keys]
+            + [_num(r.dice.get(k)) for k in dice_keys]
+        )
     return buf.getvalue()
 
 
@@ -428,8 +550,9 @@ def _score_sets(folds: Sequence[FoldResult]) -> tuple[dict[str, dict[int, tuple[
 def write_figures(out_dir: Path, folds: Sequence[FoldResult], examples: Sequence[Example]) -> dict[str, Path]:
     """Write ``overlays.png`` (if examples), ``roc.png`` and ``scores.png`` under ``out_dir``."""
     curves, _ = _score_sets(folds)
-    pooled = {m: ([s for sc, _ in d.values() for s in sc], [y for _, lb in d.values() for y in lb])
-              for m, d in curves.items()}
+    pooled = {
+        m: ([s for sc, _ in d.values() for s in sc], [y for _, lb in d.values() for y in lb]) for m, d in curves.items()
+    }
     out: dict[str, Path] = {}
     figs = {"roc": roc_figure(curves), "scores": score_distribution_figure(pooled)}
     if examples:
@@ -473,29 +596,45 @@ def render_html(
     links: Sequence[str],
 ) -> str:
     """One self-contained page: figures are embedded as base64; ``links`` are relative file names."""
-    captions = {"overlays": "Best, median and worst cases per class: scan | reconstruction | anomaly map | "
-                            "ground truth | prediction",
-                "roc": "Image-level ROC curves per fold (ground-truth prior)",
-                "scores": "Image scores per class, all folds"}
-    parts = ["<!DOCTYPE html><html><head><meta charset='utf-8'><title>LoRIS report</title>",
-             f"<style>{_CSS}</style></head><body><h1>LoRIS evaluation report</h1>",
-             f"<p>Detector: <b>{html.escape(str(summary.get('detector', '-')))}</b>; data: "
-             f"{html.escape(str(summary.get('data', '-')))}; folds: {html.escape(str(summary.get('folds', '-')))}</p>",
-             f"<p class='note'>{html.escape(PAPER_NOTE)}</p>",
-             "<h2>Table 1: anomaly detection and segmentation</h2>", _html_table("table1", tables["table1"]),
-             "<h2>Table 2: detectors as location priors</h2>", _html_table("table2", tables["table2"]),
-             "<p class='note'>mean ± std across folds (ddof=1). " + html.escape(INTERVAL_NOTE) + " Dice (oracle) "
-             "tunes its threshold on the test fold itself, as the paper does, so it is optimistic (Dice (oracle, "
-             "post): after closing-then-opening); Dice (val) chooses it on the validation fold and applies "
-             f"closing-then-opening 3x3. {html.escape(GAP_NOTE)}</p>", "<h2>Figures</h2>"]
+    captions = {
+        "overlays": "Best, median and worst cases per class: scan | reconstruction | anomaly map | "
+        "ground truth | prediction",
+        "roc": "Image-level ROC curves per fold (ground-truth prior)",
+        "scores": "Image scores per class, all folds",
+    }
+    parts = [
+        "<!DOCTYPE html><html><head><meta charset='utf-8'><title>LoRIS report</title>",
+        f"<style>{_CSS}</style></head><body><h1>LoRIS evaluation report</h1>",
+        f"<p>Detector: <b>{html.escape(str(summary.get('detector', '-')))}</b>; data: "
+        f"{html.escape(str(summary.get('data', '-')))}; folds: {html.escape(str(summary.get('folds', '-')))}</p>",
+        f"<p class='note'>{html.escape(PAPER_NOTE)}</p>",
+        "<h2>Table 1: anomaly detection and segmentation</h2>",
+        _html_table("table1", tables["table1"]),
+        "<h2>Table 2: detectors as location priors</h2>",
+        _html_table("table2", tables["table2"]),
+        "<p class='note'>mean ± std across folds (ddof=1). " + html.escape(INTERVAL_NOTE) + " Dice (oracle) "
+        "tunes its threshold on the test fold itself, as the paper does, so it is optimistic (Dice (oracle, "
+        "post): after closing-then-opening); Dice (val) chooses it on the validation fold and applies "
+        f"closing-then-opening 3x3. {html.escape(GAP_NOTE)}</p>",
+        "<h2>Figures</h2>",
+    ]
     parts += [_img(p, captions.get(k, k)) for k, p in figures.items()]
-    parts.append("<h2>Files</h2><ul>" + "".join(f'<li><a href="{html.escape(n)}">{html.escape(n)}</a></li>'
-                                                  for n in links) + "</ul>")
-    parts += ["<h2>Summary</h2><pre>", html.escape(json.dumps(json_safe(summary), indent=2)), "</pre>",
-              "<h2>Configuration</h2><pre>", html.escape(json.dumps(json_safe(config), indent=2, default=str)),
-              "</pre>", "<h2>Versions</h2><table>",
-              "".join(f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(str(v))}</td></tr>"
-                      for k, v in versions.items()), "</table></body></html>"]
+    parts.append(
+        "<h2>Files</h2><ul>"
+        + "".join(f'<li><a href="{html.escape(n)}">{html.escape(n)}</a></li>' for n in links)
+        + "</ul>"
+    )
+    parts += [
+        "<h2>Summary</h2><pre>",
+        html.escape(json.dumps(json_safe(summary), indent=2)),
+        "</pre>",
+        "<h2>Configuration</h2><pre>",
+        html.escape(json.dumps(json_safe(config), indent=2, default=str)),
+        "</pre>",
+        "<h2>Versions</h2><table>",
+        "".join(f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(str(v))}</td></tr>" for k, v in versions.items()),
+        "</table></body></html>",
+    ]
     return "\n".join(parts)
 
 
@@ -520,18 +659,27 @@ def write_report(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     detector_cfg = config.get("detector") if isinstance(config.get("detector"), Mapping) else {}
-    tables = build_tables(folds, paper=paper, refined=bool(detector_cfg.get("refine")),  # type: ignore[union-attr]
-                          clustered=clustered)
+    tables = build_tables(
+        folds,
+        paper=paper,
+        refined=bool(detector_cfg.get("refine")),  # type: ignore[union-attr]
+        clustered=clustered,
+    )
     written: dict[str, Path] = {}
     for t, rows in tables.items():
-        for ext, text in (("md", table_markdown(t, rows, prior_name)), ("csv", table_csv(t, rows)),
-                          ("json", json.dumps(json_safe({"table": t, "note": PAPER_NOTE, "rows": rows}), indent=2))):
+        for ext, text in (
+            ("md", table_markdown(t, rows, prior_name)),
+            ("csv", table_csv(t, rows)),
+            ("json", json.dumps(json_safe({"table": t, "note": PAPER_NOTE, "rows": rows}), indent=2)),
+        ):
             path = out_dir / f"{t}.{ext}"
             atomic_write_text(path, text)
             written[f"{t}.{ext}"] = path
     if clustered:
-        for name, text in (("differences.md", differences_markdown(clustered)),
-                           ("differences.csv", differences_csv(clustered))):
+        for name, text in (
+            ("differences.md", differences_markdown(clustered)),
+            ("differences.csv", differences_csv(clustered)),
+        ):
             atomic_write_text(out_dir / name, text)
             written[name] = out_dir / name
     atomic_write_text(out_dir / "per_image.csv", per_image_csv(folds))

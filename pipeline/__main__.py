@@ -22,8 +22,14 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", type=Path, help="dataset folder (README 'Your own data'); default: the embedded phantom")
     p.add_argument("--config", type=Path, help="YAML file overriding configs/default.yaml")
     p.add_argument("--profile", choices=("quick", "default", "paper"), default="default")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override one config key (dotted, e.g. unet.epochs=5); repeatable, applied last")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one config key (dotted, e.g. unet.epochs=5); repeatable, applied last",
+    )
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
@@ -50,8 +56,10 @@ def _out(args: argparse.Namespace, cfg: dict[str, Any], command: str) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="loris", description="LoRIS: localized reconstruction-by-inpainting "
-                                     "for knee recess distension in ultrasound")
+    parser = argparse.ArgumentParser(
+        prog="loris",
+        description="LoRIS: localized reconstruction-by-inpainting for knee recess distension in ultrasound",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="cross-validate LoRIS with one prior source (Table 1)")
@@ -66,15 +74,23 @@ def main(argv: list[str] | None = None) -> int:
     abl.add_argument("--out", type=Path)
     _common(abl)
     for p in (run, abl):
-        p.add_argument("--external", type=Path, action="append", help="held-out dataset folder: also evaluate "
-                       "every fold's models on all of it (reported under <out>/external/); repeatable, one "
-                       "report per set under <out>/external/<name>/")
+        p.add_argument(
+            "--external",
+            type=Path,
+            action="append",
+            help="held-out dataset folder: also evaluate "
+            "every fold's models on all of it (reported under <out>/external/); repeatable, one "
+            "report per set under <out>/external/<name>/",
+        )
 
     tr = sub.add_parser("train", help="train one deployable bundle on all the data")
     tr.add_argument("--detector", choices=("yolov5", "codetr"), default="codetr")
     tr.add_argument("--out", type=Path, required=True, help="bundle folder to create")
-    tr.add_argument("--sensitivity", type=float, help="pick the score threshold reaching this validation "
-                    "sensitivity instead of Youden's J")
+    tr.add_argument(
+        "--sensitivity",
+        type=float,
+        help="pick the score threshold reaching this validation sensitivity instead of Youden's J",
+    )
     _common(tr)
 
     pr = sub.add_parser("predict", help="score and segment every scan in a folder with a trained bundle")
@@ -108,7 +124,9 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command in ("run", "ablate"):
         from pipeline.run import execute
 
-        names = [args.detector] if args.command == "run" else [d.strip() for d in args.detectors.split(",") if d.strip()]
+        names = (
+            [args.detector] if args.command == "run" else [d.strip() for d in args.detectors.split(",") if d.strip()]
+        )
         unknown = [d for d in names if d not in DETECTOR_CHOICES]
         if unknown:
             raise ValueError(f"unknown detector(s) {unknown}; choose from {', '.join(DETECTOR_CHOICES)}")
@@ -126,10 +144,12 @@ def _dispatch(args: argparse.Namespace) -> int:
             cfg["bundle"]["sensitivity"] = args.sensitivity
         doc = train_bundle(cfg, args.out)
         v = doc["score"]["validation"]
-        print(f"bundle written to {args.out}: score threshold {doc['score']['threshold']:.4g} "
-              f"({doc['score']['operating_point']}: validation sensitivity {v['sensitivity']:.2f}, "
-              f"specificity {v['specificity']:.2f}, I-AUROC {v['i_auroc']:.3f}); "
-              f"segmentation threshold {doc['segmentation']['threshold']:.4g}")
+        print(
+            f"bundle written to {args.out}: score threshold {doc['score']['threshold']:.4g} "
+            f"({doc['score']['operating_point']}: validation sensitivity {v['sensitivity']:.2f}, "
+            f"specificity {v['specificity']:.2f}, I-AUROC {v['i_auroc']:.3f}); "
+            f"segmentation threshold {doc['segmentation']['threshold']:.4g}"
+        )
         return 0
     if args.command == "predict":
         from pipeline.predict import predict_folder
@@ -139,8 +159,15 @@ def _dispatch(args: argparse.Namespace) -> int:
             import time
 
             out = Path("runs") / f"predict-{time.strftime('%Y%m%d-%H%M%S')}"
-        predict_folder(args.model, args.input, out, recursive=args.recursive, batch_size=args.batch_size,
-                       device=args.device, progress=not args.no_progress)
+        predict_folder(
+            args.model,
+            args.input,
+            out,
+            recursive=args.recursive,
+            batch_size=args.batch_size,
+            device=args.device,
+            progress=not args.no_progress,
+        )
         return 0
     if args.command == "bench":
         from pipeline.bench import run_bench
@@ -171,8 +198,10 @@ def _print_summary(summary: dict[str, Any], out: Path) -> None:
     rec = summary.get("reconstruction", {})
     cl = summary.get("clustered", {})
     main = summary["detector"] if isinstance(summary["detector"], str) else summary["detector"][0]
-    lines = [f"results in {out} (report.html, table1.md, table2.md, summary.json); "
-             f"[95% patient-clustered bootstrap intervals]"]
+    lines = [
+        f"results in {out} (report.html, table1.md, table2.md, summary.json); "
+        f"[95% patient-clustered bootstrap intervals]"
+    ]
 
     def row(label: str, key: str, metrics: dict[str, Any]) -> str:
         cells = []
@@ -194,22 +223,29 @@ def _print_summary(summary: dict[str, Any], out: Path) -> None:
         d = find_difference(cl, f"{src}/msgmsd", ctrl, "i_auroc")
         if d:
             p = d["pooled"]
-            lines.append(f"  {src} priors: LoRIS+MSGMSD minus {CONTROL_NAMES.get(ctrl.split('/')[1], ctrl)}: "
-                         f"ΔI-AUROC {100 * p['estimate']:+.1f} pts{_ci(p, 100, '+.1f')}")
+            lines.append(
+                f"  {src} priors: LoRIS+MSGMSD minus {CONTROL_NAMES.get(ctrl.split('/')[1], ctrl)}: "
+                f"ΔI-AUROC {100 * p['estimate']:+.1f} pts{_ci(p, 100, '+.1f')}"
+            )
     for src in summary.get("priors", {}):
         d = find_difference(cl, f"{src}/msgmsd", "gt/msgmsd", "i_auroc") if src != "gt" else None
         if d:
             p = d["pooled"]
-            lines.append(f"  {src} priors vs gt: LoRIS+MSGMSD ΔI-AUROC {100 * p['estimate']:+.1f} pts"
-                         f"{_ci(p, 100, '+.1f')} (clustered)")
+            lines.append(
+                f"  {src} priors vs gt: LoRIS+MSGMSD ΔI-AUROC {100 * p['estimate']:+.1f} pts"
+                f"{_ci(p, 100, '+.1f')} (clustered)"
+            )
     for where, comparisons in [("", summary.get("prior_comparison", {}))] + [
-            (f" [external {e['data']}: {e.get('images')} images]", e.get("prior_comparison", {}))
-            for e in summary.get("external", [])]:
+        (f" [external {e['data']}: {e.get('images')} images]", e.get("prior_comparison", {}))
+        for e in summary.get("external", [])
+    ]:
         for prior, c in comparisons.items():
-            lines.append(f"  {prior} priors vs {c['reference']}{where}: LoRIS+{c['method'].upper()} I-AUROC "
-                         f"{c['auroc_b']:.3f} vs {c['auroc_a']:.3f}, Δ {100 * c['diff']:+.1f} pts (95% CI "
-                         f"{100 * c['ci_low']:+.1f} to {100 * c['ci_high']:+.1f}, per-image DeLong, "
-                         f"{len(c['folds'])} folds)")
+            lines.append(
+                f"  {prior} priors vs {c['reference']}{where}: LoRIS+{c['method'].upper()} I-AUROC "
+                f"{c['auroc_b']:.3f} vs {c['auroc_a']:.3f}, Δ {100 * c['diff']:+.1f} pts (95% CI "
+                f"{100 * c['ci_low']:+.1f} to {100 * c['ci_high']:+.1f}, per-image DeLong, "
+                f"{len(c['folds'])} folds)"
+            )
     print("\n".join(lines))
 
 

@@ -14,8 +14,9 @@ import shutil
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -45,9 +46,9 @@ def phantom_speed(reps: int = 3, n: int = 20, size: int = 256) -> float:
 
 def detector_speed(name: str, reps: int = 3, n: int = 32, size: int = 256) -> float:
     """Inference images/s of an untrained detector of the default config (speed does not depend on training)."""
+    from detectors.base import build_detector
     from pipeline.config import load_config
     from pipeline.stages import detector_kwargs
-    from detectors.base import build_detector
 
     cfg = load_config(None, "default", [f"detector.name={name}"])
     det = build_detector(name, **detector_kwargs(cfg))
@@ -59,8 +60,8 @@ def detector_speed(name: str, reps: int = 3, n: int = 32, size: int = 256) -> fl
 
 def refiner_speed(reps: int = 3, n: int = 64, size: int = 128) -> float:
     """Images/s of the box refiner on one box per image (untrained: speed does not depend on training)."""
-    from pipeline.config import load_config
     from detectors.refine import BoxRefiner
+    from pipeline.config import load_config
 
     cfg = load_config(None, "default", [])
     ref = BoxRefiner(**cfg["detector"]["refiner"])
@@ -104,17 +105,24 @@ def run_bench(quick: bool = False, model: Path | None = None) -> dict[str, Any]:
         res["phantom_images_per_s_one_thread"] = phantom_speed(reps=2 if quick else 3)
     finally:
         torch.set_num_threads(threads)
-    res["unet"] = run_benchmark(profiles=("tiny",) if quick else ("cpu", "paper"), reps=reps,
-                                train_steps=2 if quick else 5, threads=os.cpu_count() or 2)
+    res["unet"] = run_benchmark(
+        profiles=("tiny",) if quick else ("cpu", "paper"),
+        reps=reps,
+        train_steps=2 if quick else 5,
+        threads=os.cpu_count() or 2,
+    )
     res["detectors"] = {}
     for name in ("yolov5", "codetr"):
         try:
-            res["detectors"][name] = {"images_per_s": detector_speed(name, reps=2 if quick else 3,
-                                                                     n=8 if quick else 32)}
+            res["detectors"][name] = {
+                "images_per_s": detector_speed(name, reps=2 if quick else 3, n=8 if quick else 32)
+            }
         except Exception as exc:  # a missing optional stack must not hide the other numbers
             res["detectors"][name] = {"error": f"{exc.__class__.__name__}: {exc}"}
-    res["detectors"]["refiner"] = {"images_per_s": refiner_speed(reps=2 if quick else 3, n=16 if quick else 64),
-                                   "note": "box refiner alone, one box per 128-px image, its default passes"}
+    res["detectors"]["refiner"] = {
+        "images_per_s": refiner_speed(reps=2 if quick else 3, n=16 if quick else 64),
+        "note": "box refiner alone, one box per 128-px image, its default passes",
+    }
     if model is not None:
         import json
 
@@ -127,10 +135,14 @@ def run_bench(quick: bool = False, model: Path | None = None) -> dict[str, Any]:
         unet_cfg = json.loads((Path(model) / "unet" / "model.json").read_text())["unet"]
         gflop = unet_flops(UNetConfig.from_dict(unet_cfg), size) / 1e9
         matmul = max(res["unet"]["matmul_gflops"], res["unet"].get("matmul_gflops_end", 0.0))
-        res["predict"] = {**e2e, "image_size": size, "unet_gflop_per_image": gflop,
-                          "ceiling_images_per_s": matmul / gflop,
-                          "note": "ceiling = best matmul GFLOP/s of this run / the bundle U-Net's GFLOP per image "
-                                  "(detector, I/O and maps excluded)"}
+        res["predict"] = {
+            **e2e,
+            "image_size": size,
+            "unet_gflop_per_image": gflop,
+            "ceiling_images_per_s": matmul / gflop,
+            "note": "ceiling = best matmul GFLOP/s of this run / the bundle U-Net's GFLOP per image "
+            "(detector, I/O and maps excluded)",
+        }
     else:
         res["predict"] = {"note": "pass --model MODEL_DIR (from `train`) to measure end-to-end predict images/s"}
     res["load_avg_end"] = os.getloadavg()

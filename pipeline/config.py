@@ -8,8 +8,9 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import yaml
 
@@ -64,8 +65,9 @@ def parse_override(text: str) -> dict[str, Any]:
     return out
 
 
-def load_config(config_file: Path | str | None = None, profile: str = "default",
-                overrides: Iterable[str] = ()) -> dict[str, Any]:
+def load_config(
+    config_file: Path | str | None = None, profile: str = "default", overrides: Iterable[str] = ()
+) -> dict[str, Any]:
     """Defaults < profile < ``config_file`` < ``overrides``; unknown keys are errors."""
     if profile not in PROFILES:
         raise ConfigError(f"unknown profile '{profile}'; choose from {', '.join(PROFILES)}")

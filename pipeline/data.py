@@ -40,8 +40,14 @@ def dataset_root(cfg: dict[str, Any]) -> Path:
     from scans.phantom import default_dataset
 
     ph = cfg["phantom"]
-    return default_dataset(n_images=ph["images"], n_distended=ph["distended"], n_patients=ph["patients"],
-                           size=ph["size"], seed=cfg["seed"], progress=cfg.get("progress", True))
+    return default_dataset(
+        n_images=ph["images"],
+        n_distended=ph["distended"],
+        n_patients=ph["patients"],
+        size=ph["size"],
+        seed=cfg["seed"],
+        progress=cfg.get("progress", True),
+    )
 
 
 def _with_boxes(root: Path) -> list[Scan]:
@@ -49,8 +55,10 @@ def _with_boxes(root: Path) -> list[Scan]:
     scans = load_dataset(root)
     missing = [s.path.name for s in scans if s.box is None]
     if missing:
-        raise ValueError(f"{root}: {len(missing)} image(s) have no recess box (e.g. {missing[:3]}); "
-                         f"run `python -m scans check {root}`")
+        raise ValueError(
+            f"{root}: {len(missing)} image(s) have no recess box (e.g. {missing[:3]}); "
+            f"run `python -m scans check {root}`"
+        )
     return scans
 
 
@@ -99,14 +107,18 @@ def load_external(cfg: dict[str, Any], data: Data, path: str | None = None) -> S
         raise ValueError(f"{root}: {len(unlabelled)} image(s) have no normal/distended label (e.g. {unlabelled[:3]})")
     labels = {s.label for s in scans}
     if labels != {0, 1}:
-        raise ValueError(f"{root}: the external test set needs normal and distended scans, it holds only "
-                         f"{'distended' if labels == {1} else 'normal'} ones")
+        raise ValueError(
+            f"{root}: the external test set needs normal and distended scans, it holds only "
+            f"{'distended' if labels == {1} else 'normal'} ones"
+        )
     arrays = to_arrays(scans, size=cfg["image_size"], frame=cfg.get("frame", 0))
     # A copy of the run's data (or the same phantom generated elsewhere) passes the path check:
     # compare the images themselves, as the models see them.
     seen = {hashlib.sha256(im.tobytes()).digest() for im in data.arrays.images}
     shared = [s.path.name for s, im in zip(scans, arrays.images) if hashlib.sha256(im.tobytes()).digest() in seen]
     if shared:
-        raise ValueError(f"{root}: {len(shared)} of its {len(scans)} images are also in the run's dataset "
-                         f"(e.g. {shared[:3]}); an external test set must be held out from training")
+        raise ValueError(
+            f"{root}: {len(shared)} of its {len(scans)} images are also in the run's dataset "
+            f"(e.g. {shared[:3]}); an external test set must be held out from training"
+        )
     return arrays

@@ -24,8 +24,9 @@ def default_run_dir(cfg: dict[str, Any], command: str) -> Path:
     return Path(cfg.get("out_root") or "runs") / name
 
 
-def prepare_run_dir(out: Path, cfg: dict[str, Any], resume: bool = True,
-                    identity: dict[str, Any] | None = None) -> Path:
+def prepare_run_dir(
+    out: Path, cfg: dict[str, Any], resume: bool = True, identity: dict[str, Any] | None = None
+) -> Path:
     """Create ``out`` or resume it. A finished run (``summary.json`` present) is never overwritten.
 
     A half-finished run resumes only when its resolved config and ``identity`` (the command and
@@ -41,8 +42,10 @@ def prepare_run_dir(out: Path, cfg: dict[str, Any], resume: bool = True,
         if not old.is_file():
             raise RunDirError(f"{out} is not empty and is not a LoRIS run; choose another --out")
         if old.read_text() != resolved:
-            raise RunDirError(f"{out} holds an unfinished run with a different config; cannot resume it "
-                              f"(compare {old}); choose another --out")
+            raise RunDirError(
+                f"{out} holds an unfinished run with a different config; cannot resume it "
+                f"(compare {old}); choose another --out"
+            )
         if not resume:
             raise RunDirError(f"{out} holds an unfinished run; pass --resume to continue it")
     out.mkdir(parents=True, exist_ok=True)

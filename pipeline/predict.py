@@ -13,8 +13,9 @@ import hashlib
 import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import cv2
 import numpy as np
@@ -24,8 +25,22 @@ from pipeline.bundle import Bundle
 from scans.io import confined, write_png
 from scans.readers import ReadError, is_supported, read_image, resize_image
 
-PRED_FIELDS = ["file", "score", "verdict", "threshold", "box_x1", "box_y1", "box_x2", "box_y2", "box_source",
-               "box_confidence", "mask", "overlay", "width", "height"]
+PRED_FIELDS = [
+    "file",
+    "score",
+    "verdict",
+    "threshold",
+    "box_x1",
+    "box_y1",
+    "box_x2",
+    "box_y2",
+    "box_source",
+    "box_confidence",
+    "mask",
+    "overlay",
+    "width",
+    "height",
+]
 ERR_FIELDS = ["file", "reason"]
 
 
@@ -84,7 +99,9 @@ def resize_mask(mask: np.ndarray, wh: tuple[int, int]) -> np.ndarray:
     return cv2.resize(mask.astype(np.uint8), wh, interpolation=cv2.INTER_NEAREST).astype(bool)
 
 
-def overlay(image: np.ndarray, box: tuple[float, float, float, float], mask: np.ndarray, heat: np.ndarray) -> np.ndarray:
+def overlay(
+    image: np.ndarray, box: tuple[float, float, float, float], mask: np.ndarray, heat: np.ndarray
+) -> np.ndarray:
     """BGR uint8: the scan, a heat map of the anomaly map inside the box, the mask contour and the box."""
     gray = (np.clip(image, 0, 1) * 255).astype(np.uint8)
     base = cv2.cvtColor(gray, cv2.COLOR_GRAY2BGR)
@@ -100,8 +117,15 @@ def overlay(image: np.ndarray, box: tuple[float, float, float, float], mask: np.
     return out
 
 
-def predict_folder(bundle_dir: Path, folder: Path, out: Path, recursive: bool = False, batch_size: int = 8,
-                   device: str = "auto", progress: bool = True) -> dict[str, Any]:
+def predict_folder(
+    bundle_dir: Path,
+    folder: Path,
+    out: Path,
+    recursive: bool = False,
+    batch_size: int = 8,
+    device: str = "auto",
+    progress: bool = True,
+) -> dict[str, Any]:
     """Process every file of ``folder``; returns counts and throughput. Resumes a killed run."""
     folder, out = Path(folder), Path(out)
     if not folder.is_dir():
@@ -151,19 +175,34 @@ def predict_folder(bundle_dir: Path, folder: Path, out: Path, recursive: bool = 
                     h, w = orig.shape
                     # outputs are in the scan's own pixels, not the model's square grid
                     sx, sy = w / size, h / size
-                    x1, y1, x2, y2 = (result.boxes[i][0] * sx, result.boxes[i][1] * sy,
-                                      result.boxes[i][2] * sx, result.boxes[i][3] * sy)
+                    x1, y1, x2, y2 = (
+                        result.boxes[i][0] * sx,
+                        result.boxes[i][1] * sy,
+                        result.boxes[i][2] * sx,
+                        result.boxes[i][3] * sy,
+                    )
                     mask = resize_mask(result.masks[i], (w, h))
                     heat = cv2.resize(result.heat[i], (w, h), interpolation=cv2.INTER_LINEAR)
                     write_png(confined(out, mask_rel), mask.astype(np.uint8) * 255)
                     write_png(confined(out, ov_rel), overlay(orig, (x1, y1, x2, y2), mask, heat))
-                    rows.append({
-                        "file": rel, "score": f"{result.scores[i]:.6g}",
-                        "verdict": "distended" if result.scores[i] >= bundle.score_threshold else "not distended",
-                        "threshold": f"{bundle.score_threshold:.6g}",
-                        "box_x1": f"{x1:.1f}", "box_y1": f"{y1:.1f}", "box_x2": f"{x2:.1f}", "box_y2": f"{y2:.1f}",
-                        "box_source": result.sources[i], "box_confidence": f"{result.confidences[i]:.4f}",
-                        "mask": mask_rel, "overlay": ov_rel, "width": w, "height": h})
+                    rows.append(
+                        {
+                            "file": rel,
+                            "score": f"{result.scores[i]:.6g}",
+                            "verdict": "distended" if result.scores[i] >= bundle.score_threshold else "not distended",
+                            "threshold": f"{bundle.score_threshold:.6g}",
+                            "box_x1": f"{x1:.1f}",
+                            "box_y1": f"{y1:.1f}",
+                            "box_x2": f"{x2:.1f}",
+                            "box_y2": f"{y2:.1f}",
+                            "box_source": result.sources[i],
+                            "box_confidence": f"{result.confidences[i]:.4f}",
+                            "mask": mask_rel,
+                            "overlay": ov_rel,
+                            "width": w,
+                            "height": h,
+                        }
+                    )
             # predictions first: a kill between the two writes never loses a processed image
             preds.write(rows)
             errs.write(err_rows)
@@ -175,8 +214,16 @@ def predict_folder(bundle_dir: Path, folder: Path, out: Path, recursive: bool = 
         preds.close()
         errs.close()
     elapsed = time.perf_counter() - t0
-    stats = {"processed": n_ok, "errors": n_err, "skipped_already_done": len(done), "seconds": elapsed,
-             "images_per_s": n_ok / elapsed if elapsed > 0 and n_ok else 0.0}
-    print(f"predict: {n_ok} image(s) in {elapsed:.1f} s ({stats['images_per_s']:.2f} images/s), "
-          f"{n_err} error(s) in {err_csv}, {len(done)} already done", file=sys.stderr)
+    stats = {
+        "processed": n_ok,
+        "errors": n_err,
+        "skipped_already_done": len(done),
+        "seconds": elapsed,
+        "images_per_s": n_ok / elapsed if elapsed > 0 and n_ok else 0.0,
+    }
+    print(
+        f"predict: {n_ok} image(s) in {elapsed:.1f} s ({stats['images_per_s']:.2f} images/s), "
+        f"{n_err} error(s) in {err_csv}, {len(done)} already done",
+        file=sys.stderr,
+    )
     return stats

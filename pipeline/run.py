@@ -11,22 +11,22 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple, Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 from tqdm import tqdm
 
 from detectors.base import Detector
 from detectors.prior import PriorPolicy
-from evaluation.aggregate import json_safe
+from evaluation.aggregate import aggregate_methods, json_safe
 from evaluation.bootstrap import detection_matches, detection_replicates
 from evaluation.controls import CONTROLS, box_indicator, control_scores
 from evaluation.detection import detection_metrics, write_coco_results
 from evaluation.figures import Example, select_cases
 from evaluation.intervals import NO_PRIOR, clustered_summary, fold_estimates, fold_weights, row_replicates
-from evaluation.aggregate import aggregate_methods
 from evaluation.metrics import aggregate, per_image_dice, segmentation_metrics
 from evaluation.report import FoldResult, ImageRow, summary_from_folds, write_report
 from pipeline import stages
@@ -46,8 +46,15 @@ class Progress:
     """One bar over all (fold, stage) steps, showing fold, stage and ETA."""
 
     def __init__(self, n_folds: int, stages_per_fold: int, enabled: bool = True) -> None:
-        self.bar = tqdm(total=n_folds * stages_per_fold, desc="run", unit="stage", file=sys.stderr,
-                        disable=not enabled, position=0, dynamic_ncols=True)
+        self.bar = tqdm(
+            total=n_folds * stages_per_fold,
+            desc="run",
+            unit="stage",
+            file=sys.stderr,
+            disable=not enabled,
+            position=0,
+            dynamic_ncols=True,
+        )
 
     def stage(self, fold: int, name: str) -> None:
         self.bar.set_description(f"fold {fold} · {name}")
@@ -65,9 +72,12 @@ def _scores(cfg: dict[str, Any], maps: dict[str, np.ndarray], boxes: np.ndarray)
 
     s = cfg["score"]
     margin = float(cfg["unet"]["mask_margin"])  # score.region=box pools over the pixels that were masked
-    return {name: image_score(m, boxes, pooling=s["pooling"], region=s["region"], topk_fraction=s["topk_fraction"],
-                              margin=margin)
-            for name, m in maps.items()}
+    return {
+        name: image_score(
+            m, boxes, pooling=s["pooling"], region=s["region"], topk_fraction=s["topk_fraction"], margin=margin
+        )
+        for name, m in maps.items()
+    }
 
 
 def _control_maps(cfg: dict[str, Any], boxes: np.ndarray, size: int) -> dict[str, np.ndarray]:
@@ -76,27 +86,63 @@ def _control_maps(cfg: dict[str, Any], boxes: np.ndarray, size: int) -> dict[str
     return {c: ind for c in CONTROLS}
 
 
-def _method_metrics(cfg: dict[str, Any], scores: dict[str, np.ndarray], test_maps: dict[str, np.ndarray],
-                    val_maps: dict[str, np.ndarray], test: ScanArrays, val: ScanArrays) -> dict[str, dict[str, float]]:
+def _method_metrics(
+    cfg: dict[str, Any],
+    scores: dict[str, np.ndarray],
+    test_maps: dict[str, np.ndarray],
+    val_maps: dict[str, np.ndarray],
+    test: ScanArrays,
+    val: ScanArrays,
+) -> dict[str, dict[str, float]]:
     k = int(cfg["evaluation"]["postprocess_kernel"])
-    return {name: segmentation_metrics(scores[name], test.labels, test_maps[name], test.masks, val_maps[name],
-                                       val.masks, kernel=k,
-                                       max_exact_pixels=int(cfg["evaluation"]["exact_pauroc_max_pixels"]))
-            for name in test_maps}
+    return {
+        name: segmentation_metrics(
+            scores[name],
+            test.labels,
+            test_maps[name],
+            test.masks,
+            val_maps[name],
+            val.masks,
+            kernel=k,
+            max_exact_pixels=int(cfg["evaluation"]["exact_pauroc_max_pixels"]),
+        )
+        for name in test_maps
+    }
 
 
-def _examples(fold: int, test: ScanArrays, recon: np.ndarray, maps: dict[str, np.ndarray], scores: dict[str, np.ndarray],
-              dice: np.ndarray, threshold: float, kernel: int, method: str) -> list[Example]:
+def _examples(
+    fold: int,
+    test: ScanArrays,
+    recon: np.ndarray,
+    maps: dict[str, np.ndarray],
+    scores: dict[str, np.ndarray],
+    dice: np.ndarray,
+    threshold: float,
+    kernel: int,
+    method: str,
+) -> list[Example]:
     from reconstruction.segment import segment
 
     out = []
-    for img_id, label, case in select_cases(test.ids.tolist(), test.labels.tolist(), dice.tolist(),
-                                            scores[method].tolist()):
+    for img_id, label, case in select_cases(
+        test.ids.tolist(), test.labels.tolist(), dice.tolist(), scores[method].tolist()
+    ):
         i = int(np.flatnonzero(test.ids == img_id)[0])
-        out.append(Example(id=img_id, label=label, case=f"{case} (fold {fold})", image=test.images[i],
-                           reconstruction=recon[i], anomaly_map=maps[method][i], gt_mask=test.masks[i],
-                           pred_mask=segment(maps[method][i], threshold, kernel=kernel),
-                           dice=float(dice[i]), score=float(scores[method][i]), method=method))
+        out.append(
+            Example(
+                id=img_id,
+                label=label,
+                case=f"{case} (fold {fold})",
+                image=test.images[i],
+                reconstruction=recon[i],
+                anomaly_map=maps[method][i],
+                gt_mask=test.masks[i],
+                pred_mask=segment(maps[method][i], threshold, kernel=kernel),
+                dice=float(dice[i]),
+                score=float(scores[method][i]),
+                method=method,
+            )
+        )
     return out
 
 
@@ -112,9 +158,22 @@ class _Part(NamedTuple):
     replicates: dict[str, np.ndarray]
 
 
-def _evaluate_part(cfg: dict[str, Any], unet: Any, det: Detector | None, policy: PriorPolicy, src: str, f: int,
-                   arrays: ScanArrays, val: ScanArrays, val_maps: dict[str, np.ndarray], result: FoldResult,
-                   coco_dir: Path | None, device: str, weights: np.ndarray, main: bool) -> _Part:
+def _evaluate_part(
+    cfg: dict[str, Any],
+    unet: Any,
+    det: Detector | None,
+    policy: PriorPolicy,
+    src: str,
+    f: int,
+    arrays: ScanArrays,
+    val: ScanArrays,
+    val_maps: dict[str, np.ndarray],
+    result: FoldResult,
+    coco_dir: Path | None,
+    device: str,
+    weights: np.ndarray,
+    main: bool,
+) -> _Part:
     """Priors, reconstructions, maps, metrics, controls, bootstrap replicates and per-image rows of
     ``arrays`` into ``result``.
 
@@ -127,8 +186,9 @@ def _evaluate_part(cfg: dict[str, Any], unet: Any, det: Detector | None, policy:
     kernel = int(cfg["evaluation"]["postprocess_kernel"])
     t0 = time.perf_counter()
     pt = stages.predict_priors(cfg, det, arrays, policy)
-    rt = reconstruct(unet, arrays.images, pt.boxes, maps=cfg["maps"], device=device,
-                     margin=float(cfg["unet"]["mask_margin"]))
+    rt = reconstruct(
+        unet, arrays.images, pt.boxes, maps=cfg["maps"], device=device, margin=float(cfg["unet"]["mask_margin"])
+    )
     seconds = time.perf_counter() - t0  # inference only: detection, refinement, reconstruction, maps
     scores = _scores(cfg, rt.maps, pt.boxes)
     metrics = _method_metrics(cfg, scores, rt.maps, val_maps, arrays, val)
@@ -137,33 +197,65 @@ def _evaluate_part(cfg: dict[str, Any], unet: Any, det: Detector | None, policy:
     result.controls[src] = _method_metrics(cfg, ctrl_scores, ctrl_maps, val_maps, arrays, val)
     result.priors[src] = metrics["msgmsd"] if "msgmsd" in metrics else next(iter(metrics.values()))
     reps: dict[str, np.ndarray] = {}
-    for name in (list(rt.maps) if main else [m for m in rt.maps if m == "msgmsd"]):
-        reps.update(row_replicates(src, name, metrics[name], scores[name], arrays.labels, rt.maps[name],
-                                   arrays.masks, weights, kernel))
+    for name in list(rt.maps) if main else [m for m in rt.maps if m == "msgmsd"]:
+        reps.update(
+            row_replicates(
+                src, name, metrics[name], scores[name], arrays.labels, rt.maps[name], arrays.masks, weights, kernel
+            )
+        )
     for name in CONTROLS:
-        reps.update(row_replicates(src, name, result.controls[src][name], ctrl_scores[name], arrays.labels,
-                                   ctrl_maps[name], arrays.masks, weights, kernel))
+        reps.update(
+            row_replicates(
+                src,
+                name,
+                result.controls[src][name],
+                ctrl_scores[name],
+                arrays.labels,
+                ctrl_maps[name],
+                arrays.masks,
+                weights,
+                kernel,
+            )
+        )
     if src != "gt":
         preds = [(d.boxes, d.scores) for d in pt.detections]
-        result.detection[src] = detection_metrics(arrays.boxes, arrays.ids, preds, arrays.images.shape[1:],
-                                                  labels=arrays.labels)
+        result.detection[src] = detection_metrics(
+            arrays.boxes, arrays.ids, preds, arrays.images.shape[1:], labels=arrays.labels
+        )
         result.detection[src]["fallbacks"] = pt.fallbacks
-        reps.update({f"{src}/detection/{k}": v.astype(np.float32) for k, v in
-                     detection_replicates(detection_matches(arrays.boxes, preds), weights).items()})
+        reps.update(
+            {
+                f"{src}/detection/{k}": v.astype(np.float32)
+                for k, v in detection_replicates(detection_matches(arrays.boxes, preds), weights).items()
+            }
+        )
         if coco_dir is not None:
             # the results file pairs with annotations.json, so boxes go back to the scans' own pixels
             inv = np.concatenate([1 / arrays.scale, 1 / arrays.scale], axis=1)
-            write_coco_results(coco_dir / "test_predictions.coco.json", arrays.ids,
-                               [(b * inv[i], sc) for i, (b, sc) in enumerate(preds)])
-    dice = {name: per_image_dice(rt.maps[name], arrays.masks, metrics[name]["dice_val_threshold"], kernel=kernel)
-            for name in rt.maps}
+            write_coco_results(
+                coco_dir / "test_predictions.coco.json",
+                arrays.ids,
+                [(b * inv[i], sc) for i, (b, sc) in enumerate(preds)],
+            )
+    dice = {
+        name: per_image_dice(rt.maps[name], arrays.masks, metrics[name]["dice_val_threshold"], kernel=kernel)
+        for name in rt.maps
+    }
     for i in range(len(arrays)):
-        result.rows.append(ImageRow(
-            id=int(arrays.ids[i]), patient=arrays.patients[i], fold=f, label=int(arrays.labels[i]), prior_source=src,
-            box=tuple(float(v) for v in pt.boxes[i]),
-            iou=box_iou(pt.raw_boxes[i], arrays.boxes[i]) if pt.sources[i] != "gt" else 1.0,
-            scores={k: float(v[i]) for k, v in {**scores, **ctrl_scores}.items()},
-            dice={k: float(v[i]) for k, v in dice.items()}, fallback=pt.sources[i] == "fallback"))
+        result.rows.append(
+            ImageRow(
+                id=int(arrays.ids[i]),
+                patient=arrays.patients[i],
+                fold=f,
+                label=int(arrays.labels[i]),
+                prior_source=src,
+                box=tuple(float(v) for v in pt.boxes[i]),
+                iou=box_iou(pt.raw_boxes[i], arrays.boxes[i]) if pt.sources[i] != "gt" else 1.0,
+                scores={k: float(v[i]) for k, v in {**scores, **ctrl_scores}.items()},
+                dice={k: float(v[i]) for k, v in dice.items()},
+                fallback=pt.sources[i] == "fallback",
+            )
+        )
     return _Part(pt, rt, scores, metrics, dice, seconds, reps)
 
 
@@ -178,8 +270,15 @@ class FoldOutput(NamedTuple):
     external: list[tuple[FoldResult, dict[str, np.ndarray]]]
 
 
-def run_fold(cfg: dict[str, Any], data: Data, f: int, detector_names: Sequence[str], out: Path,
-             progress: Progress, externals: Sequence[ScanArrays] = ()) -> FoldOutput:
+def run_fold(
+    cfg: dict[str, Any],
+    data: Data,
+    f: int,
+    detector_names: Sequence[str],
+    out: Path,
+    progress: Progress,
+    externals: Sequence[ScanArrays] = (),
+) -> FoldOutput:
     """One fold with one or more prior sources; the first of ``detector_names`` fills ``methods``.
 
     Each of ``externals`` (held-out sets) is also scored by all of the fold's models (RIAD excluded).
@@ -210,8 +309,9 @@ def run_fold(cfg: dict[str, Any], data: Data, f: int, detector_names: Sequence[s
     size = arr.images.shape[-1]
     examples: list[Example] = []
     kernel = int(cfg["evaluation"]["postprocess_kernel"])
-    median = PriorPolicy.median_of(arr.boxes[stages.training_subset(arr, tr, cfg["detector"]["train_classes"])],
-                                   size, size)
+    median = PriorPolicy.median_of(
+        arr.boxes[stages.training_subset(arr, tr, cfg["detector"]["train_classes"])], size, size
+    )
     policy = PriorPolicy(float(cfg["detector"]["threshold"]), median)
     sources = list(dict.fromkeys(detector_names))
     if "gt" not in sources:
@@ -234,14 +334,16 @@ def run_fold(cfg: dict[str, Any], data: Data, f: int, detector_names: Sequence[s
         rv = reconstruct(unet, val.images, pv.boxes, maps=cfg["maps"], device=device, margin=margin)
         timing["inference_s"] += time.perf_counter() - t0
         val_maps = {**rv.maps, **_control_maps(cfg, pv.boxes, size)}
-        part = _evaluate_part(cfg, unet, det, policy, src, f, test, val, val_maps, result, fdir / src, device,
-                              weights, main)
+        part = _evaluate_part(
+            cfg, unet, det, policy, src, f, test, val, val_maps, result, fdir / src, device, weights, main
+        )
         reps.update(part.replicates)
         timing["inference_s"] += part.seconds
         timing["inference_images"] += len(va) + len(te)
         for ext_result, ext_reps, ext, ext_w in ext_out:  # the same models, each held-out set
-            ext_part = _evaluate_part(cfg, unet, det, policy, src, f, ext, val, val_maps, ext_result, None, device,
-                                      ext_w, main)
+            ext_part = _evaluate_part(
+                cfg, unet, det, policy, src, f, ext, val, val_maps, ext_result, None, device, ext_w, main
+            )
             ext_reps.update(ext_part.replicates)
             timing["inference_s"] += ext_part.seconds
             timing["inference_images"] += len(ext)
@@ -253,8 +355,17 @@ def run_fold(cfg: dict[str, Any], data: Data, f: int, detector_names: Sequence[s
             result.fallbacks = part.priors.fallbacks
         if main and cfg["evaluation"]["figures"]:
             m = "dd" if "dd" in part.recon.maps else next(iter(part.recon.maps))
-            examples = _examples(f, test, part.recon.recon, part.recon.maps, part.scores, part.dice[m],
-                                 part.metrics[m]["dice_val_threshold"], kernel, m)
+            examples = _examples(
+                f,
+                test,
+                part.recon.recon,
+                part.recon.maps,
+                part.scores,
+                part.dice[m],
+                part.metrics[m]["dice_val_threshold"],
+                kernel,
+                m,
+            )
         progress.done()
 
     if cfg["riad"]["enabled"]:
@@ -269,14 +380,24 @@ def run_fold(cfg: dict[str, Any], data: Data, f: int, detector_names: Sequence[s
         scores = _scores({**cfg, "score": {**cfg["score"], "region": "image"}}, rt.maps, test.boxes)
         riad_metrics = _method_metrics(cfg, scores, rt.maps, rv.maps, test, val)
         result.methods.update(riad_metrics)
-        reps.update(row_replicates(NO_PRIOR, RIAD, riad_metrics[RIAD], scores[RIAD], test.labels, rt.maps[RIAD],
-                                   test.masks, weights, kernel))
+        reps.update(
+            row_replicates(
+                NO_PRIOR,
+                RIAD,
+                riad_metrics[RIAD],
+                scores[RIAD],
+                test.labels,
+                rt.maps[RIAD],
+                test.masks,
+                weights,
+                kernel,
+            )
+        )
         pos = {int(i): n for n, i in enumerate(test.ids)}
         for row in result.rows:  # an image-level score, the same whatever the row's prior
             row.scores[RIAD] = float(scores[RIAD][pos[row.id]])
         progress.done()
-    return FoldOutput(result, examples, {"timing": timing, "info": info}, reps,
-                      [(r, x) for r, x, _, _ in ext_out])
+    return FoldOutput(result, examples, {"timing": timing, "info": info}, reps, [(r, x) for r, x, _, _ in ext_out])
 
 
 def _save_fold(fdir: Path, fo: FoldOutput) -> None:
@@ -287,8 +408,11 @@ def _save_fold(fdir: Path, fo: FoldOutput) -> None:
         write_json(fdir / f"external-{i}.json", json_safe(asdict(ext)))
         _save_replicates(fdir / f"bootstrap-external-{i}.npz", ext_reps)
     if fo.examples:
-        arrays = {f"{i}_{k}": getattr(e, k) for i, e in enumerate(fo.examples)
-                  for k in ("image", "reconstruction", "anomaly_map", "gt_mask", "pred_mask")}
+        arrays = {
+            f"{i}_{k}": getattr(e, k)
+            for i, e in enumerate(fo.examples)
+            for k in ("image", "reconstruction", "anomaly_map", "gt_mask", "pred_mask")
+        }
         atomic_write(fdir / "examples.npz", lambda p: np.savez_compressed(open(p, "wb"), **arrays))
     meta = [{k: getattr(e, k) for k in ("id", "label", "case", "dice", "score", "method")} for e in fo.examples]
     write_json(fdir / "fold.json", json_safe({"result": asdict(fo.result), "examples": meta, **fo.extra}))
@@ -302,8 +426,10 @@ def _save_replicates(path: Path, reps: dict[str, np.ndarray]) -> None:
 
 def _load_replicates(path: Path) -> dict[str, np.ndarray]:
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: this fold was finished by an older LoRIS without bootstrap replicates; "
-                                f"start the run again in a new --out folder")
+        raise FileNotFoundError(
+            f"{path}: this fold was finished by an older LoRIS without bootstrap replicates; "
+            f"start the run again in a new --out folder"
+        )
     with np.load(path) as z:
         return {k.replace("|", "/"): z[k] for k in z.files}
 
@@ -320,12 +446,24 @@ def _load_fold(fdir: Path, n_external: int) -> FoldOutput:
     if doc["examples"]:
         with np.load(fdir / "examples.npz") as z:
             for i, meta in enumerate(doc["examples"]):
-                examples.append(Example(**meta, **{k: z[f"{i}_{k}"] for k in
-                                                   ("image", "reconstruction", "anomaly_map", "gt_mask", "pred_mask")}))
-    ext = [(_fold_result(json.loads((fdir / f"external-{i}.json").read_text())),
-            _load_replicates(fdir / f"bootstrap-external-{i}.npz")) for i in range(n_external)]
-    return FoldOutput(result, examples, {k: doc[k] for k in ("timing", "info")},
-                      _load_replicates(fdir / "bootstrap.npz"), ext)
+                examples.append(
+                    Example(
+                        **meta,
+                        **{
+                            k: z[f"{i}_{k}"] for k in ("image", "reconstruction", "anomaly_map", "gt_mask", "pred_mask")
+                        },
+                    )
+                )
+    ext = [
+        (
+            _fold_result(json.loads((fdir / f"external-{i}.json").read_text())),
+            _load_replicates(fdir / f"bootstrap-external-{i}.npz"),
+        )
+        for i in range(n_external)
+    ]
+    return FoldOutput(
+        result, examples, {k: doc[k] for k in ("timing", "info")}, _load_replicates(fdir / "bootstrap.npz"), ext
+    )
 
 
 def _external_dirs(out: Path, paths: Sequence[str]) -> list[Path]:
@@ -347,33 +485,40 @@ def _check_parts(data: Data, fold_ids: Sequence[int]) -> None:
         for part in ("val", "test"):
             labels = data.arrays.labels[data.index(getattr(data.folds[int(f)], part))]
             if len(set(labels.tolist()) & {0, 1}) < 2:
-                raise ValueError(f"fold {f}: its {part} part holds only {'distended' if labels.all() else 'normal'} "
-                                 f"scans, so AUROC and the validation Dice threshold are undefined; use more data, "
-                                 f"fewer folds (--set folds=3) or a splits.json with both classes in every part")
+                raise ValueError(
+                    f"fold {f}: its {part} part holds only {'distended' if labels.all() else 'normal'} "
+                    f"scans, so AUROC and the validation Dice threshold are undefined; use more data, "
+                    f"fewer folds (--set folds=3) or a splits.json with both classes in every part"
+                )
 
 
-def _summarise(results: Sequence[FoldResult], reps: Sequence[dict[str, np.ndarray]], main_source: str,
-               reported: str | None) -> dict[str, Any]:
+def _summarise(
+    results: Sequence[FoldResult], reps: Sequence[dict[str, np.ndarray]], main_source: str, reported: str | None
+) -> dict[str, Any]:
     """Fold aggregates, prior-only controls and patient-clustered intervals of one evaluated set."""
     out = summary_from_folds(results, detector=reported)
     sources = sorted({s for r in results for s in r.controls})
-    out["controls"] = {s: {c: v for c, v in aggregate_methods([r.controls[s] for r in results if s in r.controls]).items()}
-                       for s in sources}
+    out["controls"] = {
+        s: {c: v for c, v in aggregate_methods([r.controls[s] for r in results if s in r.controls]).items()}
+        for s in sources
+    }
     estimates = [fold_estimates(r.methods, r.priors, r.controls, main_source, r.detection) for r in results]
     out["clustered"] = clustered_summary(estimates, reps, main_source=main_source)
     return out
 
 
-def execute(cfg: dict[str, Any], out: Path, detector_names: Sequence[str], command: str = "run",
-            progress: bool = True) -> dict[str, Any]:
+def execute(
+    cfg: dict[str, Any], out: Path, detector_names: Sequence[str], command: str = "run", progress: bool = True
+) -> dict[str, Any]:
     """Run (or resume) the cross-validation into ``out`` and write every output; returns the summary."""
     t_start = time.perf_counter()
     stages.set_threads(cfg)
     identity: dict[str, Any] = {"command": command, "detectors": list(detector_names)}
     ext_paths = external_paths(cfg)
     if ext_paths:  # a resume must score the same held-out sets
-        identity["external_annotations"] = [stages.annotations_fingerprint(Path(p)) for p in ext_paths
-                                            if (Path(p) / "annotations.json").is_file()]
+        identity["external_annotations"] = [
+            stages.annotations_fingerprint(Path(p)) for p in ext_paths if (Path(p) / "annotations.json").is_file()
+        ]
     out = prepare_run_dir(out, cfg, identity=identity)
     data = load_data(cfg)
     externals = load_externals(cfg, data)
@@ -402,56 +547,110 @@ def execute(cfg: dict[str, Any], out: Path, detector_names: Sequence[str], comma
     extras = [fo.extra for fo in outputs]
 
     main_source = detector_names[0]
-    summary: dict[str, Any] = {"detector": main_source if command == "run" else list(detector_names),
-                               "data": str(data.root), "profile": cfg["profile"], "folds": [int(f) for f in fold_ids],
-                               "folds_source": data.folds_source}
+    summary: dict[str, Any] = {
+        "detector": main_source if command == "run" else list(detector_names),
+        "data": str(data.root),
+        "profile": cfg["profile"],
+        "folds": [int(f) for f in fold_ids],
+        "folds_source": data.folds_source,
+    }
     # whose detection metrics fill summary["detection"]: run's own detector; none for gt or ablate
     reported = main_source if command == "run" and main_source != "gt" else None
     summary.update(_summarise(results, [fo.replicates for fo in outputs], main_source, reported))
     if command == "ablate":
         summary["detection_by_detector"] = {
-            d: aggregate([r.detection[d] for r in results if d in r.detection]) for d in detector_names if d != "gt"}
+            d: aggregate([r.detection[d] for r in results if d in r.detection]) for d in detector_names if d != "gt"
+        }
         summary["fallbacks_by_detector"] = {
             d: int(sum(r.detection[d].get("fallbacks", 0) for r in results if d in r.detection))
-            for d in detector_names if d != "gt"}
+            for d in detector_names
+            if d != "gt"
+        }
     if "detection" not in summary:
         none = {"mean": None, "std": None}
-        note = ("several detectors: see detection_by_detector" if command == "ablate"
-                else "ground-truth priors: no detector")
-        summary["detection"] = {"precision": none, "map50": none, "map75": none,
-                                "fallbacks": sum(r.fallbacks for r in results), "note": note}
+        note = (
+            "several detectors: see detection_by_detector"
+            if command == "ablate"
+            else "ground-truth priors: no detector"
+        )
+        summary["detection"] = {
+            "precision": none,
+            "map50": none,
+            "map75": none,
+            "fallbacks": sum(r.fallbacks for r in results),
+            "note": note,
+        }
     timing = {k: float(sum(e["timing"][k] for e in extras)) for k in ("detector_fit_s", "unet_fit_s", "inference_s")}
     n_inf = sum(e["timing"]["inference_images"] for e in extras)
     # total_s is this invocation's wall time; folds resumed from disk kept their stage times above.
-    summary["timing"] = {"total_s": time.perf_counter() - t_start, "resumed_folds": resumed, **timing,
-                         "inference_images_per_s": n_inf / timing["inference_s"] if timing["inference_s"] else None}
+    summary["timing"] = {
+        "total_s": time.perf_counter() - t_start,
+        "resumed_folds": resumed,
+        **timing,
+        "inference_images_per_s": n_inf / timing["inference_s"] if timing["inference_s"] else None,
+    }
     summary["fold_info"] = [e["info"] for e in extras]
     examples = [e for fo in outputs for e in fo.examples]
     if examples:
-        picks = select_cases([e.id for e in examples], [e.label for e in examples], [e.dice for e in examples],
-                             [e.score for e in examples])
+        picks = select_cases(
+            [e.id for e in examples],
+            [e.label for e in examples],
+            [e.dice for e in examples],
+            [e.score for e in examples],
+        )
         by_id = {e.id: e for e in examples}
-        examples = [Example(**{**{k: getattr(by_id[i], k) for k in Example.__dataclass_fields__}, "case": c})
-                    for i, _, c in picks]
+        examples = [
+            Example(**{**{k: getattr(by_id[i], k) for k in Example.__dataclass_fields__}, "case": c})
+            for i, _, c in picks
+        ]
     prior_name = {"gt": "ground-truth", "yolov5": "YOLOv5u", "codetr": "Co-DETR"}.get(main_source, main_source)
     summary["external"] = []
     for i, (path, ext_dir) in enumerate(zip(ext_paths, _external_dirs(out, ext_paths))):
         ext_results = [fo.external[i][0] for fo in outputs]
-        ext_summary = {"detector": summary["detector"], "data": path, "trained_on": str(data.root),
-                       "profile": cfg["profile"], "folds": summary["folds"], "images": len(externals[i]),
-                       "distended": int((externals[i].labels == 1).sum()),
-                       "note": "each fold's models scored every image of this held-out set; thresholds from "
-                               "each fold's validation part; intervals resample its patients once for all fold "
-                               "models; RIAD not run here",
-                       **_summarise(ext_results, [fo.external[i][1] for fo in outputs], main_source, reported)}
-        write_report(ext_dir, ext_summary, ext_results, cfg, package_versions(), (), prior_name=prior_name,
-                     figures=bool(cfg["evaluation"]["figures"]), clustered=ext_summary["clustered"])
+        ext_summary = {
+            "detector": summary["detector"],
+            "data": path,
+            "trained_on": str(data.root),
+            "profile": cfg["profile"],
+            "folds": summary["folds"],
+            "images": len(externals[i]),
+            "distended": int((externals[i].labels == 1).sum()),
+            "note": "each fold's models scored every image of this held-out set; thresholds from "
+            "each fold's validation part; intervals resample its patients once for all fold "
+            "models; RIAD not run here",
+            **_summarise(ext_results, [fo.external[i][1] for fo in outputs], main_source, reported),
+        }
+        write_report(
+            ext_dir,
+            ext_summary,
+            ext_results,
+            cfg,
+            package_versions(),
+            (),
+            prior_name=prior_name,
+            figures=bool(cfg["evaluation"]["figures"]),
+            clustered=ext_summary["clustered"],
+        )
         write_json(ext_dir / "summary.json", json_safe(ext_summary))
-        summary["external"].append({"data": path, "report": str(ext_dir.relative_to(out)),
-                                    **{k: ext_summary[k] for k in ("images", "distended", "controls", "clustered")},
-                                    **{k: ext_summary[k] for k in ("priors", "prior_comparison") if k in ext_summary}})
-    write_report(out, summary, results, cfg, package_versions(), examples if cfg["evaluation"]["figures"] else (),
-                 prior_name=prior_name, figures=bool(cfg["evaluation"]["figures"]), clustered=summary["clustered"])
+        summary["external"].append(
+            {
+                "data": path,
+                "report": str(ext_dir.relative_to(out)),
+                **{k: ext_summary[k] for k in ("images", "distended", "controls", "clustered")},
+                **{k: ext_summary[k] for k in ("priors", "prior_comparison") if k in ext_summary},
+            }
+        )
+    write_report(
+        out,
+        summary,
+        results,
+        cfg,
+        package_versions(),
+        examples if cfg["evaluation"]["figures"] else (),
+        prior_name=prior_name,
+        figures=bool(cfg["evaluation"]["figures"]),
+        clustered=summary["clustered"],
+    )
     write_json(out / "per_fold.json", json_safe([asdict(r) | {"rows": len(r.rows)} for r in results]))
     write_json(out / "summary.json", json_safe(summary))  # last: its presence marks the run finished
     return summary

@@ -12,9 +12,10 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -117,13 +118,15 @@ def _key(doc: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
-def fit_detector(cfg: dict[str, Any], data: Data, train_idx: np.ndarray, val_idx: np.ndarray,
-                 workdir: Path) -> tuple[Detector, dict[str, Any]]:
+def fit_detector(
+    cfg: dict[str, Any], data: Data, train_idx: np.ndarray, val_idx: np.ndarray, workdir: Path
+) -> tuple[Detector, dict[str, Any]]:
     """Train the configured detector on its training subset, or reuse the cached one.
 
     A trained detector depends only on the data, the fold's ids, its config and the seed, so it
     is cached like the U-Nets and shared by ``run`` and ``ablate``. Training logs go to ``workdir``.
     """
+
     def _config_bases(path: Path) -> list[Path]:
         """The ``_base_`` files an mmengine-style python config inherits from, recursively, in order."""
         import ast
@@ -155,11 +158,17 @@ def fit_detector(cfg: dict[str, Any], data: Data, train_idx: np.ndarray, val_idx
     # ultralytics `time` in train_args) is in the kwargs or the config text, so a model trained
     # under another budget is never taken for this one.
     inference = detector_class(name).INFERENCE_KEYS
-    key_doc = {"data": annotations_fingerprint(data.root), "size": cfg["image_size"], "frame": cfg.get("frame", 0),
-               "train": arr.ids[tr].tolist(), "val": arr.ids[va].tolist(), "detector": name,
-               "kwargs": {k: v for k, v in kwargs.items() if k != "device" and k not in inference},
-               "config_text": Path(kwargs["config_file"]).read_text() if "config_file" in kwargs else None,
-               "version": 1}
+    key_doc = {
+        "data": annotations_fingerprint(data.root),
+        "size": cfg["image_size"],
+        "frame": cfg.get("frame", 0),
+        "train": arr.ids[tr].tolist(),
+        "val": arr.ids[va].tolist(),
+        "detector": name,
+        "kwargs": {k: v for k, v in kwargs.items() if k != "device" and k not in inference},
+        "config_text": Path(kwargs["config_file"]).read_text() if "config_file" in kwargs else None,
+        "version": 1,
+    }
     if "config_file" in kwargs:
         bases = _config_bases(Path(kwargs["config_file"]))
         if bases:  # a config built on `_base_` files (codetr_quick.py) also depends on their text
@@ -201,8 +210,15 @@ def fit_refiner(cfg: dict[str, Any], data: Data, tr: np.ndarray, va: np.ndarray)
 
     resolved = {**asdict(RefinerConfig()), **options}
     train_options = {k: v for k, v in resolved.items() if k not in BoxRefiner.INFERENCE_KEYS}
-    key_doc = {"data": annotations_fingerprint(data.root), "size": cfg["image_size"], "frame": cfg.get("frame", 0),
-               "train": arr.ids[tr].tolist(), "val": arr.ids[va].tolist(), "refiner": train_options, "version": 2}
+    key_doc = {
+        "data": annotations_fingerprint(data.root),
+        "size": cfg["image_size"],
+        "frame": cfg.get("frame", 0),
+        "train": arr.ids[tr].tolist(),
+        "val": arr.ids[va].tolist(),
+        "refiner": train_options,
+        "version": 2,
+    }
     cache = cache_root(cfg) / f"refiner-{_key(key_doc)}"
     device = resolve_device(cfg)
     with cache_lock(cache):
@@ -219,8 +235,9 @@ def fit_refiner(cfg: dict[str, Any], data: Data, tr: np.ndarray, va: np.ndarray)
         return ref, {**info, "cached": False, "cache": str(cache)}
 
 
-def _fit_detector_locked(name: str, kwargs: dict[str, Any], arr: ScanArrays, tr: np.ndarray, va: np.ndarray,
-                         cache: Path, workdir: Path) -> tuple[Detector, dict[str, Any]]:
+def _fit_detector_locked(
+    name: str, kwargs: dict[str, Any], arr: ScanArrays, tr: np.ndarray, va: np.ndarray, cache: Path, workdir: Path
+) -> tuple[Detector, dict[str, Any]]:
     if (cache / "DONE").is_file():
         det = detector_class(name).load(cache)
         det.set_inference(**{k: v for k, v in kwargs.items() if k in det.INFERENCE_KEYS})
@@ -228,14 +245,20 @@ def _fit_detector_locked(name: str, kwargs: dict[str, Any], arr: ScanArrays, tr:
     det = build_detector(name, **kwargs)
     t0 = time.perf_counter()
     info = det.fit(arr.subset(tr), arr.subset(va), workdir / "train")
-    info = {"fit_s": time.perf_counter() - t0, "n_train": int(len(tr)), "n_val": int(len(va)),
-            "n_train_distended": int(arr.labels[tr].sum()), **(info or {})}
+    info = {
+        "fit_s": time.perf_counter() - t0,
+        "n_train": int(len(tr)),
+        "n_val": int(len(va)),
+        "n_train_distended": int(arr.labels[tr].sum()),
+        **(info or {}),
+    }
     _publish(cache, det.save, info)
     return det, {**info, "cached": False, "cache": str(cache)}
 
 
-def predict_priors(cfg: dict[str, Any], detector: Detector | None, arrays: ScanArrays,
-                   policy: PriorPolicy | None, batch_size: int = 16) -> Priors:
+def predict_priors(
+    cfg: dict[str, Any], detector: Detector | None, arrays: ScanArrays, policy: PriorPolicy | None, batch_size: int = 16
+) -> Priors:
     """Priors for ``arrays``: ground-truth boxes when ``detector`` is None, else the top-1 policy."""
     n, size = len(arrays), arrays.images.shape[-1]
     if detector is None:
@@ -248,8 +271,13 @@ def predict_priors(cfg: dict[str, Any], detector: Detector | None, arrays: ScanA
         dets.extend(detector.predict(arrays.images[s : s + batch_size]))
     chosen = policy.select_all(dets, size, size)
     raw = np.array([p.box for p in chosen], dtype=np.float32).reshape(n, 4)
-    return Priors(expand_all(raw, cfg, size), raw, [p.source for p in chosen],
-                  np.array([p.score for p in chosen], np.float32), dets)
+    return Priors(
+        expand_all(raw, cfg, size),
+        raw,
+        [p.source for p in chosen],
+        np.array([p.score for p in chosen], np.float32),
+        dets,
+    )
 
 
 # ----------------------------------------------------------------------------- U-Net
@@ -263,13 +291,22 @@ def train_config(cfg: dict[str, Any], mode: str) -> Any:
     section = cfg["riad"] if mode == "riad" else u
     w = u["loss_weights"]
     return TrainConfig(
-        mode=mode, unet=UNetConfig.profile(u["profile"]), epochs=int(section["epochs"]),
-        patience=int(section["patience"]), lr=float(u["lr"]), batch_size=int(u["batch_size"]),
-        msgms_weight=float(w[0]), ssim_weight=float(w[1]), l2_weight=float(w[2]),
-        mask_margin=float(u["mask_margin"]), riad_ks=tuple(int(k) for k in cfg["riad"]["ks"]),
-        seed=int(cfg["seed"]), device=resolve_device(cfg),
+        mode=mode,
+        unet=UNetConfig.profile(u["profile"]),
+        epochs=int(section["epochs"]),
+        patience=int(section["patience"]),
+        lr=float(u["lr"]),
+        batch_size=int(u["batch_size"]),
+        msgms_weight=float(w[0]),
+        ssim_weight=float(w[1]),
+        l2_weight=float(w[2]),
+        mask_margin=float(u["mask_margin"]),
+        riad_ks=tuple(int(k) for k in cfg["riad"]["ks"]),
+        seed=int(cfg["seed"]),
+        device=resolve_device(cfg),
         max_train_seconds=float(section["max_minutes"]) * 60 if section.get("max_minutes") else None,
-        progress=bool(cfg.get("progress", True)))
+        progress=bool(cfg.get("progress", True)),
+    )
 
 
 def annotations_fingerprint(root: Path) -> str:
@@ -278,8 +315,9 @@ def annotations_fingerprint(root: Path) -> str:
     return hashlib.sha256((Path(root) / "annotations.json").read_bytes()).hexdigest()[:16]
 
 
-def unet_cache_dir(cfg: dict[str, Any], data: Data, train_ids: tuple[int, ...], val_ids: tuple[int, ...],
-                   mode: str) -> Path:
+def unet_cache_dir(
+    cfg: dict[str, Any], data: Data, train_ids: tuple[int, ...], val_ids: tuple[int, ...], mode: str
+) -> Path:
     """Cache folder keyed by everything a trained U-Net depends on: data, fold, config, seed.
 
     The training config in the key holds the budget (``epochs``, ``patience``) and the opt-in
@@ -288,14 +326,22 @@ def unet_cache_dir(cfg: dict[str, Any], data: Data, train_ids: tuple[int, ...], 
     tc = train_config(cfg, mode).to_dict()
     for k in ("progress", "device"):
         tc.pop(k, None)
-    key_doc = {"data": annotations_fingerprint(data.root), "size": cfg["image_size"], "train": list(train_ids), "val": list(val_ids),
-               "train_cfg": tc, "expand": [cfg["detector"]["expand_up"], cfg["detector"]["expand_side"]],
-               "frame": cfg.get("frame", 0), "version": 1}
+    key_doc = {
+        "data": annotations_fingerprint(data.root),
+        "size": cfg["image_size"],
+        "train": list(train_ids),
+        "val": list(val_ids),
+        "train_cfg": tc,
+        "expand": [cfg["detector"]["expand_up"], cfg["detector"]["expand_side"]],
+        "frame": cfg.get("frame", 0),
+        "version": 1,
+    }
     return cache_root(cfg) / f"unet-{mode}-{_key(key_doc)}"
 
 
-def fit_unet(cfg: dict[str, Any], data: Data, train_idx: np.ndarray, val_idx: np.ndarray,
-             mode: str = "single") -> tuple[Any, dict[str, Any]]:
+def fit_unet(
+    cfg: dict[str, Any], data: Data, train_idx: np.ndarray, val_idx: np.ndarray, mode: str = "single"
+) -> tuple[Any, dict[str, Any]]:
     """A trained U-Net for this fold: from the cache when present, else trained and cached.
 
     Trains on normal scans with ground-truth boxes (expanded by the prior policy, so the mask
@@ -310,8 +356,9 @@ def fit_unet(cfg: dict[str, Any], data: Data, train_idx: np.ndarray, val_idx: np
         return _fit_unet_locked(cfg, arr, train_idx, val_idx, mode, cache)
 
 
-def _fit_unet_locked(cfg: dict[str, Any], arr: ScanArrays, train_idx: np.ndarray, val_idx: np.ndarray, mode: str,
-                     cache: Path) -> tuple[Any, dict[str, Any]]:
+def _fit_unet_locked(
+    cfg: dict[str, Any], arr: ScanArrays, train_idx: np.ndarray, val_idx: np.ndarray, mode: str, cache: Path
+) -> tuple[Any, dict[str, Any]]:
     from reconstruction.checkpoint import load_model, save_model
     from reconstruction.train import train_unet
 
@@ -320,12 +367,24 @@ def _fit_unet_locked(cfg: dict[str, Any], arr: ScanArrays, train_idx: np.ndarray
         return model, {**json.loads((cache / "DONE").read_text()), "cached": True, "cache": str(cache)}
     size = arr.images.shape[-1]
     t0 = time.perf_counter()
-    res = train_unet(arr.subset(train_idx), arr.subset(val_idx), train_config(cfg, mode), workdir=cache / "work",
-                     train_boxes=expand_all(arr.boxes[train_idx], cfg, size),
-                     val_boxes=expand_all(arr.boxes[val_idx], cfg, size))
-    info = {"fit_s": time.perf_counter() - t0, "best_epoch": res.best_epoch, "best_val_loss": res.best_val_loss,
-            "epochs_run": res.epochs_run, "stop_reason": res.stop_reason, "n_train": int(len(train_idx)),
-            "n_val": int(len(val_idx)), "mode": mode}
+    res = train_unet(
+        arr.subset(train_idx),
+        arr.subset(val_idx),
+        train_config(cfg, mode),
+        workdir=cache / "work",
+        train_boxes=expand_all(arr.boxes[train_idx], cfg, size),
+        val_boxes=expand_all(arr.boxes[val_idx], cfg, size),
+    )
+    info = {
+        "fit_s": time.perf_counter() - t0,
+        "best_epoch": res.best_epoch,
+        "best_val_loss": res.best_val_loss,
+        "epochs_run": res.epochs_run,
+        "stop_reason": res.stop_reason,
+        "n_train": int(len(train_idx)),
+        "n_val": int(len(val_idx)),
+        "mode": mode,
+    }
     save_model(res.model, cache, meta=info)
     (cache / "history.json").write_text(json.dumps(res.history))
     (cache / "DONE").write_text(json.dumps(info))

@@ -17,6 +17,25 @@ from reconstruction.segment import segment
 from reconstruction.train import TrainConfig, TrainResult, train_unet
 from reconstruction.unet import UNet, UNetConfig, count_parameters, fold_batchnorm
 
-__all__ = ["MAP_NAMES", "Reconstruction", "TrainConfig", "TrainResult", "UNet", "UNetConfig", "anomaly_map", "apply_single_mask",
-           "box_masks", "count_parameters", "fold_batchnorm", "image_score", "load_model", "reconstruct", "resolve_device",
-           "riad_masks", "riad_reconstruct", "save_model", "segment", "train_unet"]
+__all__ = [
+    "MAP_NAMES",
+    "Reconstruction",
+    "TrainConfig",
+    "TrainResult",
+    "UNet",
+    "UNetConfig",
+    "anomaly_map",
+    "apply_single_mask",
+    "box_masks",
+    "count_parameters",
+    "fold_batchnorm",
+    "image_score",
+    "load_model",
+    "reconstruct",
+    "resolve_device",
+    "riad_masks",
+    "riad_reconstruct",
+    "save_model",
+    "segment",
+    "train_unet",
+]

@@ -22,9 +22,10 @@ import platform
 import resource
 import statistics
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -68,10 +69,16 @@ def inference_speed(config: UNetConfig, size: int = 256, batch: int = 8, reps: i
     x = torch.rand(batch, 1, size, size) * 2 - 1
     variants: dict[str, tuple[nn.Module, torch.Tensor]] = {
         "contiguous": (net, x),
-        "channels_last": (UNet(config).eval().to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)),
+        "channels_last": (
+            UNet(config).eval().to(memory_format=torch.channels_last),
+            x.contiguous(memory_format=torch.channels_last),
+        ),
     }
     variants["channels_last"][0].load_state_dict(net.state_dict())
-    variants["fused_channels_last"] = (fold_batchnorm(variants["channels_last"][0]).to(memory_format=torch.channels_last), variants["channels_last"][1])
+    variants["fused_channels_last"] = (
+        fold_batchnorm(variants["channels_last"][0]).to(memory_format=torch.channels_last),
+        variants["channels_last"][1],
+    )
     out: dict[str, dict[str, float]] = {}
     with torch.inference_mode():
         for name, (m, inp) in variants.items():
@@ -80,7 +87,9 @@ def inference_speed(config: UNetConfig, size: int = 256, batch: int = 8, reps: i
     return out
 
 
-def train_step(config_dict: dict[str, int], size: int = 256, batch: int = 4, steps: int = 5, threads: int = 2) -> dict[str, float]:
+def train_step(
+    config_dict: dict[str, int], size: int = 256, batch: int = 4, steps: int = 5, threads: int = 2
+) -> dict[str, float]:
     """Median seconds of one Adam step (single mask, full loss) and this process's peak RSS."""
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -96,7 +105,11 @@ def train_step(config_dict: dict[str, int], size: int = 256, batch: int = 4, ste
         opt.step()
 
     s = _median_time(step, steps)
-    return {"seconds_per_step": s, "images_per_s": batch / s, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    return {
+        "seconds_per_step": s,
+        "images_per_s": batch / s,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
 
 
 def run_benchmark(
@@ -118,9 +131,16 @@ def run_benchmark(
     torch.set_num_threads(threads)
     try:
         res: dict[str, Any] = {
-            "machine": {"cpu_count": os.cpu_count(), "threads": threads, "platform": platform.platform(), "torch": torch.__version__,
-                        "mkldnn": torch.backends.mkldnn.is_available(), "load_avg_start": os.getloadavg()},
-            "size": size, "batch": batch,
+            "machine": {
+                "cpu_count": os.cpu_count(),
+                "threads": threads,
+                "platform": platform.platform(),
+                "torch": torch.__version__,
+                "mkldnn": torch.backends.mkldnn.is_available(),
+                "load_avg_start": os.getloadavg(),
+            },
+            "size": size,
+            "batch": batch,
         }
         res["matmul_gflops"] = matmul_gflops(matmul_n, reps)
         res["inference"], res["flops"], res["params"] = {}, {}, {}
@@ -137,7 +157,13 @@ def run_benchmark(
         res["matmul_gflops_end"] = matmul_gflops(matmul_n, reps)  # load drift check
         res["train"] = {}
         for p in train_profiles if train_profiles is not None else profiles[:1]:
-            args = (UNetConfig.profile(p).to_dict(), size, 4, train_steps if p != "paper" else min(train_steps, 2), threads)
+            args = (
+                UNetConfig.profile(p).to_dict(),
+                size,
+                4,
+                train_steps if p != "paper" else min(train_steps, 2),
+                threads,
+            )
             if spawn:
                 with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as ex:
                     res["train"][p] = ex.submit(train_step, *args).result()
@@ -160,11 +186,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--json", default=None, help="also write the results here")
     a = ap.parse_args(argv)
     r = run_benchmark(a.profiles, a.size, a.batch, a.reps, a.threads, train_profiles=a.train_profiles)
-    print(f"matmul: {r['matmul_gflops']:.1f} GFLOP/s (end of run {r['matmul_gflops_end']:.1f}), threads={a.threads}, load {r['machine']['load_avg_start']}")
+    print(
+        f"matmul: {r['matmul_gflops']:.1f} GFLOP/s (end of run {r['matmul_gflops_end']:.1f}), threads={a.threads}, load {r['machine']['load_avg_start']}"
+    )
     for p, variants in r["inference"].items():
         print(f"{p}: {r['params'][p] / 1e6:.2f} M params, {r['flops'][p] / 1e9:.2f} GFLOP/image")
         for v, m in variants.items():
-            print(f"  {v:20s} {m['images_per_s']:7.2f} img/s  {m['gflops']:6.1f} GFLOP/s  {100 * m['fraction_of_matmul']:5.1f}% of matmul")
+            print(
+                f"  {v:20s} {m['images_per_s']:7.2f} img/s  {m['gflops']:6.1f} GFLOP/s  {100 * m['fraction_of_matmul']:5.1f}% of matmul"
+            )
     for p, m in r["train"].items():
         print(f"train {p}: {m['seconds_per_step']:.3f} s/step (batch 4), peak RSS {m['peak_rss_mb']:.0f} MB")
     if a.json:

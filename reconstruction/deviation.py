@@ -21,7 +21,8 @@ Maps take ``original`` and ``reconstruction`` as ``[B, 1, H, W]`` tensors in [-1
 
 from __future__ import annotations
 
-from typing import Callable, Literal, Sequence
+from collections.abc import Callable, Sequence
+from typing import Literal
 
 import numpy as np
 import torch
@@ -42,8 +43,12 @@ def _mean3x3(x: Tensor) -> Tensor:
 def msgmsd_map(original: Tensor, reconstruction: Tensor, scales: int = GMS_SCALES, c: float = GMS_C) -> Tensor:
     """Multi-scale GMS deviation map (symmetric in its arguments)."""
     size = original.shape[-2:]
-    maps = [F.interpolate(1 - gms_map(a, b, c), size=size, mode="bilinear", align_corners=False) if i else 1 - gms_map(a, b, c)
-            for i, (a, b) in enumerate(zip(pyramid(original, scales), pyramid(reconstruction, scales)))]
+    maps = [
+        F.interpolate(1 - gms_map(a, b, c), size=size, mode="bilinear", align_corners=False)
+        if i
+        else 1 - gms_map(a, b, c)
+        for i, (a, b) in enumerate(zip(pyramid(original, scales), pyramid(reconstruction, scales)))
+    ]
     return _mean3x3(torch.stack(maps).mean(dim=0))
 
 
@@ -68,7 +73,11 @@ def l2_map(original: Tensor, reconstruction: Tensor) -> Tensor:
 
 
 _MAPS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
-    "msgmsd": msgmsd_map, "gmsd": gmsd_map, "ssim": ssim_dev_map, "dd": dd_map, "l2": l2_map,
+    "msgmsd": msgmsd_map,
+    "gmsd": gmsd_map,
+    "ssim": ssim_dev_map,
+    "dd": dd_map,
+    "l2": l2_map,
 }
 
 

@@ -13,8 +13,8 @@ Images are numpy ``[N, H, W]`` float32 in [0, 1]; the network works in [-1, 1].
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -43,7 +43,9 @@ class Reconstruction:
     maps: dict[str, np.ndarray] = field(default_factory=dict)
 
 
-def _prepare(model: nn.Module, device: str | torch.device, channels_last: bool, fold_bn: bool) -> tuple[nn.Module, torch.device, torch.memory_format]:
+def _prepare(
+    model: nn.Module, device: str | torch.device, channels_last: bool, fold_bn: bool
+) -> tuple[nn.Module, torch.device, torch.memory_format]:
     dev = resolve_device(device)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     # Folding BN into the convs is a copy (the caller's model is untouched) and, with
@@ -62,9 +64,13 @@ def _collect(names: Sequence[str], original: Tensor, recon: Tensor, out: dict[st
         out.setdefault(n, []).append(anomaly_map(n, original, recon)[:, 0].float().cpu().numpy())
 
 
-def _finish(recons: list[np.ndarray], maps: dict[str, list[np.ndarray]], names: Sequence[str], h: int, w: int) -> Reconstruction:
+def _finish(
+    recons: list[np.ndarray], maps: dict[str, list[np.ndarray]], names: Sequence[str], h: int, w: int
+) -> Reconstruction:
     recon = np.concatenate(recons) if recons else np.zeros((0, h, w), np.float32)
-    return Reconstruction(recon, {n: np.concatenate(maps[n]) if maps.get(n) else np.zeros((0, h, w), np.float32) for n in names})
+    return Reconstruction(
+        recon, {n: np.concatenate(maps[n]) if maps.get(n) else np.zeros((0, h, w), np.float32) for n in names}
+    )
 
 
 def reconstruct(
@@ -93,7 +99,13 @@ def reconstruct(
     out: dict[str, list[np.ndarray]] = {}
     with torch.inference_mode():
         for s in range(0, n, batch_size):
-            x = torch.from_numpy(np.ascontiguousarray(images[s : s + batch_size], dtype=np.float32)).to(dev).unsqueeze(1) * 2 - 1
+            x = (
+                torch.from_numpy(np.ascontiguousarray(images[s : s + batch_size], dtype=np.float32))
+                .to(dev)
+                .unsqueeze(1)
+                * 2
+                - 1
+            )
             masked, m = apply_single_mask(x, boxes[s : s + batch_size], margin)
             r = _forward(model, masked, fmt, batch_size)
             if composite:
@@ -131,11 +143,19 @@ def riad_reconstruct(
     out: dict[str, list[np.ndarray]] = {}
     with torch.inference_mode():
         for s in range(0, n, batch_size):
-            x = torch.from_numpy(np.ascontiguousarray(images[s : s + batch_size], dtype=np.float32)).to(dev).unsqueeze(1) * 2 - 1
+            x = (
+                torch.from_numpy(np.ascontiguousarray(images[s : s + batch_size], dtype=np.float32))
+                .to(dev)
+                .unsqueeze(1)
+                * 2
+                - 1
+            )
             per_k = [compose_riad(_forward(model, apply_riad_masks(x, m), fmt, batch_size), m) for m in masks]
             r = torch.stack(per_k).mean(0)
             if "riad" in maps:
-                out.setdefault("riad", []).append(torch.stack([msgmsd_map(x, rk) for rk in per_k]).mean(0)[:, 0].float().cpu().numpy())
+                out.setdefault("riad", []).append(
+                    torch.stack([msgmsd_map(x, rk) for rk in per_k]).mean(0)[:, 0].float().cpu().numpy()
+                )
             recons.append(((r[:, 0] + 1) / 2).float().cpu().numpy())
             _collect(other, x, r, out)
     return _finish(recons, out, maps, h, w)

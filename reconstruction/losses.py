@@ -144,8 +144,12 @@ def msgms_loss(x: Tensor, y: Tensor, scales: int = GMS_SCALES, c: float = GMS_C)
     return torch.stack(losses).mean()
 
 
-def gaussian_window(size: int = SSIM_WINDOW, sigma: float = SSIM_SIGMA, device: torch.device | None = None,
-                    dtype: torch.dtype = torch.float32) -> Tensor:
+def gaussian_window(
+    size: int = SSIM_WINDOW,
+    sigma: float = SSIM_SIGMA,
+    device: torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
     """Normalised 1-D Gaussian of ``size`` taps (used separably)."""
     r = torch.arange(size, device=device, dtype=dtype) - (size - 1) / 2
     g = torch.exp(-(r**2) / (2 * sigma**2))
@@ -161,8 +165,15 @@ def _blur(x: Tensor, g: Tensor) -> Tensor:
     return F.conv2d(x, g.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
 
 
-def ssim_map(x: Tensor, y: Tensor, data_range: float = DATA_RANGE, window: int = SSIM_WINDOW, sigma: float = SSIM_SIGMA,
-             k1: float = SSIM_K1, k2: float = SSIM_K2) -> Tensor:
+def ssim_map(
+    x: Tensor,
+    y: Tensor,
+    data_range: float = DATA_RANGE,
+    window: int = SSIM_WINDOW,
+    sigma: float = SSIM_SIGMA,
+    k1: float = SSIM_K1,
+    k2: float = SSIM_K2,
+) -> Tensor:
     """Local SSIM map ``[B, 1, H, W]`` (population covariances, Gaussian window, reflect borders).
 
     Matches scikit-image ``structural_similarity(gaussian_weights=True, sigma=1.5,
@@ -196,7 +207,9 @@ class LossWeights:
     msgms: float = 1.0
 
 
-def reconstruction_loss(recon: Tensor, target: Tensor, weights: LossWeights = LossWeights()) -> tuple[Tensor, dict[str, float]]:
+def reconstruction_loss(
+    recon: Tensor, target: Tensor, weights: LossWeights = LossWeights()
+) -> tuple[Tensor, dict[str, float]]:
     """``w_l2 L2 + w_ssim L_SSIM + w_msgms L_MSGMS`` over the whole image; returns the total and each part.
 
     >>> x = torch.rand(2, 1, 32, 32) * 2 - 1
@@ -207,5 +220,10 @@ def reconstruction_loss(recon: Tensor, target: Tensor, weights: LossWeights = Lo
     ss = ssim_loss(recon, target)
     ms = msgms_loss(recon, target)
     total = weights.l2 * l2 + weights.ssim * ss + weights.msgms * ms
-    parts = {"l2": float(l2.detach()), "ssim": float(ss.detach()), "msgms": float(ms.detach()), "total": float(total.detach())}
+    parts = {
+        "l2": float(l2.detach()),
+        "ssim": float(ss.detach()),
+        "msgms": float(ms.detach()),
+        "total": float(total.detach()),
+    }
     return total, parts

@@ -29,7 +29,11 @@ def box_pixel_bounds(boxes: Tensor | np.ndarray, height: int, width: int, margin
     >>> b.tolist(), ok.tolist()
     ([[10, 20, 29, 24]], [True])
     """
-    b = torch.as_tensor(np.asarray(boxes, dtype=np.float64) if isinstance(boxes, np.ndarray) else boxes).to(torch.float64).reshape(-1, 4)
+    b = (
+        torch.as_tensor(np.asarray(boxes, dtype=np.float64) if isinstance(boxes, np.ndarray) else boxes)
+        .to(torch.float64)
+        .reshape(-1, 4)
+    )
     valid = ~torch.isnan(b).any(dim=1)
     b = torch.nan_to_num(b, nan=0.0)
     x1, y1, x2, y2 = b[:, 0] - margin, b[:, 1] - margin, b[:, 2] + margin, b[:, 3] + margin
@@ -40,7 +44,9 @@ def box_pixel_bounds(boxes: Tensor | np.ndarray, height: int, width: int, margin
     return torch.stack([c0, r0, c1, r1], dim=1).long(), valid
 
 
-def box_masks(boxes: Tensor | np.ndarray, height: int, width: int, margin: float = 0.0, device: torch.device | str | None = None) -> Tensor:
+def box_masks(
+    boxes: Tensor | np.ndarray, height: int, width: int, margin: float = 0.0, device: torch.device | str | None = None
+) -> Tensor:
     """Boolean ``[B, 1, H, W]`` masks of the box pixels (broadcast comparisons, no loops).
 
     >>> box_masks(np.array([[0.0, 0.0, 2.0, 2.0], [np.nan] * 4]), 4, 4).sum((1, 2, 3)).tolist()
@@ -68,8 +74,14 @@ def apply_single_mask(images: Tensor, boxes: Tensor | np.ndarray, margin: float 
     return images.masked_fill(m, FILL_VALUE), m
 
 
-def riad_masks(height: int, width: int, k: int, n_masks: int = 3, generator: torch.Generator | None = None,
-               device: torch.device | str | None = None) -> Tensor:
+def riad_masks(
+    height: int,
+    width: int,
+    k: int,
+    n_masks: int = 3,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> Tensor:
     """RIAD disjoint masks: ``[n_masks, 1, H, W]`` bool, True where masked; together they partition the image.
 
     The image is cut into ``k x k`` cells; a random permutation of the cells is split into

@@ -44,7 +44,16 @@ _FORMAT = 1
 # the budget may be extended (more epochs, a cap lifted) and the run goes on from its last epoch;
 # a checkpoint already past this run's epoch budget is refused (see _train). Callers that cache
 # finished models must key them on these too (pipeline.stages.unet_cache_dir keys the whole config).
-_BUDGET_KEYS = {"epochs", "patience", "max_epochs", "max_train_seconds", "progress", "device", "num_threads", "eval_batch_size"}
+_BUDGET_KEYS = {
+    "epochs",
+    "patience",
+    "max_epochs",
+    "max_train_seconds",
+    "progress",
+    "device",
+    "num_threads",
+    "eval_batch_size",
+}
 
 
 @dataclass
@@ -133,7 +142,9 @@ def evaluate_loss(model: nn.Module, images: Tensor, boxes: np.ndarray, cfg: Trai
     with torch.inference_mode():
         for s in range(0, images.shape[0], cfg.eval_batch_size):
             x = images[s : s + cfg.eval_batch_size].to(device)
-            _, parts = reconstruction_loss(_step_inputs(model, x, boxes[s : s + cfg.eval_batch_size], cfg, gen), x, cfg.loss_weights)
+            _, parts = reconstruction_loss(
+                _step_inputs(model, x, boxes[s : s + cfg.eval_batch_size], cfg, gen), x, cfg.loss_weights
+            )
             total += parts["total"] * x.shape[0]
             n += x.shape[0]
     return total / max(n, 1)
@@ -174,8 +185,14 @@ def train_unet(
         torch.set_num_threads(old_threads)
 
 
-def _train(train: ScanArrays, val: ScanArrays | None, cfg: TrainConfig, workdir: str | Path | None,
-           train_boxes: np.ndarray | None, val_boxes: np.ndarray | None) -> TrainResult:
+def _train(
+    train: ScanArrays,
+    val: ScanArrays | None,
+    cfg: TrainConfig,
+    workdir: str | Path | None,
+    train_boxes: np.ndarray | None,
+    val_boxes: np.ndarray | None,
+) -> TrainResult:
     device = resolve_device(cfg.device)
     xt, bt = _tensors(train, train_boxes, cfg.mode, "train")
     has_val = val is not None and len(val) > 0
@@ -188,7 +205,14 @@ def _train(train: ScanArrays, val: ScanArrays | None, cfg: TrainConfig, workdir:
     # 2-core CPU (same maths; parameters load back into contiguous models unchanged)
     model = UNet(cfg.unet).to(device=device, memory_format=torch.channels_last)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    state: dict[str, Any] = {"epoch": 0, "best_val": math.inf, "best_epoch": -1, "bad": 0, "history": [], "elapsed": 0.0}
+    state: dict[str, Any] = {
+        "epoch": 0,
+        "best_val": math.inf,
+        "best_epoch": -1,
+        "bad": 0,
+        "history": [],
+        "elapsed": 0.0,
+    }
     best_state = copy.deepcopy(model.state_dict())
 
     wd = Path(workdir) if workdir is not None else None
@@ -199,8 +223,10 @@ def _train(train: ScanArrays, val: ScanArrays | None, cfg: TrainConfig, workdir:
             _check_resume(ck["config"], cfg.to_dict())
             cap_now = min(cfg.epochs, cfg.max_epochs) if cfg.max_epochs is not None else cfg.epochs
             if int(ck["epoch"]) > cap_now:
-                raise ValueError(f"workdir checkpoint has trained {int(ck['epoch'])} epochs, more than this run's budget "
-                                 f"of {cap_now}; use a fresh workdir")
+                raise ValueError(
+                    f"workdir checkpoint has trained {int(ck['epoch'])} epochs, more than this run's budget "
+                    f"of {cap_now}; use a fresh workdir"
+                )
             model.load_state_dict(ck["model"])
             opt.load_state_dict(ck["optimizer"])
             best_state = ck["best_state"]
@@ -211,15 +237,25 @@ def _train(train: ScanArrays, val: ScanArrays | None, cfg: TrainConfig, workdir:
     cap = min(cfg.epochs, cfg.max_epochs) if cfg.max_epochs is not None else cfg.epochs
     n = xt.shape[0]
     last_epoch_s, stop, ran = 0.0, "epochs", 0
-    bar = tqdm(total=cap, initial=min(state["epoch"], cap), desc=f"unet[{cfg.mode}]", unit="ep", disable=not cfg.progress, dynamic_ncols=True)
+    bar = tqdm(
+        total=cap,
+        initial=min(state["epoch"], cap),
+        desc=f"unet[{cfg.mode}]",
+        unit="ep",
+        disable=not cfg.progress,
+        dynamic_ncols=True,
+    )
     while state["epoch"] < cap:
         if state["bad"] >= cfg.patience:
             stop = "patience"
             break
         # the budget counts every call of a resumed run, so a kill and resume trains no longer than an
         # uninterrupted run; the first epoch always runs so a model always comes back
-        if (cfg.max_train_seconds is not None and (ran or state["epoch"] > 0)
-                and state["elapsed"] + last_epoch_s > cfg.max_train_seconds):
+        if (
+            cfg.max_train_seconds is not None
+            and (ran or state["epoch"] > 0)
+            and state["elapsed"] + last_epoch_s > cfg.max_train_seconds
+        ):
             stop = "time"
             break
         e0 = time.monotonic()
@@ -245,13 +281,28 @@ def _train(train: ScanArrays, val: ScanArrays | None, cfg: TrainConfig, workdir:
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         else:
             state["bad"] += 1
-        state["history"].append({"epoch": float(state["epoch"]), "train_loss": train_loss, "val_loss": val_loss, "seconds": last_epoch_s})
+        state["history"].append(
+            {"epoch": float(state["epoch"]), "train_loss": train_loss, "val_loss": val_loss, "seconds": last_epoch_s}
+        )
         state["epoch"] += 1
         bar.update(1)
-        bar.set_postfix(epoch=state["epoch"], train=f"{train_loss:.4f}", val=f"{val_loss:.4f}", best=f"{state['best_val']:.4f}")
+        bar.set_postfix(
+            epoch=state["epoch"], train=f"{train_loss:.4f}", val=f"{val_loss:.4f}", best=f"{state['best_val']:.4f}"
+        )
         if wd is not None:
-            atomic_save({"format": _FORMAT, "config": cfg.to_dict(), "model": model.state_dict(), "optimizer": opt.state_dict(),
-                         "best_state": best_state, "gen_state": gen.get_state(), "torch_rng": torch.get_rng_state(), **state}, wd / LAST)
+            atomic_save(
+                {
+                    "format": _FORMAT,
+                    "config": cfg.to_dict(),
+                    "model": model.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "best_state": best_state,
+                    "gen_state": gen.get_state(),
+                    "torch_rng": torch.get_rng_state(),
+                    **state,
+                },
+                wd / LAST,
+            )
     else:
         if state["bad"] >= cfg.patience:
             stop = "patience"
@@ -260,7 +311,16 @@ def _train(train: ScanArrays, val: ScanArrays | None, cfg: TrainConfig, workdir:
     model.load_state_dict(best_state)
     model.eval()
     if wd is not None:
-        save_model(model, wd / BEST_DIR, meta={"mode": cfg.mode, "train_config": cfg.to_dict(), "best_epoch": state["best_epoch"],
-                                               "best_val_loss": state["best_val"], "epochs_run": state["epoch"],
-                                               "stop_reason": stop})
+        save_model(
+            model,
+            wd / BEST_DIR,
+            meta={
+                "mode": cfg.mode,
+                "train_config": cfg.to_dict(),
+                "best_epoch": state["best_epoch"],
+                "best_val_loss": state["best_val"],
+                "epochs_run": state["epoch"],
+                "stop_reason": stop,
+            },
+        )
     return TrainResult(model, state["history"], state["best_epoch"], state["best_val"], state["epoch"], stop)

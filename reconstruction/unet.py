@@ -51,7 +51,7 @@ class UNetConfig:
     out_channels: int = 1
 
     @staticmethod
-    def profile(name: str) -> "UNetConfig":
+    def profile(name: str) -> UNetConfig:
         """A named profile: ``"paper"`` (64, ~28.8 M params), ``"cpu"`` (16) or ``"tiny"`` (8, depth 3)."""
         if name not in _PROFILES:
             raise ValueError(f"unknown U-Net profile {name!r}; choose from {sorted(_PROFILES)}")
@@ -64,7 +64,7 @@ class UNetConfig:
         return asdict(self)
 
     @staticmethod
-    def from_dict(d: dict[str, Any]) -> "UNetConfig":
+    def from_dict(d: dict[str, Any]) -> UNetConfig:
         return replace(UNetConfig(), **{k: int(v) for k, v in d.items() if k in UNetConfig.__dataclass_fields__})
 
 
@@ -79,7 +79,9 @@ class _Up(nn.Module):
 
     def __init__(self, cin: int, cskip: int) -> None:
         super().__init__()
-        self.up = nn.Sequential(nn.ConvTranspose2d(cin, cskip, 4, 2, 1, bias=False), nn.BatchNorm2d(cskip), nn.ReLU(inplace=True))
+        self.up = nn.Sequential(
+            nn.ConvTranspose2d(cin, cskip, 4, 2, 1, bias=False), nn.BatchNorm2d(cskip), nn.ReLU(inplace=True)
+        )
         self.conv = nn.Sequential(*_cbr(2 * cskip, cskip), *_cbr(cskip, cskip))
 
     def forward(self, x: Tensor, skip: Tensor) -> Tensor:
@@ -94,7 +96,10 @@ class UNet(nn.Module):
         self.config = config or UNetConfig.profile("cpu")
         w = self.config.widths()
         self.stem = nn.Sequential(*_cbr(self.config.in_channels, w[0]))
-        self.down = nn.ModuleList(nn.Sequential(*_cbr(w[i], w[i + 1], k=4, stride=2), *_cbr(w[i + 1], w[i + 1])) for i in range(self.config.depth))
+        self.down = nn.ModuleList(
+            nn.Sequential(*_cbr(w[i], w[i + 1], k=4, stride=2), *_cbr(w[i + 1], w[i + 1]))
+            for i in range(self.config.depth)
+        )
         self.up = nn.ModuleList(_Up(w[i + 1], w[i]) for i in reversed(range(self.config.depth)))
         self.head = nn.Conv2d(w[0], self.config.out_channels, 3, 1, 1)
 

@@ -19,8 +19,11 @@ def main(argv: list[str] | None = None) -> int:
     ph.add_argument("--patients", type=int, default=60)
     ph.add_argument("--size", type=int, default=256)
     ph.add_argument("--seed", type=int, default=0)
-    ph.add_argument("--null", action="store_true",
-                    help="negative control: distended scans keep their label and pocket mask but are rendered without the pocket")
+    ph.add_argument(
+        "--null",
+        action="store_true",
+        help="negative control: distended scans keep their label and pocket mask but are rendered without the pocket",
+    )
     args = parser.parse_args(argv)
 
     from scans.check import check_dataset, summary_line
@@ -28,8 +31,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "phantom":
         from scans.phantom import generate_dataset
 
-        out = generate_dataset(args.out, n_images=args.images, n_distended=args.distended,
-                               n_patients=args.patients, size=args.size, seed=args.seed, null=args.null)
+        out = generate_dataset(
+            args.out,
+            n_images=args.images,
+            n_distended=args.distended,
+            n_patients=args.patients,
+            size=args.size,
+            seed=args.seed,
+            null=args.null,
+        )
         args.dir = out
         print(f"wrote {out}")
     problems = check_dataset(args.dir)

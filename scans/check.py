@@ -101,8 +101,13 @@ def check_dataset(root: Path | str, read_images: bool = True) -> list[Problem]:
                 problems.append(Problem(str(exc.path), exc.reason))
                 continue
             if arr.shape != (int(img["height"]), int(img["width"])):
-                problems.append(Problem(where, f"image is {arr.shape[1]}x{arr.shape[0]} but annotations.json says "
-                                               f"{img['width']}x{img['height']}"))
+                problems.append(
+                    Problem(
+                        where,
+                        f"image is {arr.shape[1]}x{arr.shape[0]} but annotations.json says "
+                        f"{img['width']}x{img['height']}",
+                    )
+                )
 
     per_image: Counter[Any] = Counter()
     for ann in doc.get("annotations", []) if isinstance(doc.get("annotations"), list) else []:
@@ -114,7 +119,9 @@ def check_dataset(root: Path | str, read_images: bool = True) -> list[Problem]:
         img = images.get(ann["image_id"])
         if img is None:
             if ann["image_id"] not in id_counts:
-                problems.append(Problem(str(ann_path), f"annotation {ann.get('id')} refers to unknown image {ann['image_id']}"))
+                problems.append(
+                    Problem(str(ann_path), f"annotation {ann.get('id')} refers to unknown image {ann['image_id']}")
+                )
             continue
         per_image[ann["image_id"]] += 1
         _check_annotation(ann, img, str(root / img["file_name"]), problems)
@@ -122,7 +129,9 @@ def check_dataset(root: Path | str, read_images: bool = True) -> list[Problem]:
         if per_image[image_id] == 0:
             problems.append(Problem(str(root / img["file_name"]), "image has no recess box"))
         elif per_image[image_id] > 1:
-            problems.append(Problem(str(root / img["file_name"]), f"image has {per_image[image_id]} recess boxes; expected one"))
+            problems.append(
+                Problem(str(root / img["file_name"]), f"image has {per_image[image_id]} recess boxes; expected one")
+            )
     return problems
 
 

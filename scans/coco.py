@@ -16,8 +16,9 @@ category ``recess`` whose ``bbox`` is the location prior and whose ``segmentatio
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from pycocotools import mask as mask_utils
@@ -118,18 +119,33 @@ def to_coco(scans: Sequence[Scan], root: Path | str) -> dict[str, Any]:
         except ValueError:
             rel = s.path.as_posix()
         images.append(
-            {"id": s.id, "file_name": rel, "width": s.width, "height": s.height,
-             "patient_id": s.patient, "distended": bool(s.label == 1)}
+            {
+                "id": s.id,
+                "file_name": rel,
+                "width": s.width,
+                "height": s.height,
+                "patient_id": s.patient,
+                "distended": bool(s.label == 1),
+            }
         )
         if s.box is not None:
             x1, y1, x2, y2 = s.box
             annotations.append(
-                {"id": s.id, "image_id": s.id, "category_id": 1,
-                 "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1),
-                 "iscrowd": 0, "segmentation": s.segmentation or []}
+                {
+                    "id": s.id,
+                    "image_id": s.id,
+                    "category_id": 1,
+                    "bbox": [x1, y1, x2 - x1, y2 - y1],
+                    "area": (x2 - x1) * (y2 - y1),
+                    "iscrowd": 0,
+                    "segmentation": s.segmentation or [],
+                }
             )
-    return {"images": images, "annotations": annotations,
-            "categories": [{"id": 1, "name": CATEGORY, "supercategory": "knee"}]}
+    return {
+        "images": images,
+        "annotations": annotations,
+        "categories": [{"id": 1, "name": CATEGORY, "supercategory": "knee"}],
+    }
 
 
 def save_coco(path: Path | str, scans: Sequence[Scan], root: Path | str | None = None) -> None:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -47,8 +47,11 @@ def to_arrays(scans: Sequence[Scan], size: int = 256, frame: int = 0, workers: i
         for i, (img, box, mask, sc) in enumerate(pool.map(lambda s: _prepare_one(s, size, frame), scans)):
             images[i], boxes[i], masks[i], scale[i] = img, box, mask, sc
     return ScanArrays(
-        images=images, boxes=boxes, masks=masks,
+        images=images,
+        boxes=boxes,
+        masks=masks,
         labels=np.array([s.label for s in scans], dtype=np.int64),
         ids=np.array([s.id for s in scans], dtype=np.int64),
-        patients=[s.patient for s in scans], scale=scale,
+        patients=[s.patient for s in scans],
+        scale=scale,
     )

@@ -15,9 +15,9 @@ appears in two parts of one fold, and the split is a pure function of (scans, k,
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold
@@ -55,7 +55,9 @@ def make_folds(scans: Sequence[Scan], k: int = 5, seed: int = 0, val_fraction: f
     labels = np.array([s.label for s in scans])
     groups = np.array([s.patient for s in scans])
     if len(np.unique(groups)) < k + 1:
-        raise ValueError(f"{len(np.unique(groups))} patients cannot make {k} patient-grouped folds with a validation part")
+        raise ValueError(
+            f"{len(np.unique(groups))} patients cannot make {k} patient-grouped folds with a validation part"
+        )
     folds = []
     for f, test_idx in enumerate(_group_split(labels, groups, k, seed)):
         rest = np.setdiff1d(np.arange(len(ids)), test_idx)
@@ -63,8 +65,13 @@ def make_folds(scans: Sequence[Scan], k: int = 5, seed: int = 0, val_fraction: f
         val_rel = _group_split(labels[rest], groups[rest], n_val_splits, seed + 1000 + f)[0]
         val_idx = rest[val_rel]
         train_idx = np.setdiff1d(rest, val_idx)
-        folds.append(Fold(tuple(sorted(ids[train_idx].tolist())), tuple(sorted(ids[val_idx].tolist())),
-                          tuple(sorted(ids[test_idx].tolist()))))
+        folds.append(
+            Fold(
+                tuple(sorted(ids[train_idx].tolist())),
+                tuple(sorted(ids[val_idx].tolist())),
+                tuple(sorted(ids[test_idx].tolist())),
+            )
+        )
     return folds
 
 
@@ -77,8 +84,10 @@ def load_splits(path: Path | str, scans: Sequence[Scan] | None = None) -> list[F
     path = Path(path)
     try:
         raw = json.loads(path.read_text())
-        folds = [Fold(tuple(int(i) for i in f["train"]), tuple(int(i) for i in f["val"]),
-                      tuple(int(i) for i in f["test"])) for f in raw]
+        folds = [
+            Fold(tuple(int(i) for i in f["train"]), tuple(int(i) for i in f["val"]), tuple(int(i) for i in f["test"]))
+            for f in raw
+        ]
     except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
         raise ValueError(f"{path}: not a valid splits file ({exc.__class__.__name__}: {exc})") from exc
     if scans is not None:

@@ -74,8 +74,8 @@ import numpy as np
 
 from scans.coco import encode_mask, save_coco
 from scans.folds import make_folds, save_splits
-from scans.records import Box, Scan, box_mask
 from scans.io import write_png
+from scans.records import Box, Scan, box_mask
 
 # v4: the box carries no class information (v3's top edge followed the pocket roof, so box
 # height alone separated the classes, AUROC 0.77); annotator noise on the box edges; distended
@@ -148,7 +148,6 @@ class RenderedScan:
     pocket_outside: int = 0  # pocket pixels the box clips off the mask
 
 
-
 def sample_anatomy(rng: np.random.Generator) -> PatientAnatomy:
     """Draw one patient's anatomy.
 
@@ -159,20 +158,40 @@ def sample_anatomy(rng: np.random.Generator) -> PatientAnatomy:
     skin = rng.uniform(0.012, 0.02)
     femur_depth = rng.uniform(0.58, 0.74)
     # Relative layer thicknesses, scaled so the stack lands on the femur.
-    fat, tendon, spfat, prefem = rng.uniform(0.07, 0.2), rng.uniform(0.08, 0.13), rng.uniform(0.06, 0.11), rng.uniform(0.06, 0.1)
+    fat, tendon, spfat, prefem = (
+        rng.uniform(0.07, 0.2),
+        rng.uniform(0.08, 0.13),
+        rng.uniform(0.06, 0.11),
+        rng.uniform(0.06, 0.1),
+    )
     recess = rng.uniform(0.008, 0.016)
     scale = (femur_depth - skin_depth - skin - recess) / (fat + tendon + spfat + prefem)
     start = rng.uniform(0.12, 0.32)
     end = rng.uniform(0.64, 0.82)
     return PatientAnatomy(
-        skin_depth=skin_depth, skin=skin, fat=fat * scale, tendon=tendon * scale, spfat=spfat * scale,
-        recess=recess, prefemoral=prefem * scale, femur_depth=femur_depth,
-        femur_curv=rng.uniform(-0.05, 0.22), femur_vertex=rng.uniform(0.3, 0.7),
-        femur_slope=rng.uniform(-0.06, 0.05), recess_start=start, recess_end=end,
-        patella_start=rng.uniform(end + 0.06, 1.25), patella_rise=rng.uniform(0.15, 0.35),
-        fat_echo=rng.uniform(0.04, 0.09), tendon_echo=rng.uniform(0.35, 0.6), pad_echo=rng.uniform(0.12, 0.25),
-        gain_db=rng.uniform(-3.0, 3.0), dynamic_range=rng.uniform(48.0, 60.0), tgc=rng.uniform(1.6, 2.6),
-        psf_lateral=rng.uniform(1.0, 1.5), psf_axial=rng.uniform(0.45, 0.6),
+        skin_depth=skin_depth,
+        skin=skin,
+        fat=fat * scale,
+        tendon=tendon * scale,
+        spfat=spfat * scale,
+        recess=recess,
+        prefemoral=prefem * scale,
+        femur_depth=femur_depth,
+        femur_curv=rng.uniform(-0.05, 0.22),
+        femur_vertex=rng.uniform(0.3, 0.7),
+        femur_slope=rng.uniform(-0.06, 0.05),
+        recess_start=start,
+        recess_end=end,
+        patella_start=rng.uniform(end + 0.06, 1.25),
+        patella_rise=rng.uniform(0.15, 0.35),
+        fat_echo=rng.uniform(0.04, 0.09),
+        tendon_echo=rng.uniform(0.35, 0.6),
+        pad_echo=rng.uniform(0.12, 0.25),
+        gain_db=rng.uniform(-3.0, 3.0),
+        dynamic_range=rng.uniform(48.0, 60.0),
+        tgc=rng.uniform(1.6, 2.6),
+        psf_lateral=rng.uniform(1.0, 1.5),
+        psf_axial=rng.uniform(0.45, 0.6),
     )
 
 
@@ -183,7 +202,9 @@ def _smoothstep(x: np.ndarray) -> np.ndarray:
 
 def _smooth_noise_1d(rng: np.random.Generator, n: int, sigma: float) -> np.ndarray:
     """Unit-std 1-D noise smoothed over ``sigma`` samples (gentle boundary undulation)."""
-    x = cv2.GaussianBlur(rng.standard_normal((1, n), dtype=np.float32), (0, 0), sigmaX=sigma, borderType=cv2.BORDER_REFLECT)[0]
+    x = cv2.GaussianBlur(
+        rng.standard_normal((1, n), dtype=np.float32), (0, 0), sigmaX=sigma, borderType=cv2.BORDER_REFLECT
+    )[0]
     return x / (x.std() + 1e-6)
 
 
@@ -191,7 +212,9 @@ def _texture(rng: np.random.Generator, shape: tuple[int, int], sx: float, sy: fl
     """Unit-std correlated noise, drawn at ``1/scale`` resolution (cheap) then upsampled."""
     h, w = shape
     small = rng.standard_normal((h // scale, w // scale), dtype=np.float32)
-    small = cv2.GaussianBlur(small, (0, 0), sigmaX=max(sx / scale, 0.3), sigmaY=max(sy / scale, 0.3), borderType=cv2.BORDER_REFLECT)
+    small = cv2.GaussianBlur(
+        small, (0, 0), sigmaX=max(sx / scale, 0.3), sigmaY=max(sy / scale, 0.3), borderType=cv2.BORDER_REFLECT
+    )
     small /= small.std() + 1e-6
     return cv2.resize(small, (w, h), interpolation=cv2.INTER_LINEAR)
 
@@ -234,9 +257,16 @@ class ScanGeometry:
     pocket_outside: int = 0  # pocket pixels the box clips off the mask
 
 
-
-def _soft_tissue(a: PatientAnatomy, floor: np.ndarray, thick: np.ndarray, fluid_h: np.ndarray, spfat: np.ndarray,
-                 skin_top: np.ndarray, vs: np.ndarray, press: float) -> tuple[np.ndarray, ...]:
+def _soft_tissue(
+    a: PatientAnatomy,
+    floor: np.ndarray,
+    thick: np.ndarray,
+    fluid_h: np.ndarray,
+    spfat: np.ndarray,
+    skin_top: np.ndarray,
+    vs: np.ndarray,
+    press: float,
+) -> tuple[np.ndarray, ...]:
     """Roof, tendon underside and top, fat top above a recess of thickness ``thick`` holding
     ``fluid_h`` of fluid: the fluid compresses the suprapatellar fat pad and lifts the rest."""
     roof = floor - thick
@@ -251,8 +281,9 @@ def _soft_tissue(a: PatientAnatomy, floor: np.ndarray, thick: np.ndarray, fluid_
     return roof, tendon_bot, tendon_top, fat_top
 
 
-def scan_geometry(rng: np.random.Generator, anatomy: PatientAnatomy, severity: float, size: int,
-                  null: bool = False) -> ScanGeometry:
+def scan_geometry(
+    rng: np.random.Generator, anatomy: PatientAnatomy, severity: float, size: int, null: bool = False
+) -> ScanGeometry:
     """The geometry of one scan (the first draws of :func:`render_scan`, which calls it).
 
     ``severity`` 0 is a normal recess, (0, 1] a distended one. With ``null`` a distended scan's
@@ -278,8 +309,13 @@ def scan_geometry(rng: np.random.Generator, anatomy: PatientAnatomy, severity: f
     vs = v - shift  # anatomy coordinates under this probe position
     start, end = a.recess_start + shift, a.recess_end + shift
 
-    femur = (a.femur_depth + depth + a.femur_curv * (vs - a.femur_vertex) ** 2 + (a.femur_slope + tilt) * (v - 0.5)
-             + 0.004 * _smooth_noise_1d(rng, wr, wr / 10))
+    femur = (
+        a.femur_depth
+        + depth
+        + a.femur_curv * (vs - a.femur_vertex) ** 2
+        + (a.femur_slope + tilt) * (v - 0.5)
+        + 0.004 * _smooth_noise_1d(rng, wr, wr / 10)
+    )
     prefem = a.prefemoral * (0.75 + 0.5 * np.clip(vs, 0, 1)) * (1 + 0.08 * _smooth_noise_1d(rng, wr, wr / 8))
     floor = femur - prefem
 
@@ -296,7 +332,9 @@ def scan_geometry(rng: np.random.Generator, anatomy: PatientAnatomy, severity: f
     fluid_h = (pocket_h if rendered_pocket else physiological) * profile
     spfat = a.spfat * (0.6 + 0.8 * np.clip(vs, 0, 1)) * (1 + 0.1 * _smooth_noise_1d(rng, wr, wr / 8))
     skin_top = np.full_like(v, a.skin_depth) + 0.002 * _smooth_noise_1d(rng, wr, wr / 6)
-    roof, tendon_bot, tendon_top, fat_top = _soft_tissue(a, floor, line * taper + fluid_h, fluid_h, spfat, skin_top, vs, press)
+    roof, tendon_bot, tendon_top, fat_top = _soft_tissue(
+        a, floor, line * taper + fluid_h, fluid_h, spfat, skin_top, vs, press
+    )
 
     # Masks at output resolution (the curves are sampled at the output columns).
     rows = (np.arange(size) + 0.5)[:, None] / size
@@ -306,8 +344,12 @@ def scan_geometry(rng: np.random.Generator, anatomy: PatientAnatomy, severity: f
     pocket = np.zeros_like(recess)
     if pocket_h > 0:  # where the pocket is, or would be (null): same rule in both cases
         fluid_pocket = pocket_h * profile
-        pocket = ((rows >= (floor - line * taper - fluid_pocket)[None, :] - half) & below_floor
-                  & (fluid_pocket > 1.0 / size)[None, :] & (taper > 0.05)[None, :])
+        pocket = (
+            (rows >= (floor - line * taper - fluid_pocket)[None, :] - half)
+            & below_floor
+            & (fluid_pocket > 1.0 / size)[None, :]
+            & (taper > 0.05)[None, :]
+        )
 
     # Box: the recess extent plus a margin; from just below the femur cortex up to a fixed
     # fraction into the tendon of the *pocket-free* stack (the anatomy a normal scan shows),
@@ -325,15 +367,31 @@ def scan_geometry(rng: np.random.Generator, anatomy: PatientAnatomy, severity: f
     x2, y2 = max(x2, min(x1 + 1.0, size)), max(y2, min(y1 + 1.0, size))
     box = (round(float(x1), 2), round(float(y1), 2), round(float(x2), 2), round(float(y2), 2))
     inside = box_mask(box, size, size)
-    return ScanGeometry(skin_top=skin_top, fat_top=fat_top, tendon_top=tendon_top, tendon_bot=tendon_bot, roof=roof,
-                        floor=floor, femur=femur, taper=taper, shift=float(shift), press=float(press),
-                        gain_db=float(gain_db), rendered_pocket=rendered_pocket, anatomical_box=exact, box=box,
-                        recess=recess & inside, pocket=pocket & inside, pocket_height=float(pocket_h * size),
-                        pocket_outside=int((pocket & ~inside).sum()))
+    return ScanGeometry(
+        skin_top=skin_top,
+        fat_top=fat_top,
+        tendon_top=tendon_top,
+        tendon_bot=tendon_bot,
+        roof=roof,
+        floor=floor,
+        femur=femur,
+        taper=taper,
+        shift=float(shift),
+        press=float(press),
+        gain_db=float(gain_db),
+        rendered_pocket=rendered_pocket,
+        anatomical_box=exact,
+        box=box,
+        recess=recess & inside,
+        pocket=pocket & inside,
+        pocket_height=float(pocket_h * size),
+        pocket_outside=int((pocket & ~inside).sum()),
+    )
 
 
-def render_scan(rng: np.random.Generator, anatomy: PatientAnatomy, severity: float, size: int,
-                null: bool = False) -> RenderedScan:
+def render_scan(
+    rng: np.random.Generator, anatomy: PatientAnatomy, severity: float, size: int, null: bool = False
+) -> RenderedScan:
     """Render one scan. ``severity`` 0 is a normal recess; (0, 1] a distended one of growing size.
 
     Pure function of its arguments (the image-level jitter comes from ``rng``). The geometry
@@ -352,7 +410,14 @@ def render_scan(rng: np.random.Generator, anatomy: PatientAnatomy, severity: flo
     v = ((np.arange(wr) + 0.5) / wr).astype(np.float32)
     u = ((np.arange(hr) + 0.5) / hr).astype(np.float32)[:, None]
     shift, press, taper = g.shift, g.press, g.taper
-    skin_top, tendon_top, tendon_bot, roof, floor, femur = g.skin_top, g.tendon_top, g.tendon_bot, g.roof, g.floor, g.femur
+    skin_top, tendon_top, tendon_bot, roof, floor, femur = (
+        g.skin_top,
+        g.tendon_top,
+        g.tendon_bot,
+        g.roof,
+        g.floor,
+        g.femur,
+    )
     bounds = [skin_top, g.fat_top, tendon_top, tendon_bot, roof, floor, femur]
     label = np.zeros((hr, wr), dtype=np.uint8)
     for b in bounds:
@@ -373,12 +438,15 @@ def render_scan(rng: np.random.Generator, anatomy: PatientAnatomy, severity: flo
     blood = rng.beta(0.8, 2.5)
     debris, debris_rate, debris_amp = rng.random(), rng.uniform(0.003, 0.015), rng.uniform(0.1, 0.3)
     fluid = 0.006 + 0.045 * blood if g.rendered_pocket else 0.006
-    echo = np.array([0.004, 0.35, a.fat_echo, a.tendon_echo, a.pad_echo, fluid, a.pad_echo * 1.15, 0.02],
-                    dtype=np.float32)
+    echo = np.array(
+        [0.004, 0.35, a.fat_echo, a.tendon_echo, a.pad_echo, fluid, a.pad_echo * 1.15, 0.02], dtype=np.float32
+    )
     # Fibrillar tendon: long lateral streaks that follow the tendon's course (remapped rows).
     fib = _texture(rng, (hr, wr), sx=8.0, sy=0.6 * OVERSAMPLE, scale=2)
     mapx = np.broadcast_to(np.arange(wr, dtype=np.float32)[None, :], (hr, wr))
-    mapy = np.arange(hr, dtype=np.float32)[:, None] + ((tendon_top - tendon_top.mean()) * hr).astype(np.float32)[None, :]
+    mapy = (
+        np.arange(hr, dtype=np.float32)[:, None] + ((tendon_top - tendon_top.mean()) * hr).astype(np.float32)[None, :]
+    )
     fib = cv2.remap(fib, mapx, mapy, interpolation=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
     # Fat lobules: blobby log-normal echogenicity.
     lob = _texture(rng, (hr, wr), sx=2.5, sy=1.6 * OVERSAMPLE, scale=2)
@@ -418,7 +486,13 @@ def render_scan(rng: np.random.Generator, anatomy: PatientAnatomy, severity: flo
         ang = rng.normal(0, 0.1)
         x0 = rng.uniform(-0.1, 0.9) * wr
         x1 = x0 + rng.uniform(0.15, 0.5) * wr
-        cv2.line(septa, (int(x0), int(y0)), (int(x1), int(y0 + (x1 - x0) * ang * OVERSAMPLE)), float(rng.uniform(0.2, 0.6)), 1)
+        cv2.line(
+            septa,
+            (int(x0), int(y0)),
+            (int(x1), int(y0 + (x1 - x0) * ang * OVERSAMPLE)),
+            float(rng.uniform(0.2, 0.6)),
+            1,
+        )
     spec += septa * (label == FAT)
     # Nothing specular survives inside bone (the femur line vanishes under the patella).
     bone_top = np.where(v > pv, np.minimum(femur, patella), femur)
@@ -475,7 +549,9 @@ def distended_cap(n_distended: int, counts: np.ndarray) -> int:
     return cap
 
 
-def _assign(rng: np.random.Generator, n_images: int, n_distended: int, n_patients: int) -> tuple[np.ndarray, np.ndarray]:
+def _assign(
+    rng: np.random.Generator, n_images: int, n_distended: int, n_patients: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Patient index per image and the distended flags: exact counts, uneven across patients.
 
     Distended images are drawn one at a time without replacement, each weighted by its patient's
@@ -498,7 +574,9 @@ def _assign(rng: np.random.Generator, n_images: int, n_distended: int, n_patient
     return patient, distended
 
 
-def _plan(n_images: int, n_distended: int, n_patients: int, seed: int) -> tuple[np.ndarray, np.ndarray, list[PatientAnatomy]]:
+def _plan(
+    n_images: int, n_distended: int, n_patients: int, seed: int
+) -> tuple[np.ndarray, np.ndarray, list[PatientAnatomy]]:
     """Patient per image, distended flags and the patients' anatomies of a dataset."""
     patient, distended = _assign(np.random.default_rng([seed, 2]), n_images, n_distended, n_patients)
     anatomies = [sample_anatomy(np.random.default_rng([seed, 0, p])) for p in range(n_patients)]
@@ -512,8 +590,14 @@ def _image_draws(seed: int, i: int, distended: bool) -> tuple[np.random.Generato
     return rng, severity
 
 
-def dataset_geometry(n_images: int = 483, n_distended: int = 123, n_patients: int = 60, size: int = 256,
-                     seed: int = 0, null: bool = False) -> tuple[np.ndarray, np.ndarray, list[ScanGeometry]]:
+def dataset_geometry(
+    n_images: int = 483,
+    n_distended: int = 123,
+    n_patients: int = 60,
+    size: int = 256,
+    seed: int = 0,
+    null: bool = False,
+) -> tuple[np.ndarray, np.ndarray, list[ScanGeometry]]:
     """Patient per image, distended flags and each image's :class:`ScanGeometry` (boxes, masks),
     exactly as :func:`generate_dataset` would make them, without rendering a pixel (fast).
 
@@ -534,8 +618,16 @@ def _check_out(out: Path) -> None:
         raise FileExistsError(f"{out} already exists and is not empty; choose another --out or remove it")
 
 
-def generate_dataset(out: Path | str, n_images: int = 483, n_distended: int = 123, n_patients: int = 60,
-                     size: int = 256, seed: int = 0, progress: bool = True, null: bool = False) -> Path:
+def generate_dataset(
+    out: Path | str,
+    n_images: int = 483,
+    n_distended: int = 123,
+    n_patients: int = 60,
+    size: int = 256,
+    seed: int = 0,
+    progress: bool = True,
+    null: bool = False,
+) -> Path:
     """Write a phantom dataset folder (``images/``, ``annotations.json``, ``splits.json``).
 
     ``null`` writes the negative control: the same dataset (same streams, labels, boxes and
@@ -576,8 +668,18 @@ def generate_dataset(out: Path | str, n_images: int = 483, n_distended: int = 12
             path = tmp / "images" / f"{i + 1:04d}.png"
             write_png(path, np.round(r.image * 255.0).astype(np.uint8))
             mask = r.pocket if distended[i] else r.recess
-            scans.append(Scan(id=i + 1, path=path, patient=f"P{patient[i] + 1:0{width}d}", label=int(distended[i]),
-                              box=r.box, width=size, height=size, segmentation=encode_mask(mask)))
+            scans.append(
+                Scan(
+                    id=i + 1,
+                    path=path,
+                    patient=f"P{patient[i] + 1:0{width}d}",
+                    label=int(distended[i]),
+                    box=r.box,
+                    width=size,
+                    height=size,
+                    segmentation=encode_mask(mask),
+                )
+            )
         save_coco(tmp / "annotations.json", scans, tmp)
         save_splits(tmp / "splits.json", make_folds(scans, k=5, seed=seed))
         _check_out(out)
@@ -602,19 +704,34 @@ def cache_root(cache_dir: Path | str | None = None) -> Path:
     return base / "loris" / "phantom"
 
 
-def dataset_key(n_images: int = 483, n_distended: int = 123, n_patients: int = 60, size: int = 256, seed: int = 0,
-                null: bool = False) -> str:
+def dataset_key(
+    n_images: int = 483,
+    n_distended: int = 123,
+    n_patients: int = 60,
+    size: int = 256,
+    seed: int = 0,
+    null: bool = False,
+) -> str:
     """Cache key naming the generator version and every parameter.
 
     >>> dataset_key(), dataset_key(null=True)
     ('v4-n483-d123-p60-s256-seed0', 'v4-n483-d123-p60-s256-seed0-null')
     """
-    return f"v{GENERATOR_VERSION}-n{n_images}-d{n_distended}-p{n_patients}-s{size}-seed{seed}" + ("-null" if null else "")
+    return f"v{GENERATOR_VERSION}-n{n_images}-d{n_distended}-p{n_patients}-s{size}-seed{seed}" + (
+        "-null" if null else ""
+    )
 
 
-def default_dataset(cache_dir: Path | str | None = None, n_images: int = 483, n_distended: int = 123,
-                    n_patients: int = 60, size: int = 256, seed: int = 0, progress: bool = True,
-                    null: bool = False) -> Path:
+def default_dataset(
+    cache_dir: Path | str | None = None,
+    n_images: int = 483,
+    n_distended: int = 123,
+    n_patients: int = 60,
+    size: int = 256,
+    seed: int = 0,
+    progress: bool = True,
+    null: bool = False,
+) -> Path:
     """The default dataset: generated on first use into the cache (see :func:`cache_root`), then reused.
     ``null`` gives the negative control (see :func:`generate_dataset`).
 
@@ -644,6 +761,9 @@ def summary(root: Path | str) -> dict[str, float]:
     h = {True: [], False: []}
     for ann in doc["annotations"]:
         h[dist[ann["image_id"]]].append(ann["bbox"][3])
-    return {"images": len(doc["images"]), "distended": sum(dist.values()),
-            "box_h_normal": float(np.mean(h[False])) if h[False] else float("nan"),
-            "box_h_distended": float(np.mean(h[True])) if h[True] else float("nan")}
+    return {
+        "images": len(doc["images"]),
+        "distended": sum(dist.values()),
+        "box_h_normal": float(np.mean(h[False])) if h[False] else float("nan"),
+        "box_h_distended": float(np.mean(h[True])) if h[True] else float("nan"),
+    }

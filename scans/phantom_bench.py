@@ -40,7 +40,9 @@ def images_per_second(size: int, n_images: int, seed: int = 0) -> float:
     return n_images / (time.perf_counter() - t0)
 
 
-def box_report(seed: int, n_images: int = 483, n_distended: int = 123, n_patients: int = 60, size: int = 256) -> dict[str, float]:
+def box_report(
+    seed: int, n_images: int = 483, n_distended: int = 123, n_patients: int = 60, size: int = 256
+) -> dict[str, float]:
     """Box-size-only AUROCs, mean box heights and the patient spread of one phantom (geometry only)."""
     from sklearn.metrics import roc_auc_score
 
@@ -50,10 +52,16 @@ def box_report(seed: int, n_images: int = 483, n_distended: int = 123, n_patient
     per = np.bincount(patient[distended], minlength=n_patients)
     kept = sum(int(g.pocket.sum()) for g, d in zip(geoms, distended) if d)
     lost = sum(g.pocket_outside for g, d in zip(geoms, distended) if d)
-    return {"auroc_height": roc_auc_score(distended, h), "auroc_width": roc_auc_score(distended, w),
-            "auroc_area": roc_auc_score(distended, h * w), "height_normal": float(h[~distended].mean()),
-            "height_distended": float(h[distended].mean()), "patients_distended": int((per > 0).sum()),
-            "max_per_patient": int(per.max()), "pocket_clipped": lost / max(kept + lost, 1)}
+    return {
+        "auroc_height": roc_auc_score(distended, h),
+        "auroc_width": roc_auc_score(distended, w),
+        "auroc_area": roc_auc_score(distended, h * w),
+        "height_normal": float(h[~distended].mean()),
+        "height_distended": float(h[distended].mean()),
+        "patients_distended": int((per > 0).sum()),
+        "max_per_patient": int(per.max()),
+        "pocket_clipped": lost / max(kept + lost, 1),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,13 +74,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.boxes:
         for seed in args.boxes:
             r = box_report(seed, size=args.size)
-            print(f"seed {seed}: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in r.items()))
+            print(
+                f"seed {seed}: "
+                + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in r.items())
+            )
         return 0
     cv2.setNumThreads(1)
     images_per_second(args.size, 2)  # warm-up (imports, allocator)
     rates = [images_per_second(args.size, args.images) for _ in range(args.repeats)]
-    print(f"phantom size={args.size}: {float(np.median(rates)):.1f} images/s (median of {args.repeats}, "
-          f"min {min(rates):.1f}, max {max(rates):.1f}; one thread)")
+    print(
+        f"phantom size={args.size}: {float(np.median(rates)):.1f} images/s (median of {args.repeats}, "
+        f"min {min(rates):.1f}, max {max(rates):.1f}; one thread)"
+    )
     return 0
 
 

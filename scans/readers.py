@@ -12,8 +12,8 @@ masks use nearest neighbour, and boxes are scaled by ``(size / width, size / hei
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import cv2
 import numpy as np

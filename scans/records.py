@@ -11,9 +11,10 @@ covers are those whose index range is given by :func:`box_to_pixels` (corners in
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -110,7 +111,7 @@ class ScanArrays:
     def __len__(self) -> int:
         return int(self.images.shape[0])
 
-    def subset(self, index: Sequence[int] | np.ndarray) -> "ScanArrays":
+    def subset(self, index: Sequence[int] | np.ndarray) -> ScanArrays:
         idx = np.asarray(index, dtype=np.int64)
         return ScanArrays(
             images=self.images[idx],

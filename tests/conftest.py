@@ -60,4 +60,3 @@ def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(socket.socket, "connect", _guard_connect)
     monkeypatch.setattr(socket.socket, "connect_ex", _guard_connect_ex)
     monkeypatch.setattr(socket, "getaddrinfo", _guard_getaddrinfo)
-

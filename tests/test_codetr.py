@@ -27,16 +27,38 @@ PAPER_CONFIG = ROOT / "configs" / "detectors" / "codetr_paper.py"
 # Keys the query head, denoising, encoder proposals, RPN, RoI head, ATSS and both positive-query
 # branches must produce (last decoder layer; d0.* covers the earlier layer of the 2-layer config).
 EXPECTED_KEYS = {
-    "loss_cls", "loss_bbox", "loss_iou", "d0.loss_cls", "d0.loss_bbox", "d0.loss_iou",
-    "enc_loss_cls", "enc_loss_bbox", "enc_loss_iou",
-    "dn_loss_cls", "dn_loss_bbox", "dn_loss_iou", "d0.dn_loss_cls",
-    "loss_rpn_cls", "loss_rpn_bbox",
-    "rcnn.loss_cls", "rcnn.loss_bbox",
-    "atss.loss_cls", "atss.loss_bbox", "atss.loss_centerness",
-    "pos_rcnn.loss_cls", "pos_rcnn.loss_bbox", "pos_rcnn.loss_iou",
-    "pos_rcnn.d0.loss_cls", "pos_rcnn.d0.loss_bbox", "pos_rcnn.d0.loss_iou",
-    "pos_atss.loss_cls", "pos_atss.loss_bbox", "pos_atss.loss_iou",
-    "pos_atss.d0.loss_cls", "pos_atss.d0.loss_bbox", "pos_atss.d0.loss_iou",
+    "loss_cls",
+    "loss_bbox",
+    "loss_iou",
+    "d0.loss_cls",
+    "d0.loss_bbox",
+    "d0.loss_iou",
+    "enc_loss_cls",
+    "enc_loss_bbox",
+    "enc_loss_iou",
+    "dn_loss_cls",
+    "dn_loss_bbox",
+    "dn_loss_iou",
+    "d0.dn_loss_cls",
+    "loss_rpn_cls",
+    "loss_rpn_bbox",
+    "rcnn.loss_cls",
+    "rcnn.loss_bbox",
+    "atss.loss_cls",
+    "atss.loss_bbox",
+    "atss.loss_centerness",
+    "pos_rcnn.loss_cls",
+    "pos_rcnn.loss_bbox",
+    "pos_rcnn.loss_iou",
+    "pos_rcnn.d0.loss_cls",
+    "pos_rcnn.d0.loss_bbox",
+    "pos_rcnn.d0.loss_iou",
+    "pos_atss.loss_cls",
+    "pos_atss.loss_bbox",
+    "pos_atss.loss_iou",
+    "pos_atss.d0.loss_cls",
+    "pos_atss.d0.loss_bbox",
+    "pos_atss.d0.loss_iou",
 }
 AUX_PREFIXES = ("loss_rpn", "rcnn.", "atss.", "pos_rcnn.", "pos_atss.")
 
@@ -51,9 +73,15 @@ def _toy(n: int, size: int, seed: int = 0) -> ScanArrays:
         x, y = rng.integers(0, size - w), rng.integers(0, size - h)
         images[i, y : y + h, x : x + w] += 0.6
         boxes[i] = (x, y, x + w, y + h)
-    return ScanArrays(images=images.clip(0, 1), boxes=boxes, masks=np.zeros((n, size, size), bool),
-                      labels=np.zeros(n, np.int64), ids=np.arange(n), patients=[f"p{i}" for i in range(n)],
-                      scale=np.ones((n, 2), np.float32))
+    return ScanArrays(
+        images=images.clip(0, 1),
+        boxes=boxes,
+        masks=np.zeros((n, size, size), bool),
+        labels=np.zeros(n, np.int64),
+        ids=np.arange(n),
+        patients=[f"p{i}" for i in range(n)],
+        scale=np.ones((n, 2), np.float32),
+    )
 
 
 def _detector(image_size: int = 128, **train: object) -> CoDetrDetector:
@@ -158,7 +186,7 @@ def test_geometric_jitter_moves_the_box_with_the_content() -> None:
     boxes = torch.tensor([[10.0, 20, 40, 30], [5, 5, 20, 60], [30, 30, 50, 40]])
     x = torch.zeros(3, 1, 64, 64)
     for i, b in enumerate(boxes.long()):
-        x[i, 0, b[1]:b[3], b[0]:b[2]] = 1.0
+        x[i, 0, b[1] : b[3], b[0] : b[2]] = 1.0
     y, moved = _random_affine(x, boxes, 0.2, 0.1, torch.Generator().manual_seed(0))
     assert not torch.allclose(moved, boxes)
     for i in range(3):
@@ -197,7 +225,8 @@ print(len(det.predict(np.zeros((1, 128, 128), np.float32))[0]))
 
 def test_runs_without_cuda() -> None:
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
-    out = subprocess.run([sys.executable, "-c", _NO_CUDA_SCRIPT], cwd=ROOT, env=env, capture_output=True,
-                         text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", _NO_CUDA_SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert math.isfinite(int(out.stdout.strip().splitlines()[-1]))

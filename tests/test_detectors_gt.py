@@ -15,8 +15,15 @@ from scans.records import ScanArrays
 
 def _arrays(n: int = 3, size: int = 32) -> ScanArrays:
     boxes = np.array([[2, 3, 20, 9], [5, 5, 30, 12], [np.nan] * 4][:n], dtype=np.float32)
-    return ScanArrays(np.zeros((n, size, size), np.float32), boxes, np.zeros((n, size, size), bool),
-                      np.array([0, 1, -1][:n]), np.arange(n), [f"p{i}" for i in range(n)], np.ones((n, 2), np.float32))
+    return ScanArrays(
+        np.zeros((n, size, size), np.float32),
+        boxes,
+        np.zeros((n, size, size), bool),
+        np.array([0, 1, -1][:n]),
+        np.arange(n),
+        [f"p{i}" for i in range(n)],
+        np.ones((n, 2), np.float32),
+    )
 
 
 def test_registered_and_built_by_name() -> None:
@@ -29,8 +36,11 @@ def test_returns_annotated_boxes_with_score_one(tmp_path: Path) -> None:
     a = _arrays()
     det = build_detector("gt")
     assert det.fit(a, a, tmp_path)["trained"] is False
-    for dets in (det.with_boxes(a.boxes).predict(a.images), det.predict(a.images, boxes=a.boxes),
-                 GtDetector.for_arrays(a).predict(a.images)):
+    for dets in (
+        det.with_boxes(a.boxes).predict(a.images),
+        det.predict(a.images, boxes=a.boxes),
+        GtDetector.for_arrays(a).predict(a.images),
+    ):
         assert all(isinstance(d, Detections) for d in dets)
         np.testing.assert_array_equal(dets[0].boxes, a.boxes[:1])
         np.testing.assert_array_equal(dets[1].scores, [1.0])

@@ -8,7 +8,6 @@ from detectors.base import DETECTORS, Detections, Detector, register
 from detectors.refine import BoxRefiner, RefinedDetector, context_regions
 
 
-
 def lines(n: int, seed: int, size: int = 64) -> tuple[np.ndarray, np.ndarray]:
     """Speckle images with one dark horizontal line; the box is the line's extent plus margins."""
     rng = np.random.default_rng(seed)
@@ -17,7 +16,7 @@ def lines(n: int, seed: int, size: int = 64) -> tuple[np.ndarray, np.ndarray]:
     for i in range(n):
         x1, x2 = rng.integers(6, 22), rng.integers(40, 58)
         y = rng.integers(20, 44)
-        imgs[i, y:y + 2, x1:x2] = 0.0
+        imgs[i, y : y + 2, x1:x2] = 0.0
         boxes[i] = (x1 - 2, y - 6, x2 + 2, y + 8)
     return imgs, boxes
 
@@ -101,7 +100,9 @@ def test_refined_detector_keeps_scores_and_order_and_moves_boxes() -> None:
     assert len(out) == 3
     for r, o, i in zip(raw, out, range(3)):
         np.testing.assert_array_equal(o.scores, r.scores)
-        np.testing.assert_allclose(o.boxes, ref.refine(imgs[i:i + 1], r.boxes, np.zeros(2)), atol=1e-2)  # conv rounding differs by batch size
+        np.testing.assert_allclose(
+            o.boxes, ref.refine(imgs[i : i + 1], r.boxes, np.zeros(2)), atol=1e-2
+        )  # conv rounding differs by batch size
 
 
 def test_refined_detector_round_trip(tmp_path: Path) -> None:
@@ -140,8 +141,15 @@ def test_refined_detector_fit_trains_base_and_refiner_on_the_same_scans(tmp_path
     from scans.records import ScanArrays
 
     imgs, boxes = lines(8, seed=9)
-    arr = ScanArrays(images=imgs, boxes=boxes, masks=np.zeros(imgs.shape, bool), labels=np.zeros(8, np.int64),
-                     ids=np.arange(8), patients=["p"] * 8, scale=np.ones((8, 2), np.float32))
+    arr = ScanArrays(
+        images=imgs,
+        boxes=boxes,
+        masks=np.zeros(imgs.shape, bool),
+        labels=np.zeros(8, np.int64),
+        ids=np.arange(8),
+        patients=["p"] * 8,
+        scale=np.ones((8, 2), np.float32),
+    )
     info = RefinedDetector(Fixed(), small_refiner(steps=4)).fit(arr, arr.subset([0, 1]), tmp_path)
     assert info["refiner"]["refiner_steps"] == 4 and "val_edge_mae_after" in info["refiner"]
 

@@ -19,8 +19,20 @@ import pytest
 from pipeline.__main__ import main
 
 # keys whose values are wall-clock times, cache locations or paths, not results
-VOLATILE = {"timing", "fit_s", "seconds", "refiner_seconds", "cache", "cached", "data", "trained_on", "out",
-            "commit", "created", "versions"}
+VOLATILE = {
+    "timing",
+    "fit_s",
+    "seconds",
+    "refiner_seconds",
+    "cache",
+    "cached",
+    "data",
+    "trained_on",
+    "out",
+    "commit",
+    "created",
+    "versions",
+}
 
 
 def _strip(obj: Any, roots: tuple[str, ...]) -> Any:
@@ -73,7 +85,9 @@ def test_quick_run_is_deterministic(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 
 @pytest.mark.slow
 @pytest.mark.parametrize("detector", ["yolov5", "codetr"])
-def test_quick_run_with_detector_is_deterministic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, detector: str) -> None:
+def test_quick_run_with_detector_is_deterministic(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, detector: str
+) -> None:
     pytest.importorskip("ultralytics" if detector == "yolov5" else "mmdet")
     a = _run(tmp_path, "a", detector, monkeypatch, [])
     b = _run(tmp_path, "b", detector, monkeypatch, [])

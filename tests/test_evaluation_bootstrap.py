@@ -144,7 +144,7 @@ def test_weighted_dice_with_ones_is_pooled_dice(kernel: int) -> None:
     one = np.ones((1, len(maps)))
     each = [pooled_dice(maps, masks, t, kernel=kernel) for t in ts]
     for j in range(3):
-        sub = DiceCounts(c.tp[:, j:j + 1], c.pred[:, j:j + 1], c.true)
+        sub = DiceCounts(c.tp[:, j : j + 1], c.pred[:, j : j + 1], c.true)
         assert weighted_dice(sub, one)[0] == pytest.approx(each[j], abs=1e-12)
     assert weighted_dice(c, one)[0] == pytest.approx(max(each), abs=1e-12)
 
@@ -193,6 +193,7 @@ def test_pooled_is_the_replicate_wise_mean() -> None:
 
 
 # ----------------------------------------------------------------------------- coverage
+
 
 def _clustered_fold(rng: np.random.Generator, n_patients: int) -> tuple[np.ndarray, ...]:
     """A phantom-like test fold: 4-12 images per patient, distension concentrated in ~30% of patients,

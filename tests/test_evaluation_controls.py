@@ -37,8 +37,10 @@ def test_a_class_dependent_box_is_caught_by_its_control() -> None:
 
 
 def _fake_fold(rng: np.random.Generator, shift: float) -> tuple[dict, dict]:
-    reps = {f"gt/{r}/i_auroc": rng.normal(v + shift, 0.03, 400).astype(np.float32)
-            for r, v in (("msgmsd", 0.8), ("dd", 0.7), ("control_height", 0.55), ("control_area", 0.6))}
+    reps = {
+        f"gt/{r}/i_auroc": rng.normal(v + shift, 0.03, 400).astype(np.float32)
+        for r, v in (("msgmsd", 0.8), ("dd", 0.7), ("control_height", 0.55), ("control_area", 0.6))
+    }
     reps["none/riad/i_auroc"] = rng.normal(0.6, 0.03, 400).astype(np.float32)
     methods = {"msgmsd": {"i_auroc": 0.8 + shift}, "dd": {"i_auroc": 0.7 + shift}, "riad": {"i_auroc": 0.6}}
     controls = {"gt": {"control_height": {"i_auroc": 0.55 + shift}, "control_area": {"i_auroc": 0.6 + shift}}}

@@ -85,8 +85,12 @@ def test_matches_pycocotools_on_random_predictions(tmp_path: Path, seed: int) ->
 
 def test_subsets_and_missing_detections() -> None:
     gt = _gt(4)
-    preds = [(gt[0][None], np.array([0.5])), (np.zeros((0, 4)), np.zeros(0)),
-             (gt[2][None] + 30, np.array([0.5])), (gt[3][None], np.array([0.5]))]
+    preds = [
+        (gt[0][None], np.array([0.5])),
+        (np.zeros((0, 4)), np.zeros(0)),
+        (gt[2][None] + 30, np.array([0.5])),
+        (gt[3][None], np.array([0.5])),
+    ]
     labels = np.array([0, 0, 1, 1])
     m = detection_metrics(gt, np.arange(4), preds, SIZE, labels=labels)
     assert m["precision"] == pytest.approx(2 / 3) and m["recall"] == pytest.approx(2 / 4)
@@ -105,6 +109,7 @@ def test_no_predictions_at_all_gives_zero_map() -> None:
 def test_results_json_format(tmp_path: Path) -> None:
     write_coco_results(tmp_path / "r.json", np.array([5]), [(np.array([[1, 2, 4, 8.0]]), np.array([0.25]))])
     assert json.loads((tmp_path / "r.json").read_text()) == [
-        {"image_id": 5, "category_id": 1, "bbox": [1.0, 2.0, 3.0, 6.0], "score": 0.25}]
+        {"image_id": 5, "category_id": 1, "bbox": [1.0, 2.0, 3.0, 6.0], "score": 0.25}
+    ]
     with pytest.raises(ValueError, match="unique"):
         detection_metrics(_gt(2), np.array([1, 1]), [(np.zeros((0, 4)), np.zeros(0))] * 2, SIZE)

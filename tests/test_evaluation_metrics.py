@@ -38,8 +38,17 @@ def _fake(n: int = 12, size: int = 48, seed: int = 0, blur: bool = True) -> tupl
     return maps, masks.astype(bool)
 
 
-@pytest.mark.parametrize("module", ["evaluation.metrics", "evaluation.detection", "evaluation.aggregate",
-                                    "evaluation.figures", "evaluation.report", "evaluation.paired"])
+@pytest.mark.parametrize(
+    "module",
+    [
+        "evaluation.metrics",
+        "evaluation.detection",
+        "evaluation.aggregate",
+        "evaluation.figures",
+        "evaluation.report",
+        "evaluation.paired",
+    ],
+)
 def test_docstring_examples_run(module: str) -> None:
     result = doctest.testmod(importlib.import_module(module))
     assert result.failed == 0 and result.attempted > 0
@@ -77,9 +86,7 @@ def test_pixel_auroc_known_cases_and_sklearn() -> None:
         pixel_auroc(maps, np.zeros_like(masks))
 
 
-@pytest.mark.parametrize(
-    "kind", ["smooth", "uniform_noise", "dd_like_zeros", "quantised", "heavy_tail", "constant"]
-)
+@pytest.mark.parametrize("kind", ["smooth", "uniform_noise", "dd_like_zeros", "quantised", "heavy_tail", "constant"])
 def test_streaming_pixel_auroc_within_stated_bound(kind: str) -> None:
     maps, masks = _fake(n=16, size=64, seed=3)
     rng = np.random.default_rng(4)
@@ -125,7 +132,8 @@ def test_dice_known_cases() -> None:
     _, masks = _fake()
     assert dice_oracle(masks * 1.0, masks).dice == 1.0
     assert dice_oracle(masks * 1.0, masks, kernel=3).dice == pytest.approx(
-        pooled_dice(masks * 1.0, masks, 1.0, kernel=3))
+        pooled_dice(masks * 1.0, masks, 1.0, kernel=3)
+    )
     # inverted: the best the oracle can do is to predict everything
     inv = dice_oracle(-(masks * 1.0), masks)
     assert inv.dice == pytest.approx(2 * masks.sum() / (masks.size + masks.sum()))

@@ -76,11 +76,14 @@ def test_a_real_difference_is_found() -> None:
     assert r.diff > 0.2 and r.ci_low > 0 and r.p_value < 1e-6
 
 
-@pytest.mark.parametrize("labels, a, b, match", [
-    ([0, 1, 1], [0.1, 0.2, 0.3], [0.1, 0.2, 0.3], "at least 2 positives and 2 negatives"),
-    ([0, 0, 1, 1], [0.1, 0.2, 0.3], [0.1, 0.2, 0.3, 0.4], "4 labels but 3 and 4 scores"),
-    ([0, 0, 1, 1], [0.1, np.nan, 0.3, 0.4], [0.1, 0.2, 0.3, 0.4], "NaN"),
-])
+@pytest.mark.parametrize(
+    "labels, a, b, match",
+    [
+        ([0, 1, 1], [0.1, 0.2, 0.3], [0.1, 0.2, 0.3], "at least 2 positives and 2 negatives"),
+        ([0, 0, 1, 1], [0.1, 0.2, 0.3], [0.1, 0.2, 0.3, 0.4], "4 labels but 3 and 4 scores"),
+        ([0, 0, 1, 1], [0.1, np.nan, 0.3, 0.4], [0.1, 0.2, 0.3, 0.4], "NaN"),
+    ],
+)
 def test_bad_input_is_refused(labels: list[int], a: list[float], b: list[float], match: str) -> None:
     with pytest.raises(ValueError, match=match):
         paired_auroc(labels, a, b)
@@ -99,15 +102,25 @@ def test_fold_mean_pools_independent_variances() -> None:
         mean_over_folds([])
 
 
-def _fold(k: int, rng: np.random.Generator, with_gt: bool = True) -> tuple[FoldResult, np.ndarray, np.ndarray, np.ndarray]:
+def _fold(
+    k: int, rng: np.random.Generator, with_gt: bool = True
+) -> tuple[FoldResult, np.ndarray, np.ndarray, np.ndarray]:
     y = np.array([0, 1] * 6)
     gt = y + rng.normal(0, 0.8, 12)
     det = gt + rng.normal(0, 0.5, 12)
-    rows = [ImageRow(id=10 * k + i, patient="p", fold=k, label=int(y[i]), prior_source="gt", scores={"msgmsd": gt[i]})
-            for i in range(12)] if with_gt else []
+    rows = (
+        [
+            ImageRow(id=10 * k + i, patient="p", fold=k, label=int(y[i]), prior_source="gt", scores={"msgmsd": gt[i]})
+            for i in range(12)
+        ]
+        if with_gt
+        else []
+    )
     # The detector's rows come in another order: pairing must go by image id, not position.
-    rows += [ImageRow(id=10 * k + i, patient="p", fold=k, label=int(y[i]), prior_source="codetr",
-                      scores={"msgmsd": det[i]}) for i in rng.permutation(12)]
+    rows += [
+        ImageRow(id=10 * k + i, patient="p", fold=k, label=int(y[i]), prior_source="codetr", scores={"msgmsd": det[i]})
+        for i in rng.permutation(12)
+    ]
     priors = {"codetr": {"i_auroc": roc_auc_score(y, det)}}
     if with_gt:
         priors["gt"] = {"i_auroc": roc_auc_score(y, gt)}
@@ -157,9 +170,19 @@ def test_report_recognises_an_external_test_set() -> None:
     y = np.array([0, 1] * 8)
     gt = [y + rng.normal(0, 0.8, 16) for _ in range(2)]
     det = [g + rng.normal(0, 0.5, 16) for g in gt]
-    folds = [FoldResult(k, rows=[ImageRow(id=i, patient="p", fold=k, label=int(y[i]), prior_source=src,
-                                          scores={"msgmsd": float(sc[k][i])})
-                                 for src, sc in (("gt", gt), ("codetr", det)) for i in range(16)]) for k in range(2)]
+    folds = [
+        FoldResult(
+            k,
+            rows=[
+                ImageRow(
+                    id=i, patient="p", fold=k, label=int(y[i]), prior_source=src, scores={"msgmsd": float(sc[k][i])}
+                )
+                for src, sc in (("gt", gt), ("codetr", det))
+                for i in range(16)
+            ],
+        )
+        for k in range(2)
+    ]
     got = prior_comparisons(folds)["codetr"]
     expected = mean_over_models(y, np.stack(gt), np.stack(det))
     assert got["test_images"] == "shared" and got["se"] == pytest.approx(expected["se"])

@@ -26,33 +26,67 @@ def _folds(n_folds: int = 3) -> list[FoldResult]:
     rng = np.random.default_rng(0)
     folds = []
     for k in range(n_folds):
-        seg = lambda: {"i_auroc": rng.uniform(0.6, 0.9), "p_auroc": rng.uniform(0.7, 0.95),  # noqa: E731
-                       "dice_oracle": rng.uniform(0.1, 0.4), "dice_val": rng.uniform(0.1, 0.3),
-                       "dice_per_image": rng.uniform(0.1, 0.3)}
+        seg = lambda: {
+            "i_auroc": rng.uniform(0.6, 0.9),
+            "p_auroc": rng.uniform(0.7, 0.95),  # noqa: E731
+            "dice_oracle": rng.uniform(0.1, 0.4),
+            "dice_val": rng.uniform(0.1, 0.3),
+            "dice_per_image": rng.uniform(0.1, 0.3),
+        }
         rows = []
         for i in range(8):
             label = int(i % 2)
             for prior in ("gt", "codetr"):
-                rows.append(ImageRow(id=100 * k + i, patient=f"p{i // 2}", fold=k, label=label, prior_source=prior,
-                                     box=(10.0, 20.0, 40.0, 30.0), iou=1.0 if prior == "gt" else 0.8,
-                                     scores={m: float(rng.random() + 0.3 * label) for m in METHODS},
-                                     dice={m: float(rng.random()) if label else float("nan") for m in METHODS}))
-        folds.append(FoldResult(
-            fold=k, methods={m: seg() for m in METHODS}, priors={"codetr": seg()},
-            detection={"codetr": {"precision": 1.0, "map50": rng.uniform(0.8, 0.95), "map75": 0.4}},
-            rows=rows, fallbacks=k % 2))
+                rows.append(
+                    ImageRow(
+                        id=100 * k + i,
+                        patient=f"p{i // 2}",
+                        fold=k,
+                        label=label,
+                        prior_source=prior,
+                        box=(10.0, 20.0, 40.0, 30.0),
+                        iou=1.0 if prior == "gt" else 0.8,
+                        scores={m: float(rng.random() + 0.3 * label) for m in METHODS},
+                        dice={m: float(rng.random()) if label else float("nan") for m in METHODS},
+                    )
+                )
+        folds.append(
+            FoldResult(
+                fold=k,
+                methods={m: seg() for m in METHODS},
+                priors={"codetr": seg()},
+                detection={"codetr": {"precision": 1.0, "map50": rng.uniform(0.8, 0.95), "map75": 0.4}},
+                rows=rows,
+                fallbacks=k % 2,
+            )
+        )
     return folds
 
 
 def _examples() -> list[Example]:
     rng = np.random.default_rng(1)
     out = []
-    for ident, label, case in select_cases([1, 2, 3, 4], [0, 0, 1, 1], [np.nan, np.nan, 0.3, 0.6], [0.1, 0.4, 0.5, 0.9]):
+    for ident, label, case in select_cases(
+        [1, 2, 3, 4], [0, 0, 1, 1], [np.nan, np.nan, 0.3, 0.6], [0.1, 0.4, 0.5, 0.9]
+    ):
         gt = np.zeros((32, 32), bool)
         if label:
             gt[10:20, 8:24] = True
-        out.append(Example(ident, label, case, rng.random((32, 32)), rng.random((32, 32)), rng.random((32, 32)),
-                           gt, np.roll(gt, 2, axis=0), dice=0.5, score=0.2, method="msgmsd"))
+        out.append(
+            Example(
+                ident,
+                label,
+                case,
+                rng.random((32, 32)),
+                rng.random((32, 32)),
+                rng.random((32, 32)),
+                gt,
+                np.roll(gt, 2, axis=0),
+                dice=0.5,
+                score=0.2,
+                method="msgmsd",
+            )
+        )
     return out
 
 
@@ -75,19 +109,46 @@ def test_summary_sections_follow_the_contract() -> None:
 
 def test_report_renders_and_references_only_existing_files(tmp_path: Path) -> None:
     folds = _folds()
-    summary = {"detector": "codetr", "data": "phantom", "profile": "default", "folds": [0, 1, 2],
-               **summary_from_folds(folds)}
-    paths = write_report(tmp_path, summary, folds, {"epochs": 3, "lr": 1e-4}, {"numpy": np.__version__},
-                         examples=_examples())
-    for name in ("table1.md", "table2.md", "table1.csv", "table2.csv", "table1.json", "table2.json",
-                 "per_image.csv", "report.html", "overlays.png", "roc.png", "scores.png"):
+    summary = {
+        "detector": "codetr",
+        "data": "phantom",
+        "profile": "default",
+        "folds": [0, 1, 2],
+        **summary_from_folds(folds),
+    }
+    paths = write_report(
+        tmp_path, summary, folds, {"epochs": 3, "lr": 1e-4}, {"numpy": np.__version__}, examples=_examples()
+    )
+    for name in (
+        "table1.md",
+        "table2.md",
+        "table1.csv",
+        "table2.csv",
+        "table1.json",
+        "table2.json",
+        "per_image.csv",
+        "report.html",
+        "overlays.png",
+        "roc.png",
+        "scores.png",
+    ):
         assert (tmp_path / name).is_file(), name
         assert paths[name] == tmp_path / name
     assert not list(tmp_path.glob(".*"))  # no temporary files left behind
 
     t1 = (tmp_path / "table1.md").read_text()
-    for name in ("RIAD (ours, multi-mask baseline)", "LoRIS+MSGMSD", "LoRIS+DD", "LoRIS+GMSD", "LoRIS+SSIM",
-                 "Dice (oracle)", "Dice (val)", "0.783 ± 0.050", "| paper |", "not numerically comparable"):
+    for name in (
+        "RIAD (ours, multi-mask baseline)",
+        "LoRIS+MSGMSD",
+        "LoRIS+DD",
+        "LoRIS+GMSD",
+        "LoRIS+SSIM",
+        "Dice (oracle)",
+        "Dice (val)",
+        "0.783 ± 0.050",
+        "| paper |",
+        "not numerically comparable",
+    ):
         assert name in t1, name
     t2 = (tmp_path / "table2.md").read_text()
     assert "| GT | ours |" in t2 and "| Co-DETR | ours |" in t2 and "| CoDETR | paper |" in t2
@@ -103,7 +164,9 @@ def test_report_renders_and_references_only_existing_files(tmp_path: Path) -> No
 
     per_image = list(csv.DictReader((tmp_path / "per_image.csv").open()))
     assert len(per_image) == 3 * 8 * 2
-    assert {"id", "patient", "fold", "label", "prior_source", "box_x1", "iou", "score_msgmsd", "dice_dd"} <= set(per_image[0])
+    assert {"id", "patient", "fold", "label", "prior_source", "box_x1", "iou", "score_msgmsd", "dice_dd"} <= set(
+        per_image[0]
+    )
 
     page = (tmp_path / "report.html").read_text()
     refs = re.findall(r'(?:src|href)="([^"]+)"', page)

@@ -9,12 +9,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from scans.coco import load_coco
-from scans.folds import check_folds, load_splits
 from scans import phantom
 from scans.__main__ import main as scans_main
-from scans.phantom import (dataset_geometry, dataset_key, default_dataset, distended_cap, generate_dataset, render_scan,
-                           sample_anatomy, scan_geometry)
+from scans.coco import load_coco
+from scans.folds import check_folds, load_splits
+from scans.phantom import (
+    dataset_geometry,
+    dataset_key,
+    default_dataset,
+    distended_cap,
+    generate_dataset,
+    render_scan,
+    sample_anatomy,
+    scan_geometry,
+)
 from scans.readers import read_image
 from scans.records import box_mask
 
@@ -172,8 +180,27 @@ def test_null_control_renders_no_pocket() -> None:
 
 def test_null_dataset_and_cli(dataset: Path, tmp_path: Path) -> None:
     out = tmp_path / "null"
-    assert scans_main(["phantom", "--null", "--out", str(out), "--images", str(N), "--distended", str(D),
-                       "--patients", str(P), "--size", str(S), "--seed", "3"]) == 0
+    assert (
+        scans_main(
+            [
+                "phantom",
+                "--null",
+                "--out",
+                str(out),
+                "--images",
+                str(N),
+                "--distended",
+                str(D),
+                "--patients",
+                str(P),
+                "--size",
+                str(S),
+                "--seed",
+                "3",
+            ]
+        )
+        == 0
+    )
     real, null = load_coco(dataset / "annotations.json", dataset), load_coco(out / "annotations.json", out)
     inside_real, inside_null, normal_mean = [], [], []
     for a, b in zip(real, null):

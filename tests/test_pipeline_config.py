@@ -116,8 +116,9 @@ def test_unet_cache_key_holds_the_budget_and_the_time_cap(tmp_path: Path) -> Non
     assert key("unet.max_minutes=5") != base  # a capped model is another model
     assert key("unet.max_minutes=5") != key("unet.max_minutes=6")
     assert key("riad.epochs=3") == base  # RIAD's budget is not the LoRIS U-Net's
-    assert stages.unet_cache_dir(load_config(None, "default", ["riad.epochs=3"]), data, (1, 2), (3,), "riad") != \
-        stages.unet_cache_dir(load_config(None, "default"), data, (1, 2), (3,), "riad")
+    assert stages.unet_cache_dir(
+        load_config(None, "default", ["riad.epochs=3"]), data, (1, 2), (3,), "riad"
+    ) != stages.unet_cache_dir(load_config(None, "default"), data, (1, 2), (3,), "riad")
 
 
 def test_refiner_cache_key_holds_the_resolved_step_budget(tmp_path: Path) -> None:
@@ -125,11 +126,11 @@ def test_refiner_cache_key_holds_the_resolved_step_budget(tmp_path: Path) -> Non
     model; another step budget or a time cap is another."""
     import numpy as np
 
+    from detectors.refine import RefinerConfig
     from pipeline import stages
+    from pipeline.data import Data
     from scans.dataset import load_dataset, to_arrays
     from scans.folds import make_folds
-    from pipeline.data import Data
-    from detectors.refine import RefinerConfig
     from tests.helpers import make_dataset
 
     make_dataset(tmp_path / "d", n_patients=10, per_patient=4)

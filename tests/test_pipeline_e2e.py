@@ -9,7 +9,6 @@ import shutil
 from pathlib import Path
 
 import cv2
-import numpy as np
 import pytest
 
 from pipeline.__main__ import main
@@ -25,9 +24,20 @@ def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def tiny(cache: Path) -> list[str]:
-    sets = ["phantom.images=48", "phantom.distended=16", "phantom.patients=16", "phantom.size=64", "image_size=64", "folds=3",
-            "unet.epochs=1", "riad.epochs=1", "riad.ks=[2,8]", f"cache_dir={cache / 'models'}", "threads=2",
-            "detector.options={epochs: 1, imgsz: 64, batch: 8}"]
+    sets = [
+        "phantom.images=48",
+        "phantom.distended=16",
+        "phantom.patients=16",
+        "phantom.size=64",
+        "image_size=64",
+        "folds=3",
+        "unet.epochs=1",
+        "riad.epochs=1",
+        "riad.ks=[2,8]",
+        f"cache_dir={cache / 'models'}",
+        "threads=2",
+        "detector.options={epochs: 1, imgsz: 64, batch: 8}",
+    ]
     return [a for s in sets for a in ("--set", s)]
 
 
@@ -44,8 +54,16 @@ def _assert_run_outputs(out: Path, detector: str) -> dict:
         assert METRIC_KEYS <= set(summary["reconstruction"][name])
         assert {"mean", "std"} <= set(summary["reconstruction"][name]["i_auroc"])
     assert TIMING_KEYS <= set(summary["timing"])
-    for name in ("table1.md", "table2.md", "table1.csv", "per_image.csv", "report.html", "config.yaml",
-                 "versions.json", "commit.txt"):
+    for name in (
+        "table1.md",
+        "table2.md",
+        "table1.csv",
+        "per_image.csv",
+        "report.html",
+        "config.yaml",
+        "versions.json",
+        "commit.txt",
+    ):
         assert (out / name).is_file(), name
     html = (out / "report.html").read_text()
     for ref in re.findall(r'(?:src|href)="([^"#:]+)"', html):
@@ -67,16 +85,22 @@ def _assert_run_outputs(out: Path, detector: str) -> dict:
 
 def test_run_gt_then_resume_and_refuse(tmp_path: Path, cache: Path) -> None:
     out = tmp_path / "run"
-    assert main(["run", "--detector", "gt", "--profile", "quick", "--out", str(out), "--no-progress"] + tiny(cache)) == 0
+    assert (
+        main(["run", "--detector", "gt", "--profile", "quick", "--out", str(out), "--no-progress"] + tiny(cache)) == 0
+    )
     summary = _assert_run_outputs(out, "gt")
     assert summary["timing"]["unet_fit_s"] > 0
     # a killed run: the fold is kept, the summary missing -> the rerun resumes without retraining
     (out / "summary.json").unlink()
-    assert main(["run", "--detector", "gt", "--profile", "quick", "--out", str(out), "--no-progress"] + tiny(cache)) == 0
+    assert (
+        main(["run", "--detector", "gt", "--profile", "quick", "--out", str(out), "--no-progress"] + tiny(cache)) == 0
+    )
     again = json.loads((out / "summary.json").read_text())
     assert again["reconstruction"]["msgmsd"]["i_auroc"] == summary["reconstruction"]["msgmsd"]["i_auroc"]
     # a finished run is never overwritten
-    assert main(["run", "--detector", "gt", "--profile", "quick", "--out", str(out), "--no-progress"] + tiny(cache)) == 2
+    assert (
+        main(["run", "--detector", "gt", "--profile", "quick", "--out", str(out), "--no-progress"] + tiny(cache)) == 2
+    )
 
 
 def test_unet_cache_is_reused_across_runs(tmp_path: Path, cache: Path) -> None:
@@ -90,7 +114,10 @@ def test_unet_cache_is_reused_across_runs(tmp_path: Path, cache: Path) -> None:
 
 def test_run_yolov5(tmp_path: Path, cache: Path) -> None:
     out = tmp_path / "yolo"
-    assert main(["run", "--detector", "yolov5", "--profile", "quick", "--out", str(out), "--no-progress"] + tiny(cache)) == 0
+    assert (
+        main(["run", "--detector", "yolov5", "--profile", "quick", "--out", str(out), "--no-progress"] + tiny(cache))
+        == 0
+    )
     summary = _assert_run_outputs(out, "yolov5")
     assert {"precision", "map50", "map75", "fallbacks"} <= set(summary["detection"])
     assert (out / "folds" / "0" / "yolov5" / "test_predictions.coco.json").is_file()
@@ -106,8 +133,13 @@ def test_run_codetr(tmp_path: Path, cache: Path) -> None:
 
 def test_ablate(tmp_path: Path, cache: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "ablate"
-    assert main(["ablate", "--detectors", "gt,yolov5", "--profile", "quick", "--out", str(out), "--no-progress"]
-                + tiny(cache)) == 0
+    assert (
+        main(
+            ["ablate", "--detectors", "gt,yolov5", "--profile", "quick", "--out", str(out), "--no-progress"]
+            + tiny(cache)
+        )
+        == 0
+    )
     table2 = (out / "table2.md").read_text()
     assert "GT" in table2 and "YOLOv5u" in table2 and "vs GT" in table2
     rows = {r["name"]: r for r in json.loads((out / "table2.json").read_text())["rows"] if r["source"] == "ours"}
@@ -127,19 +159,40 @@ def test_ablate(tmp_path: Path, cache: Path, capsys: pytest.CaptureFixture[str])
     assert summary["detection"]["fallbacks"] == summary["fallbacks_by_detector"]["yolov5"]
     assert summary["timing"]["resumed_folds"] == 0
     (out / "summary.json").unlink()  # as if stopped after its fold finished: the rerun resumes it
-    assert main(["ablate", "--detectors", "gt,yolov5", "--profile", "quick", "--out", str(out), "--no-progress"]
-                + tiny(cache)) == 0
+    assert (
+        main(
+            ["ablate", "--detectors", "gt,yolov5", "--profile", "quick", "--out", str(out), "--no-progress"]
+            + tiny(cache)
+        )
+        == 0
+    )
     assert json.loads((out / "summary.json").read_text())["timing"]["resumed_folds"] == 1
 
 
 def test_ablate_with_external_test_sets(tmp_path: Path, cache: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from scans.phantom import generate_dataset
 
-    exts = [generate_dataset(tmp_path / name, n_images=20, n_distended=8, n_patients=8, size=64, seed=seed,
-                             progress=False) for name, seed in (("held-out-a", 11), ("held-out-b", 12))]
+    exts = [
+        generate_dataset(tmp_path / name, n_images=20, n_distended=8, n_patients=8, size=64, seed=seed, progress=False)
+        for name, seed in (("held-out-a", 11), ("held-out-b", 12))
+    ]
     out = tmp_path / "ablate-ext"
-    args = ["ablate", "--detectors", "gt,yolov5", "--profile", "quick", "--folds", "0,1", "--external", str(exts[0]),
-            "--external", str(exts[1]), "--out", str(out), "--no-progress"] + tiny(cache)
+    args = [
+        "ablate",
+        "--detectors",
+        "gt,yolov5",
+        "--profile",
+        "quick",
+        "--folds",
+        "0,1",
+        "--external",
+        str(exts[0]),
+        "--external",
+        str(exts[1]),
+        "--out",
+        str(out),
+        "--no-progress",
+    ] + tiny(cache)
     assert main(args) == 0
     main_summary = json.loads((out / "summary.json").read_text())
     assert [e["report"] for e in main_summary["external"]] == ["external/held-out-a", "external/held-out-b"]
@@ -164,8 +217,20 @@ def test_ablate_with_external_test_sets(tmp_path: Path, cache: Path, capsys: pyt
     assert "held-out held-out-a" in text and "| YOLOv5u priors close to GT: ΔI-AUROC | +" in text.replace("| -", "| +")
     # a resume must score the same held-out sets
     (out / "summary.json").unlink()
-    one_set = ["ablate", "--detectors", "gt,yolov5", "--profile", "quick", "--folds", "0,1", "--external",
-               str(exts[0]), "--out", str(out), "--no-progress"] + tiny(cache)
+    one_set = [
+        "ablate",
+        "--detectors",
+        "gt,yolov5",
+        "--profile",
+        "quick",
+        "--folds",
+        "0,1",
+        "--external",
+        str(exts[0]),
+        "--out",
+        str(out),
+        "--no-progress",
+    ] + tiny(cache)
     assert main(one_set) == 2
 
 
@@ -184,8 +249,9 @@ def test_external_set_must_be_held_out(tmp_path: Path) -> None:
     cfg["evaluation"]["external"] = str(copy)
     with pytest.raises(ValueError, match="24 of its 24 images are also in the run's dataset"):
         load_external(cfg, data)
-    other = generate_dataset(tmp_path / "other", n_images=16, n_distended=4, n_patients=8, size=64, seed=4,
-                             progress=False)
+    other = generate_dataset(
+        tmp_path / "other", n_images=16, n_distended=4, n_patients=8, size=64, seed=4, progress=False
+    )
     cfg["evaluation"]["external"] = str(other)
     assert len(load_external(cfg, data)) == 16
 
@@ -208,8 +274,12 @@ def _scan_folder(root: Path, phantom: Path) -> Path:
 
 def test_train_then_predict_with_resume(tmp_path: Path, cache: Path) -> None:
     model = tmp_path / "model"
-    assert main(["train", "--detector", "yolov5", "--profile", "quick", "--out", str(model), "--no-progress"]
-                + tiny(cache)) == 0
+    assert (
+        main(
+            ["train", "--detector", "yolov5", "--profile", "quick", "--out", str(model), "--no-progress"] + tiny(cache)
+        )
+        == 0
+    )
     doc = json.loads((model / "bundle.json").read_text())
     assert {"threshold", "operating_point"} <= set(doc["score"]) and "threshold" in doc["segmentation"]
     # The default prior is the refined detector: its refiner travels in the bundle.
@@ -236,11 +306,26 @@ def test_train_then_predict_with_resume(tmp_path: Path, cache: Path) -> None:
     # resume: drop the last row as if killed mid-run; the rerun processes only that file
     lines = (out / "predictions.csv").read_text().splitlines()
     (out / "predictions.csv").write_text("\n".join(lines[:-1]) + "\n")
-    assert main(["predict", "--model", str(model), "--input", str(folder), "--out", str(out), "--no-progress",
-                 "--recursive"]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                "--model",
+                str(model),
+                "--input",
+                str(folder),
+                "--out",
+                str(out),
+                "--no-progress",
+                "--recursive",
+            ]
+        )
+        == 0
+    )
     rows2 = list(csv.DictReader(open(out / "predictions.csv")))
     assert len(rows2) == len(rows) + 1 and any(r["file"] == "sub/deep.png" for r in rows2)
     assert len({r["file"] for r in rows2}) == len(rows2)  # nothing processed twice
     files = {p.resolve() for p in tmp_path.rglob("*") if p.is_file()}
-    assert all(out.resolve() in f.parents or model.resolve() in f.parents or folder.resolve() in f.parents
-               for f in files)
+    assert all(
+        out.resolve() in f.parents or model.resolve() in f.parents or folder.resolve() in f.parents for f in files
+    )

@@ -43,8 +43,9 @@ def data(tmp_path: Path) -> Data:
 
 
 @pytest.mark.parametrize("classes,expect_distended", [("normal", False), ("all", True)])
-def test_detector_training_sees_distended_only_when_opted_in(tmp_path: Path, data: Data, classes: str,
-                                                             expect_distended: bool) -> None:
+def test_detector_training_sees_distended_only_when_opted_in(
+    tmp_path: Path, data: Data, classes: str, expect_distended: bool
+) -> None:
     register("recorder")(Recorder)
     try:
         cfg = load_config(None, "quick", [f"detector.train_classes={classes}", f"cache_dir={tmp_path / 'c'}"])

@@ -23,6 +23,7 @@ def _images(b: int = 2, s: int = 64, seed: int = 0) -> torch.Tensor:
 
 # --- U-Net -----------------------------------------------------------------------------------
 
+
 def test_paper_profile_matches_paper_size() -> None:
     net = UNet(UNetConfig.profile("paper"))
     assert UNetConfig.profile("paper").widths() == (64, 128, 256, 512, 512)
@@ -43,6 +44,7 @@ def test_unet_rejects_indivisible_size() -> None:
 
 
 # --- masks -----------------------------------------------------------------------------------
+
 
 def test_single_mask_touches_exactly_the_box_pixels() -> None:
     rng = np.random.default_rng(0)
@@ -93,6 +95,7 @@ def test_riad_compose_takes_each_pixel_from_the_pass_that_masked_it() -> None:
 
 # --- losses ----------------------------------------------------------------------------------
 
+
 def test_losses_vanish_on_identical_images_and_have_gradients() -> None:
     x = _images()
     total, parts = reconstruction_loss(x, x)
@@ -113,6 +116,7 @@ def test_loss_weights_apply() -> None:
 
 
 # --- anomaly maps ----------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("name", MAP_NAMES)
 def test_identical_images_give_zero_deviation(name: str) -> None:
@@ -155,8 +159,15 @@ def test_ssim_map_agrees_with_scikit_image_in_the_interior() -> None:
     y = (x + 0.4 * _images(3, 48, seed=4)).clamp(-1, 1)
     ours = ssim_map(x.double(), y.double())[:, 0].numpy()
     for i in range(3):
-        _, ref = structural_similarity(x[i, 0].double().numpy(), y[i, 0].double().numpy(), full=True, gaussian_weights=True,
-                                       sigma=1.5, use_sample_covariance=False, data_range=2)
+        _, ref = structural_similarity(
+            x[i, 0].double().numpy(),
+            y[i, 0].double().numpy(),
+            full=True,
+            gaussian_weights=True,
+            sigma=1.5,
+            use_sample_covariance=False,
+            data_range=2,
+        )
         assert np.abs(ours[i, 5:-5, 5:-5] - ref[5:-5, 5:-5]).max() < SSIM_TOL
     ours32 = ssim_map(x, y)[:, 0].numpy()
     assert np.abs(ours32[:, 5:-5, 5:-5] - ours[:, 5:-5, 5:-5]).max() < SSIM_TOL
@@ -164,6 +175,7 @@ def test_ssim_map_agrees_with_scikit_image_in_the_interior() -> None:
 
 
 # --- scores and segmentation -----------------------------------------------------------------
+
 
 def test_image_score_pooling_and_region() -> None:
     rng = np.random.default_rng(0)
@@ -187,6 +199,7 @@ def test_segment_thresholds_then_closes_and_opens() -> None:
 
 
 # --- fast 3x3 median -------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("ties", [False, True])
 def test_median3x3_equals_unfold_median_exactly(ties: bool) -> None:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pytest
@@ -23,7 +23,9 @@ def synthetic(n: int, n_distended: int = 0, size: int = 64, seed: int = 0) -> Sc
     """Bright textured images; normal: a thin dark line in the box, distended: a thick dark pocket."""
     rng = np.random.default_rng(seed)
     coarse = rng.random((n, 1, size // 8, size // 8), dtype=np.float32)
-    smooth = torch.nn.functional.interpolate(torch.from_numpy(coarse), size=(size, size), mode="bilinear", align_corners=False)[:, 0].numpy()
+    smooth = torch.nn.functional.interpolate(
+        torch.from_numpy(coarse), size=(size, size), mode="bilinear", align_corners=False
+    )[:, 0].numpy()
     images = 0.55 + 0.25 * smooth + 0.05 * rng.standard_normal((n, size, size)).astype(np.float32)
     labels = np.zeros(n, np.int64)
     labels[:n_distended] = 1
@@ -35,7 +37,9 @@ def synthetic(n: int, n_distended: int = 0, size: int = 64, seed: int = 0) -> Sc
     images = np.where(dark, 0.08, images).clip(0, 1).astype(np.float32)
     boxes = np.tile(BOX, (n, 1))
     masks = dark & (labels == 1)[:, None, None]
-    return ScanArrays(images, boxes, masks, labels, np.arange(n), [f"P{i}" for i in range(n)], np.ones((n, 2), np.float32))
+    return ScanArrays(
+        images, boxes, masks, labels, np.arange(n), [f"P{i}" for i in range(n)], np.ones((n, 2), np.float32)
+    )
 
 
 TINY = TrainConfig(unet=UNetConfig.profile("tiny"), progress=False, seed=0)
@@ -58,13 +62,17 @@ def test_training_lowers_validation_loss() -> None:
     tr, va = synthetic(16, seed=1), synthetic(8, seed=2)
     cfg = replace(TINY, max_epochs=4, lr=1e-3)
     torch.manual_seed(cfg.seed)
-    fresh = evaluate_loss(UNet(cfg.unet), torch.from_numpy(va.images).unsqueeze(1) * 2 - 1, va.boxes, cfg, torch.device("cpu"))
+    fresh = evaluate_loss(
+        UNet(cfg.unet), torch.from_numpy(va.images).unsqueeze(1) * 2 - 1, va.boxes, cfg, torch.device("cpu")
+    )
     res = train_unet(tr, va, cfg)
     assert res.epochs_run == 4 and res.stop_reason == "epochs"
     assert res.best_val_loss < 0.9 * fresh
     assert res.best_val_loss == min(h["val_loss"] for h in res.history)
     # the returned model holds the best weights: re-evaluating gives the best validation loss
-    again = evaluate_loss(res.model, torch.from_numpy(va.images).unsqueeze(1) * 2 - 1, va.boxes, cfg, torch.device("cpu"))
+    again = evaluate_loss(
+        res.model, torch.from_numpy(va.images).unsqueeze(1) * 2 - 1, va.boxes, cfg, torch.device("cpu")
+    )
     assert again == pytest.approx(res.best_val_loss, rel=1e-5)
 
 
@@ -141,10 +149,14 @@ def test_box_overrides_are_used() -> None:
 def test_reconstruct_returns_every_map_and_composite_keeps_outside() -> None:
     data = synthetic(5, 2)
     net = UNet(UNetConfig.profile("tiny"))
-    out = reconstruct(net, data.images, data.boxes, maps=("msgmsd", "gmsd", "ssim", "dd", "l2"), batch_size=2, device="cpu")
+    out = reconstruct(
+        net, data.images, data.boxes, maps=("msgmsd", "gmsd", "ssim", "dd", "l2"), batch_size=2, device="cpu"
+    )
     assert out.recon.shape == (5, 64, 64) and out.recon.dtype == np.float32
     assert 0 <= out.recon.min() and out.recon.max() <= 1
-    assert set(out.maps) == {"msgmsd", "gmsd", "ssim", "dd", "l2"} and all(m.shape == (5, 64, 64) for m in out.maps.values())
+    assert set(out.maps) == {"msgmsd", "gmsd", "ssim", "dd", "l2"} and all(
+        m.shape == (5, 64, 64) for m in out.maps.values()
+    )
     comp = reconstruct(net, data.images, data.boxes, maps=("dd",), device="cpu", composite=True, channels_last=False)
     outside = ~box_mask(BOX, 64, 64)
     assert np.array_equal(comp.recon[:, outside], data.images[:, outside]) and comp.maps["dd"][:, outside].max() == 0
@@ -167,7 +179,9 @@ def _phantom(n: int, n_distended: int, size: int, seed: int) -> ScanArrays | Non
         from scans.phantom import generate_dataset
     except ImportError:
         return None
-    root = generate_dataset(Path(tempfile.mkdtemp()) / "ph", n, n_distended, max(2, n // 4), size=size, seed=seed, progress=False)
+    root = generate_dataset(
+        Path(tempfile.mkdtemp()) / "ph", n, n_distended, max(2, n // 4), size=size, seed=seed, progress=False
+    )
     return to_arrays(load_dataset(root), size=size)
 
 

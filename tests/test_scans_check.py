@@ -63,7 +63,8 @@ def _no_box(root: Path) -> str:
 
 
 @pytest.mark.parametrize(
-    "fault", [_missing_image, _corrupt_image, _bad_json, _missing_key, _duplicate_id, _box_outside, _mask_outside, _no_box]
+    "fault",
+    [_missing_image, _corrupt_image, _bad_json, _missing_key, _duplicate_id, _box_outside, _mask_outside, _no_box],
 )
 def test_each_fault_is_reported_with_its_file(tmp_path: Path, fault, capsys: pytest.CaptureFixture[str]) -> None:  # type: ignore[no-untyped-def]
     make_dataset(tmp_path)

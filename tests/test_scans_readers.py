@@ -27,7 +27,7 @@ def test_rgb_jpeg_becomes_gray(tmp_path: Path) -> None:
 
 
 def test_bmp_and_tiff(tmp_path: Path) -> None:
-    img = (np.arange(64, dtype=np.uint8).reshape(8, 8) * 3)
+    img = np.arange(64, dtype=np.uint8).reshape(8, 8) * 3
     for name in ("a.bmp", "a.tif"):
         cv2.imwrite(str(tmp_path / name), img)
         np.testing.assert_allclose(read_image(tmp_path / name), img / 255.0, atol=1e-6)
@@ -62,8 +62,12 @@ def test_dicom_without_suffix_is_detected(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "name,content,reason",
-    [("bad.png", b"not a png at all", "not a decodable"), ("empty.png", b"", "empty"),
-     ("bad.dcm", b"\x00" * 200, "DICOM"), ("notes.txt", b"hello", "unsupported file type")],
+    [
+        ("bad.png", b"not a png at all", "not a decodable"),
+        ("empty.png", b"", "empty"),
+        ("bad.dcm", b"\x00" * 200, "DICOM"),
+        ("notes.txt", b"hello", "unsupported file type"),
+    ],
 )
 def test_unreadable_files_name_file_and_reason(tmp_path: Path, name: str, content: bytes, reason: str) -> None:
     (tmp_path / name).write_bytes(content)

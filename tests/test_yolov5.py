@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from detectors import DETECTORS, Detections, PriorPolicy, build_detector
-from detectors.yolo_format import box_to_yolo_line, write_dataset, yolo_line_to_box
 from detectors.fusion import unflip
+from detectors.yolo_format import box_to_yolo_line, write_dataset, yolo_line_to_box
 from detectors.yolov5 import YoloV5Detector
 from scans.records import ScanArrays
 
@@ -24,11 +24,18 @@ def _synthetic(n: int, size: int, seed: int) -> ScanArrays:
     for i in range(n):
         w, h = int(rng.uniform(0.35, 0.5) * size), int(rng.uniform(0.1, 0.16) * size)
         x, y = int(rng.uniform(0.1 * size, 0.9 * size - w)), int(rng.uniform(0.3 * size, 0.8 * size - h))
-        images[i, y:y + h, x:x + w] -= 0.3
-        images[i, y + h:y + h + 3, x:x + w] += 0.4
+        images[i, y : y + h, x : x + w] -= 0.3
+        images[i, y + h : y + h + 3, x : x + w] += 0.4
         boxes[i] = (x, y, x + w, y + h)
-    return ScanArrays(images.clip(0, 1), boxes, np.zeros((n, size, size), bool), np.zeros(n, np.int64),
-                      np.arange(n) + 1000 * seed, [f"p{seed}_{i}" for i in range(n)], np.ones((n, 2), np.float32))
+    return ScanArrays(
+        images.clip(0, 1),
+        boxes,
+        np.zeros((n, size, size), bool),
+        np.zeros(n, np.int64),
+        np.arange(n) + 1000 * seed,
+        [f"p{seed}_{i}" for i in range(n)],
+        np.ones((n, 2), np.float32),
+    )
 
 
 def test_yolo_label_matches_coco_box(tmp_path: Path) -> None:

@@ -11,13 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
-
 from mmdet.models.dense_heads import ATSSHead
 from mmdet.models.roi_heads import StandardRoIHead
 from mmdet.registry import MODELS
 from mmdet.structures import SampleList
 from mmdet.utils import InstanceList
+from torch import Tensor
 
 
 @dataclass
@@ -47,11 +46,13 @@ class LorisCoATSSHead(ATSSHead):
             priors=list(torch.cat(anchors, 1).unbind(0)),
             labels=list(torch.cat(labels, 1).unbind(0)),
             # reg_decoded_bbox=True (ATSS's default) makes these plain gt boxes, not deltas.
-            targets=list(torch.cat(bbox_targets, 1).unbind(0)))
+            targets=list(torch.cat(bbox_targets, 1).unbind(0)),
+        )
         return out
 
-    def loss_with_assignment(self, x: tuple[Tensor, ...],
-                             batch_data_samples: SampleList) -> tuple[dict[str, Tensor], Assignment]:
+    def loss_with_assignment(
+        self, x: tuple[Tensor, ...], batch_data_samples: SampleList
+    ) -> tuple[dict[str, Tensor], Assignment]:
         """ATSS losses (``loss_cls``/``loss_bbox``/``loss_centerness``, per level) and its assignment."""
         if not self.reg_decoded_bbox:
             raise ValueError("LorisCoATSSHead needs reg_decoded_bbox=True so its targets are boxes")
@@ -70,8 +71,9 @@ class LorisCoRoIHead(StandardRoIHead):
         self._sampling_results = sampling_results
         return super().bbox_loss(x, sampling_results)
 
-    def loss_with_assignment(self, x: tuple[Tensor, ...], rpn_results_list: InstanceList,
-                             batch_data_samples: SampleList) -> tuple[dict[str, Tensor], Assignment]:
+    def loss_with_assignment(
+        self, x: tuple[Tensor, ...], rpn_results_list: InstanceList, batch_data_samples: SampleList
+    ) -> tuple[dict[str, Tensor], Assignment]:
         """RoI losses (``loss_cls``, ``loss_bbox``, ``acc``) and the sampled proposals' assignment."""
         self._sampling_results = None
         losses = self.loss(x, rpn_results_list, batch_data_samples)
@@ -82,7 +84,6 @@ class LorisCoRoIHead(StandardRoIHead):
             n_neg = res.neg_priors.shape[0]
             # SamplingResult orders positives first, then negatives.
             priors.append(res.priors)
-            labels.append(torch.cat([res.pos_gt_labels,
-                                     res.pos_gt_labels.new_full((n_neg,), num_classes)]))
+            labels.append(torch.cat([res.pos_gt_labels, res.pos_gt_labels.new_full((n_neg,), num_classes)]))
             targets.append(torch.cat([res.pos_gt_bboxes, res.pos_gt_bboxes.new_zeros((n_neg, 4))]))
         return losses, Assignment(priors, labels, targets)

@@ -13,17 +13,14 @@ so the model runs wherever its parameters are.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
-from mmengine.config import ConfigDict
-from torch import Tensor, nn
-
 from mmdet.models.detectors import DINO
 from mmdet.models.layers import DeformableDetrTransformerEncoder, SinePositionalEncoding
 from mmdet.registry import MODELS
 from mmdet.structures import DetDataSample, SampleList
 from mmdet.structures.bbox import bbox_xyxy_to_cxcywh
+from mmengine.config import ConfigDict
+from torch import Tensor, nn
 
 from detectors.codetr.aux_heads import Assignment
 from detectors.codetr.co_dino_head import PositiveQueries
@@ -44,9 +41,17 @@ class LorisCoDINO(DINO):
         Other arguments are mmdet's ``DINO``'s.
     """
 
-    def __init__(self, *args, rpn_head: Optional[dict] = None, rpn_proposal: Optional[dict] = None,
-                 roi_head: Optional[dict] = None, atss_head: Optional[dict] = None,
-                 max_pos_queries: int = 300, min_pos_queries: int = 9, **kwargs) -> None:
+    def __init__(
+        self,
+        *args,
+        rpn_head: dict | None = None,
+        rpn_proposal: dict | None = None,
+        roi_head: dict | None = None,
+        atss_head: dict | None = None,
+        max_pos_queries: int = 300,
+        min_pos_queries: int = 9,
+        **kwargs,
+    ) -> None:
         super().__init__(*args, **kwargs)
         if (rpn_head is None) != (roi_head is None):
             raise ValueError("rpn_head and roi_head come together (Faster R-CNN auxiliary branch)")
@@ -57,13 +62,15 @@ class LorisCoDINO(DINO):
         self.rpn_head = MODELS.build(rpn_head) if rpn_head is not None else None
         self.roi_head = MODELS.build(roi_head) if roi_head is not None else None
         self.atss_head = MODELS.build(atss_head) if atss_head is not None else None
-        self.aux_names: list[str] = (["rcnn"] if self.roi_head is not None else []) + \
-                                    (["atss"] if self.atss_head is not None else [])
+        self.aux_names: list[str] = (["rcnn"] if self.roi_head is not None else []) + (
+            ["atss"] if self.atss_head is not None else []
+        )
         if self.aux_names:
             # The extra level the auxiliary heads see below the encoder's coarsest one.
             self.aux_downsample = nn.Sequential(
                 nn.Conv2d(self.embed_dims, self.embed_dims, kernel_size=3, stride=2, padding=1),
-                nn.GroupNorm(min(32, self.embed_dims // 2), self.embed_dims))
+                nn.GroupNorm(min(32, self.embed_dims // 2), self.embed_dims),
+            )
             self.pos_query_embed = PositiveQueryEmbed(self.embed_dims, len(self.aux_names))
 
     @property
@@ -101,8 +108,7 @@ class LorisCoDINO(DINO):
         assignments: list[tuple[str, Assignment]] = []
         if self.roi_head is not None:
             rpn_samples = self._class_agnostic(batch_data_samples)
-            rpn_losses, proposals = self.rpn_head.loss_and_predict(maps, rpn_samples,
-                                                                   proposal_cfg=self.rpn_proposal)
+            rpn_losses, proposals = self.rpn_head.loss_and_predict(maps, rpn_samples, proposal_cfg=self.rpn_proposal)
             losses.update({k if "rpn" in k else f"rpn.{k}": v for k, v in rpn_losses.items()})
             roi_losses, assignment = self.roi_head.loss_with_assignment(maps, proposals, batch_data_samples)
             losses.update({f"rcnn.{k}": v for k, v in roi_losses.items()})
@@ -118,12 +124,17 @@ class LorisCoDINO(DINO):
             content = self.pos_query_embed(queries.boxes, head_idx)
             # Positive queries see the encoder memory only: no denoising part, no attention mask.
             hidden, refs = self.decoder(
-                query=content, value=enc_out["memory"], key_padding_mask=enc_out["memory_mask"],
-                self_attn_mask=None, reference_points=queries.boxes,
-                spatial_shapes=dec_in["spatial_shapes"], level_start_index=dec_in["level_start_index"],
-                valid_ratios=dec_in["valid_ratios"], reg_branches=self.bbox_head.reg_branches)
-            losses.update(self.bbox_head.loss_positive_queries(hidden, refs, queries, img_metas,
-                                                               prefix=f"pos_{name}"))
+                query=content,
+                value=enc_out["memory"],
+                key_padding_mask=enc_out["memory_mask"],
+                self_attn_mask=None,
+                reference_points=queries.boxes,
+                spatial_shapes=dec_in["spatial_shapes"],
+                level_start_index=dec_in["level_start_index"],
+                valid_ratios=dec_in["valid_ratios"],
+                reg_branches=self.bbox_head.reg_branches,
+            )
+            losses.update(self.bbox_head.loss_positive_queries(hidden, refs, queries, img_metas, prefix=f"pos_{name}"))
         return losses
 
     def _memory_to_maps(self, memory: Tensor, spatial_shapes: Tensor) -> tuple[Tensor, ...]:
@@ -131,7 +142,7 @@ class LorisCoDINO(DINO):
         bs, _, d = memory.shape
         maps, start = [], 0
         for h, w in spatial_shapes.tolist():
-            maps.append(memory[:, start:start + h * w].transpose(1, 2).reshape(bs, d, h, w))
+            maps.append(memory[:, start : start + h * w].transpose(1, 2).reshape(bs, d, h, w))
             start += h * w
         maps.append(self.aux_downsample(maps[-1]))
         return tuple(maps)
@@ -162,13 +173,13 @@ class LorisCoDINO(DINO):
             neg = torch.nonzero(lab == num_classes).squeeze(1)
             if pos.numel() > k:
                 pos = pos[torch.randperm(pos.numel(), device=dev)[:k]]
-            neg = neg[torch.randperm(neg.numel(), device=dev)[:k - pos.numel()]]
+            neg = neg[torch.randperm(neg.numel(), device=dev)[: k - pos.numel()]]
             idx = torch.cat([pos, neg])
             box = bbox_xyxy_to_cxcywh(priors[idx] / scale).clamp(0.0, 1.0)
             tg = bbox_xyxy_to_cxcywh(tgt[idx] / scale)
             lb = lab[idx]
             bw = box.new_zeros((idx.numel(), 4))
-            bw[:pos.numel()] = 1.0
+            bw[: pos.numel()] = 1.0
             short = k - idx.numel()
             if short > 0:
                 # Too few negatives to pad with: add whole-image background queries.
@@ -181,5 +192,10 @@ class LorisCoDINO(DINO):
             targets.append(tg)
             bbox_w.append(bw)
         boxes_t = torch.stack(boxes)
-        return PositiveQueries(boxes=boxes_t, labels=torch.stack(labels), targets=torch.stack(targets),
-                               label_weights=boxes_t.new_ones(boxes_t.shape[:2]), bbox_weights=torch.stack(bbox_w))
+        return PositiveQueries(
+            boxes=boxes_t,
+            labels=torch.stack(labels),
+            targets=torch.stack(targets),
+            label_weights=boxes_t.new_ones(boxes_t.shape[:2]),
+            bbox_weights=torch.stack(bbox_w),
+        )

@@ -10,12 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
-
 from mmdet.models.dense_heads import DINOHead
 from mmdet.models.losses import QualityFocalLoss
 from mmdet.registry import MODELS
 from mmdet.structures.bbox import bbox_cxcywh_to_xyxy, bbox_overlaps
+from torch import Tensor
 
 
 @dataclass
@@ -37,9 +36,14 @@ class PositiveQueries:
 class LorisCoDINOHead(DINOHead):
     """``DINOHead`` that can also score decoder outputs against fixed (one-to-many) targets."""
 
-    def loss_positive_queries(self, hidden_states: Tensor, references: list[Tensor] | Tensor,
-                              queries: PositiveQueries, batch_img_metas: list[dict],
-                              prefix: str) -> dict[str, Tensor]:
+    def loss_positive_queries(
+        self,
+        hidden_states: Tensor,
+        references: list[Tensor] | Tensor,
+        queries: PositiveQueries,
+        batch_img_metas: list[dict],
+        prefix: str,
+    ) -> dict[str, Tensor]:
         """Losses of every decoder layer's predictions for one head's positive queries.
 
         Keys follow DINO's: ``{prefix}.loss_cls`` for the last layer and ``{prefix}.d{i}.loss_cls``
@@ -56,8 +60,9 @@ class LorisCoDINOHead(DINOHead):
             losses[f"{tag}.loss_iou"] = iou_l
         return losses
 
-    def _fixed_target_loss(self, cls_scores: Tensor, bbox_preds: Tensor, q: PositiveQueries,
-                           batch_img_metas: list[dict]) -> tuple[Tensor, Tensor, Tensor]:
+    def _fixed_target_loss(
+        self, cls_scores: Tensor, bbox_preds: Tensor, q: PositiveQueries, batch_img_metas: list[dict]
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """Classification, L1 and IoU losses of one layer, normalised like DETR's matched loss."""
         bs, nq = cls_scores.shape[:2]
         labels = q.labels.reshape(bs * nq)
@@ -75,17 +80,23 @@ class LorisCoDINOHead(DINOHead):
             # Quality targets: IoU of the (detached) prediction with its target on positives.
             quality = label_weights.new_zeros(labels.shape)
             if num_pos:
-                quality[pos] = bbox_overlaps(bbox_cxcywh_to_xyxy(preds[pos].detach()),
-                                             bbox_cxcywh_to_xyxy(targets[pos]), is_aligned=True)
+                quality[pos] = bbox_overlaps(
+                    bbox_cxcywh_to_xyxy(preds[pos].detach()), bbox_cxcywh_to_xyxy(targets[pos]), is_aligned=True
+                )
             loss_cls = self.loss_cls(cls_flat, (labels, quality), label_weights, avg_factor=cls_avg)
         else:
             loss_cls = self.loss_cls(cls_flat, labels, label_weights, avg_factor=cls_avg)
 
         # The IoU loss works in pixels, so scale normalised boxes back by each image's size.
-        factors = torch.cat([preds.new_tensor([m["img_shape"][1], m["img_shape"][0]] * 2).expand(nq, 4)
-                             for m in batch_img_metas])
+        factors = torch.cat(
+            [preds.new_tensor([m["img_shape"][1], m["img_shape"][0]] * 2).expand(nq, 4) for m in batch_img_metas]
+        )
         box_avg = max(float(num_pos), 1.0)
-        loss_iou = self.loss_iou(bbox_cxcywh_to_xyxy(preds) * factors, bbox_cxcywh_to_xyxy(targets) * factors,
-                                 bbox_weights, avg_factor=box_avg)
+        loss_iou = self.loss_iou(
+            bbox_cxcywh_to_xyxy(preds) * factors,
+            bbox_cxcywh_to_xyxy(targets) * factors,
+            bbox_weights,
+            avg_factor=box_avg,
+        )
         loss_bbox = self.loss_bbox(preds, targets, bbox_weights, avg_factor=box_avg)
         return loss_cls, loss_bbox, loss_iou

@@ -17,9 +17,10 @@ import json
 import logging
 import math
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,23 +31,23 @@ from scans.records import ScanArrays
 
 # Defaults for the training block of the config; the config file overrides any of them.
 DEFAULT_TRAIN: dict[str, Any] = dict(
-    epochs=60,            # the training budget: passes over the training scans
+    epochs=60,  # the training budget: passes over the training scans
     batch_size=8,
-    lr=4e-4,              # AdamW
+    lr=4e-4,  # AdamW
     weight_decay=1e-4,
     backbone_lr_mult=1.0,  # 1.0 because the backbone trains from scratch (0.1 is for pretrained)
-    warmup_iters=50,      # linear warm-up before the cosine decay
-    min_lr_ratio=0.01,    # cosine floor as a fraction of lr
-    clip_grad=0.1,        # DINO's max gradient norm
+    warmup_iters=50,  # linear warm-up before the cosine decay
+    min_lr_ratio=0.01,  # cosine floor as a fraction of lr
+    clip_grad=0.1,  # DINO's max gradient norm
     seed=0,
-    num_threads=None,     # torch intra-op threads; None leaves torch's default
-    max_minutes=None,     # opt-in wall-clock cap, off by default; when it binds the model depends on the machine's speed (the cosine then follows the clock)
-    val_interval=5,       # epochs between validation passes (top-1 IoU on val)
-    hflip=True,           # left/right knees mirror each other, so a flip is a plausible scan
+    num_threads=None,  # torch intra-op threads; None leaves torch's default
+    max_minutes=None,  # opt-in wall-clock cap, off by default; when it binds the model depends on the machine's speed (the cosine then follows the clock)
+    val_interval=5,  # epochs between validation passes (top-1 IoU on val)
+    hflip=True,  # left/right knees mirror each other, so a flip is a plausible scan
     intensity_jitter=0.1,  # +-10 % gain and offset: probe gain varies between scans
-    scale_jitter=0.0,     # zoom by a factor in [1 - j, 1 + j] about the image centre (recess size varies)
-    translate=0.0,        # shift by up to this fraction of the side in x and y (probe position varies)
-    log_interval=10,      # iterations between log lines
+    scale_jitter=0.0,  # zoom by a factor in [1 - j, 1 + j] about the image centre (recess size varies)
+    translate=0.0,  # shift by up to this fraction of the side in x and y (probe position varies)
+    log_interval=10,  # iterations between log lines
 )
 
 _PIXEL_MEAN, _PIXEL_STD = 0.5, 0.25  # [0, 1] grayscale -> about [-2, 2]
@@ -92,11 +93,11 @@ def _quiet_mmengine() -> Iterator[None]:
 
 def build_model(model_cfg: dict[str, Any], aux_heads: bool = True) -> torch.nn.Module:
     """Build and initialise the mmdet model; ``aux_heads=False`` drops RPN/RoI/ATSS (plain DINO)."""
+    from mmdet.registry import MODELS
     from mmdet.utils import register_all_modules
     from mmengine.config import ConfigDict
 
     import detectors.codetr.modules  # noqa: F401  (registers the Loris* modules)
-    from mmdet.registry import MODELS
 
     register_all_modules(init_default_scope=True)
     cfg = copy.deepcopy(_plain(model_cfg))
@@ -111,8 +112,9 @@ def build_model(model_cfg: dict[str, Any], aux_heads: bool = True) -> torch.nn.M
     return model
 
 
-def _random_affine(x: torch.Tensor, boxes: torch.Tensor, scale_jitter: float, translate: float,
-                   gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def _random_affine(
+    x: torch.Tensor, boxes: torch.Tensor, scale_jitter: float, translate: float, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Zoom and shift each image ``[N, C, S, S]`` and its box ``[N, 4]`` (pixels) alike.
 
     A pixel at ``p`` moves to ``(p - c) * z + c + t`` (centre ``c``); uncovered borders take the
@@ -152,10 +154,18 @@ class CoDetrDetector(Detector):
             neither it nor ``model`` is given, ``configs/detectors/codetr.py`` is used.
     """
 
-    def __init__(self, model: Optional[dict[str, Any]] = None, image_size: Optional[int] = None,
-                 aux_heads: Optional[bool] = None, train: Optional[dict[str, Any]] = None,
-                 max_detections: Optional[int] = None, device: Optional[str] = None, seed: Optional[int] = None,
-                 config_file: Optional[str | Path] = None, **helpers: Any) -> None:
+    def __init__(
+        self,
+        model: dict[str, Any] | None = None,
+        image_size: int | None = None,
+        aux_heads: bool | None = None,
+        train: dict[str, Any] | None = None,
+        max_detections: int | None = None,
+        device: str | None = None,
+        seed: int | None = None,
+        config_file: str | Path | None = None,
+        **helpers: Any,
+    ) -> None:
         unknown = [k for k in helpers if not k.startswith("_")]
         if unknown:
             raise TypeError(f"unknown codetr config keys: {unknown}")
@@ -198,14 +208,15 @@ class CoDetrDetector(Detector):
             x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
         return (x - _PIXEL_MEAN) / _PIXEL_STD
 
-    def _samples(self, boxes: Optional[torch.Tensor], n: int) -> list:
+    def _samples(self, boxes: torch.Tensor | None, n: int) -> list:
         """``DetDataSample``s for a batch; ``boxes`` ``[n, 4]`` in model pixels (one recess each)."""
         from mmdet.structures import DetDataSample
         from mmengine.structures import InstanceData
 
         s = self.image_size
-        meta = dict(img_shape=(s, s), ori_shape=(s, s), pad_shape=(s, s), batch_input_shape=(s, s),
-                    scale_factor=(1.0, 1.0))
+        meta = dict(
+            img_shape=(s, s), ori_shape=(s, s), pad_shape=(s, s), batch_input_shape=(s, s), scale_factor=(1.0, 1.0)
+        )
         out = []
         for i in range(n):
             d = DetDataSample(metainfo=dict(meta))
@@ -282,8 +293,11 @@ class CoDetrDetector(Detector):
         model = self.model
         backbone = [p for nm, p in model.named_parameters() if nm.startswith("backbone.") and p.requires_grad]
         others = [p for nm, p in model.named_parameters() if not nm.startswith("backbone.") and p.requires_grad]
-        opt = torch.optim.AdamW([dict(params=backbone, lr=cfg["lr"] * cfg["backbone_lr_mult"]),
-                                 dict(params=others, lr=cfg["lr"])], lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+        opt = torch.optim.AdamW(
+            [dict(params=backbone, lr=cfg["lr"] * cfg["backbone_lr_mult"]), dict(params=others, lr=cfg["lr"])],
+            lr=cfg["lr"],
+            weight_decay=cfg["weight_decay"],
+        )
         base_lrs = [g["lr"] for g in opt.param_groups]
 
         max_s = 60 * float(cfg["max_minutes"]) if cfg["max_minutes"] else math.inf
@@ -313,16 +327,22 @@ class CoDetrDetector(Detector):
                 for g, base in zip(opt.param_groups, base_lrs):
                     g["lr"] = base * lr_factor(it, time.perf_counter() - t0)
                 losses = model.loss(x, self._samples(boxes, x.shape[0]))
-                total_loss = sum(v.sum() if torch.is_tensor(v) else sum(t.sum() for t in v)
-                                 for k, v in losses.items() if "loss" in k)
+                total_loss = sum(
+                    v.sum() if torch.is_tensor(v) else sum(t.sum() for t in v) for k, v in losses.items() if "loss" in k
+                )
                 opt.zero_grad(set_to_none=True)
                 total_loss.backward()
                 if cfg["clip_grad"]:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), float(cfg["clip_grad"]))
                 opt.step()
                 if it % int(cfg["log_interval"]) == 0:
-                    rec = dict(iter=it, epoch=epoch, loss=float(total_loss.detach()), lr=opt.param_groups[1]["lr"],
-                               seconds=round(time.perf_counter() - t0, 1))
+                    rec = dict(
+                        iter=it,
+                        epoch=epoch,
+                        loss=float(total_loss.detach()),
+                        lr=opt.param_groups[1]["lr"],
+                        seconds=round(time.perf_counter() - t0, 1),
+                    )
                     log.write(json.dumps(rec) + "\n")
                     log.flush()
                 it += 1
@@ -344,9 +364,18 @@ class CoDetrDetector(Detector):
         if best_state is not None:
             model.load_state_dict(best_state)
         log.close()
-        summary = dict(iterations=it, epochs_run=epoch + 1, train_images=int(n), skipped_without_box=int((~keep).sum()),
-                       seconds=round(time.perf_counter() - t0, 1), best_val_mean_iou=best_iou, best_epoch=best_epoch,
-                       stopped_early=stopped_early, aux_heads=self.aux_heads, val_history=history)
+        summary = dict(
+            iterations=it,
+            epochs_run=epoch + 1,
+            train_images=int(n),
+            skipped_without_box=int((~keep).sum()),
+            seconds=round(time.perf_counter() - t0, 1),
+            best_val_mean_iou=best_iou,
+            best_epoch=best_epoch,
+            stopped_early=stopped_early,
+            aux_heads=self.aux_heads,
+            val_history=history,
+        )
         (workdir / "summary.json").write_text(json.dumps(summary, indent=1))
         return summary
 
@@ -385,8 +414,14 @@ class CoDetrDetector(Detector):
 
     # ------------------------------------------------------------------ persistence
     def _ctor_args(self) -> dict[str, Any]:
-        return dict(model=self.model_cfg, image_size=self.image_size, aux_heads=self.aux_heads,
-                    train=_plain(self.train_cfg), max_detections=self.max_detections, device=self.device)
+        return dict(
+            model=self.model_cfg,
+            image_size=self.image_size,
+            aux_heads=self.aux_heads,
+            train=_plain(self.train_cfg),
+            max_detections=self.max_detections,
+            device=self.device,
+        )
 
     def save(self, directory: Path) -> None:
         """``config.json`` (constructor arguments) and ``weights.pt`` (a plain state dict)."""
@@ -397,7 +432,7 @@ class CoDetrDetector(Detector):
         torch.save(state, directory / "weights.pt")
 
     @classmethod
-    def load(cls, directory: Path) -> "CoDetrDetector":
+    def load(cls, directory: Path) -> CoDetrDetector:
         """Rebuild from :meth:`save`'s files; weights are read with ``weights_only=True``."""
         directory = Path(directory)
         args = json.loads((directory / "config.json").read_text())

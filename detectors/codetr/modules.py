@@ -8,5 +8,14 @@ from detectors.codetr.co_detector import LorisCoDINO
 from detectors.codetr.co_dino_head import LorisCoDINOHead, PositiveQueries
 from detectors.codetr.query_embed import LorisDinoDecoder, PositiveQueryEmbed, box_sine_embedding
 
-__all__ = ["Assignment", "LorisCoATSSHead", "LorisCoDINO", "LorisCoDINOHead", "LorisCoRoIHead", "LorisDinoDecoder",
-           "PositiveQueries", "PositiveQueryEmbed", "box_sine_embedding"]
+__all__ = [
+    "Assignment",
+    "LorisCoATSSHead",
+    "LorisCoDINO",
+    "LorisCoDINOHead",
+    "LorisCoRoIHead",
+    "LorisDinoDecoder",
+    "PositiveQueries",
+    "PositiveQueryEmbed",
+    "box_sine_embedding",
+]

@@ -12,24 +12,31 @@ one projection per auxiliary head, as in Co-DETR's "customised positive queries"
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
-from torch import Tensor, nn
-
 from mmdet.models.layers import DinoTransformerDecoder
 from mmdet.models.layers.transformer.utils import coordinate_to_encoding, inverse_sigmoid
 from mmdet.registry import MODELS
+from torch import Tensor, nn
 
 
 @MODELS.register_module()
 class LorisDinoDecoder(DinoTransformerDecoder):
     """DINO decoder whose reference-box sine encoding matches any ``embed_dims``."""
 
-    def forward(self, query: Tensor, value: Tensor, key_padding_mask: Optional[Tensor],
-                self_attn_mask: Optional[Tensor], reference_points: Tensor, spatial_shapes: Tensor,
-                level_start_index: Tensor, valid_ratios: Tensor, reg_branches: nn.ModuleList,
-                **kwargs) -> tuple[Tensor, Tensor]:
+    def forward(
+        self,
+        query: Tensor,
+        value: Tensor,
+        key_padding_mask: Tensor | None,
+        self_attn_mask: Tensor | None,
+        reference_points: Tensor,
+        spatial_shapes: Tensor,
+        level_start_index: Tensor,
+        valid_ratios: Tensor,
+        reg_branches: nn.ModuleList,
+        **kwargs,
+    ) -> tuple[Tensor, Tensor]:
         """Decode ``query`` [bs, nq, d] around ``reference_points`` [bs, nq, 4] (cx, cy, w, h in [0, 1]).
 
         Returns the normalised hidden states of every layer ``[L, bs, nq, d]`` and the references
@@ -43,10 +50,18 @@ class LorisDinoDecoder(DinoTransformerDecoder):
         for lid, layer in enumerate(self.layers):
             ref_input = reference_points[:, :, None] * ratio4
             query_pos = self.ref_point_head(coordinate_to_encoding(ref_input[:, :, 0, :], num_feats=num_feats))
-            query = layer(query, query_pos=query_pos, value=value, key_padding_mask=key_padding_mask,
-                          self_attn_mask=self_attn_mask, spatial_shapes=spatial_shapes,
-                          level_start_index=level_start_index, valid_ratios=valid_ratios,
-                          reference_points=ref_input, **kwargs)
+            query = layer(
+                query,
+                query_pos=query_pos,
+                value=value,
+                key_padding_mask=key_padding_mask,
+                self_attn_mask=self_attn_mask,
+                spatial_shapes=spatial_shapes,
+                level_start_index=level_start_index,
+                valid_ratios=valid_ratios,
+                reference_points=ref_input,
+                **kwargs,
+            )
             # Iterative box refinement: each layer predicts a delta in logit space; the refined
             # box is detached for the next layer (DINO's "look forward once" keeps the
             # undetached one for this layer's loss).

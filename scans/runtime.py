@@ -1,0 +1,109 @@
+"""Where code runs: the device resolver, torch thread settings, the cache home and the benchmark timer.
+
+One module, so every package (``detectors``, ``reconstruction``, ``evaluation``, ``pipeline``)
+resolves devices, threads and timings the same way.
+
+>>> resolve_device("cpu")
+'cpu'
+>>> median_seconds(lambda: sum(range(100)), repeats=3) >= 0.0
+True
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def resolve_device(device: str = "auto") -> str:
+    """``"auto"`` -> ``"cuda"`` when a GPU is usable, else ``"cpu"``; explicit names pass through.
+
+    Returns a string (``"cpu"``, ``"cuda"``, ``"cuda:1"``): ``torch.device(resolve_device(x))``
+    where a tensor device is needed.
+    """
+    name = str(device)
+    if name == "auto":
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name != "cpu" and not name.startswith("cuda"):
+        raise ValueError(f"device must be one of {', '.join(DEVICES)} (or cuda:N), not {name!r}")
+    return name
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """Run the block with ``n`` torch CPU threads (``None``/0: leave as is), then restore the setting.
+
+    Results depend on the thread count (float reductions), so training pins it and gives it back.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(int(n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def set_threads(n: int | None) -> None:
+    """Pin torch's CPU thread count for the rest of the process (``None``/0: torch's default)."""
+    import torch
+
+    if n:
+        torch.set_num_threads(int(n))
+
+
+def cache_home(override: Path | str | None = None) -> Path:
+    """LoRIS's cache folder: ``override``, else ``$LORIS_CACHE``, else ``$XDG_CACHE_HOME/loris``,
+    else ``~/.cache/loris``. Trained models live in ``models/``, phantoms in ``phantoms/``."""
+    if override:
+        return Path(override)
+    env = os.environ.get("LORIS_CACHE")
+    if env:
+        return Path(env)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "loris"
+
+
+def median_seconds(fn: Callable[[], Any], repeats: int = 3, warmup: int = 1) -> float:
+    """Median wall time of ``fn()`` over ``repeats`` calls after ``warmup`` untimed ones (the first
+    calls allocate and pick kernels)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return float(statistics.median(times))
+
+
+class Stopwatch:
+    """Accumulates named phase durations: ``with watch("fit"): ...``; ``watch.seconds["fit"]``.
+
+    >>> watch = Stopwatch()
+    >>> with watch("a"):
+    ...     pass
+    >>> sorted(watch.seconds)
+    ['a']
+    """
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0

@@ -5,14 +5,13 @@ the maximum of their bit depth (255 for 8 bit, 65535 for 16 bit, ``2**BitsStored
 DICOM), so intensities stay comparable across files of one bit depth. Colour images are
 converted to luma (ITU-R BT.601, as OpenCV does).
 
-Resizing (:func:`resize_sample`) is anisotropic to a square ``size x size`` grid, as the
+Resizing (:func:`resize_image`, :func:`resize_mask`) is anisotropic to a square ``size x size`` grid, as the
 authors do: images use area interpolation when shrinking and bilinear when enlarging,
-masks use nearest neighbour, and boxes are scaled by ``(size / width, size / height)``.
+masks use nearest neighbour, and :mod:`scans.dataset` scales boxes by ``(size / width, size / height)``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 
 import cv2
@@ -161,23 +160,9 @@ def resize_image(image: np.ndarray, size: int) -> np.ndarray:
     return cv2.resize(image.astype(np.float32, copy=False), (size, size), interpolation=interp)
 
 
-def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
-    if mask.shape == (size, size):
+def resize_mask(mask: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
+    """Nearest-neighbour resize of a boolean mask to ``size x size`` or to ``(width, height)``."""
+    w, h = (size, size) if isinstance(size, int) else size
+    if mask.shape == (h, w):
         return mask.astype(bool, copy=False)
-    return cv2.resize(mask.astype(np.uint8), (size, size), interpolation=cv2.INTER_NEAREST).astype(bool)
-
-
-def scale_box(box: Sequence[float], sx: float, sy: float) -> tuple[float, float, float, float]:
-    x1, y1, x2, y2 = box
-    return (x1 * sx, y1 * sy, x2 * sx, y2 * sy)
-
-
-def resize_sample(
-    image: np.ndarray, box: Sequence[float] | None, mask: np.ndarray | None, size: int
-) -> tuple[np.ndarray, tuple[float, float, float, float] | None, np.ndarray | None]:
-    """Resize an image to ``size x size`` and carry its box and mask along."""
-    h, w = image.shape[:2]
-    sx, sy = size / w, size / h
-    out_box = scale_box(box, sx, sy) if box is not None else None
-    out_mask = resize_mask(mask, size) if mask is not None else None
-    return resize_image(image, size), out_box, out_mask
+    return cv2.resize(mask.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST).astype(bool)

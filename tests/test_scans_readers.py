@@ -4,7 +4,7 @@ import cv2
 import numpy as np
 import pytest
 
-from scans.readers import ReadError, read_image, resize_sample
+from scans.readers import ReadError, read_image, resize_image, resize_mask
 from tests.helpers import write_dicom
 
 
@@ -81,16 +81,16 @@ def test_missing_file(tmp_path: Path) -> None:
         read_image(tmp_path / "gone.png")
 
 
-def test_resize_carries_box_and_mask() -> None:
+def test_resize_image_and_mask_to_the_model_grid() -> None:
     img = np.zeros((100, 200), np.float32)
     mask = np.zeros((100, 200), bool)
     mask[40:60, 50:150] = True
-    out, box, m = resize_sample(img, (50.0, 40.0, 150.0, 60.0), mask, 64)
-    assert out.shape == (64, 64) and m is not None and m.shape == (64, 64)
-    assert box == pytest.approx((16.0, 25.6, 48.0, 38.4))
-    assert set(np.unique(m)) <= {False, True}
+    out, m = resize_image(img, 64), resize_mask(mask, 64)
+    assert out.shape == (64, 64) and m.shape == (64, 64) and m.dtype == bool
     ys, xs = np.nonzero(m)
     assert xs.min() >= 15 and xs.max() <= 48 and ys.min() >= 25 and ys.max() <= 39
+    back = resize_mask(m, (200, 100))  # (width, height), as predict maps masks back to a scan
+    assert back.shape == (100, 200) and abs(int(back.sum()) - int(mask.sum())) < 0.15 * mask.sum()
 
 
 def test_dicom_ybr_full_is_converted_to_rgb_then_gray(tmp_path: Path) -> None:

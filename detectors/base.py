@@ -47,6 +47,11 @@ class Detector(ABC):
     """A trainable recess detector. Subclasses register with :func:`register`."""
 
     name: ClassVar[str]
+    # How reports and the CLI name this prior source, and its row in the paper's Table 2 (None: not in it).
+    display_name: ClassVar[str]
+    paper_row: ClassVar[str | None] = None
+    # True for the ground-truth boxes (the upper baseline): nothing to train, boxes come with the scans.
+    ground_truth: ClassVar[bool] = False
     # Config keys that only change prediction (thresholds, batch size, test-time passes): the
     # pipeline keeps them out of the training cache key and applies them to a cached model.
     INFERENCE_KEYS: ClassVar[frozenset[str]] = frozenset()
@@ -75,16 +80,32 @@ class Detector(ABC):
         """Rebuild a trained detector saved by :meth:`save`."""
 
 
-DETECTORS: dict[str, Callable[..., Detector]] = {}
+DETECTORS: dict[str, type[Detector]] = {}
 
 
-def register(name: str) -> Callable[[type[Detector]], type[Detector]]:
+def register(
+    name: str, display: str | None = None, paper_row: str | None = None
+) -> Callable[[type[Detector]], type[Detector]]:
+    """Class decorator: make a detector known by ``name`` to the CLI, the pipeline, reports and ``bench``.
+
+    ``display`` names it in tables (default: ``name``); ``paper_row`` is its row in the paper's Table 2.
+    """
+
     def wrap(cls: type[Detector]) -> type[Detector]:
         cls.name = name
+        cls.display_name = display or name
+        cls.paper_row = paper_row
         DETECTORS[name] = cls
         return cls
 
     return wrap
+
+
+def registered() -> dict[str, type[Detector]]:
+    """Every registered detector by name, the built-in ones first (importing them registers them)."""
+    import detectors  # noqa: F401
+
+    return dict(DETECTORS)
 
 
 def detector_class(name: str) -> type[Detector]:
@@ -93,7 +114,7 @@ def detector_class(name: str) -> type[Detector]:
 
     if name not in DETECTORS:
         raise KeyError(f"unknown detector '{name}'; known: {sorted(DETECTORS)}")
-    return DETECTORS[name]  # type: ignore[return-value]
+    return DETECTORS[name]
 
 
 def build_detector(name: str, **config: Any) -> Detector:

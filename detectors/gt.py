@@ -27,7 +27,7 @@ from scans.io import atomic_write_text
 from scans.records import ScanArrays
 
 
-@register("gt")
+@register("gt", display="GT", paper_row="gt")
 class GtDetector(Detector):
     """Returns given ground-truth boxes; ``fit`` learns nothing.
 
@@ -36,6 +36,8 @@ class GtDetector(Detector):
             is not given ``boxes``; they must be in the same order as the images predicted.
         **config: ignored, so any detector config section can build it.
     """
+
+    ground_truth = True
 
     def __init__(self, boxes: np.ndarray | None = None, **config: Any) -> None:
         self.boxes = None if boxes is None else self._check(boxes)

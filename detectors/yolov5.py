@@ -182,7 +182,7 @@ def _ultralytics_device(device: str) -> str:
     return device
 
 
-@register("yolov5")
+@register("yolov5", display="YOLOv5u", paper_row="yolov5u")
 class YoloV5Detector(Detector):
     """YOLOv5u (ultralytics) trained from scratch on the caller's scans.
 

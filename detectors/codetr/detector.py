@@ -138,7 +138,7 @@ def _random_affine(
     return x, b.to(boxes)
 
 
-@register("codetr")
+@register("codetr", display="Co-DETR", paper_row="codetr")
 class CoDetrDetector(Detector):
     """Co-DINO (Co-DETR with a DINO query head) trained from scratch on one class, the recess.
 

@@ -1,5 +1,5 @@
 # The two commands a fresh machine needs. Each creates or updates .venv idempotently.
-.PHONY: install run test test-all bench
+.PHONY: install run lint test test-all bench
 
 install:
 	bash .ci/install
@@ -7,7 +7,13 @@ install:
 run: install
 	.venv/bin/python -m pipeline run --detector codetr
 
-test: install
+# Lint, format and type checks; their configuration is in pyproject.toml.
+lint: install
+	.venv/bin/ruff check .
+	.venv/bin/ruff format --check .
+	.venv/bin/mypy
+
+test: lint
 	.venv/bin/python -m pytest -q
 
 test-all: install

@@ -27,3 +27,7 @@ def test_loopback_is_allowed() -> None:
     finally:
         cli.close()
         srv.close()
+
+
+def test_guard_is_a_plugin_so_doctests_are_covered(pytestconfig: pytest.Config) -> None:
+    assert pytestconfig.pluginmanager.has_plugin("network_guard")

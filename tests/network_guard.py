@@ -1,4 +1,5 @@
-"""Suite-wide fixtures. The network guard fails any test that connects to a non-loopback address."""
+"""The network guard, a pytest plugin (``-p network_guard`` in pyproject.toml) so it also covers the
+packages' doctests: any test that connects to a non-loopback address fails."""
 
 from __future__ import annotations
 

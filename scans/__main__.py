@@ -1,4 +1,5 @@
-"""``python -m scans check DIR`` validates a dataset; ``python -m scans phantom`` writes one."""
+"""``python -m scans check DIR`` validates a dataset; ``python -m scans phantom`` writes one;
+``python -m scans import --from FORMAT SRC --out DIR`` converts other tools' annotations into one."""
 
 from __future__ import annotations
 
@@ -24,9 +25,31 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="negative control: distended scans keep their label and pocket mask but are rendered without the pocket",
     )
+    from scans.importers import FORMATS
+
+    imp = sub.add_parser(
+        "import",
+        help="convert YOLO, Pascal VOC, LabelMe, CVAT or CSV annotations into a dataset folder",
+        description="Writes DIR (images/, annotations.json, splits.json when the source has splits) atomically, "
+        "or refuses listing every missing or ambiguous item per file, writing nothing.",
+    )
+    imp.add_argument("--from", dest="fmt", required=True, choices=sorted(FORMATS), help="source format")
+    imp.add_argument("src", type=Path, help="source folder (or file, for csv and cvat)")
+    imp.add_argument("--out", type=Path, required=True, help="new dataset folder (must not exist or be empty)")
+    imp.add_argument("--meta", type=Path, help="CSV with columns file,patient,distended")
+    imp.add_argument(
+        "--patient-pattern",
+        help="regex searched in each file's base name, with a group (?P<patient>...) "
+        "and optionally (?P<distended>...) (yes/no, true/false, 1/0, distended/normal)",
+    )
+    imp.add_argument("--label", help="the source label of the recess box, when the source has several")
+    imp.add_argument("--masks", type=Path, help="folder of mask PNGs named like the images (for box-only formats)")
     args = parser.parse_args(argv)
 
     from scans.check import check_dataset, summary_line
+
+    if args.command == "import":
+        return _import(args)
 
     if args.command == "phantom":
         from scans.phantom import generate_dataset
@@ -49,6 +72,25 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.dir}: {len(problems)} problem(s)", file=sys.stderr)
         return 1
     print(summary_line(args.dir))
+    return 0
+
+
+def _import(args: argparse.Namespace) -> int:
+    from scans.check import summary_line
+    from scans.importers import ImportRefused, Options, import_dataset
+
+    options = Options(meta=args.meta, patient_pattern=args.patient_pattern, label=args.label, masks=args.masks)
+    try:
+        out = import_dataset(args.fmt, args.src, args.out, options)
+    except ImportRefused as exc:
+        for p in exc.problems:
+            print(p, file=sys.stderr)
+        print(f"{args.src}: {exc}", file=sys.stderr)
+        return 1
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(summary_line(out))
     return 0
 
 

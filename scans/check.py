@@ -1,5 +1,11 @@
 """Dataset validation: every problem in a dataset folder, each naming the file and the reason.
 
+The schema is strict (see the README, "Your own data"): ``annotations.json`` is an object; image
+ids and sizes are integers, ``distended`` a JSON boolean, ``patient_id`` a string or integer,
+``file_name`` a relative path that resolves inside the folder (symlinks included), boxes four
+finite numbers; ``splits.json``, when present, names known ids and keeps patients apart. No input
+raises: every type error becomes a named problem.
+
 >>> import tempfile, pathlib
 >>> problems = check_dataset(pathlib.Path(tempfile.mkdtemp()))
 >>> problems[0].reason
@@ -9,6 +15,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +25,7 @@ import numpy as np
 
 from scans.coco import CATEGORY, decode_segmentation
 from scans.readers import ReadError, read_image
+from scans.records import Scan
 
 REQUIRED_IMAGE_KEYS = ("id", "file_name", "width", "height", "patient_id", "distended")
 
@@ -31,13 +39,30 @@ class Problem:
         return f"{self.file}: {self.reason}"
 
 
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def _short(v: Any) -> str:
+    return f"{v!r:.60}"
+
+
 def _check_annotation(ann: dict[str, Any], img: dict[str, Any], where: str, problems: list[Problem]) -> None:
-    try:
-        x, y, w, h = (float(v) for v in ann["bbox"])
-    except (KeyError, TypeError, ValueError):
-        problems.append(Problem(where, f"annotation {ann.get('id')} has no valid bbox [x, y, w, h]"))
+    bbox = ann.get("bbox")
+    if not isinstance(bbox, list) or len(bbox) != 4 or not all(_is_number(v) for v in bbox):
+        problems.append(
+            Problem(where, f"annotation {_short(ann.get('id'))} has no valid bbox [x, y, w, h] (got {_short(bbox)})")
+        )
         return
-    width, height = int(img["width"]), int(img["height"])
+    x, y, w, h = (float(v) for v in bbox)
+    if not all(math.isfinite(v) for v in (x, y, w, h)):
+        problems.append(Problem(where, f"box [{x}, {y}, {w}, {h}] has a non-finite value"))
+        return
+    width, height = img["width"], img["height"]
     if w <= 0 or h <= 0:
         problems.append(Problem(where, f"box [{x}, {y}, {w}, {h}] has no area"))
     if x < 0 or y < 0 or x + w > width + 1e-6 or y + h > height + 1e-6:
@@ -49,14 +74,65 @@ def _check_annotation(ann: dict[str, Any], img: dict[str, Any], where: str, prob
         except Exception as exc:  # pycocotools raises bare Exceptions on bad RLE
             problems.append(Problem(where, f"segmentation cannot be decoded ({exc})"))
             return
+        if mask.shape != (height, width):
+            problems.append(Problem(where, f"segmentation is {mask.shape[1]}x{mask.shape[0]}, not {width}x{height}"))
+            return
         inside = np.zeros_like(mask)
         c0, r0 = max(int(np.floor(x)), 0), max(int(np.floor(y)), 0)
-        inside[r0 : int(np.ceil(y + h)), c0 : int(np.ceil(x + w))] = True
+        inside[r0 : max(int(np.ceil(y + h)), 0), c0 : max(int(np.ceil(x + w)), 0)] = True
         outside = int((mask & ~inside).sum())
         if outside:
             problems.append(Problem(where, f"segmentation has {outside} pixel(s) outside the box"))
-    elif bool(img.get("distended")):
+    elif img.get("distended") is True:
         problems.append(Problem(where, "distended image has no segmentation: pixel metrics will treat it as empty"))
+
+
+def _image_problems(img: dict[str, Any], root: Path, where: str) -> list[str]:
+    """Type and path problems of one image entry (all keys present)."""
+    out = []
+    if not _is_int(img["id"]):
+        out.append(f"image id {_short(img['id'])} is not an integer")
+    fn = img["file_name"]
+    if not isinstance(fn, str) or not fn.strip():
+        out.append(f"file_name {_short(fn)} is not a non-empty string")
+    elif Path(fn).is_absolute():
+        out.append(f"file_name {fn!r} is absolute; it must be relative to the dataset folder")
+    else:
+        root_r = root.resolve()
+        try:
+            target = (root / fn).resolve()
+        except (OSError, RuntimeError) as exc:  # symlink loops
+            out.append(f"file_name {fn!r} cannot be resolved ({exc})")
+        else:
+            if root_r not in target.parents:
+                out.append(f"file_name {fn!r} resolves to {target}, outside the dataset folder")
+    for key in ("width", "height"):
+        if not _is_int(img[key]) or img[key] <= 0:
+            out.append(f"{key} {_short(img[key])} is not a positive integer")
+    pid = img["patient_id"]
+    if not (isinstance(pid, str) and pid.strip()) and not _is_int(pid):
+        out.append(f"patient_id {_short(pid)} is not a non-empty string or an integer")
+    if not isinstance(img["distended"], bool):
+        out.append(f"distended {_short(img['distended'])} is not a JSON boolean (true or false)")
+    return out
+
+
+def _check_splits(root: Path, images: dict[int, dict[str, Any]], problems: list[Problem]) -> None:
+    path = root / "splits.json"
+    if not path.is_file():
+        return
+    from scans.folds import check_folds, load_splits
+
+    try:
+        folds = load_splits(path)
+    except ValueError as exc:
+        problems.append(Problem(str(path), str(exc).removeprefix(f"{path}: ")))
+        return
+    scans = [
+        Scan(i, root / img["file_name"], str(img["patient_id"]), int(img["distended"]), None, 1, 1)
+        for i, img in images.items()
+    ]
+    problems.extend(Problem(str(path), p) for p in check_folds(folds, scans))
 
 
 def check_dataset(root: Path | str, read_images: bool = True) -> list[Problem]:
@@ -67,28 +143,42 @@ def check_dataset(root: Path | str, read_images: bool = True) -> list[Problem]:
         return [Problem(str(ann_path), "annotations.json not found")]
     try:
         doc = json.loads(ann_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
         return [Problem(str(ann_path), f"invalid JSON ({exc})")]
+    if not isinstance(doc, dict):
+        return [
+            Problem(
+                str(ann_path),
+                f"annotations.json must be a JSON object with 'images', 'annotations' and 'categories', "
+                f"not {type(doc).__name__ if doc is not None else 'null'}",
+            )
+        ]
     problems: list[Problem] = []
-    if not isinstance(doc, dict) or not isinstance(doc.get("images"), list):
+    if not isinstance(doc.get("images"), list):
         return [Problem(str(ann_path), "missing key 'images' (a list)")]
     if not isinstance(doc.get("annotations"), list):
         problems.append(Problem(str(ann_path), "missing key 'annotations' (a list)"))
-    cats = [c for c in doc.get("categories", []) if isinstance(c, dict)]
-    recess_ids = {c.get("id") for c in cats if c.get("name") == CATEGORY}
+    raw_cats = doc.get("categories", [])
+    cats = [c for c in raw_cats if isinstance(c, dict)] if isinstance(raw_cats, list) else []
+    recess_ids = {c.get("id") for c in cats if c.get("name") == CATEGORY and _is_int(c.get("id"))}
     if not recess_ids:
-        problems.append(Problem(str(ann_path), f"no category named '{CATEGORY}'"))
+        problems.append(Problem(str(ann_path), f"no category named '{CATEGORY}' with an integer id"))
 
-    images: dict[Any, dict[str, Any]] = {}
-    id_counts = Counter(img.get("id") for img in doc["images"] if isinstance(img, dict))
+    images: dict[int, dict[str, Any]] = {}
+    id_counts = Counter(img.get("id") for img in doc["images"] if isinstance(img, dict) and _is_int(img.get("id")))
     for n, img in enumerate(doc["images"]):
         if not isinstance(img, dict):
             problems.append(Problem(str(ann_path), f"images[{n}] is not an object"))
             continue
+        fn = img.get("file_name")
+        where = str(root / fn) if isinstance(fn, str) and fn.strip() else f"{ann_path} images[{n}]"
         missing = [k for k in REQUIRED_IMAGE_KEYS if k not in img]
-        where = str(root / str(img.get("file_name", f"images[{n}]")))
         if missing:
             problems.append(Problem(where, f"image entry missing key(s) {', '.join(missing)}"))
+            continue
+        entry_problems = _image_problems(img, root, where)
+        if entry_problems:
+            problems.extend(Problem(where, p) for p in entry_problems)
             continue
         if id_counts[img["id"]] > 1:
             problems.append(Problem(where, f"duplicate image id {img['id']}"))
@@ -100,7 +190,10 @@ def check_dataset(root: Path | str, read_images: bool = True) -> list[Problem]:
             except ReadError as exc:
                 problems.append(Problem(str(exc.path), exc.reason))
                 continue
-            if arr.shape != (int(img["height"]), int(img["width"])):
+            except Exception as exc:  # a decoder may raise anything on hostile bytes; check never raises
+                problems.append(Problem(where, f"cannot be read ({exc.__class__.__name__}: {exc})"))
+                continue
+            if arr.shape != (img["height"], img["width"]):
                 problems.append(
                     Problem(
                         where,
@@ -109,21 +202,31 @@ def check_dataset(root: Path | str, read_images: bool = True) -> list[Problem]:
                     )
                 )
 
-    per_image: Counter[Any] = Counter()
-    for ann in doc.get("annotations", []) if isinstance(doc.get("annotations"), list) else []:
+    per_image: Counter[int] = Counter()
+    for n, ann in enumerate(doc["annotations"] if isinstance(doc.get("annotations"), list) else []):
         if not isinstance(ann, dict) or "image_id" not in ann:
-            problems.append(Problem(str(ann_path), f"annotation {ann!r:.60} has no image_id"))
+            problems.append(Problem(str(ann_path), f"annotations[{n}] {_short(ann)} has no image_id"))
             continue
-        if recess_ids and ann.get("category_id") not in recess_ids:
+        image_id = ann["image_id"]
+        if not _is_int(image_id):
+            problems.append(Problem(str(ann_path), f"annotations[{n}] image_id {_short(image_id)} is not an integer"))
             continue
-        img = images.get(ann["image_id"])
+        category = ann.get("category_id")
+        if not _is_int(category):
+            problems.append(
+                Problem(str(ann_path), f"annotations[{n}] category_id {_short(category)} is not an integer")
+            )
+            continue
+        if recess_ids and category not in recess_ids:
+            continue
+        img = images.get(image_id)
         if img is None:
-            if ann["image_id"] not in id_counts:
+            if image_id not in id_counts:
                 problems.append(
-                    Problem(str(ann_path), f"annotation {ann.get('id')} refers to unknown image {ann['image_id']}")
+                    Problem(str(ann_path), f"annotation {_short(ann.get('id'))} refers to unknown image {image_id}")
                 )
             continue
-        per_image[ann["image_id"]] += 1
+        per_image[image_id] += 1
         _check_annotation(ann, img, str(root / img["file_name"]), problems)
     for image_id, img in images.items():
         if per_image[image_id] == 0:
@@ -132,6 +235,7 @@ def check_dataset(root: Path | str, read_images: bool = True) -> list[Problem]:
             problems.append(
                 Problem(str(root / img["file_name"]), f"image has {per_image[image_id]} recess boxes; expected one")
             )
+    _check_splits(root, images, problems)
     return problems
 
 

@@ -1,9 +1,24 @@
 """Image readers for every format LoRIS accepts, and resizing that carries boxes and masks.
 
-Every reader returns a 2-D float32 grayscale array in [0, 1]. Integer images are divided by
-the maximum of their bit depth (255 for 8 bit, 65535 for 16 bit, ``2**BitsStored - 1`` for
-DICOM), so intensities stay comparable across files of one bit depth. Colour images are
-converted to luma (ITU-R BT.601, as OpenCV does).
+Every reader returns a 2-D float32 grayscale array in [0, 1]. Integer raster images are divided
+by the maximum of their bit depth (255 for 8 bit, 65535 for 16 bit), so intensities stay
+comparable across files of one bit depth. DICOM goes through the display pipeline (Modality LUT,
+VOI LUT or window, MONOCHROME1 inversion; see :mod:`scans.dicom`). Colour images are converted to
+luma (ITU-R BT.601, as OpenCV does).
+
+Two entry points:
+
+- :func:`read_image` ``(path, frame=0) -> ndarray``: the whole frame, never cropped.
+- :func:`read_scan` ``(path, frame=0, crop="regions", region=None) -> ReadResult``: the frame
+  cropped to its B-mode region, with the crop ``(x0, y0, x1, y1)`` (half-open, original pixels),
+  the original ``(width, height)``, the frame count and, for DICOM, the SOP Instance UID.
+  ``crop="regions"`` crops to the DICOM Sequence of Ultrasound Regions when present (the largest
+  2-D tissue region, or ``region``, an index into the sequence); ``"auto"`` does the same and,
+  when a file has no regions (or is not DICOM), finds the B-mode region from the pixels with
+  :func:`find_bmode_box`; ``"none"`` never crops. Map results back to the original pixels with
+  :func:`box_from_crop` and :func:`mask_from_crop`, annotations into the crop with
+  :func:`box_to_crop`. Cine files: :func:`count_frames` and :func:`frame_indices` list the frames
+  for ``frames="first"|"all"|N``.
 
 Resizing (:func:`resize_image`, :func:`resize_mask`) is anisotropic to a square ``size x size`` grid, as the
 authors do: images use area interpolation when shrinking and bilinear when enlarging,
@@ -12,7 +27,9 @@ masks use nearest neighbour, and :mod:`scans.dataset` scales boxes by ``(size / 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import cv2
 import numpy as np
@@ -20,6 +37,10 @@ import numpy as np
 RASTER_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 DICOM_SUFFIXES = {".dcm", ".dicom"}
 SUPPORTED_SUFFIXES = RASTER_SUFFIXES | DICOM_SUFFIXES
+
+Crop = tuple[int, int, int, int]
+CropMode = Literal["regions", "auto", "none"]
+CROP_MODES = ("regions", "auto", "none")
 
 
 class ReadError(ValueError):
@@ -49,7 +70,9 @@ def is_supported(path: Path) -> bool:
     return path.suffix.lower() in SUPPORTED_SUFFIXES or is_dicom(path)
 
 
-def _to_unit_gray(arr: np.ndarray, path: Path, max_value: float | None = None, rgb_order: str = "BGR") -> np.ndarray:
+def to_unit_gray(
+    arr: np.ndarray, path: Path | str, max_value: float | None = None, rgb_order: str = "BGR"
+) -> np.ndarray:
     if arr.ndim == 3:
         if arr.shape[2] == 1:
             arr = arr[..., 0]
@@ -94,46 +117,14 @@ def read_raster(path: Path) -> np.ndarray:
     arr = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
     if arr is None:
         raise ReadError(path, "not a decodable PNG/JPEG/BMP/TIFF image (corrupt or wrong format)")
-    return _to_unit_gray(arr, path)
+    return to_unit_gray(arr, path)
 
 
 def read_dicom(path: Path, frame: int = 0) -> np.ndarray:
-    """A DICOM image: single or multi-frame; MONOCHROME1/2, RGB, PALETTE COLOR or YBR."""
-    import pydicom
-    from pydicom.errors import InvalidDicomError
+    """A DICOM frame as displayed, uncropped (see :mod:`scans.dicom` for the grey-level rules)."""
+    from scans.dicom import read_dicom_frame
 
-    try:
-        ds = pydicom.dcmread(str(path))
-    except (InvalidDicomError, OSError, EOFError, ValueError, TypeError) as exc:
-        raise ReadError(path, f"not a readable DICOM file ({exc.__class__.__name__}: {exc})") from exc
-    if "PixelData" not in ds:
-        raise ReadError(path, "DICOM file has no pixel data")
-    n_frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
-    if not 0 <= frame < n_frames:
-        raise ReadError(path, f"frame {frame} requested but the file has {n_frames} frame(s)")
-    photometric = str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2")).upper()
-    try:
-        from pydicom.pixels import pixel_array  # pydicom >= 3
-
-        # as_rgb converts YBR_* to RGB; index picks a frame without decoding the others.
-        arr = pixel_array(ds, index=frame if n_frames > 1 else None, as_rgb=True)
-    except Exception as exc:  # pydicom raises many types for unsupported transfer syntaxes
-        raise ReadError(path, f"cannot decode DICOM pixel data ({exc.__class__.__name__}: {exc})") from exc
-    if photometric == "PALETTE COLOR":
-        from pydicom.pixels import apply_color_lut
-
-        arr = apply_color_lut(arr, ds)
-        max_value = 65535.0 if arr.dtype == np.uint16 else 255.0
-        return _to_unit_gray(np.asarray(arr), path, max_value, rgb_order="RGB")
-    bits = int(getattr(ds, "BitsStored", 8) or 8)
-    arr = np.asarray(arr)
-    if np.issubdtype(arr.dtype, np.signedinteger):
-        arr = arr.astype(np.float32) - float(arr.min())
-    max_value = float(2**bits - 1)
-    gray = _to_unit_gray(arr, path, max_value, rgb_order="RGB")
-    if photometric == "MONOCHROME1":  # MONOCHROME1 encodes black as the maximum
-        gray = 1.0 - gray
-    return gray
+    return read_dicom_frame(path, frame).image
 
 
 def read_image(path: Path | str, frame: int = 0) -> np.ndarray:
@@ -150,6 +141,193 @@ def read_image(path: Path | str, frame: int = 0) -> np.ndarray:
     if path.suffix.lower() not in RASTER_SUFFIXES:
         raise ReadError(path, f"unsupported file type '{path.suffix or '(none)'}'")
     return read_raster(path)
+
+
+@dataclass(frozen=True)
+class ReadResult:
+    """One frame read by :func:`read_scan`.
+
+    Attributes:
+        image: float32 ``[h, w]`` grey in [0, 1], already cropped.
+        crop: ``(x0, y0, x1, y1)`` half-open, in original pixels; the whole frame when not cropped.
+        original_size: ``(width, height)`` of the frame before cropping.
+        frame: the frame read; frame_count: frames in the file (1 for raster images).
+        sop_instance_uid: DICOM SOP Instance UID (a row key), None for raster images.
+        crop_source: ``"none"``, ``"region N"`` (index in the Sequence of Ultrasound Regions) or ``"auto"``.
+    """
+
+    image: np.ndarray
+    crop: Crop
+    original_size: tuple[int, int]
+    frame: int
+    frame_count: int
+    sop_instance_uid: str | None
+    crop_source: str
+
+    @property
+    def cropped(self) -> bool:
+        return self.crop != (0, 0, *self.original_size)
+
+    def box_to_original(self, box: tuple[float, float, float, float]) -> tuple[float, float, float, float]:
+        return box_from_crop(box, self.crop)
+
+    def mask_to_original(self, mask: np.ndarray) -> np.ndarray:
+        return mask_from_crop(mask, self.crop, self.original_size)
+
+
+def box_from_crop(box: tuple[float, float, float, float], crop: Crop) -> tuple[float, float, float, float]:
+    """A ``(x1, y1, x2, y2)`` box in crop pixels -> original pixels.
+
+    >>> box_from_crop((1.0, 2.0, 5.0, 6.0), (10, 20, 60, 80))
+    (11.0, 22.0, 15.0, 26.0)
+    """
+    x0, y0 = crop[0], crop[1]
+    return (float(box[0]) + x0, float(box[1]) + y0, float(box[2]) + x0, float(box[3]) + y0)
+
+
+def box_to_crop(box: tuple[float, float, float, float], crop: Crop) -> tuple[float, float, float, float]:
+    """A box in original pixels -> crop pixels (not clipped: a box leaving the crop stays visible as such).
+
+    >>> box_to_crop((11.0, 22.0, 15.0, 26.0), (10, 20, 60, 80))
+    (1.0, 2.0, 5.0, 6.0)
+    """
+    x0, y0 = crop[0], crop[1]
+    return (float(box[0]) - x0, float(box[1]) - y0, float(box[2]) - x0, float(box[3]) - y0)
+
+
+def mask_from_crop(mask: np.ndarray, crop: Crop, original_size: tuple[int, int]) -> np.ndarray:
+    """A mask over the crop pasted into an all-False mask of the original ``(width, height)``.
+
+    >>> mask_from_crop(np.ones((2, 3), bool), (1, 1, 4, 3), (5, 4)).astype(int).sum(axis=0).tolist()
+    [0, 2, 2, 2, 0]
+    """
+    x0, y0, x1, y1 = crop
+    if mask.shape[:2] != (y1 - y0, x1 - x0):
+        raise ValueError(f"mask is {mask.shape[1]}x{mask.shape[0]} but the crop is {x1 - x0}x{y1 - y0}")
+    out = np.zeros((original_size[1], original_size[0]) + mask.shape[2:], dtype=mask.dtype)
+    out[y0:y1, x0:x1] = mask
+    return out
+
+
+def mask_to_crop(mask: np.ndarray, crop: Crop) -> np.ndarray:
+    """The part of an original-size mask inside the crop."""
+    x0, y0, x1, y1 = crop
+    return mask[y0:y1, x0:x1]
+
+
+def find_bmode_box(image: np.ndarray, threshold: float = 0.05, min_fraction: float = 0.05) -> Crop | None:
+    """The B-mode region of a scanner screenshot, found from the pixels; None when nothing qualifies.
+
+    Rule: pixels brighter than ``threshold`` are foreground; a closing then an opening with a square
+    of side ~2% of the shorter image side bridges speckle and dark gaps and cuts thin lines (text,
+    rulers, calipers); the bounding box of the largest 8-connected component is the B-mode region,
+    kept only when that component covers at least ``min_fraction`` of the image.
+
+    >>> img = np.zeros((100, 120), np.float32); img[20:80, 30:100] = 0.5; img[2:6, 2:40] = 1.0
+    >>> find_bmode_box(img)
+    (30, 20, 100, 80)
+    """
+    h, w = image.shape[:2]
+    fg = (np.nan_to_num(image) > threshold).astype(np.uint8)
+    k = max(3, int(round(min(h, w) / 50)) | 1)
+    kernel = np.ones((k, k), np.uint8)
+    fg = cv2.morphologyEx(fg, cv2.MORPH_CLOSE, kernel)
+    fg = cv2.morphologyEx(fg, cv2.MORPH_OPEN, kernel)
+    n, _, stats, _ = cv2.connectedComponentsWithStats(fg, connectivity=8)
+    if n <= 1:
+        return None
+    best = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
+    if stats[best, cv2.CC_STAT_AREA] < min_fraction * h * w:
+        return None
+    x, y, bw, bh = (
+        int(stats[best, c]) for c in (cv2.CC_STAT_LEFT, cv2.CC_STAT_TOP, cv2.CC_STAT_WIDTH, cv2.CC_STAT_HEIGHT)
+    )
+    return (x, y, x + bw, y + bh)
+
+
+def count_frames(path: Path | str) -> int:
+    """Frames in a file: NumberOfFrames for DICOM (read from the header), 1 for raster images."""
+    path = Path(path)
+    if not path.is_file():
+        raise ReadError(path, "file not found")
+    if is_dicom(path):
+        from scans.dicom import dicom_frame_count
+
+        return dicom_frame_count(path)
+    return 1
+
+
+def frame_indices(path: Path | str, frames: str | int = "first") -> list[int]:
+    """The frames ``frames`` selects: ``"first"`` -> [0], ``"all"`` -> every frame, N -> [N].
+
+    Raises:
+        ReadError: for a frame past the end, naming the file and its frame count.
+    """
+    spec = str(frames).strip().lower()
+    if spec == "first":
+        return [0]
+    n = count_frames(path)
+    if spec == "all":
+        return list(range(n))
+    try:
+        index = int(spec)
+    except ValueError:
+        raise ValueError(f"frames must be 'first', 'all' or a frame number, not {frames!r}") from None
+    if not 0 <= index < n:
+        raise ReadError(path, f"frame {index} requested but the file has {n} frame(s)")
+    return [index]
+
+
+def read_scan(path: Path | str, frame: int = 0, crop: CropMode = "regions", region: int | None = None) -> ReadResult:
+    """Read one frame, cropped to its B-mode region by ``crop`` (see the module docstring).
+
+    Raises:
+        ReadError: naming the file and the reason; also when ``region`` is given and the file has
+            no such ultrasound region.
+    """
+    if crop not in CROP_MODES:
+        raise ValueError(f"crop must be one of {', '.join(CROP_MODES)}, not {crop!r}")
+    if crop == "none" and region is not None:
+        raise ValueError("region is only used with crop='regions' or 'auto'")
+    path = Path(path)
+    if not path.is_file():
+        raise ReadError(path, "file not found")
+    uid = None
+    box: Crop | None = None
+    source = "none"
+    if is_dicom(path):
+        from scans.dicom import choose_region, read_dicom_frame
+
+        dcm = read_dicom_frame(path, frame)
+        image, n_frames, uid = dcm.image, dcm.frame_count, dcm.sop_instance_uid
+        if crop != "none":
+            chosen = choose_region(dcm.regions, path, region)
+            if chosen is not None:
+                box, source = chosen.box, f"region {chosen.index}"
+    else:
+        if frame != 0:
+            raise ReadError(path, f"frame {frame} requested but the file has 1 frame(s)")
+        if region is not None:
+            raise ReadError(path, f"ultrasound region {region} requested but only DICOM files have regions")
+        image, n_frames = read_image(path), 1
+    h, w = image.shape
+    if box is None and crop == "auto":
+        box = find_bmode_box(image)
+        if box == (0, 0, w, h):
+            box = None  # the whole frame: nothing was cropped
+        source = "auto" if box is not None else "none"
+    if box is None:
+        box = (0, 0, w, h)
+    x0, y0, x1, y1 = box
+    return ReadResult(
+        image=np.ascontiguousarray(image[y0:y1, x0:x1]),
+        crop=box,
+        original_size=(w, h),
+        frame=frame,
+        frame_count=n_frames,
+        sop_instance_uid=uid,
+        crop_source=source,
+    )
 
 
 def resize_image(image: np.ndarray, size: int) -> np.ndarray:

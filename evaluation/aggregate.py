@@ -1,4 +1,4 @@
-"""Fold aggregation into the ``summary.json`` sections ``reconstruction``, ``riad``, ``detection``.
+"""Fold aggregation into the ``summary.json`` sections ``reconstruction``, ``riad``, ``detection``, ``priors``.
 
 Every aggregated metric is ``{"mean", "std", "n", "ddof"}`` with the sample standard deviation
 (ddof = 1) across folds, as :func:`evaluation.metrics.aggregate` computes it.
@@ -10,11 +10,12 @@ Every aggregated metric is ``{"mean", "std", "n", "ddof"}`` with the sample stan
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from evaluation.comparison import prior_comparisons
 from evaluation.metrics import aggregate
+from evaluation.results import FoldResult, json_safe
 
 RIAD = "riad"
 # Order of the LoRIS deviation metrics in tables and summaries; unknown names follow.
@@ -64,16 +65,38 @@ def summary_sections(
     return out
 
 
-def json_safe(obj: Any) -> Any:
-    """Recursively replace NaN/inf floats by None (strict JSON has no NaN) and numpy scalars by Python ones."""
-    if isinstance(obj, Mapping):
-        return {str(k): json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_safe(v) for v in obj]
-    if getattr(obj, "ndim", 0) > 0 and hasattr(obj, "tolist"):  # numpy arrays
-        return json_safe(obj.tolist())
-    if hasattr(obj, "item") and callable(obj.item) and getattr(obj, "ndim", 1) == 0:
-        obj = obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
+def summary_from_folds(folds: Sequence[FoldResult], detector: str | None = None) -> dict[str, Any]:
+    """``reconstruction``/``riad``/``detection``/``priors``/``prior_comparison`` parts of summary.json.
+
+    ``detector`` picks whose detection metrics fill ``detection`` (default: the only one present).
+
+    >>> sorted(summary_from_folds([FoldResult(0, methods={"riad": {"i_auroc": 0.6}})]))
+    ['reconstruction', 'riad']
+    """
+    dets = sorted({d for f in folds for d in f.detection})
+    if detector is None and len(dets) == 1:
+        detector = dets[0]
+    det = [f.detection[detector] for f in folds if detector in f.detection] if detector else []
+    priors = [f.priors for f in folds if f.priors]
+    # the fallbacks of the detector reported, which need not be the fold's first prior source
+    fallbacks = (
+        sum(int(f.detection[detector].get("fallbacks", f.fallbacks)) for f in folds if detector in f.detection)
+        if det
+        else sum(f.fallbacks for f in folds)
+    )
+    out = summary_sections([f.methods for f in folds], det or None, fallbacks, priors or None)
+    comparison = prior_comparisons(folds)
+    if comparison:
+        out["prior_comparison"] = comparison
+    return out
+
+
+__all__ = [
+    "METHOD_ORDER",
+    "RIAD",
+    "aggregate_methods",
+    "json_safe",
+    "ordered_methods",
+    "summary_from_folds",
+    "summary_sections",
+]

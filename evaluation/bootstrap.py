@@ -245,7 +245,9 @@ class DiceCounts(NamedTuple):
     true: np.ndarray
 
 
-def dice_counts(maps: np.ndarray, masks: np.ndarray, thresholds: Sequence[float], kernel: int = 3) -> DiceCounts:
+def dice_counts(
+    maps: np.ndarray, masks: np.ndarray, thresholds: Sequence[float] | np.ndarray, kernel: int = 3
+) -> DiceCounts:
     """Binarise ``map >= t`` for each threshold, close-then-open with ``kernel`` (as
     :func:`evaluation.metrics.pooled_dice`), and count per image; processed in chunks of images."""
     maps, masks = _stack(maps, masks)
@@ -291,7 +293,7 @@ def replicates(
     w: np.ndarray,
     *,
     val_threshold: float,
-    oracle_thresholds: Sequence[float],
+    oracle_thresholds: Sequence[float] | np.ndarray,
     kernel: int = 3,
 ) -> dict[str, np.ndarray]:
     """``[B]`` replicates of ``i_auroc``, ``p_auroc``, ``dice_oracle``, ``dice_oracle_post``, ``dice_val``.
@@ -410,7 +412,12 @@ def detection_matches(
             first[image[d]] = d
         tp[t, first[first >= 0]] = True
     return DetectionMatches(
-        image.astype(np.int64), np.concatenate(sc) if sc else np.zeros(0), tp, np.isfinite(gt).all(1), top1, has_pred
+        image.astype(np.int64),
+        np.concatenate(sc) if sc else np.zeros(0),
+        tp,
+        np.asarray(np.isfinite(gt).all(1)),
+        top1,
+        has_pred,
     )
 
 

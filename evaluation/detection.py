@@ -44,7 +44,7 @@ def _sizes(image_size: Sequence[int] | np.ndarray, n: int) -> np.ndarray:
     return sizes
 
 
-def _xywh(box: Sequence[float]) -> list[float]:
+def _xywh(box: Sequence[float] | np.ndarray) -> list[float]:
     x1, y1, x2, y2 = (float(v) for v in box)
     return [x1, y1, x2 - x1, y2 - y1]
 
@@ -70,7 +70,7 @@ def coco_ground_truth(
     image_ids = np.asarray(image_ids).ravel()
     sizes = _sizes(image_size, len(image_ids))
     images = [{"id": int(i), "height": int(h), "width": int(w)} for i, (h, w) in zip(image_ids, sizes)]
-    anns = []
+    anns: list[dict[str, Any]] = []
     for i, box in zip(image_ids, gt_boxes):
         if not np.all(np.isfinite(box)):
             continue
@@ -213,7 +213,7 @@ def detection_metrics(
         idx = np.flatnonzero(sel)
         if idx.size == 0:
             continue
-        preds = [predictions[i] for i in idx]
+        preds = [predictions[int(i)] for i in idx]
         part = top1_precision(gt_boxes[idx], preds)
         part.update(coco_map(gt_boxes[idx], image_ids[idx], preds, sizes[idx]))
         out.update({k + suffix: v for k, v in part.items()})

@@ -10,16 +10,49 @@ True
 
 from __future__ import annotations
 
+import atexit
 import io
+import os
+import shutil
+import sys
+import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-import matplotlib
+import numpy as np
+from sklearn.metrics import roc_curve
 
-matplotlib.use("Agg")  # headless; must precede pyplot
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from sklearn.metrics import roc_curve  # noqa: E402
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+
+def _import_pyplot() -> Any:
+    """pyplot on the Agg backend, its config and font cache kept out of HOME.
+
+    Unless the caller set ``MPLCONFIGDIR`` or imported matplotlib already (then theirs holds), the
+    import runs with a private temporary ``MPLCONFIGDIR`` that the process removes at exit; the
+    variable is restored afterwards so child processes do not inherit a folder that will vanish.
+    """
+    private = not os.environ.get("MPLCONFIGDIR") and "matplotlib" not in sys.modules
+    if private:
+        path = tempfile.mkdtemp(prefix="loris-mpl-")
+        atexit.register(shutil.rmtree, path, True)
+        os.environ["MPLCONFIGDIR"] = path
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # headless; must precede pyplot
+        import matplotlib.pyplot as pyplot  # builds the font cache, in the folder chosen above
+
+        return pyplot
+    finally:
+        if private:
+            os.environ.pop("MPLCONFIGDIR", None)
+
+
+plt: Any = _import_pyplot()
 
 DPI = 90
 
@@ -66,14 +99,14 @@ def select_cases(
     return out
 
 
-def _png(fig: plt.Figure) -> bytes:
+def _png(fig: Figure) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight")
     plt.close(fig)
     return buf.getvalue()
 
 
-def _contour(ax: plt.Axes, mask: np.ndarray, color: str) -> None:
+def _contour(ax: Axes, mask: np.ndarray, color: str) -> None:
     # contour() warns on constant input, so draw only masks with an edge
     if mask.any() and not mask.all():
         ax.contour(mask.astype(np.float32), levels=[0.5], colors=color, linewidths=1.0)

@@ -23,8 +23,10 @@ from typing import Any
 
 import numpy as np
 
+from evaluation.aggregate import RIAD
 from evaluation.bootstrap import N_BOOT, interval, patient_weights, pooled, replicates
 from evaluation.controls import CONTROLS
+from evaluation.results import GROUND_TRUTH
 
 METRICS = ("i_auroc", "p_auroc", "dice_oracle", "dice_oracle_post", "dice_val", "precision", "map50", "map75")
 LEVEL = 0.95
@@ -36,7 +38,7 @@ EXTERNAL_STREAM = 99
 MIN_PATIENTS = 3  # fewer distinct patients in a part: its intervals are NaN (shown as none)
 
 
-def fold_weights(patients: Sequence[str], seed: int, fold: int | None, n_boot: int = N_BOOT) -> np.ndarray:
+def fold_weights(patients: Sequence[str] | np.ndarray, seed: int, fold: int | None, n_boot: int = N_BOOT) -> np.ndarray:
     """``[n_boot, N]`` patient-cluster weights of one fold's test part (``fold=None``: an external set,
     one draw shared by every fold's models)."""
     key = [seed, EXTERNAL_STREAM] if fold is None else [seed, fold, WEIGHTS_STREAM]
@@ -164,16 +166,17 @@ def clustered_summary(
     sources = sorted({r.split("/")[0] for r in rows} - {NO_PRIOR})
     maps = [m for m in LORIS_MAPS if f"{main_source}/{m}" in rows]
     pairs += [(f"{main_source}/{a}", f"{main_source}/{b}") for i, a in enumerate(maps) for b in maps[i + 1 :]]
-    if f"{NO_PRIOR}/riad" in rows and maps:
-        pairs += [(f"{main_source}/{m}", f"{NO_PRIOR}/riad") for m in maps]
+    if f"{NO_PRIOR}/{RIAD}" in rows and maps:
+        pairs += [(f"{main_source}/{m}", f"{NO_PRIOR}/{RIAD}") for m in maps]
     for src in sources:
         ctrl = best_control(estimates, src)
         if ctrl is None:
             continue
         out["best_control"][src] = ctrl
         pairs += [(f"{src}/{m}", ctrl) for m in LORIS_MAPS if f"{src}/{m}" in rows]
-    pairs += [(f"{src}/msgmsd", "gt/msgmsd") for src in sources if src != "gt" and "gt/msgmsd" in rows]
-    pairs += [(f"{src}/{c}", f"gt/{c}") for src in sources if src != "gt" for c in CONTROLS if f"gt/{c}" in rows]
+    gt, others = GROUND_TRUTH, [s for s in sources if s != GROUND_TRUTH]
+    pairs += [(f"{src}/msgmsd", f"{gt}/msgmsd") for src in others if f"{gt}/msgmsd" in rows]
+    pairs += [(f"{src}/{c}", f"{gt}/{c}") for src in others for c in CONTROLS if f"{gt}/{c}" in rows]
     for a, b in dict.fromkeys(pairs):
         for m in METRICS:
             d = difference(estimates, reps, a, b, m, level)
@@ -193,7 +196,7 @@ def fold_estimates(
     LoRIS+MSGMSD, each source's controls and each detector's detection metrics (``<src>/detection``)."""
     out: dict[str, Mapping[str, float]] = {f"{src}/detection": v for src, v in (detection or {}).items()}
     for m, v in methods.items():
-        out[f"{NO_PRIOR}/{m}" if m == "riad" else f"{main_source}/{m}"] = v
+        out[f"{NO_PRIOR}/{m}" if m == RIAD else f"{main_source}/{m}"] = v
     for src, v in priors.items():
         out.setdefault(f"{src}/msgmsd", v)
     for src, per in controls.items():

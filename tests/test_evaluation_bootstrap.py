@@ -295,8 +295,8 @@ def test_weighted_detection_metrics_equal_pycocotools_with_unit_weights() -> Non
     ref = detection_metrics(gt, np.arange(1, n + 1), preds, (64, 64))
     m = detection_matches(gt, preds)
     got = detection_replicates(m, np.ones((1, n)))
-    for k in ("precision", "map50", "map75"):
-        assert got[k][0] == pytest.approx(ref[k], abs=1e-9), k
+    for key in ("precision", "map50", "map75"):
+        assert got[key][0] == pytest.approx(ref[key], abs=1e-9), key
     w = patient_weights(np.arange(n) // 4, 200, np.random.default_rng(1))
     reps = detection_replicates(m, w)
     assert all(v.shape == (200,) and np.isfinite(v).all() for v in reps.values())

@@ -56,7 +56,7 @@ def test_clustered_summary_rows_differences_and_best_control() -> None:
     assert cl["rows"]["gt/msgmsd"]["i_auroc"]["pooled"]["estimate"] == pytest.approx(0.8)
     assert len(cl["rows"]["gt/msgmsd"]["i_auroc"]["per_fold"]) == 3
     d = find_difference(cl, "gt/msgmsd", "gt/control_area", "i_auroc")
-    assert d["pooled"]["estimate"] == pytest.approx(0.2) and d["pooled"]["low"] > 0.1
+    assert d is not None and d["pooled"]["estimate"] == pytest.approx(0.2) and d["pooled"]["low"] > 0.1
     assert find_difference(cl, "gt/msgmsd", "none/riad", "i_auroc") is not None
     assert find_difference(cl, "gt/msgmsd", "gt/dd", "i_auroc") is not None
     # pooling over 3 folds narrows the interval against one fold's
@@ -70,20 +70,20 @@ def test_difference_is_paired_replicate_wise() -> None:
     reps = [{"gt/a/i_auroc": base + 0.05, "gt/b/i_auroc": base}]
     est = [{"gt/a": {"i_auroc": 0.75}, "gt/b": {"i_auroc": 0.7}}]
     d = difference(est, reps, "gt/a", "gt/b", "i_auroc")
-    assert d["pooled"]["high"] - d["pooled"]["low"] < 1e-9
+    assert d is not None and d["pooled"]["high"] - d["pooled"]["low"] < 1e-9
     assert difference(est, reps, "gt/a", "gt/missing", "i_auroc") is None
 
 
 def test_score_region_box_pools_over_the_masked_margin() -> None:
     from pipeline.config import load_config
-    from pipeline.run import _scores
+    from pipeline.evaluate import image_scores
     from reconstruction.deviation import image_score
 
     cfg = load_config(None, "quick", ["score.region=box", "unet.mask_margin=3"])
     maps = np.zeros((1, 32, 32), np.float32)
     maps[0, 5, 5] = 1.0  # just outside the box, inside its 3-px margin
     boxes = np.array([[7.0, 7.0, 20.0, 20.0]])
-    got = _scores(cfg, {"m": maps}, boxes)["m"]
+    got = image_scores({"m": maps}, boxes, cfg.score, cfg.unet.mask_margin)["m"]
     assert got[0] > 0 and got[0] == pytest.approx(image_score(maps, boxes, region="box", margin=3)[0])
 
 
@@ -111,9 +111,9 @@ def test_full_weights_reproduce_every_estimate() -> None:
 def test_too_few_patients_give_no_interval() -> None:
     from evaluation.controls import CONTROL_NAMES  # noqa: F401  (import check)
     from evaluation.intervals import fold_weights
-    from evaluation.report import _cell
+    from evaluation.tables import cell
 
     w = fold_weights(np.array(["a", "a", "b", "b"]), seed=0, fold=0, n_boot=50)
     assert np.isnan(w).all()
     assert fold_weights(np.array(["a", "b", "c"]), seed=0, fold=0, n_boot=50).shape == (50, 3)
-    assert _cell({"mean": 0.7, "std": 0.1, "ci_low": float("nan"), "ci_high": float("nan")}) == "0.700 ± 0.100"
+    assert cell({"mean": 0.7, "std": 0.1, "ci_low": float("nan"), "ci_high": float("nan")}) == "0.700 ± 0.100"

@@ -8,9 +8,12 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from evaluation import FoldResult, ImageRow, summary_from_folds
+from evaluation import FoldResult, ImageRow, SourceLabel, summary_from_folds
+from evaluation.comparison import prior_comparisons
 from evaluation.paired import PairedAuroc, mean_over_folds, mean_over_models, paired_auroc
-from evaluation.report import build_tables, prior_comparisons, table_markdown
+from evaluation.tables import build_tables, table_markdown
+
+LABELS = {"codetr": SourceLabel("Co-DETR", "codetr")}  # as the pipeline passes it from the registry
 
 
 def _definition_se(y: np.ndarray, a: np.ndarray, b: np.ndarray) -> float:
@@ -138,9 +141,9 @@ def test_report_pairs_rows_by_image_and_shows_the_interval() -> None:
     assert summary_from_folds(folds)["prior_comparison"]["codetr"]["se"] == pytest.approx(expected["se"])
     # Table 2's gap carries the patient-clustered interval when the run has one (tests of
     # evaluation.intervals); DeLong's per-image test stays in summary.json and the note says so.
-    row = next(r for r in build_tables(folds, paper=False)["table2"] if r["name"] == "Co-DETR")
+    row = next(r for r in build_tables(folds, paper=False, labels=LABELS)["table2"] if r["name"] == "Co-DETR")
     assert row["metrics"]["gap_i_auroc"].get("ci_low") is None
-    text = table_markdown("table2", build_tables(folds, paper=False)["table2"])
+    text = table_markdown("table2", build_tables(folds, paper=False, labels=LABELS)["table2"])
     assert "DeLong" in text and "patient-clustered" in text
 
 
@@ -195,5 +198,5 @@ def test_a_fold_delong_cannot_test_keeps_the_plain_gap() -> None:
     positives = [r.id for r in lonely.rows if r.label == 1 and r.prior_source == "gt"]
     lonely.rows = [r for r in lonely.rows if r.label == 0 or r.id == positives[0]]
     assert prior_comparisons(folds)["codetr"]["folds"] == [0]
-    row = next(r for r in build_tables(folds, paper=False)["table2"] if r["name"] == "Co-DETR")
+    row = next(r for r in build_tables(folds, paper=False, labels=LABELS)["table2"] if r["name"] == "Co-DETR")
     assert "ci_low" not in row["metrics"]["gap_i_auroc"]

@@ -10,9 +10,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from evaluation import Example, FoldResult, ImageRow, select_cases, summary_from_folds, write_report
+from evaluation import Example, FoldResult, ImageRow, SourceLabel, select_cases, summary_from_folds, write_report
 
 METHODS = ("msgmsd", "dd", "gmsd", "ssim", "riad")
+# what the pipeline passes from the detector registry for the built-in sources
+LABELS = {
+    "gt": SourceLabel("GT", "gt"),
+    "yolov5": SourceLabel("YOLOv5u", "yolov5u"),
+    "codetr": SourceLabel("Co-DETR", "codetr"),
+}
 
 
 def _strict_json(text: str) -> object:
@@ -26,13 +32,16 @@ def _folds(n_folds: int = 3) -> list[FoldResult]:
     rng = np.random.default_rng(0)
     folds = []
     for k in range(n_folds):
-        seg = lambda: {
-            "i_auroc": rng.uniform(0.6, 0.9),
-            "p_auroc": rng.uniform(0.7, 0.95),  # noqa: E731
-            "dice_oracle": rng.uniform(0.1, 0.4),
-            "dice_val": rng.uniform(0.1, 0.3),
-            "dice_per_image": rng.uniform(0.1, 0.3),
-        }
+
+        def seg() -> dict[str, float]:
+            return {
+                "i_auroc": rng.uniform(0.6, 0.9),
+                "p_auroc": rng.uniform(0.7, 0.95),
+                "dice_oracle": rng.uniform(0.1, 0.4),
+                "dice_val": rng.uniform(0.1, 0.3),
+                "dice_per_image": rng.uniform(0.1, 0.3),
+            }
+
         rows = []
         for i in range(8):
             label = int(i % 2)
@@ -117,7 +126,13 @@ def test_report_renders_and_references_only_existing_files(tmp_path: Path) -> No
         **summary_from_folds(folds),
     }
     paths = write_report(
-        tmp_path, summary, folds, {"epochs": 3, "lr": 1e-4}, {"numpy": np.__version__}, examples=_examples()
+        tmp_path,
+        summary,
+        folds,
+        {"epochs": 3, "lr": 1e-4},
+        {"numpy": np.__version__},
+        examples=_examples(),
+        labels=LABELS,
     )
     for name in (
         "table1.md",
@@ -196,6 +211,30 @@ def test_select_cases_with_one_class(labels: list[int]) -> None:
 def test_refined_detector_rows_are_named_so(tmp_path: Path) -> None:
     folds = _folds()
     summary = {"detector": "codetr", **summary_from_folds(folds)}
-    write_report(tmp_path, summary, folds, {"detector": {"refine": True}}, {}, figures=False)
+    write_report(tmp_path, summary, folds, {"detector": {"refine": True}}, {}, figures=False, labels=LABELS)
     t2 = (tmp_path / "table2.md").read_text()
     assert "| Co-DETR + refiner | ours |" in t2 and "| GT | ours |" in t2 and "| CoDETR | paper |" in t2
+
+
+def test_figures_keep_matplotlib_out_of_home(tmp_path: Path) -> None:
+    """Without MPLCONFIGDIR, matplotlib's config and font cache go to a private folder removed at exit."""
+    import os
+    import subprocess
+    import sys
+
+    home, tmp = tmp_path / "home", tmp_path / "tmp"
+    home.mkdir()
+    tmp.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("MPLCONFIGDIR", "XDG_CONFIG_HOME", "XDG_CACHE_HOME")}
+    env.update(HOME=str(home), TMPDIR=str(tmp))
+    code = (
+        "import os, evaluation.figures as f, matplotlib\n"
+        "assert f.score_distribution_figure({'m': ([0.1, 0.9], [0, 1])})[:4] == b'\\x89PNG'\n"
+        "print(matplotlib.get_cachedir()); print(os.environ.get('MPLCONFIGDIR'))\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, check=True)
+    cache_dir, variable = out.stdout.split()
+    assert Path(cache_dir).parent == tmp  # the private folder held the font cache ...
+    assert variable == "None"  # ... without leaking the variable to child processes
+    assert not list(home.rglob("*")) and not list(tmp.iterdir())  # nothing in HOME; the folder is gone

@@ -55,6 +55,8 @@ class Detector(ABC):
     # Config keys that only change prediction (thresholds, batch size, test-time passes): the
     # pipeline keeps them out of the training cache key and applies them to a cached model.
     INFERENCE_KEYS: ClassVar[frozenset[str]] = frozenset()
+    # The detector's settings (what :meth:`set_inference` updates).
+    config: dict[str, Any]
 
     def set_inference(self, **settings: Any) -> None:
         """Change inference-only settings (:attr:`INFERENCE_KEYS`) of a trained detector."""

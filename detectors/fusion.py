@@ -3,10 +3,7 @@
 NMS keeps the single best-scoring candidate and throws its neighbours away, although each
 neighbour is an independent estimate of the same recess edges. Averaging the overlapping
 candidates, weighted by score (weighted box fusion restricted to the top cluster), lowers the
-edge error; with a horizontally flipped second pass the two passes' errors partly cancel.
-Measured on the phantom (5 folds, YOLOv5u cached fold models, 128 px), test mAP@75 with plain
-NMS / fusion / flip + fusion (IoU 0.5): generator v2 0.365 / 0.392 / 0.419; v3 0.480 / 0.521 /
-0.516 (mAP@50 0.982 / 0.987 / 0.994).
+edge error (figures in docs/results.md).
 
 >>> import numpy as np
 >>> boxes = np.array([[10, 10, 50, 30], [12, 10, 52, 30], [80, 80, 90, 90]], np.float32)
@@ -45,9 +42,3 @@ def fuse_top(boxes: np.ndarray, scores: np.ndarray, iou: float = 0.5) -> np.ndar
     member = iou_one_to_many(top, boxes) >= iou
     w = scores[member]
     return ((boxes[member] * w[:, None]).sum(0) / w.sum()).astype(np.float32)
-
-
-def unflip(boxes: np.ndarray, width: float) -> np.ndarray:
-    """Boxes predicted on a left-right flipped image, mapped back to the original image."""
-    boxes = np.asarray(boxes)
-    return np.stack([width - boxes[..., 2], boxes[..., 1], width - boxes[..., 0], boxes[..., 3]], axis=-1)

@@ -1,13 +1,12 @@
 """Box refinement: a second, close look that re-places the four edges of a detector's box.
 
-Why it exists: on the phantom both detectors find the recess (mAP@50 0.95-0.99) but put its
-ends ~4.5 px and its walls ~1.5 px off at 128 px (YOLOv5u, v3 phantom, 5 folds, mean absolute
-edge error), although the recess ends are plainly visible. Refined, mAP@75 goes from 0.43 to
-0.72 (YOLOv5u) and from 0.44 to 0.71 (Co-DETR) over 5 folds (README "Detectors"). A small CNN looks at a crop around
-the box at the crop's own resolution and localises each edge as a 1-D soft-argmax: left and
-right along the crop's width, top and bottom along its height. It is the detector-agnostic
-counterpart of Cascade R-CNN's later stages, trained on the same scans as the detector (normal
-only by default) from jittered ground-truth boxes, so it never sees a distended recess either.
+Why it exists: detectors find the recess but put its ends and walls a few pixels off, although
+the ends are plainly visible; refinement lifts mAP@75 (figures in docs/results.md). A small CNN
+looks at a crop around the box at the crop's own resolution and localises each edge as a 1-D
+soft-argmax: left and right along the crop's width, top and bottom along its height. It is the
+detector-agnostic counterpart of Cascade R-CNN's later stages, trained on the same scans as the
+detector (normal only by default) from jittered ground-truth boxes, so it never sees a distended
+recess either.
 
 >>> import numpy as np
 >>> ref = BoxRefiner(steps=2, batch_size=2, seed=0)
@@ -22,7 +21,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +34,8 @@ from torchvision.ops import nms, roi_align
 from detectors.base import Detections, Detector, check_inference_settings, detector_class
 from scans.io import atomic_write, atomic_write_text
 from scans.records import ScanArrays
+from scans.runtime import resolve_device
+from scans.training import Budget, seeded_global_rng, streams
 
 
 def context_regions(boxes: torch.Tensor, pad_x: float, pad_y: float) -> torch.Tensor:
@@ -97,27 +97,27 @@ class EdgeNet(nn.Module):
 
 @dataclass
 class RefinerConfig:
-    """Settings of :class:`BoxRefiner` (the defaults are the measured CPU default)."""
+    """Settings of :class:`BoxRefiner` (the defaults are the CPU default, chosen on the phantom)."""
 
     crop_h: int = 32  # crop grid rows (the padded box is ~50 px tall at 128 px)
     crop_w: int = 96  # crop grid columns (the padded box is ~105 px wide at 128 px)
-    pad_x: float = 0.3  # context each side, fraction of box width (YOLOv5u x errors: MAE ~0.06 w, tail 0.2 w)
+    pad_x: float = 0.3  # context each side, fraction of box width (must hold the detectors' x errors)
     pad_y: float = 0.6  # context above/below, fraction of box height (distended boxes are taller)
     jitter_x: float = 0.12  # training box noise: mean std of each x edge, fraction of width
     jitter_y: float = 0.15  # ... of each y edge, fraction of height (per sample 0-2x the mean)
     width: int = 24  # CNN channels
-    steps: int = 500  # the training budget in optimisation steps: 55-86 s per fold on 2 cores (README "Time"), the refiner's ~1-min share of a fold
+    steps: int = 500  # the training budget in optimisation steps (about a minute per fold on 2 CPU cores)
     batch_size: int = 32
     lr: float = 2e-3  # AdamW with cosine decay
-    max_seconds: float = 0.0  # opt-in wall-clock cap on training; 0 = none. A cap that binds makes the refiner depend on the machine's speed
+    # Opt-in wall-clock cap on training, 0 = off (the default); a cap that binds makes the refiner
+    # depend on the machine's speed.
+    max_minutes: float = 0.0
     iterations: int = 2  # refinement passes at inference (the second starts from a closer box)
     # Candidates the refiner moved onto the same edges are one box: drop the lower-scored copies
-    # (IoU >= this after refinement; null keeps all). Co-DETR has no NMS, and its near-duplicates
-    # (2nd score ~0.87x the 1st) ranked above true boxes: v3 fold 0 test mAP@50/75 0.888/0.720 ->
-    # 0.975/0.792 at 0.9 (0.8: 0.999/0.783); YOLOv5u (already NMS'd) folds 0-2: -0.004..+0.005.
+    # (IoU >= this after refinement; None keeps all). Co-DETR has no NMS, so its near-duplicates
+    # would otherwise rank above true boxes.
     dedup_iou: float | None = 0.9
-    # Also refine the mirrored crop and average the two. Chosen on the validation scans of all 5
-    # folds (v3, test unused), 2 passes: mAP@75 Co-DETR 0.741 -> 0.768, YOLOv5u 0.744 -> 0.784.
+    # Also refine the mirrored crop and average the two (chosen on validation scans).
     tta_flip: bool = True
     seed: int = 0
 
@@ -138,8 +138,7 @@ class BoxRefiner:
         self.config = RefinerConfig(**config)
         self.device = device
         # The seed fixes the initial weights without reseeding the caller's global RNG.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.config.seed)
+        with seeded_global_rng(self.config.seed):
             self.net = EdgeNet(self.config.width)
         self.net.to(device)
 
@@ -192,7 +191,8 @@ class BoxRefiner:
     def fit(
         self, images: np.ndarray, boxes: np.ndarray, val_images: np.ndarray, val_boxes: np.ndarray
     ) -> dict[str, Any]:
-        """Train on ``[N, S, S]`` images and their ``[N, 4]`` boxes; report validation edge error.
+        """Train on ``[N, S, S]`` images and their ``[N, 4]`` boxes for ``steps`` steps (or until the
+        opt-in ``max_minutes``); report validation edge error.
 
         Augmentation: horizontal mirror (box mirrored with it), gain jitter, and the box noise.
         """
@@ -202,41 +202,41 @@ class BoxRefiner:
             raise ValueError("the box refiner needs training scans with boxes")
         imgs = torch.from_numpy(np.ascontiguousarray(images[ok], np.float32))[:, None].to(self.device)
         gts = torch.from_numpy(np.asarray(boxes[ok], np.float32)).to(self.device)
-        size = imgs.shape[-1]
-        gen = torch.Generator(device=self.device).manual_seed(c.seed)
+        gen = streams(c.seed, self.device).torch
         opt = torch.optim.AdamW(self.net.parameters(), lr=c.lr, weight_decay=1e-4)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s / c.steps, 1.0))))
         self.net.train()
-        t0 = time.perf_counter()
+        budget = Budget(c.steps, c.max_minutes, unit="steps")
         losses: list[float] = []
-        step = 0
-        for step in range(c.steps):
-            if c.max_seconds and time.perf_counter() - t0 > c.max_seconds:
-                break
-            pick = torch.randint(len(imgs), (c.batch_size,), generator=gen, device=self.device)
-            x, b = imgs[pick], gts[pick].clone()
-            flip = torch.rand(c.batch_size, generator=gen, device=self.device) < 0.5
-            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-            b[flip] = torch.stack([size - b[flip, 2], b[flip, 1], size - b[flip, 0], b[flip, 3]], 1)
-            gain = 1 + 0.2 * (torch.rand(c.batch_size, 1, 1, 1, generator=gen, device=self.device) - 0.5)
-            x = (x * gain).clamp(0, 1)
-            regions = context_regions(self._jitter(b, gen), c.pad_x, c.pad_y)
-            crops = self._crops(x, torch.arange(c.batch_size, device=self.device), regions)
-            target = self._to_crop(b, regions).clamp(0, 1)
-            loss = F.smooth_l1_loss(self.net(crops), target, beta=0.02)
+        for _ in budget.units():
+            loss = self._train_step(imgs, gts, gen)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
             losses.append(float(loss.detach()))
-        seconds = time.perf_counter() - t0
         info = {
-            "refiner_steps": step + 1 if losses else 0,
-            "refiner_seconds": round(seconds, 1),
+            "refiner_steps": len(losses),
+            "refiner_seconds": round(budget.elapsed, 1),
             "refiner_final_loss": float(np.mean(losses[-50:])) if losses else None,
         }
         info.update(self.evaluate(val_images, val_boxes))
         return info
+
+    def _train_step(self, imgs: torch.Tensor, gts: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """The loss of one augmented batch drawn from ``imgs`` ``[N, 1, S, S]`` and their boxes ``gts``."""
+        c, size = self.config, imgs.shape[-1]
+        pick = torch.randint(len(imgs), (c.batch_size,), generator=gen, device=self.device)
+        x, b = imgs[pick], gts[pick].clone()
+        flip = torch.rand(c.batch_size, generator=gen, device=self.device) < 0.5
+        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        b[flip] = torch.stack([size - b[flip, 2], b[flip, 1], size - b[flip, 0], b[flip, 3]], 1)
+        gain = 1 + 0.2 * (torch.rand(c.batch_size, 1, 1, 1, generator=gen, device=self.device) - 0.5)
+        x = (x * gain).clamp(0, 1)
+        regions = context_regions(self._jitter(b, gen), c.pad_x, c.pad_y)
+        crops = self._crops(x, torch.arange(c.batch_size, device=self.device), regions)
+        target = self._to_crop(b, regions).clamp(0, 1)
+        return F.smooth_l1_loss(self.net(crops), target, beta=0.02)
 
     def evaluate(self, images: np.ndarray, boxes: np.ndarray) -> dict[str, float]:
         """Mean absolute edge error (pixels) of jittered ground-truth boxes before and after refinement."""
@@ -363,6 +363,6 @@ class RefinedDetector(Detector):
         base = detector_class(meta["base"]).load(directory)
         return cls(
             base,
-            BoxRefiner.load(directory / "refiner", device="cuda" if torch.cuda.is_available() else "cpu"),
+            BoxRefiner.load(directory / "refiner", device=resolve_device()),
             top_k=top_k,
         )

@@ -50,6 +50,7 @@ from detectors.fusion import fuse_top
 from detectors.yolo_format import to_uint8, write_dataset
 from scans.io import atomic_write, atomic_write_text
 from scans.records import ScanArrays
+from scans.training import seeded_global_rng
 
 _INTEGRATIONS_OFF = {
     "sync": False,
@@ -287,13 +288,14 @@ class YoloV5Detector(Detector):
             # ultralytics' select_device forces cpu_count-1 threads (1 on 2 cores) after setup.
             yolo.add_callback("on_pretrain_routine_end", lambda trainer: torch.set_num_threads(threads))
             yolo.train(**self._train_args(data, workdir))
-            trainer = yolo.trainer
+            trainer: Any = yolo.trainer
             # YOLO.train reloads best.pt (written by this run moments ago) into yolo.model.
+            trained: Any = yolo.model
             state = {
                 k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu().clone()
-                for k, v in yolo.model.state_dict().items()
+                for k, v in trained.state_dict().items()
             }
-            model_yaml = dict(yolo.model.yaml)
+            model_yaml = dict(trained.yaml)
         finally:
             LOGGER.removeHandler(handler)
             handler.close()
@@ -320,14 +322,15 @@ class YoloV5Detector(Detector):
         from ultralytics.nn.tasks import yaml_model_load
 
         import_ultralytics()
-        torch.manual_seed(self.config["seed"])
         model_yaml = dict(yaml_model_load(self.config["model"]))
-        self._set_weights(model_yaml, _build_model(model_yaml).state_dict())
+        with seeded_global_rng(int(self.config["seed"])):
+            state = _build_model(model_yaml).state_dict()
+        self._set_weights(model_yaml, state)
         return self
 
     def _set_weights(self, model_yaml: dict[str, Any], state: dict[str, torch.Tensor]) -> None:
         """Rebuild the network from its yaml and weights: the one path used after fit() and load()."""
-        model = _build_model(model_yaml)
+        model: Any = _build_model(model_yaml)  # an ultralytics DetectionModel (it has fuse())
         model.load_state_dict(state)
         self.model_yaml, self._state = model_yaml, state  # the unfused weights are what save() writes
         # Fusing conv+BN changes only rounding and is faster; done identically after fit() and load().
@@ -386,8 +389,12 @@ class YoloV5Detector(Detector):
     def _raw(self, x: torch.Tensor) -> torch.Tensor:
         """Pre-NMS candidates ``[N, 5, A]`` (cx, cy, w, h, score), with the flipped pass appended."""
 
+        model = self._model
+        if model is None:
+            raise RuntimeError("YoloV5Detector is not trained: call fit() or load()")
+
         def forward(inp: torch.Tensor) -> torch.Tensor:
-            y = self._model(inp)
+            y = model(inp)
             return y[0] if isinstance(y, (list, tuple)) else y  # eval mode may also return features
 
         out = forward(x)

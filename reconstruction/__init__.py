@@ -11,7 +11,7 @@ Public API (the pipeline calls these):
 
 from reconstruction.checkpoint import load_model, save_model
 from reconstruction.deviation import MAP_NAMES, anomaly_map, image_score
-from reconstruction.infer import Reconstruction, reconstruct, resolve_device, riad_reconstruct
+from reconstruction.infer import Reconstruction, reconstruct, riad_reconstruct
 from reconstruction.masking import apply_single_mask, box_masks, riad_masks
 from reconstruction.segment import segment
 from reconstruction.train import TrainConfig, TrainResult, train_unet
@@ -32,7 +32,6 @@ __all__ = [
     "image_score",
     "load_model",
     "reconstruct",
-    "resolve_device",
     "riad_masks",
     "riad_reconstruct",
     "save_model",

@@ -16,13 +16,12 @@ Run: ``python -m reconstruction.benchmark [--threads 2] [--profiles cpu paper] [
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
 import resource
-import statistics
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from typing import Any
@@ -33,23 +32,14 @@ from torch import nn
 from reconstruction.losses import reconstruction_loss
 from reconstruction.masking import apply_single_mask
 from reconstruction.unet import UNet, UNetConfig, count_parameters, fold_batchnorm
-
-
-def _median_time(fn: Callable[[], Any], reps: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+from scans.runtime import median_seconds, torch_threads
+from scans.training import seeded_global_rng
 
 
 def matmul_gflops(n: int = 2048, reps: int = 5) -> float:
     """Dense float32 ``torch.matmul`` GFLOP/s (``2 n^3`` FLOPs per product)."""
     a, b = torch.randn(n, n), torch.randn(n, n)
-    return 2 * n**3 / _median_time(lambda: torch.matmul(a, b), reps) / 1e9
+    return 2 * n**3 / median_seconds(lambda: torch.matmul(a, b), reps) / 1e9
 
 
 def unet_flops(config: UNetConfig, size: int = 256) -> int:
@@ -64,25 +54,21 @@ def unet_flops(config: UNetConfig, size: int = 256) -> int:
 
 def inference_speed(config: UNetConfig, size: int = 256, batch: int = 8, reps: int = 5) -> dict[str, dict[str, float]]:
     """Images/s per variant: plain contiguous, channels-last, channels-last with BN folded in."""
-    torch.manual_seed(0)
-    net = UNet(config).eval()
-    x = torch.rand(batch, 1, size, size) * 2 - 1
+    with seeded_global_rng(0):
+        net = UNet(config).eval()
+        x = torch.rand(batch, 1, size, size) * 2 - 1
+    last = UNet(config).eval().to(memory_format=torch.channels_last)
+    last.load_state_dict(net.state_dict())
+    x_last = x.contiguous(memory_format=torch.channels_last)
     variants: dict[str, tuple[nn.Module, torch.Tensor]] = {
         "contiguous": (net, x),
-        "channels_last": (
-            UNet(config).eval().to(memory_format=torch.channels_last),
-            x.contiguous(memory_format=torch.channels_last),
-        ),
+        "channels_last": (last, x_last),
+        "fused_channels_last": (fold_batchnorm(last).to(memory_format=torch.channels_last), x_last),
     }
-    variants["channels_last"][0].load_state_dict(net.state_dict())
-    variants["fused_channels_last"] = (
-        fold_batchnorm(variants["channels_last"][0]).to(memory_format=torch.channels_last),
-        variants["channels_last"][1],
-    )
     out: dict[str, dict[str, float]] = {}
     with torch.inference_mode():
         for name, (m, inp) in variants.items():
-            s = _median_time(lambda: m(inp), reps)
+            s = median_seconds(functools.partial(m, inp), reps)
             out[name] = {"seconds_per_batch": s, "images_per_s": batch / s}
     return out
 
@@ -91,11 +77,10 @@ def train_step(
     config_dict: dict[str, int], size: int = 256, batch: int = 4, steps: int = 5, threads: int = 2
 ) -> dict[str, float]:
     """Median seconds of one Adam step (single mask, full loss) and this process's peak RSS."""
-    torch.set_num_threads(threads)
-    torch.manual_seed(0)
-    net = UNet(UNetConfig.from_dict(config_dict)).train()
+    with seeded_global_rng(0):
+        net = UNet(UNetConfig.from_dict(config_dict)).train()
+        x = torch.rand(batch, 1, size, size) * 2 - 1
     opt = torch.optim.Adam(net.parameters(), lr=1e-4)
-    x = torch.rand(batch, 1, size, size) * 2 - 1
     boxes = torch.tensor([[64.0, 96.0, 192.0, 140.0]] * batch) * size / 256
 
     def step() -> None:
@@ -104,12 +89,39 @@ def train_step(
         loss.backward()
         opt.step()
 
-    s = _median_time(step, steps)
+    with torch_threads(threads):
+        s = median_seconds(step, steps)
     return {
         "seconds_per_step": s,
         "images_per_s": batch / s,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
+
+
+def _machine(threads: int) -> dict[str, Any]:
+    return {
+        "cpu_count": os.cpu_count(),
+        "threads": threads,
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "mkldnn": torch.backends.mkldnn.is_available(),
+        "load_avg_start": os.getloadavg(),
+    }
+
+
+def _inference(res: dict[str, Any], profiles: Sequence[str], size: int, batch: int, reps: int) -> None:
+    """FLOPs, parameters and inference speed of each profile into ``res``."""
+    res["inference"], res["flops"], res["params"] = {}, {}, {}
+    for p in profiles:
+        cfg = UNetConfig.profile(p)
+        flops = unet_flops(cfg, size)
+        res["flops"][p] = flops
+        res["params"][p] = count_parameters(UNet(cfg))
+        speed = inference_speed(cfg, size, batch, reps if p != "paper" else min(reps, 2))
+        for v in speed.values():
+            v["gflops"] = v["images_per_s"] * flops / 1e9
+            v["fraction_of_matmul"] = v["gflops"] / res["matmul_gflops"]
+        res["inference"][p] = speed
 
 
 def run_benchmark(
@@ -127,52 +139,21 @@ def run_benchmark(
 
     The paper profile is slow on a CPU, so it gets at most 2 timed repetitions.
     """
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        res: dict[str, Any] = {
-            "machine": {
-                "cpu_count": os.cpu_count(),
-                "threads": threads,
-                "platform": platform.platform(),
-                "torch": torch.__version__,
-                "mkldnn": torch.backends.mkldnn.is_available(),
-                "load_avg_start": os.getloadavg(),
-            },
-            "size": size,
-            "batch": batch,
-        }
+    with torch_threads(threads):
+        res: dict[str, Any] = {"machine": _machine(threads), "size": size, "batch": batch}
         res["matmul_gflops"] = matmul_gflops(matmul_n, reps)
-        res["inference"], res["flops"], res["params"] = {}, {}, {}
-        for p in profiles:
-            cfg = UNetConfig.profile(p)
-            flops = unet_flops(cfg, size)
-            res["flops"][p] = flops
-            res["params"][p] = count_parameters(UNet(cfg))
-            speed = inference_speed(cfg, size, batch, reps if p != "paper" else min(reps, 2))
-            for v in speed.values():
-                v["gflops"] = v["images_per_s"] * flops / 1e9
-                v["fraction_of_matmul"] = v["gflops"] / res["matmul_gflops"]
-            res["inference"][p] = speed
+        _inference(res, profiles, size, batch, reps)
         res["matmul_gflops_end"] = matmul_gflops(matmul_n, reps)  # load drift check
         res["train"] = {}
         for p in train_profiles if train_profiles is not None else profiles[:1]:
-            args = (
-                UNetConfig.profile(p).to_dict(),
-                size,
-                4,
-                train_steps if p != "paper" else min(train_steps, 2),
-                threads,
-            )
+            args = (UNetConfig.profile(p).to_dict(), size, 4, train_steps if p != "paper" else min(train_steps, 2))
             if spawn:
                 with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as ex:
-                    res["train"][p] = ex.submit(train_step, *args).result()
+                    res["train"][p] = ex.submit(train_step, *args, threads).result()
             else:
-                res["train"][p] = train_step(*args)
+                res["train"][p] = train_step(*args, threads)
         res["machine"]["load_avg_end"] = os.getloadavg()
         return res
-    finally:
-        torch.set_num_threads(old)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -186,14 +167,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--json", default=None, help="also write the results here")
     a = ap.parse_args(argv)
     r = run_benchmark(a.profiles, a.size, a.batch, a.reps, a.threads, train_profiles=a.train_profiles)
+    load = r["machine"]["load_avg_start"]
     print(
-        f"matmul: {r['matmul_gflops']:.1f} GFLOP/s (end of run {r['matmul_gflops_end']:.1f}), threads={a.threads}, load {r['machine']['load_avg_start']}"
+        f"matmul: {r['matmul_gflops']:.1f} GFLOP/s (end of run {r['matmul_gflops_end']:.1f}), "
+        f"threads={a.threads}, load {load}"
     )
     for p, variants in r["inference"].items():
         print(f"{p}: {r['params'][p] / 1e6:.2f} M params, {r['flops'][p] / 1e9:.2f} GFLOP/image")
         for v, m in variants.items():
             print(
-                f"  {v:20s} {m['images_per_s']:7.2f} img/s  {m['gflops']:6.1f} GFLOP/s  {100 * m['fraction_of_matmul']:5.1f}% of matmul"
+                f"  {v:20s} {m['images_per_s']:7.2f} img/s  {m['gflops']:6.1f} GFLOP/s  "
+                f"{100 * m['fraction_of_matmul']:5.1f}% of matmul"
             )
     for p, m in r["train"].items():
         print(f"train {p}: {m['seconds_per_step']:.3f} s/step (batch 4), peak RSS {m['peak_rss_mb']:.0f} MB")

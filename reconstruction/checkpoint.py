@@ -14,32 +14,25 @@ Only tensors and plain data are written, so loading uses ``torch.load(weights_on
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from reconstruction.unet import UNet, UNetConfig
+from scans.io import atomic_write, atomic_write_text
 
 WEIGHTS = "model.pt"
 CONFIG = "model.json"
-
-
-def atomic_save(obj: Any, path: Path) -> None:
-    """``torch.save`` to a temp file then rename, so an interrupted run never leaves a torn file."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def save_model(model: UNet, directory: str | Path, meta: dict[str, Any] | None = None) -> Path:
     """Write ``directory/model.pt`` (CPU state_dict) and ``directory/model.json`` (config + ``meta``)."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    atomic_save({k: v.detach().cpu() for k, v in model.state_dict().items()}, d / WEIGHTS)
-    (d / CONFIG).write_text(json.dumps({"unet": model.config.to_dict(), "meta": meta or {}}, indent=2))
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    atomic_write(d / WEIGHTS, lambda tmp: torch.save(state, tmp))
+    atomic_write_text(d / CONFIG, json.dumps({"unet": model.config.to_dict(), "meta": meta or {}}, indent=2))
     return d
 
 

@@ -21,7 +21,7 @@ Maps take ``original`` and ``reconstruction`` as ``[B, 1, H, W]`` tensors in [-1
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Literal
 
 import numpy as np
@@ -140,8 +140,3 @@ def image_score(
     else:
         raise ValueError(f"unknown pooling {pooling!r}")
     return out.numpy()
-
-
-def compute_maps(names: Sequence[str], original: Tensor, reconstruction: Tensor) -> dict[str, Tensor]:
-    """Several maps at once, ``{name: [B, 1, H, W]}``."""
-    return {n: anomaly_map(n, original, reconstruction) for n in names}

@@ -23,16 +23,15 @@ from torch import Tensor, nn
 from reconstruction.deviation import anomaly_map, msgmsd_map
 from reconstruction.masking import apply_riad_masks, apply_single_mask, compose_riad, riad_masks
 from reconstruction.unet import UNet, fold_batchnorm
+from scans import runtime
 
 DEFAULT_MAPS: tuple[str, ...] = ("msgmsd", "gmsd", "ssim", "dd")
 RIAD_KS: tuple[int, ...] = (2, 4, 8, 16)
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``"auto"`` -> ``cuda`` when available, else ``cpu``."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    """:func:`scans.runtime.resolve_device` as a ``torch.device``."""
+    return torch.device(runtime.resolve_device(str(device)))
 
 
 @dataclass
@@ -49,10 +48,10 @@ def _prepare(
     dev = resolve_device(device)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     # Folding BN into the convs is a copy (the caller's model is untouched) and, with
-    # channels-last, measured 7.1 vs 3.9 img/s (cpu profile) on the 2-core CPU.
+    # channels-last, nearly doubles CPU inference speed.
     if fold_bn and isinstance(model, UNet):
         model = fold_batchnorm(model)
-    return model.to(device=dev, memory_format=fmt).eval(), dev, fmt
+    return model.to(dev).to(memory_format=fmt).eval(), dev, fmt
 
 
 def _forward(model: nn.Module, x: Tensor, fmt: torch.memory_format, batch_size: int) -> Tensor:

@@ -1,6 +1,6 @@
 """Training losses: MSGMS, SSIM and L2, vectorised over ``[B, 1, H, W]`` tensors in [-1, 1].
 
-Constants follow REFERENCE.md (authors' code): GMS uses a 3x3 median prefilter, unnormalised
+Constants follow the authors' code (docs/design.md): GMS uses a 3x3 median prefilter, unnormalised
 Prewitt kernels and ``c = 0.0026``; MSGMS averages 4 scales made by 2x2 average pooling; SSIM
 uses an 11x11 Gaussian window (sigma 1.5), ``k1 = 0.01``, ``k2 = 0.03`` and data range 2.
 
@@ -47,7 +47,7 @@ def _median9_padded(p: Tensor) -> Tensor:
     Sorting each horizontal triple and then the columns of the 3x3 block puts the median on the
     anti-diagonal: ``med3(max(lows), med3(mids), min(highs))``. The horizontal sort is shared by
     the three rows of every window, so the whole filter is ~20 element-wise ops instead of a
-    9x unfold copy plus a sort (40x faster forward on the 2-core CPU).
+    9x unfold copy plus a sort (far faster on a CPU).
     """
     h, w = p.shape[-2] - 2, p.shape[-1] - 2
     lo, mid, hi = _sort3(p[..., 0:w], p[..., 1 : w + 1], p[..., 2 : w + 2])  # [..., H+2, W]

@@ -16,7 +16,8 @@ from scans.morphology import close_open
 
 
 def segment(maps: np.ndarray, threshold: float, postprocess: bool = True, kernel: int = 3) -> np.ndarray:
-    """Boolean masks of ``maps >= threshold`` (the convention of evaluation.metrics) (``[H, W]`` or ``[N, H, W]``), closed then opened with a ``kernel`` square.
+    """Boolean masks of ``maps >= threshold`` (the convention of evaluation.metrics), ``[H, W]`` or
+    ``[N, H, W]``, closed then opened with a ``kernel`` square.
 
     ``postprocess=False`` returns the raw threshold (the authors' code scores Dice before post-processing).
     """

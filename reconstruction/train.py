@@ -10,7 +10,7 @@ code used the last batch only); the best weights are kept. With a ``workdir`` th
 >>> from scans.records import ScanArrays
 >>> rng = np.random.default_rng(0); n = 4
 >>> arr = ScanArrays(rng.random((n, 32, 32), dtype=np.float32), np.tile(np.float32([8, 8, 20, 16]), (n, 1)),
-...                  np.zeros((n, 32, 32), bool), np.zeros(n, np.int64), np.arange(n), ["p"] * n, np.ones((n, 2), np.float32))
+...     np.zeros((n, 32, 32), bool), np.zeros(n, np.int64), np.arange(n), ["p"] * n, np.ones((n, 2), np.float32))
 >>> res = train_unet(arr, arr, TrainConfig(unet=UNetConfig.profile("tiny"), max_epochs=2, progress=False))
 >>> res.epochs_run, len(res.history)
 (2, 2)
@@ -19,7 +19,6 @@ code used the last batch only); the best weights are kept. With a ``workdir`` th
 from __future__ import annotations
 
 import copy
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,25 +29,28 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from reconstruction.checkpoint import atomic_save, save_model
-from reconstruction.infer import resolve_device
+from reconstruction.checkpoint import save_model
 from reconstruction.losses import LossWeights, reconstruction_loss
 from reconstruction.masking import apply_riad_masks, apply_single_mask, compose_riad, riad_masks
 from reconstruction.unet import UNet, UNetConfig
+from scans.io import atomic_write
 from scans.records import DISTENDED, ScanArrays
+from scans.runtime import resolve_device
+from scans.training import Budget, EarlyStopping, streams, training_scope
 
 LAST = "last.pt"
 BEST_DIR = "best"
 _FORMAT = 1
 # settings that may change between a run and its resumption without changing the result's meaning:
 # the budget may be extended (more epochs, a cap lifted) and the run goes on from its last epoch;
-# a checkpoint already past this run's epoch budget is refused (see _train). Callers that cache
-# finished models must key them on these too (pipeline.stages.unet_cache_dir keys the whole config).
+# a checkpoint already past this run's epoch budget is refused (see _start). Callers that cache
+# finished models must key them on these too (the pipeline keys the whole config).
 _BUDGET_KEYS = {
     "epochs",
     "patience",
     "max_epochs",
-    "max_train_seconds",
+    "max_minutes",
+    "max_train_seconds",  # the cap's name in checkpoints written before it was max_minutes
     "progress",
     "device",
     "num_threads",
@@ -62,10 +64,10 @@ class TrainConfig:
 
     The budget is ``epochs`` (capped by ``max_epochs`` for short runs), ended sooner only by
     early stopping with ``patience`` on the validation loss: both are counted in epochs, so the
-    same config and seed give the same model on any machine. ``max_train_seconds`` is an opt-in
+    same config and seed give the same model on any machine. ``max_minutes`` is an opt-in
     safety valve, off by default (None): it stops before an epoch that would overrun it
     (estimated from the previous epoch; at least one epoch always runs), so when it binds the
-    result depends on the machine's speed and load. ``mode="riad"`` trains
+    result depends on the machine's speed and load (see :class:`scans.training.Budget`). ``mode="riad"`` trains
     the same network with RIAD's disjoint grid masks (one cell size from ``riad_ks`` per batch).
     """
 
@@ -85,7 +87,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     max_epochs: int | None = None
-    max_train_seconds: float | None = None  # opt-in wall-clock cap; a binding cap makes results machine-dependent
+    max_minutes: float | None = None  # opt-in wall-clock cap; a binding cap makes results machine-dependent
     num_threads: int | None = None
     progress: bool = True
 
@@ -169,158 +171,163 @@ def train_unet(
     ``train_boxes``/``val_boxes`` override the scans' boxes (e.g. expanded or detected boxes).
     Without a validation set, early stopping watches the training loss. Re-running with the
     same ``workdir`` resumes from ``workdir/last.pt``; ``epochs``, ``patience``,
-    ``max_epochs``, ``max_train_seconds`` and ``device`` may change between runs.
+    ``max_epochs``, ``max_minutes`` and ``device`` may change between runs. The torch thread
+    count and global RNG are the caller's again afterwards.
     """
     cfg = config or TrainConfig()
     if cfg.mode not in ("single", "riad"):
         raise ValueError(f"unknown mode {cfg.mode!r}")
     if cfg.patience < 1 or cfg.batch_size < 1:
         raise ValueError("patience and batch_size must be at least 1")
-    old_threads = torch.get_num_threads()
-    if cfg.num_threads:
-        torch.set_num_threads(cfg.num_threads)
-    try:
-        return _train(train, val, cfg, workdir, train_boxes, val_boxes)
-    finally:
-        torch.set_num_threads(old_threads)
+    device = torch.device(resolve_device(cfg.device))
+    with training_scope(cfg.seed, cfg.num_threads, device):
+        return _train(train, val, cfg, device, workdir, train_boxes, val_boxes)
+
+
+@dataclass
+class _Run:
+    """The state of a training run that a checkpoint carries (``last.pt``)."""
+
+    model: UNet
+    opt: torch.optim.Optimizer
+    gen: torch.Generator  # shuffling and RIAD masks: one stream, saved on resume
+    stopper: EarlyStopping
+    best_state: dict[str, Tensor]
+    history: list[dict[str, float]] = field(default_factory=list)
+    epoch: int = 0
+    elapsed: float = 0.0
+
+
+def _epoch_cap(cfg: TrainConfig) -> int:
+    return min(cfg.epochs, cfg.max_epochs) if cfg.max_epochs is not None else cfg.epochs
+
+
+def _start(cfg: TrainConfig, device: torch.device, wd: Path | None) -> _Run:
+    """A fresh run from the seed (the global RNG is seeded by the caller), or the one in ``wd/last.pt``."""
+    # channels-last: mkldnn's NHWC convolutions run a CPU step faster (same maths; parameters
+    # load back into contiguous models unchanged)
+    model = UNet(cfg.unet).to(device).to(memory_format=torch.channels_last)
+    run = _Run(
+        model=model,
+        opt=torch.optim.Adam(model.parameters(), lr=cfg.lr),
+        gen=streams(cfg.seed).torch,
+        stopper=EarlyStopping(cfg.patience),
+        best_state=copy.deepcopy(model.state_dict()),
+    )
+    if wd is None or not (wd / LAST).exists():
+        return run
+    ck = torch.load(wd / LAST, map_location=device, weights_only=True)
+    _check_resume(ck["config"], cfg.to_dict())
+    if int(ck["epoch"]) > _epoch_cap(cfg):
+        raise ValueError(
+            f"workdir checkpoint has trained {int(ck['epoch'])} epochs, more than this run's budget "
+            f"of {_epoch_cap(cfg)}; use a fresh workdir"
+        )
+    model.load_state_dict(ck["model"])
+    run.opt.load_state_dict(ck["optimizer"])
+    run.best_state = ck["best_state"]
+    run.gen.set_state(ck["gen_state"].cpu())  # map_location may have moved them to the GPU
+    torch.set_rng_state(ck["torch_rng"].cpu())
+    run.stopper = EarlyStopping(cfg.patience, best=ck["best_val"], best_at=ck["best_epoch"], bad=ck["bad"])
+    run.history, run.epoch, run.elapsed = ck["history"], int(ck["epoch"]), float(ck["elapsed"])
+    return run
+
+
+def _save_last(run: _Run, cfg: TrainConfig, path: Path, elapsed: float) -> None:
+    state = {
+        "format": _FORMAT,
+        "config": cfg.to_dict(),
+        "model": run.model.state_dict(),
+        "optimizer": run.opt.state_dict(),
+        "best_state": run.best_state,
+        "gen_state": run.gen.get_state(),
+        "torch_rng": torch.get_rng_state(),
+        "epoch": run.epoch,
+        "best_val": run.stopper.best,
+        "best_epoch": run.stopper.best_at,
+        "bad": run.stopper.bad,
+        "history": run.history,
+        "elapsed": elapsed,
+    }
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def _train_epoch(run: _Run, xt: Tensor, bt: np.ndarray, cfg: TrainConfig) -> float:
+    """One pass over the shuffled training set; the mean training loss."""
+    run.model.train()
+    n = xt.shape[0]
+    perm = torch.randperm(n, generator=run.gen)
+    total, seen = 0.0, 0
+    for s in range(0, n, cfg.batch_size):
+        idx = perm[s : s + cfg.batch_size]
+        x = xt[idx.to(xt.device)]
+        loss, parts = reconstruction_loss(
+            _step_inputs(run.model, x, bt[idx.numpy()], cfg, run.gen), x, cfg.loss_weights
+        )
+        run.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        run.opt.step()
+        total += parts["total"] * x.shape[0]
+        seen += x.shape[0]
+    return total / max(seen, 1)
 
 
 def _train(
     train: ScanArrays,
     val: ScanArrays | None,
     cfg: TrainConfig,
+    device: torch.device,
     workdir: str | Path | None,
     train_boxes: np.ndarray | None,
     val_boxes: np.ndarray | None,
 ) -> TrainResult:
-    device = resolve_device(cfg.device)
     xt, bt = _tensors(train, train_boxes, cfg.mode, "train")
     has_val = val is not None and len(val) > 0
-    xv, bv = _tensors(val, val_boxes, cfg.mode, "val") if has_val else (xt, bt)
+    xv, bv = _tensors(val, val_boxes, cfg.mode, "val") if val is not None and has_val else (xt, bt)
     xt, xv = xt.to(device), xv.to(device)
-
-    torch.manual_seed(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)  # shuffling and RIAD masks: one stream, saved on resume
-    # channels-last: mkldnn's NHWC convolutions made a cpu-profile step ~1.3x faster on the
-    # 2-core CPU (same maths; parameters load back into contiguous models unchanged)
-    model = UNet(cfg.unet).to(device=device, memory_format=torch.channels_last)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    state: dict[str, Any] = {
-        "epoch": 0,
-        "best_val": math.inf,
-        "best_epoch": -1,
-        "bad": 0,
-        "history": [],
-        "elapsed": 0.0,
-    }
-    best_state = copy.deepcopy(model.state_dict())
-
     wd = Path(workdir) if workdir is not None else None
     if wd is not None:
         wd.mkdir(parents=True, exist_ok=True)
-        if (wd / LAST).exists():
-            ck = torch.load(wd / LAST, map_location=device, weights_only=True)
-            _check_resume(ck["config"], cfg.to_dict())
-            cap_now = min(cfg.epochs, cfg.max_epochs) if cfg.max_epochs is not None else cfg.epochs
-            if int(ck["epoch"]) > cap_now:
-                raise ValueError(
-                    f"workdir checkpoint has trained {int(ck['epoch'])} epochs, more than this run's budget "
-                    f"of {cap_now}; use a fresh workdir"
-                )
-            model.load_state_dict(ck["model"])
-            opt.load_state_dict(ck["optimizer"])
-            best_state = ck["best_state"]
-            gen.set_state(ck["gen_state"].cpu())  # map_location may have moved them to the GPU
-            torch.set_rng_state(ck["torch_rng"].cpu())
-            state = {k: ck[k] for k in state}
-
-    cap = min(cfg.epochs, cfg.max_epochs) if cfg.max_epochs is not None else cfg.epochs
-    n = xt.shape[0]
-    last_epoch_s, stop, ran = 0.0, "epochs", 0
+    run = _start(cfg, device, wd)
+    cap = _epoch_cap(cfg)
+    budget = Budget(cap, cfg.max_minutes, stopper=run.stopper, start=run.epoch, elapsed=run.elapsed, unit="epochs")
     bar = tqdm(
         total=cap,
-        initial=min(state["epoch"], cap),
+        initial=min(run.epoch, cap),
         desc=f"unet[{cfg.mode}]",
         unit="ep",
         disable=not cfg.progress,
         dynamic_ncols=True,
     )
-    while state["epoch"] < cap:
-        if state["bad"] >= cfg.patience:
-            stop = "patience"
-            break
-        # the budget counts every call of a resumed run, so a kill and resume trains no longer than an
-        # uninterrupted run; the first epoch always runs so a model always comes back
-        if (
-            cfg.max_train_seconds is not None
-            and (ran or state["epoch"] > 0)
-            and state["elapsed"] + last_epoch_s > cfg.max_train_seconds
-        ):
-            stop = "time"
-            break
-        e0 = time.monotonic()
-        model.train()
-        perm = torch.randperm(n, generator=gen)
-        run, seen = 0.0, 0
-        for s in range(0, n, cfg.batch_size):
-            idx = perm[s : s + cfg.batch_size]
-            x = xt[idx.to(device)]
-            loss, parts = reconstruction_loss(_step_inputs(model, x, bt[idx.numpy()], cfg, gen), x, cfg.loss_weights)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            run += parts["total"] * x.shape[0]
-            seen += x.shape[0]
-        train_loss = run / max(seen, 1)
-        val_loss = evaluate_loss(model, xv, bv, cfg, device) if has_val else train_loss
-        last_epoch_s = time.monotonic() - e0
-        ran += 1
-        state["elapsed"] += last_epoch_s
-        if val_loss < state["best_val"]:
-            state.update(best_val=val_loss, best_epoch=state["epoch"], bad=0)
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        else:
-            state["bad"] += 1
-        state["history"].append(
-            {"epoch": float(state["epoch"]), "train_loss": train_loss, "val_loss": val_loss, "seconds": last_epoch_s}
-        )
-        state["epoch"] += 1
+    for epoch in budget.units():
+        e0 = time.perf_counter()
+        train_loss = _train_epoch(run, xt, bt, cfg)
+        val_loss = evaluate_loss(run.model, xv, bv, cfg, device) if has_val else train_loss
+        seconds = time.perf_counter() - e0
+        if run.stopper.update(val_loss, at=epoch):
+            run.best_state = {k: v.detach().clone() for k, v in run.model.state_dict().items()}
+        run.history.append({"epoch": float(epoch), "train_loss": train_loss, "val_loss": val_loss, "seconds": seconds})
+        run.epoch = epoch + 1
         bar.update(1)
-        bar.set_postfix(
-            epoch=state["epoch"], train=f"{train_loss:.4f}", val=f"{val_loss:.4f}", best=f"{state['best_val']:.4f}"
-        )
+        bar.set_postfix(train=f"{train_loss:.4f}", val=f"{val_loss:.4f}", best=f"{run.stopper.best:.4f}")
         if wd is not None:
-            atomic_save(
-                {
-                    "format": _FORMAT,
-                    "config": cfg.to_dict(),
-                    "model": model.state_dict(),
-                    "optimizer": opt.state_dict(),
-                    "best_state": best_state,
-                    "gen_state": gen.get_state(),
-                    "torch_rng": torch.get_rng_state(),
-                    **state,
-                },
-                wd / LAST,
-            )
-    else:
-        if state["bad"] >= cfg.patience:
-            stop = "patience"
+            _save_last(run, cfg, wd / LAST, budget.spent())
     bar.close()
+    return _finish(run, cfg, wd, budget.stop_reason)
 
-    model.load_state_dict(best_state)
-    model.eval()
+
+def _finish(run: _Run, cfg: TrainConfig, wd: Path | None, stop: str) -> TrainResult:
+    """The best weights in eval mode, written to ``wd/best`` with the run's record."""
+    run.model.load_state_dict(run.best_state)
+    run.model.eval()
     if wd is not None:
-        save_model(
-            model,
-            wd / BEST_DIR,
-            meta={
-                "mode": cfg.mode,
-                "train_config": cfg.to_dict(),
-                "best_epoch": state["best_epoch"],
-                "best_val_loss": state["best_val"],
-                "epochs_run": state["epoch"],
-                "stop_reason": stop,
-            },
-        )
-    return TrainResult(model, state["history"], state["best_epoch"], state["best_val"], state["epoch"], stop)
+        meta = {
+            "mode": cfg.mode,
+            "train_config": cfg.to_dict(),
+            "best_epoch": run.stopper.best_at,
+            "best_val_loss": run.stopper.best,
+            "epochs_run": run.epoch,
+            "stop_reason": stop,
+        }
+        save_model(run.model, wd / BEST_DIR, meta=meta)
+    return TrainResult(run.model, run.history, run.stopper.best_at, run.stopper.best, run.epoch, stop)

@@ -1,6 +1,6 @@
 """The LoRIS inpainting U-Net: grayscale in, grayscale out, tanh head (values in [-1, 1]).
 
-Architecture (authors' code, see REFERENCE.md): a 3x3 stride-1 stem, then ``depth`` stages of
+Architecture (authors' code, see docs/design.md): a 3x3 stride-1 stem, then ``depth`` stages of
 4x4 stride-2 conv + 3x3 conv (each conv followed by BatchNorm and ReLU); the decoder mirrors it
 with 4x4 stride-2 transposed convs, concatenation of the encoder skip and two 3x3 conv+BN+ReLU;
 a 3x3 conv + tanh produces the image. Widths double per stage from ``base`` and are capped at
@@ -22,9 +22,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-# Named width/depth profiles. "cpu" was chosen by measuring speed vs quality on the 2-core CPU
-# (see reconstruction/benchmark.py and the report): base 16 keeps the paper's depth and layout
-# at ~1/16 of the paper model's FLOPs.
+# Named width/depth profiles. "cpu" trades width for speed on a CPU (reconstruction/benchmark.py
+# measures it): base 16 keeps the paper's depth and layout at ~1/16 of the paper model's FLOPs.
 _PROFILES: dict[str, dict[str, int]] = {
     "paper": {"base": 64, "depth": 4, "max_mult": 8},
     "cpu": {"base": 16, "depth": 4, "max_mult": 8},
@@ -141,6 +140,8 @@ def fold_batchnorm(model: UNet) -> UNet:
             conv, bn = seq[i], seq[i + 1]
             if not (isinstance(conv, (nn.Conv2d, nn.ConvTranspose2d)) and isinstance(bn, nn.BatchNorm2d)):
                 continue
+            if bn.running_var is None or bn.running_mean is None:
+                continue  # batch statistics at inference too: nothing fixed to fold
             with torch.no_grad():
                 scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
                 shift = bn.bias - bn.running_mean * scale

@@ -20,10 +20,16 @@ def _umask() -> int:
 _FILE_MODE = 0o666 & ~_umask()  # what open() would give; mkstemp's 0600 would hide results from others
 
 
-def atomic_write(path: Path | str, write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it into place.
+def atomic_write(path: Path | str, write: Callable[[Path], object]) -> None:
+    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it into place (``write``'s
+    return value is ignored: ``lambda tmp: torch.save(obj, tmp)`` saves a checkpoint atomically).
 
     A killed process leaves either the old file or the new one, never a partial file.
+
+    >>> import tempfile
+    >>> target = Path(tempfile.mkdtemp()) / "a.txt"
+    >>> atomic_write_text(target, "hi"); target.read_text()
+    'hi'
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

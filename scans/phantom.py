@@ -21,9 +21,8 @@ Severity is continuous (peak height ``POCKET_MIN + POCKET_RANGE * severity``, se
 Beta(1.1, 1.8)) and the mildest pockets overlap the physiological fluid, so image-level
 detection is not trivial.
 
-Box rule (generator v4; what the protocol asks a physician to draw; one rule for both classes,
-and nothing in it depends on the pocket, so box height, width or area alone cannot tell the
-classes apart):
+Box rule (what the protocol asks a physician to draw; one rule for both classes, and nothing in
+it depends on the pocket, so box height, width or area alone cannot tell the classes apart):
 
 * horizontal: the recess extent (where the recess line exists; it is tied to the femur
   because the recess lies on the prefemoral fat pad) widened by ``BOX_MARGIN_X`` (2%) of the
@@ -38,8 +37,8 @@ classes apart):
 * annotator noise: each edge then moves by independent Gaussian noise of sd ``BOX_EDGE_NOISE``
   (1.5 px at 256, scaled with the size), clipped to the image.
 
-Boxes are ~88 px tall at 256 px in both classes (seeds 0-2 and 100). A pocket taller than its
-box is clipped from the mask (0.1-0.4% of pocket pixels on the default phantom). The
+Boxes are about as tall in both classes. A pocket taller than its box is clipped from the mask
+(a fraction of a percent of pocket pixels). The
 segmentation of a distended scan is its pocket (the part of the recess thicker than the
 normal line), inside the box; normal scans carry their thin recess line.
 
@@ -76,10 +75,9 @@ from scans.coco import encode_mask, save_coco
 from scans.folds import make_folds, save_splits
 from scans.io import write_png
 from scans.records import Box, Scan, box_mask
+from scans.runtime import cache_home
 
-# v4: the box carries no class information (v3's top edge followed the pocket roof, so box
-# height alone separated the classes, AUROC 0.77); annotator noise on the box edges; distended
-# scans spread over more patients; the ``null`` negative control.
+# Part of every cached dataset's name: bump it whenever a change alters the rendered scans or boxes.
 GENERATOR_VERSION = 4
 OVERSAMPLE = 2
 BOX_MARGIN_X = 0.02
@@ -98,8 +96,8 @@ POCKET_RANGE = 0.16
 PHYSIOLOGICAL_FLUID = 0.028
 # Shape of the gamma-distributed per-patient propensity to distension (heavy-tailed below 1).
 ASSIGN_PROPENSITY_SHAPE = 0.25
-# Half-width of the recess's end taper (fraction of the width). v2's 0.025 faded the thin line
-# out over ~13 px, so its end, and the box's side, were not visible in speckle.
+# Half-width of the recess's end taper (fraction of the width): short, so the thin line's end, and
+# the box's side, stay visible in speckle.
 RECESS_END_RAMP = 0.008
 
 # Layer labels, top to bottom.
@@ -211,11 +209,11 @@ def _smooth_noise_1d(rng: np.random.Generator, n: int, sigma: float) -> np.ndarr
 def _texture(rng: np.random.Generator, shape: tuple[int, int], sx: float, sy: float, scale: int) -> np.ndarray:
     """Unit-std correlated noise, drawn at ``1/scale`` resolution (cheap) then upsampled."""
     h, w = shape
-    small = rng.standard_normal((h // scale, w // scale), dtype=np.float32)
+    noise = rng.standard_normal((h // scale, w // scale), dtype=np.float32)
     small = cv2.GaussianBlur(
-        small, (0, 0), sigmaX=max(sx / scale, 0.3), sigmaY=max(sy / scale, 0.3), borderType=cv2.BORDER_REFLECT
+        noise, (0, 0), sigmaX=max(sx / scale, 0.3), sigmaY=max(sy / scale, 0.3), borderType=cv2.BORDER_REFLECT
     )
-    small /= small.std() + 1e-6
+    small = small / (small.std() + 1e-6)
     return cv2.resize(small, (w, h), interpolation=cv2.INTER_LINEAR)
 
 
@@ -409,7 +407,7 @@ def render_scan(
     hr, wr = size * OVERSAMPLE, size
     v = ((np.arange(wr) + 0.5) / wr).astype(np.float32)
     u = ((np.arange(hr) + 0.5) / hr).astype(np.float32)[:, None]
-    shift, press, taper = g.shift, g.press, g.taper
+    shift, taper = g.shift, g.taper
     skin_top, tendon_top, tendon_bot, roof, floor, femur = (
         g.skin_top,
         g.tendon_top,
@@ -693,15 +691,13 @@ def generate_dataset(
 
 
 def cache_root(cache_dir: Path | str | None = None) -> Path:
-    """Where phantoms are cached: ``cache_dir``, else ``$LORIS_CACHE/phantom``, else
-    ``$XDG_CACHE_HOME/loris/phantom``, else ``~/.cache/loris/phantom``."""
-    if cache_dir is not None:
-        return Path(cache_dir)
-    if os.environ.get("LORIS_CACHE"):
-        return Path(os.environ["LORIS_CACHE"]) / "phantom"
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg) if xdg else Path.home() / ".cache"
-    return base / "loris" / "phantom"
+    """Where phantoms are cached: ``cache_dir``, else ``phantom/`` in LoRIS's cache
+    (:func:`scans.runtime.cache_home`).
+
+    >>> cache_root("/tmp/x").as_posix(), cache_root().name
+    ('/tmp/x', 'phantom')
+    """
+    return Path(cache_dir) if cache_dir is not None else cache_home() / "phantom"
 
 
 def dataset_key(
@@ -758,7 +754,7 @@ def summary(root: Path | str) -> dict[str, float]:
     """Box heights and counts of a phantom folder (a quick sanity check)."""
     doc = json.loads((Path(root) / "annotations.json").read_text())
     dist = {im["id"]: im["distended"] for im in doc["images"]}
-    h = {True: [], False: []}
+    h: dict[bool, list[float]] = {True: [], False: []}
     for ann in doc["annotations"]:
         h[dist[ann["image_id"]]].append(ann["bbox"][3])
     return {

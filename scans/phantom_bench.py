@@ -1,7 +1,7 @@
 """Phantom generation speed on one core: ``python -m scans.phantom_bench [--size 256] [--images 40] [--repeats 5]``.
 
 Times the full per-image work of :func:`scans.phantom.generate_dataset` (render, 8-bit PNG
-encoding, RLE of the mask) and prints the median images/s over the repeats.
+encoding, RLE of the mask) and prints images/s from the median time over the repeats.
 ``--boxes SEED [SEED ...]`` instead prints, for the default phantom of each seed, the I-AUROC of
 the annotated box's height, width and area alone (no image; chance is 0.5) and the patient
 spread of the distended images, from the geometry only (seconds).
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 
 # One core: pin the thread pools before numpy/OpenCV start them.
 for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
@@ -26,18 +25,22 @@ import numpy as np  # noqa: E402
 
 from scans.coco import encode_mask  # noqa: E402
 from scans.phantom import dataset_geometry, render_scan, sample_anatomy  # noqa: E402
+from scans.runtime import median_seconds  # noqa: E402
 
 
-def images_per_second(size: int, n_images: int, seed: int = 0) -> float:
-    """Images/s of render + PNG encode + RLE for ``n_images`` images (a third distended)."""
+def _make_images(size: int, n_images: int, seed: int = 0) -> None:
+    """Render, PNG-encode and RLE-encode ``n_images`` images (a third distended)."""
     anatomies = [sample_anatomy(np.random.default_rng([seed, 0, p])) for p in range(8)]
-    t0 = time.perf_counter()
     for i in range(n_images):
         rng = np.random.default_rng([seed, 1, i])
         r = render_scan(rng, anatomies[i % 8], 0.5 if i % 3 == 0 else 0.0, size)
-        ok, _ = cv2.imencode(".png", np.round(r.image * 255.0).astype(np.uint8))
+        cv2.imencode(".png", np.round(r.image * 255.0).astype(np.uint8))
         encode_mask(r.pocket if i % 3 == 0 else r.recess)
-    return n_images / (time.perf_counter() - t0)
+
+
+def images_per_second(size: int, n_images: int, repeats: int = 1, seed: int = 0) -> float:
+    """Images/s of render + PNG encode + RLE, from the median time of ``repeats`` batches of ``n_images``."""
+    return n_images / median_seconds(lambda: _make_images(size, n_images, seed), repeats=repeats, warmup=0)
 
 
 def box_report(
@@ -80,12 +83,9 @@ def main(argv: list[str] | None = None) -> int:
             )
         return 0
     cv2.setNumThreads(1)
-    images_per_second(args.size, 2)  # warm-up (imports, allocator)
-    rates = [images_per_second(args.size, args.images) for _ in range(args.repeats)]
-    print(
-        f"phantom size={args.size}: {float(np.median(rates)):.1f} images/s (median of {args.repeats}, "
-        f"min {min(rates):.1f}, max {max(rates):.1f}; one thread)"
-    )
+    _make_images(args.size, 2)  # warm-up (imports, allocator)
+    rate = images_per_second(args.size, args.images, args.repeats)
+    print(f"phantom size={args.size}: {rate:.1f} images/s (median time of {args.repeats} repeats; one thread)")
     return 0
 
 

@@ -65,7 +65,7 @@ def set_threads(n: int | None) -> None:
 
 def cache_home(override: Path | str | None = None) -> Path:
     """LoRIS's cache folder: ``override``, else ``$LORIS_CACHE``, else ``$XDG_CACHE_HOME/loris``,
-    else ``~/.cache/loris``. Trained models live in ``models/``, phantoms in ``phantoms/``."""
+    else ``~/.cache/loris``. Trained models live in ``models/``, phantoms in ``phantom/``."""
     if override:
         return Path(override)
     env = os.environ.get("LORIS_CACHE")

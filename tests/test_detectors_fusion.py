@@ -1,9 +1,9 @@
-"""Box fusion: weighted averaging of the top cluster, and the flip mapping."""
+"""Box fusion: weighted averaging of the top cluster, and the vectorised IoU."""
 
 import numpy as np
 import pytest
 
-from detectors.fusion import fuse_top, iou_one_to_many, unflip
+from detectors.fusion import fuse_top, iou_one_to_many
 
 
 def test_fuse_top_weights_by_score_and_ignores_other_clusters() -> None:
@@ -26,8 +26,6 @@ def test_fuse_top_iou_threshold_selects_members() -> None:
         fuse_top(np.zeros((0, 4)), np.zeros(0))
 
 
-def test_iou_and_unflip() -> None:
+def test_iou_one_to_many() -> None:
     b = np.array([[0, 0, 10, 10], [5, 0, 15, 10], [20, 20, 30, 30]], np.float32)
     np.testing.assert_allclose(iou_one_to_many(b[0], b), [1.0, 50 / 150, 0.0])
-    np.testing.assert_array_equal(unflip(b[:1], 64), [[54, 0, 64, 10]])
-    np.testing.assert_array_equal(unflip(unflip(b, 64), 64), b)

@@ -71,17 +71,3 @@ def test_save_load_round_trip(tmp_path: Path) -> None:
     (tmp_path / "detector.json").write_text('{"detector": "yolov5"}')
     with pytest.raises(ValueError):
         GtDetector.load(tmp_path)
-
-
-def test_choose_expansion_recovers_distended_height() -> None:
-    """Normal-height priors on distended scans: the chosen growth fits the taller boxes."""
-    from detectors.prior import choose_expansion
-
-    gt = np.array([[10, 100, 90, 130], [10, 100, 90, 130], [10, 85, 90, 130], [10, 70, 90, 130]], float)
-    pred = np.array([[10, 100, 90, 130]] * 4, float)  # the detector puts a normal box everywhere
-    labels = np.array([0, 0, 1, 1])
-    choice = choose_expansion(pred, gt, labels, 128, 128)
-    assert 0.4 <= choice.up <= 1.0
-    assert choice.scores[choice.up]["distended_iou"] > choice.scores[0.0]["distended_iou"]
-    assert choice.scores[choice.up]["normal_consistency"] == pytest.approx(1.0)  # U-Net boxes grow alike
-    assert choose_expansion(pred, gt, np.zeros(4), 128, 128).up == 0.0  # no distended scans: no growth

@@ -28,7 +28,7 @@ def small_refiner(**kw: object) -> BoxRefiner:
 def test_refiner_learns_to_put_jittered_boxes_back_on_the_edges() -> None:
     torch.set_num_threads(1)
     imgs, boxes = lines(48, seed=0)
-    ref = small_refiner(steps=250, max_seconds=0)
+    ref = small_refiner(steps=250, max_minutes=0)
     info = ref.fit(imgs, boxes, *lines(16, seed=1))
     assert info["refiner_steps"] == 250
     # Held-out scans, boxes displaced by a known 3-4 px per edge: the refiner must halve the error.

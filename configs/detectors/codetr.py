@@ -1,11 +1,11 @@
 # Co-DINO (Co-DETR with a DINO query head), LoRIS CPU default: a fixed budget of 14 epochs per fold
-# (~4.6 min on one thread), so a command and seed give the same model on any machine.
+# (a few minutes on one thread), so a command and seed give the same model on any machine.
 #
 # Used as build_detector("codetr", **detectors.codetr.load_config(this_file)). Names starting with
 # "_" are helper constants and are not passed to the detector. Every size below was chosen by
-# measuring on the phantom (see the Co-DETR report); the published values are in codetr_paper.py.
+# measuring on the phantom (docs/results.md); the published values are in codetr_paper.py.
 
-_embed = 64  # transformer width (published: 256); 64 keeps a step ~0.5 s on 2 threads
+_embed = 64  # transformer width (published: 256); 64 keeps a CPU step well under a second
 _ffn = 4 * _embed  # FFN width, the usual 4x (published: 2048 = 8x)
 _levels = 3  # feature levels, strides 8/16/32 (published: 5 levels, strides 4..64)
 _enc_layers = 2  # published: 6
@@ -192,7 +192,7 @@ model = dict(
 )
 
 train = dict(
-    epochs=14,  # (int) the training budget: 14 x 28 = 392 steps of 8 on a fold's 230 normal scans; at 0.71 s/step (fold 0, one thread, load ~2.5) ~4.6 min, Co-DETR's share of a ~9-min fold
+    epochs=14,  # (int) the training budget: ~390 steps of 8 on a fold's normal scans, a few CPU minutes
     batch_size=8,
     lr=4e-4,  # AdamW; 2x the published 2e-4 because the run is short and from scratch
     weight_decay=1e-4,
@@ -201,11 +201,11 @@ train = dict(
     min_lr_ratio=0.01,
     clip_grad=0.1,  # published
     seed=0,
-    num_threads=1,  # (int) torch threads while training: a fixed count keeps the numbers machine-independent, and 2 threads on a shared 2-core box ran 3.6 s/step against 0.71 s/step for one (fold 0, load ~2.5)
-    max_minutes=None,  # (float|None) opt-in wall-clock cap, off: a cap that binds makes the model depend on the machine's speed
+    num_threads=1,  # (int) torch threads while training: a fixed count keeps the numbers machine-independent
+    max_minutes=None,  # (float|None) opt-in wall-clock cap, off: one that binds ties the model to the machine
     val_interval=5,
     hflip=True,
     intensity_jitter=0.1,
-    scale_jitter=0.2,  # zoom 0.8-1.2x; v3 phantom fold 0 (9 min): mAP75 0.23 without geometric jitter,
-    translate=0.1,  # 0.61 with both (val IoU no longer plateaus at 0.75: it was overfitting 228 scans)
+    scale_jitter=0.2,  # zoom 0.8-1.2x: without geometric jitter the model overfits a fold's few hundred scans
+    translate=0.1,  # shift by up to 10% of the side: the recess position varies between patients
 )

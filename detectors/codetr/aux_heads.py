@@ -37,7 +37,9 @@ class Assignment:
 class LorisCoATSSHead(ATSSHead):
     """ATSS head whose loss also yields its positive anchors."""
 
-    def get_targets(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+    _assignment: Assignment | None = None
+
+    def get_targets(self, *args, **kwargs):
         """mmdet's ATSS targets, kept for :meth:`loss_with_assignment` (levels stacked per image)."""
         out = super().get_targets(*args, **kwargs)
         anchors, labels, _, bbox_targets = out[:4]
@@ -59,12 +61,16 @@ class LorisCoATSSHead(ATSSHead):
         self._assignment = None
         losses = self.loss(x, batch_data_samples)
         assignment, self._assignment = self._assignment, None
+        if assignment is None:
+            raise RuntimeError("ATSS loss did not compute its targets")
         return losses, assignment
 
 
 @MODELS.register_module()
 class LorisCoRoIHead(StandardRoIHead):
     """Faster R-CNN RoI head whose loss also yields its sampled proposals and their labels."""
+
+    _sampling_results: list | None = None
 
     def bbox_loss(self, x: tuple[Tensor, ...], sampling_results: list) -> dict:
         """mmdet's box loss; the sampling results are kept for :meth:`loss_with_assignment`."""
@@ -78,6 +84,8 @@ class LorisCoRoIHead(StandardRoIHead):
         self._sampling_results = None
         losses = self.loss(x, rpn_results_list, batch_data_samples)
         results, self._sampling_results = self._sampling_results, None
+        if results is None:
+            raise RuntimeError("RoI loss did not sample proposals")
         num_classes = self.bbox_head.num_classes
         priors, labels, targets = [], [], []
         for res in results:

@@ -13,6 +13,8 @@ so the model runs wherever its parameters are.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from mmdet.models.detectors import DINO
 from mmdet.models.layers import DeformableDetrTransformerEncoder, SinePositionalEncoding
@@ -40,6 +42,12 @@ class LorisCoDINO(DINO):
         min_pos_queries: pad to at least this many queries with background ones (Co-DETR: 9).
         Other arguments are mmdet's ``DINO``'s.
     """
+
+    # Set by _init_layers from the configs of the same names (mmdet builds them in place).
+    embed_dims: int
+    positional_encoding: Any
+    encoder: Any
+    decoder: Any
 
     def __init__(
         self,
@@ -106,7 +114,7 @@ class LorisCoDINO(DINO):
 
         maps = self._memory_to_maps(enc_out["memory"], enc_out["spatial_shapes"])
         assignments: list[tuple[str, Assignment]] = []
-        if self.roi_head is not None:
+        if self.roi_head is not None and self.rpn_head is not None:  # they come together
             rpn_samples = self._class_agnostic(batch_data_samples)
             rpn_losses, proposals = self.rpn_head.loss_and_predict(maps, rpn_samples, proposal_cfg=self.rpn_proposal)
             losses.update({k if "rpn" in k else f"rpn.{k}": v for k, v in rpn_losses.items()})

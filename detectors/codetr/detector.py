@@ -12,22 +12,26 @@ with the constructor arguments beside them as JSON, so loading never unpickles o
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
 import math
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from detectors.base import Detections, Detector, register
+from scans.io import atomic_write, atomic_write_text
 from scans.records import ScanArrays
+from scans.runtime import resolve_device
+from scans.training import Budget, EarlyStopping, seeded_global_rng, streams, summary_value, training_scope
 
 # Defaults for the training block of the config; the config file overrides any of them.
 DEFAULT_TRAIN: dict[str, Any] = dict(
@@ -41,7 +45,9 @@ DEFAULT_TRAIN: dict[str, Any] = dict(
     clip_grad=0.1,  # DINO's max gradient norm
     seed=0,
     num_threads=None,  # torch intra-op threads; None leaves torch's default
-    max_minutes=None,  # opt-in wall-clock cap, off by default; when it binds the model depends on the machine's speed (the cosine then follows the clock)
+    # opt-in wall-clock cap, off by default; when it binds the cosine follows the clock and the model
+    # depends on the machine's speed
+    max_minutes=None,
     val_interval=5,  # epochs between validation passes (top-1 IoU on val)
     hflip=True,  # left/right knees mirror each other, so a flip is a plausible scan
     intensity_jitter=0.1,  # +-10 % gain and offset: probe gain varies between scans
@@ -91,6 +97,37 @@ def _quiet_mmengine() -> Iterator[None]:
         logger.setLevel(old)
 
 
+def _total_loss(losses: dict[str, Any]) -> torch.Tensor:
+    """The sum of every ``loss*`` entry (tensors, or lists of per-layer tensors)."""
+    parts = [v.sum() if torch.is_tensor(v) else sum(t.sum() for t in v) for k, v in losses.items() if "loss" in k]
+    return sum(parts, torch.zeros(()))
+
+
+def _lr_factor(cfg: dict[str, Any], it: int, total: int, time_fraction: float) -> float:
+    """Linear warm-up, then cosine decay to ``min_lr_ratio`` over whichever budget runs out first
+    (steps, or the share of ``max_minutes`` used), so a slow machine still anneals inside the cap."""
+    warmup = int(cfg["warmup_iters"])
+    if it < warmup:
+        return (it + 1) / warmup
+    t = min(max((it - warmup) / max(1, total - warmup), time_fraction, 0.0), 1.0)
+    return cfg["min_lr_ratio"] + (1 - cfg["min_lr_ratio"]) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def _log(log: IO[str], rec: dict[str, Any]) -> None:
+    log.write(json.dumps(rec) + "\n")
+    log.flush()
+
+
+@dataclass
+class _Best:
+    """The best validation so far, its weights, and every validation record."""
+
+    stopper: EarlyStopping = field(default_factory=lambda: EarlyStopping(patience=None, mode="max"))
+    state: dict[str, torch.Tensor] | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    last_epoch: int = -1  # the epoch of the latest validation
+
+
 def build_model(model_cfg: dict[str, Any], aux_heads: bool = True) -> torch.nn.Module:
     """Build and initialise the mmdet model; ``aux_heads=False`` drops RPN/RoI/ATSS (plain DINO)."""
     from mmdet.registry import MODELS
@@ -98,6 +135,9 @@ def build_model(model_cfg: dict[str, Any], aux_heads: bool = True) -> torch.nn.M
     from mmengine.config import ConfigDict
 
     import detectors.codetr.modules  # noqa: F401  (registers the Loris* modules)
+    from detectors.codetr.native_ops import use_native_ops
+
+    use_native_ops()  # our mmcv has no CUDA kernels (FORCE_CUDA=0): route its ops to torch-native code
 
     register_all_modules(init_default_scope=True)
     cfg = copy.deepcopy(_plain(model_cfg))
@@ -193,11 +233,12 @@ class CoDetrDetector(Detector):
         self.max_detections = int(pick(max_detections, "max_detections", 10))
         self.model_cfg.setdefault("test_cfg", {})["max_per_img"] = self.max_detections
         self.device = str(pick(device, "device", "cpu"))
-        resolved = ("cuda" if torch.cuda.is_available() else "cpu") if self.device == "auto" else self.device
-        if self.train_cfg["seed"] is not None:
-            # Seeds the weight initialisation too, so a config + seed gives one model.
-            torch.manual_seed(int(self.train_cfg["seed"]))
-        self.model = build_model(self.model_cfg, self.aux_heads).to(torch.device(resolved))
+        seed = self.train_cfg["seed"]
+        # The seed fixes the initial weights too (a config + seed gives one model), without
+        # reseeding the caller's global RNG.
+        with seeded_global_rng(int(seed)) if seed is not None else contextlib.nullcontext():
+            net = build_model(self.model_cfg, self.aux_heads)
+        self.model: Any = net.to(torch.device(resolve_device(self.device)))  # mmdet's model: loss(), predict()
 
     # ------------------------------------------------------------------ data
     def _inputs(self, images: np.ndarray) -> torch.Tensor:
@@ -259,125 +300,107 @@ class CoDetrDetector(Detector):
         the same model on any machine). ``max_minutes`` is an opt-in safety valve, off by default:
         when set, the cosine schedule also follows the clock and the run stops at whichever budget
         ends first, so a capped run is still annealed but depends on the machine's speed (the
-        summary records it as ``stopped_early``).
+        summary records it as ``stopped_early``). ``num_threads`` and the seeded global RNG apply to
+        this training only: the caller's settings are restored afterwards.
         """
-        threads_before = torch.get_num_threads()
-        try:
-            return self._fit(train, val, workdir)
-        finally:
-            torch.set_num_threads(threads_before)  # num_threads applies to this training only
+        cfg = self.train_cfg
+        with training_scope(int(cfg["seed"]), cfg["num_threads"], self._device()):
+            return self._fit(train, val, Path(workdir))
+
+    def _device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _optimizer(self) -> torch.optim.Optimizer:
+        """AdamW with the backbone's learning rate scaled by ``backbone_lr_mult`` (group 0; the rest is group 1)."""
+        cfg = self.train_cfg
+        named = [(nm, p) for nm, p in self.model.named_parameters() if p.requires_grad]
+        backbone = [p for nm, p in named if nm.startswith("backbone.")]
+        others = [p for nm, p in named if not nm.startswith("backbone.")]
+        groups = [dict(params=backbone, lr=cfg["lr"] * cfg["backbone_lr_mult"]), dict(params=others, lr=cfg["lr"])]
+        return torch.optim.AdamW(groups, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+
+    def _train_step(self, opt: torch.optim.Optimizer, x: torch.Tensor, boxes: torch.Tensor) -> float:
+        """One optimisation step on an augmented batch; returns its total loss."""
+        losses = self.model.loss(x, self._samples(boxes, x.shape[0]))
+        total = _total_loss(losses)
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        if self.train_cfg["clip_grad"]:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), float(self.train_cfg["clip_grad"]))
+        opt.step()
+        return float(total.detach())
+
+    def _training_tensors(self, train: ScanArrays, keep: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Model inputs ``[n, 1, s, s]`` and boxes ``[n, 4]`` (model pixels) of the scans in ``keep``."""
+        if not keep.any():
+            raise ValueError("no training scan has a box")
+        x_all = self._inputs(train.images[keep])
+        scale = self.image_size / float(train.images.shape[-1])
+        return x_all, torch.as_tensor(train.boxes[keep] * scale, dtype=torch.float32).to(x_all.device)
 
     def _fit(self, train: ScanArrays, val: ScanArrays, workdir: Path) -> dict[str, Any]:
         cfg = self.train_cfg
-        workdir = Path(workdir)
         workdir.mkdir(parents=True, exist_ok=True)
-        if cfg["num_threads"]:
-            torch.set_num_threads(int(cfg["num_threads"]))
-        seed = int(cfg["seed"])
-        torch.manual_seed(seed)
-        gen = torch.Generator().manual_seed(seed)
-        rng = np.random.default_rng(seed)
-
         keep = ~np.isnan(train.boxes).any(axis=1)
-        if not keep.any():
-            raise ValueError("no training scan has a box")
-        images = train.images[keep]
-        scale = self.image_size / float(train.images.shape[-1])
-        boxes_all = torch.as_tensor(train.boxes[keep] * scale, dtype=torch.float32)
-        x_all = self._inputs(images)
+        x_all, boxes_all = self._training_tensors(train, keep)
         n = x_all.shape[0]
         bs = min(int(cfg["batch_size"]), n)
-        iters_per_epoch = max(1, n // bs)  # drop the ragged last batch: fixed step cost
-        total = iters_per_epoch * int(cfg["epochs"])
-
-        model = self.model
-        backbone = [p for nm, p in model.named_parameters() if nm.startswith("backbone.") and p.requires_grad]
-        others = [p for nm, p in model.named_parameters() if not nm.startswith("backbone.") and p.requires_grad]
-        opt = torch.optim.AdamW(
-            [dict(params=backbone, lr=cfg["lr"] * cfg["backbone_lr_mult"]), dict(params=others, lr=cfg["lr"])],
-            lr=cfg["lr"],
-            weight_decay=cfg["weight_decay"],
-        )
+        per_epoch = max(1, n // bs)  # drop the ragged last batch: fixed step cost
+        epochs = int(cfg["epochs"])
+        rng = streams(int(cfg["seed"]))
+        opt = self._optimizer()
         base_lrs = [g["lr"] for g in opt.param_groups]
-
-        max_s = 60 * float(cfg["max_minutes"]) if cfg["max_minutes"] else math.inf
-
-        def progress(it: int, elapsed: float) -> float:
-            # Whichever budget runs out first (iterations or wall clock) drives the schedule, so
-            # a slow machine still gets a fully annealed model inside max_minutes.
-            return max((it - cfg["warmup_iters"]) / max(1, total - cfg["warmup_iters"]), elapsed / max_s)
-
-        def lr_factor(it: int, elapsed: float) -> float:
-            if it < cfg["warmup_iters"]:
-                return (it + 1) / cfg["warmup_iters"]
-            t = min(max(progress(it, elapsed), 0.0), 1.0)
-            return cfg["min_lr_ratio"] + (1 - cfg["min_lr_ratio"]) * 0.5 * (1 + math.cos(math.pi * t))
-
-        log = open(workdir / "train_log.jsonl", "w")
-        t0 = time.perf_counter()
-        best_iou, best_state, best_epoch = -1.0, None, -1
-        it, stopped_early = 0, False
-        history: list[dict[str, Any]] = []
-        for epoch in range(int(cfg["epochs"])):
-            model.train()
-            order = rng.permutation(n)
-            for b in range(iters_per_epoch):
+        budget = Budget(per_epoch * epochs, cfg["max_minutes"], unit="steps")
+        best, order = _Best(), np.arange(n)
+        with open(workdir / "train_log.jsonl", "w") as log:
+            for it in budget.units():
+                epoch, b = divmod(it, per_epoch)
+                if b == 0:
+                    self.model.train()
+                    order = rng.numpy.permutation(n)
                 idx = torch.as_tensor(order[b * bs : (b + 1) * bs])
-                x, boxes = self._augment(x_all[idx], boxes_all[idx].to(x_all.device), gen)
+                x, boxes = self._augment(x_all[idx], boxes_all[idx], rng.torch)
+                factor = _lr_factor(cfg, it, per_epoch * epochs, budget.fraction_of_time())
                 for g, base in zip(opt.param_groups, base_lrs):
-                    g["lr"] = base * lr_factor(it, time.perf_counter() - t0)
-                losses = model.loss(x, self._samples(boxes, x.shape[0]))
-                total_loss = sum(
-                    v.sum() if torch.is_tensor(v) else sum(t.sum() for t in v) for k, v in losses.items() if "loss" in k
-                )
-                opt.zero_grad(set_to_none=True)
-                total_loss.backward()
-                if cfg["clip_grad"]:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), float(cfg["clip_grad"]))
-                opt.step()
+                    g["lr"] = base * factor
+                loss = self._train_step(opt, x, boxes)
                 if it % int(cfg["log_interval"]) == 0:
-                    rec = dict(
-                        iter=it,
-                        epoch=epoch,
-                        loss=float(total_loss.detach()),
-                        lr=opt.param_groups[1]["lr"],
-                        seconds=round(time.perf_counter() - t0, 1),
-                    )
-                    log.write(json.dumps(rec) + "\n")
-                    log.flush()
-                it += 1
-                if time.perf_counter() - t0 > max_s:
-                    stopped_early = True
-                    break
-            last = stopped_early or epoch == int(cfg["epochs"]) - 1
-            if len(val) and ((epoch + 1) % int(cfg["val_interval"]) == 0 or last):
-                miou, hit = self._val_iou(val)
-                rec = dict(epoch=epoch, val_mean_iou=miou, val_hit50=hit, seconds=round(time.perf_counter() - t0, 1))
-                history.append(rec)
-                log.write(json.dumps(rec) + "\n")
-                log.flush()
-                if miou > best_iou:
-                    best_iou, best_epoch = miou, epoch
-                    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            if stopped_early:
-                break
-        if best_state is not None:
-            model.load_state_dict(best_state)
-        log.close()
+                    lr = opt.param_groups[1]["lr"]
+                    _log(log, dict(iter=it, epoch=epoch, loss=loss, lr=lr, seconds=round(budget.spent(), 1)))
+                if b == per_epoch - 1 and ((epoch + 1) % int(cfg["val_interval"]) == 0 or epoch == epochs - 1):
+                    self._validate(val, epoch, best, log, budget.spent())
+            stopped_early = budget.stop_reason == "time"
+            last_epoch = (budget.ran - 1) // per_epoch
+            if stopped_early and best.last_epoch != last_epoch:  # a run cut short is validated where it stopped
+                self._validate(val, last_epoch, best, log, budget.spent())
+        if best.state is not None:
+            self.model.load_state_dict(best.state)
         summary = dict(
-            iterations=it,
-            epochs_run=epoch + 1,
+            iterations=budget.ran,
+            epochs_run=last_epoch + 1,
             train_images=int(n),
             skipped_without_box=int((~keep).sum()),
-            seconds=round(time.perf_counter() - t0, 1),
-            best_val_mean_iou=best_iou,
-            best_epoch=best_epoch,
+            seconds=round(budget.elapsed, 1),
+            best_val_mean_iou=summary_value(best.stopper, missing=-1.0),
+            best_epoch=best.stopper.best_at,
             stopped_early=stopped_early,
             aux_heads=self.aux_heads,
-            val_history=history,
+            val_history=best.history,
         )
-        (workdir / "summary.json").write_text(json.dumps(summary, indent=1))
+        atomic_write_text(workdir / "summary.json", json.dumps(summary, indent=1))
         return summary
+
+    def _validate(self, val: ScanArrays, epoch: int, best: _Best, log: IO[str], seconds: float) -> None:
+        """Top-1 IoU on ``val`` after ``epoch``; keeps the weights when it is the best so far."""
+        best.last_epoch = epoch
+        if not len(val):
+            return
+        miou, hit = self._val_iou(val)
+        rec = dict(epoch=epoch, val_mean_iou=miou, val_hit50=hit, seconds=round(seconds, 1))
+        best.history.append(rec)
+        _log(log, rec)
+        if best.stopper.update(miou, at=epoch):
+            best.state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
 
     def _val_iou(self, val: ScanArrays) -> tuple[float, float]:
         """Mean top-1 IoU and the fraction with IoU >= 0.5 on validation scans that have a box."""
@@ -427,9 +450,9 @@ class CoDetrDetector(Detector):
         """``config.json`` (constructor arguments) and ``weights.pt`` (a plain state dict)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        (directory / "config.json").write_text(json.dumps(self._ctor_args(), indent=1))
+        atomic_write_text(directory / "config.json", json.dumps(self._ctor_args(), indent=1))
         state = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
-        torch.save(state, directory / "weights.pt")
+        atomic_write(directory / "weights.pt", lambda tmp: torch.save(state, tmp))
 
     @classmethod
     def load(cls, directory: Path) -> CoDetrDetector:

@@ -6,8 +6,9 @@ import argparse
 import json
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 os.environ.setdefault("YOLO_OFFLINE", "1")  # before anything imports ultralytics
 os.environ.setdefault("MPLBACKEND", "Agg")
@@ -15,13 +16,16 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 # 2-thread U-Net training ~10x slower than 1 thread (measured); set before torch loads OpenMP.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-DETECTOR_CHOICES = ("gt", "yolov5", "codetr")
+if TYPE_CHECKING:
+    from pipeline.config import Config
 
 
 def _common(p: argparse.ArgumentParser) -> None:
+    from pipeline.config import PROFILES
+
     p.add_argument("--data", type=Path, help="dataset folder (README 'Your own data'); default: the embedded phantom")
     p.add_argument("--config", type=Path, help="YAML file overriding configs/default.yaml")
-    p.add_argument("--profile", choices=("quick", "default", "paper"), default="default")
+    p.add_argument("--profile", choices=PROFILES, default="default")
     p.add_argument(
         "--set",
         dest="overrides",
@@ -33,43 +37,38 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
-def _config(args: argparse.Namespace, detector: str) -> dict[str, Any]:
+def _config(args: argparse.Namespace, detector: str) -> Config:
+    """The typed config: files and ``--set``, then the command's own options (``--data``, ``--external``, ...)."""
     from pipeline.config import load_config
 
-    sets = list(args.overrides)
-    cfg = load_config(args.config, args.profile, [f"detector.name={detector}"] + sets)
+    flags: dict[str, Any] = {}
     if args.data is not None:
-        cfg["data"] = str(args.data)
+        flags["data"] = str(args.data)
     if getattr(args, "external", None):
         paths = [str(p) for p in args.external]
-        cfg["evaluation"]["external"] = paths[0] if len(paths) == 1 else paths
+        flags["evaluation"] = {"external": paths[0] if len(paths) == 1 else paths}
     if getattr(args, "folds", None):
-        cfg["run_folds"] = [int(v) for v in args.folds.split(",")]
-    cfg["progress"] = not args.no_progress
-    return cfg
+        flags["run_folds"] = [int(v) for v in args.folds.split(",")]
+    if getattr(args, "sensitivity", None) is not None:
+        flags["bundle"] = {"operating_point": "sensitivity", "sensitivity": args.sensitivity}
+    cfg = load_config(args.config, args.profile, [f"detector.name={detector}", *args.overrides], flags)
+    return replace(cfg, progress=not args.no_progress)
 
 
-def _out(args: argparse.Namespace, cfg: dict[str, Any], command: str) -> Path:
-    from pipeline.outputs import default_run_dir
+def _cv_parsers(sub: Any) -> None:
+    """``run`` and ``ablate``: choices and defaults from the detector registry."""
+    from pipeline import sources
 
-    return Path(args.out) if args.out else default_run_dir(cfg, command)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="loris",
-        description="LoRIS: localized reconstruction-by-inpainting for knee recess distension in ultrasound",
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-
+    names = sources.names()
     run = sub.add_parser("run", help="cross-validate LoRIS with one prior source (Table 1)")
-    run.add_argument("--detector", choices=DETECTOR_CHOICES, default="gt")
+    run.add_argument("--detector", choices=names, default=sources.ground_truth())
     run.add_argument("--folds", help="comma-separated fold indices, e.g. 0,2 (default: all)")
     run.add_argument("--out", type=Path, help="run folder (default: runs/<command>-<detector>-<profile>-<time>)")
     _common(run)
-
     abl = sub.add_parser("ablate", help="ground-truth against predicted priors, sharing the U-Nets (Table 2)")
-    abl.add_argument("--detectors", default="gt,yolov5,codetr", help="comma-separated prior sources")
+    abl.add_argument(
+        "--detectors", default=",".join(names), help=f"comma-separated prior sources from {', '.join(names)}"
+    )
     abl.add_argument("--folds", help="comma-separated fold indices (default: all)")
     abl.add_argument("--out", type=Path)
     _common(abl)
@@ -83,8 +82,14 @@ def main(argv: list[str] | None = None) -> int:
             "report per set under <out>/external/<name>/",
         )
 
+
+def _model_parsers(sub: Any) -> None:
+    """``train``, ``predict`` and ``bench``."""
+    from pipeline import sources
+
+    trainable = sources.trainable()
     tr = sub.add_parser("train", help="train one deployable bundle on all the data")
-    tr.add_argument("--detector", choices=("yolov5", "codetr"), default="codetr")
+    tr.add_argument("--detector", choices=trainable, default=trainable[0], help=f"default: {trainable[0]}")
     tr.add_argument("--out", type=Path, required=True, help="bundle folder to create")
     tr.add_argument(
         "--sensitivity",
@@ -92,7 +97,6 @@ def main(argv: list[str] | None = None) -> int:
         help="pick the score threshold reaching this validation sensitivity instead of Youden's J",
     )
     _common(tr)
-
     pr = sub.add_parser("predict", help="score and segment every scan in a folder with a trained bundle")
     pr.add_argument("--model", type=Path, required=True, help="bundle folder written by `train`")
     pr.add_argument("--input", type=Path, required=True, help="folder of scans (PNG/JPEG/BMP/TIFF/DICOM)")
@@ -101,13 +105,26 @@ def main(argv: list[str] | None = None) -> int:
     pr.add_argument("--batch-size", type=int, default=8)
     pr.add_argument("--device", default="auto")
     pr.add_argument("--no-progress", action="store_true")
-
     be = sub.add_parser("bench", help="measure stage throughput on this machine")
     be.add_argument("--out", type=Path, help="write the measurements as JSON here")
     be.add_argument("--quick", action="store_true", help="fewer repeats (for smoke tests)")
     be.add_argument("--model", type=Path, help="a bundle from `train`: also measure end-to-end predict images/s")
 
-    args = parser.parse_args(argv)
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``loris`` command line; detector choices come from the registry (:mod:`pipeline.sources`)."""
+    parser = argparse.ArgumentParser(
+        prog="loris",
+        description="LoRIS: localized reconstruction-by-inpainting for knee recess distension in ultrasound",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    _cv_parsers(sub)
+    _model_parsers(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         return _dispatch(args)
     except KeyboardInterrupt:
@@ -120,67 +137,73 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def _cross_validate(args: argparse.Namespace) -> int:
+    from pipeline.outputs import default_run_dir
+    from pipeline.run import execute
+
+    names = [args.detector] if args.command == "run" else [d.strip() for d in args.detectors.split(",") if d.strip()]
+    if not names:
+        raise ValueError("--detectors: name at least one prior source")
+    cfg = _config(args, names[0])
+    out = Path(args.out) if args.out else default_run_dir(cfg, args.command)
+    summary = execute(cfg, out, names, command=args.command)
+    _print_summary(summary, out)
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from pipeline.bundle import train_bundle
+
+    doc = train_bundle(_config(args, args.detector), args.out)
+    v = doc["score"]["validation"]
+    print(
+        f"bundle written to {args.out}: score threshold {doc['score']['threshold']:.4g} "
+        f"({doc['score']['operating_point']}: validation sensitivity {v['sensitivity']:.2f}, "
+        f"specificity {v['specificity']:.2f}, I-AUROC {v['i_auroc']:.3f}); "
+        f"segmentation threshold {doc['segmentation']['threshold']:.4g}"
+    )
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    import time
+
+    from pipeline.predict import predict_folder
+
+    out = args.out or Path("runs") / f"predict-{time.strftime('%Y%m%d-%H%M%S')}"
+    predict_folder(
+        args.model,
+        args.input,
+        out,
+        recursive=args.recursive,
+        batch_size=args.batch_size,
+        device=args.device,
+        progress=not args.no_progress,
+    )
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from pipeline.bench import run_bench
+
+    text = json.dumps(run_bench(quick=args.quick, model=args.model), indent=1)
+    print(text)
+    if args.out:
+        from scans.io import atomic_write_text
+
+        atomic_write_text(args.out, text)
+    return 0
+
+
 def _dispatch(args: argparse.Namespace) -> int:
-    if args.command in ("run", "ablate"):
-        from pipeline.run import execute
-
-        names = (
-            [args.detector] if args.command == "run" else [d.strip() for d in args.detectors.split(",") if d.strip()]
-        )
-        unknown = [d for d in names if d not in DETECTOR_CHOICES]
-        if unknown:
-            raise ValueError(f"unknown detector(s) {unknown}; choose from {', '.join(DETECTOR_CHOICES)}")
-        cfg = _config(args, names[0])
-        out = _out(args, cfg, args.command)
-        summary = execute(cfg, out, names, command=args.command, progress=cfg["progress"])
-        _print_summary(summary, out)
-        return 0
-    if args.command == "train":
-        from pipeline.bundle import train_bundle
-
-        cfg = _config(args, args.detector)
-        if args.sensitivity is not None:
-            cfg["bundle"]["operating_point"] = "sensitivity"
-            cfg["bundle"]["sensitivity"] = args.sensitivity
-        doc = train_bundle(cfg, args.out)
-        v = doc["score"]["validation"]
-        print(
-            f"bundle written to {args.out}: score threshold {doc['score']['threshold']:.4g} "
-            f"({doc['score']['operating_point']}: validation sensitivity {v['sensitivity']:.2f}, "
-            f"specificity {v['specificity']:.2f}, I-AUROC {v['i_auroc']:.3f}); "
-            f"segmentation threshold {doc['segmentation']['threshold']:.4g}"
-        )
-        return 0
-    if args.command == "predict":
-        from pipeline.predict import predict_folder
-
-        out = args.out
-        if out is None:
-            import time
-
-            out = Path("runs") / f"predict-{time.strftime('%Y%m%d-%H%M%S')}"
-        predict_folder(
-            args.model,
-            args.input,
-            out,
-            recursive=args.recursive,
-            batch_size=args.batch_size,
-            device=args.device,
-            progress=not args.no_progress,
-        )
-        return 0
-    if args.command == "bench":
-        from pipeline.bench import run_bench
-
-        result = run_bench(quick=args.quick, model=args.model)
-        text = json.dumps(result, indent=1)
-        print(text)
-        if args.out:
-            from scans.io import atomic_write_text
-
-            atomic_write_text(args.out, text)
-        return 0
-    raise AssertionError(args.command)
+    commands = {
+        "run": _cross_validate,
+        "ablate": _cross_validate,
+        "train": _train,
+        "predict": _predict,
+        "bench": _bench,
+    }
+    return commands[args.command](args)
 
 
 def _ci(d: dict[str, Any] | None, scale: float = 1.0, fmt: str = ".3f") -> str:
@@ -189,36 +212,38 @@ def _ci(d: dict[str, Any] | None, scale: float = 1.0, fmt: str = ".3f") -> str:
     return f" [{scale * d['low']:{fmt}}, {scale * d['high']:{fmt}}]"
 
 
-def _print_summary(summary: dict[str, Any], out: Path) -> None:
-    """The closing lines: each method and control with its patient-clustered 95% interval, and the
-    paired differences a reader checks first (vs the best prior-only control, vs ground-truth priors)."""
-    from evaluation.controls import CONTROL_NAMES
-    from evaluation.intervals import find_difference
+def _row(cl: dict[str, Any], label: str, key: str, metrics: dict[str, Any]) -> str:
+    """One method or control: each metric's mean with its pooled interval."""
+    cells = []
+    for m in ("i_auroc", "p_auroc", "dice_oracle", "dice_val"):
+        v = metrics.get(m, {})
+        if v.get("mean") is not None:
+            iv = cl.get("rows", {}).get(key, {}).get(m, {}).get("pooled")
+            cells.append(f"{m} {v['mean']:.3f}{_ci(iv)}")
+    return f"  {label:30s} " + ", ".join(cells)
 
-    rec = summary.get("reconstruction", {})
+
+def _method_lines(summary: dict[str, Any]) -> list[str]:
+    """Every method and prior-only control of the summary, with intervals."""
+    from evaluation.controls import CONTROL_NAMES
+
     cl = summary.get("clustered", {})
     main = summary["detector"] if isinstance(summary["detector"], str) else summary["detector"][0]
-    lines = [
-        f"results in {out} (report.html, table1.md, table2.md, summary.json); "
-        f"[95% patient-clustered bootstrap intervals]"
-    ]
-
-    def row(label: str, key: str, metrics: dict[str, Any]) -> str:
-        cells = []
-        for m in ("i_auroc", "p_auroc", "dice_oracle", "dice_val"):
-            v = metrics.get(m, {})
-            if v.get("mean") is not None:
-                iv = cl.get("rows", {}).get(key, {}).get(m, {}).get("pooled")
-                cells.append(f"{m} {v['mean']:.3f}{_ci(iv)}")
-        return f"  {label:30s} " + ", ".join(cells)
-
-    for name, m in rec.items():
-        lines.append(row(f"LoRIS+{name.upper()}", f"{main}/{name}", m))
+    lines = [_row(cl, f"LoRIS+{n.upper()}", f"{main}/{n}", m) for n, m in summary.get("reconstruction", {}).items()]
     if "riad" in summary:
-        lines.append(row("RIAD", "none/riad", summary["riad"]))
+        lines.append(_row(cl, "RIAD", "none/riad", summary["riad"]))
     for src, ctrls in summary.get("controls", {}).items():
-        for c, m in ctrls.items():
-            lines.append(row(f"{CONTROL_NAMES.get(c, c)} ({src})", f"{src}/{c}", m))
+        lines += [_row(cl, f"{CONTROL_NAMES.get(c, c)} ({src})", f"{src}/{c}", m) for c, m in ctrls.items()]
+    return lines
+
+
+def _difference_lines(summary: dict[str, Any]) -> list[str]:
+    """The clustered differences a reader checks first: vs the best prior-only control, vs ground truth."""
+    from evaluation.controls import CONTROL_NAMES
+    from evaluation.intervals import find_difference
+    from pipeline import sources
+
+    cl, gt, lines = summary.get("clustered", {}), sources.ground_truth(), []
     for src, ctrl in cl.get("best_control", {}).items():
         d = find_difference(cl, f"{src}/msgmsd", ctrl, "i_auroc")
         if d:
@@ -228,13 +253,19 @@ def _print_summary(summary: dict[str, Any], out: Path) -> None:
                 f"ΔI-AUROC {100 * p['estimate']:+.1f} pts{_ci(p, 100, '+.1f')}"
             )
     for src in summary.get("priors", {}):
-        d = find_difference(cl, f"{src}/msgmsd", "gt/msgmsd", "i_auroc") if src != "gt" else None
+        d = find_difference(cl, f"{src}/msgmsd", f"{gt}/msgmsd", "i_auroc") if src != gt else None
         if d:
             p = d["pooled"]
             lines.append(
-                f"  {src} priors vs gt: LoRIS+MSGMSD ΔI-AUROC {100 * p['estimate']:+.1f} pts"
+                f"  {src} priors vs {gt}: LoRIS+MSGMSD ΔI-AUROC {100 * p['estimate']:+.1f} pts"
                 f"{_ci(p, 100, '+.1f')} (clustered)"
             )
+    return lines
+
+
+def _comparison_lines(summary: dict[str, Any]) -> list[str]:
+    """The per-image DeLong comparisons of each prior with its reference, here and on held-out sets."""
+    lines = []
     for where, comparisons in [("", summary.get("prior_comparison", {}))] + [
         (f" [external {e['data']}: {e.get('images')} images]", e.get("prior_comparison", {}))
         for e in summary.get("external", [])
@@ -246,7 +277,17 @@ def _print_summary(summary: dict[str, Any], out: Path) -> None:
                 f"{100 * c['ci_low']:+.1f} to {100 * c['ci_high']:+.1f}, per-image DeLong, "
                 f"{len(c['folds'])} folds)"
             )
-    print("\n".join(lines))
+    return lines
+
+
+def _print_summary(summary: dict[str, Any], out: Path) -> None:
+    """The closing lines: each method and control with its patient-clustered 95% interval, and the
+    paired differences a reader checks first (vs the best prior-only control, vs ground-truth priors)."""
+    head = (
+        f"results in {out} (report.html, table1.md, table2.md, summary.json); "
+        f"[95% patient-clustered bootstrap intervals]"
+    )
+    print("\n".join([head, *_method_lines(summary), *_difference_lines(summary), *_comparison_lines(summary)]))
 
 
 if __name__ == "__main__":

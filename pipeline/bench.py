@@ -13,22 +13,18 @@ import os
 import shutil
 import statistics
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from scans.runtime import median_seconds, resolve_device, torch_threads
 
-def _median_rate(fn: Callable[[], int], reps: int) -> float:
-    fn()  # warm-up: first calls allocate and pick kernels
-    rates = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        n = fn()
-        rates.append(n / (time.perf_counter() - t0))
-    return float(statistics.median(rates))
+
+def _rate(fn: Callable[[], int], n: int, reps: int) -> float:
+    """Items per second of ``fn`` (which handles ``n`` items): ``n`` over its median time, after a warm-up."""
+    return n / median_seconds(fn, repeats=reps, warmup=1)
 
 
 def phantom_speed(reps: int = 3, n: int = 20, size: int = 256) -> float:
@@ -41,21 +37,22 @@ def phantom_speed(reps: int = 3, n: int = 20, size: int = 256) -> float:
             render_scan(rng, anatomy, 0.5 if i % 2 else 0.0, size)
         return n
 
-    return _median_rate(go, reps)
+    return _rate(go, n, reps)
 
 
 def detector_speed(name: str, reps: int = 3, n: int = 32, size: int = 256) -> float:
     """Inference images/s of an untrained detector of the default config (speed does not depend on training)."""
     from detectors.base import build_detector
-    from pipeline.config import load_config
-    from pipeline.stages import detector_kwargs
+    from pipeline.config import detector_config_path, load_config
+    from pipeline.fit import detector_kwargs
 
     cfg = load_config(None, "default", [f"detector.name={name}"])
-    det = build_detector(name, **detector_kwargs(cfg))
-    if hasattr(det, "init_untrained"):  # yolov5 builds its network at fit; codetr at construction
+    path = detector_config_path(name, cfg.detector.config, cfg.profile)
+    det = build_detector(name, **detector_kwargs(cfg.detector, path, cfg.seed, resolve_device(cfg.device)))
+    if hasattr(det, "init_untrained"):  # some detectors build their network at fit, others at construction
         det.init_untrained()
     images = np.random.default_rng(0).random((n, size, size), dtype=np.float32)
-    return _median_rate(lambda: len(det.predict(images)), reps)
+    return _rate(lambda: len(det.predict(images)), n, reps)
 
 
 def refiner_speed(reps: int = 3, n: int = 64, size: int = 128) -> float:
@@ -63,11 +60,10 @@ def refiner_speed(reps: int = 3, n: int = 64, size: int = 128) -> float:
     from detectors.refine import BoxRefiner
     from pipeline.config import load_config
 
-    cfg = load_config(None, "default", [])
-    ref = BoxRefiner(**cfg["detector"]["refiner"])
+    ref = BoxRefiner(**load_config(None, "default", []).detector.refiner)
     images = np.random.default_rng(0).random((n, size, size), dtype=np.float32)
     boxes = np.tile(np.array([[0.2, 0.4, 0.75, 0.6]], np.float32) * size, (n, 1))
-    return _median_rate(lambda: len(ref.refine(images, boxes)), reps)
+    return _rate(lambda: len(ref.refine(images, boxes)), n, reps)
 
 
 def predict_speed(model: Path, n: int = 48, reps: int = 3) -> dict[str, Any]:
@@ -90,59 +86,63 @@ def predict_speed(model: Path, n: int = 48, reps: int = 3) -> dict[str, Any]:
     return {"images_per_s": float(statistics.median(rates)), "images": len(src), "reps": reps}
 
 
-def run_bench(quick: bool = False, model: Path | None = None) -> dict[str, Any]:
-    import torch
+def _detector_speeds(quick: bool) -> dict[str, Any]:
+    """Inference images/s of every trainable registered detector, and of the box refiner."""
+    from pipeline import sources
 
+    out: dict[str, Any] = {}
+    for name in sources.trainable():
+        try:
+            out[name] = {"images_per_s": detector_speed(name, reps=2 if quick else 3, n=8 if quick else 32)}
+        except Exception as exc:  # a missing optional stack must not hide the other numbers
+            out[name] = {"error": f"{exc.__class__.__name__}: {exc}"}
+    out["refiner"] = {
+        "images_per_s": refiner_speed(reps=2 if quick else 3, n=16 if quick else 64),
+        "note": "box refiner alone, one box per 128-px image, its default passes",
+    }
+    return out
+
+
+def _predict_ceiling(model: Path, quick: bool, matmul_gflops: float) -> dict[str, Any]:
+    """End-to-end predict images/s of a bundle, with its FLOP-bound ceiling."""
+    import json
+
+    from reconstruction.benchmark import unet_flops
+    from reconstruction.unet import UNetConfig
+
+    e2e = predict_speed(Path(model), n=16 if quick else 48, reps=2 if quick else 3)
+    size = int(json.loads((Path(model) / "bundle.json").read_text())["image_size"])
+    unet_cfg = json.loads((Path(model) / "unet" / "model.json").read_text())["unet"]
+    gflop = unet_flops(UNetConfig.from_dict(unet_cfg), size) / 1e9
+    return {
+        **e2e,
+        "image_size": size,
+        "unet_gflop_per_image": gflop,
+        "ceiling_images_per_s": matmul_gflops / gflop,
+        "note": "ceiling = best matmul GFLOP/s of this run / the bundle U-Net's GFLOP per image "
+        "(detector, I/O and maps excluded)",
+    }
+
+
+def run_bench(quick: bool = False, model: Path | None = None) -> dict[str, Any]:
+    """Every measurement of ``python -m pipeline bench`` (``model``: also end-to-end predict)."""
     from pipeline.provenance import machine, package_versions
     from reconstruction.benchmark import run_benchmark
 
     reps = 2 if quick else 5
     res: dict[str, Any] = {"machine": machine(), "versions": package_versions(), "load_avg_start": os.getloadavg()}
-    res["phantom_images_per_s_one_thread"] = None
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         res["phantom_images_per_s_one_thread"] = phantom_speed(reps=2 if quick else 3)
-    finally:
-        torch.set_num_threads(threads)
     res["unet"] = run_benchmark(
         profiles=("tiny",) if quick else ("cpu", "paper"),
         reps=reps,
         train_steps=2 if quick else 5,
         threads=os.cpu_count() or 2,
     )
-    res["detectors"] = {}
-    for name in ("yolov5", "codetr"):
-        try:
-            res["detectors"][name] = {
-                "images_per_s": detector_speed(name, reps=2 if quick else 3, n=8 if quick else 32)
-            }
-        except Exception as exc:  # a missing optional stack must not hide the other numbers
-            res["detectors"][name] = {"error": f"{exc.__class__.__name__}: {exc}"}
-    res["detectors"]["refiner"] = {
-        "images_per_s": refiner_speed(reps=2 if quick else 3, n=16 if quick else 64),
-        "note": "box refiner alone, one box per 128-px image, its default passes",
-    }
+    res["detectors"] = _detector_speeds(quick)
     if model is not None:
-        import json
-
-        from reconstruction.benchmark import unet_flops
-        from reconstruction.unet import UNetConfig
-
-        e2e = predict_speed(Path(model), n=16 if quick else 48, reps=2 if quick else 3)
-        bundle = json.loads((Path(model) / "bundle.json").read_text())
-        size = int(bundle["image_size"])
-        unet_cfg = json.loads((Path(model) / "unet" / "model.json").read_text())["unet"]
-        gflop = unet_flops(UNetConfig.from_dict(unet_cfg), size) / 1e9
         matmul = max(res["unet"]["matmul_gflops"], res["unet"].get("matmul_gflops_end", 0.0))
-        res["predict"] = {
-            **e2e,
-            "image_size": size,
-            "unet_gflop_per_image": gflop,
-            "ceiling_images_per_s": matmul / gflop,
-            "note": "ceiling = best matmul GFLOP/s of this run / the bundle U-Net's GFLOP per image "
-            "(detector, I/O and maps excluded)",
-        }
+        res["predict"] = _predict_ceiling(model, quick, matmul)
     else:
         res["predict"] = {"note": "pass --model MODEL_DIR (from `train`) to measure end-to-end predict images/s"}
     res["load_avg_end"] = os.getloadavg()

@@ -18,11 +18,17 @@ from detectors.base import Detector, detector_class
 from detectors.prior import PriorPolicy
 from detectors.refine import RefinedDetector
 from evaluation.metrics import image_auroc, select_threshold
-from pipeline import stages
-from pipeline.data import load_data
+from pipeline import sources
+from pipeline.config import Config
+from pipeline.data import Data, load_data
+from pipeline.evaluate import image_scores
+from pipeline.fit import fit_detector, fit_unet
 from pipeline.outputs import write_json
+from pipeline.priors import Expansion, fold_policy, predict_priors
 from pipeline.provenance import git_commit, package_versions
 from scans.folds import make_folds
+from scans.records import ScanArrays
+from scans.runtime import resolve_device, set_threads
 
 BUNDLE_FORMAT = 1
 
@@ -47,97 +53,101 @@ def operating_threshold(
     return t, {"sensitivity": float(tpr[i]), "specificity": float(1 - fpr[i])}
 
 
-def train_bundle(cfg: dict[str, Any], model_dir: Path) -> dict[str, Any]:
+def _validation_split(data: Data, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Training and validation indices: a patient-grouped ~20% held out for the thresholds."""
+    val_ids = make_folds(data.scans, k=5, seed=seed)[0].test
+    val_set = set(val_ids)
+    train_ids = tuple(s.id for s in data.scans if s.id not in val_set)
+    return data.index(train_ids), data.index(val_ids)
+
+
+def train_bundle(cfg: Config, model_dir: Path) -> dict[str, Any]:
     """Train one deployable model on all the data, with a patient-grouped validation part."""
     from reconstruction.checkpoint import save_model
-    from reconstruction.deviation import image_score
-    from reconstruction.infer import reconstruct
 
-    name = cfg["detector"]["name"]
-    if name == "gt":
-        raise ValueError("a deployable bundle needs a detector for new scans: use --detector yolov5 or codetr")
+    if detector_class(cfg.detector.name).ground_truth:
+        raise ValueError(
+            "a deployable bundle needs a detector for new scans: use --detector " + " or ".join(sources.trainable())
+        )
     model_dir = Path(model_dir)
     if (model_dir / "bundle.json").exists():
         raise FileExistsError(f"{model_dir} already holds a bundle; choose another --out")
-    stages.set_threads(cfg)
+    set_threads(cfg.threads)
     data = load_data(cfg)
-    val_ids = make_folds(data.scans, k=5, seed=cfg["seed"])[0].test  # a patient-grouped ~20%
-    val_set = set(val_ids)
-    train_ids = tuple(s.id for s in data.scans if s.id not in val_set)
-    tr, va = data.index(train_ids), data.index(val_ids)
-    arr = data.arrays
-    det, det_info = stages.fit_detector(cfg, data, tr, va, model_dir / "work" / "detector")
-    unet, unet_info = stages.fit_unet(cfg, data, tr, va, "single")
-    size = arr.images.shape[-1]
-    policy = PriorPolicy(
-        float(cfg["detector"]["threshold"]),
-        PriorPolicy.median_of(arr.boxes[stages.training_subset(arr, tr, cfg["detector"]["train_classes"])], size, size),
-    )
-    val = arr.subset(va)
-    pv = stages.predict_priors(cfg, det, val, policy)
-    b = cfg["bundle"]
-    maps = tuple(dict.fromkeys([b["score_map"], b["segment_map"]]))
-    rv = reconstruct(
-        unet,
-        val.images,
-        pv.boxes,
-        maps=maps,
-        device=stages.resolve_device(cfg),
-        margin=float(cfg["unet"]["mask_margin"]),
-    )
-    s = cfg["score"]
-    scores = image_score(
-        rv.maps[b["score_map"]],
-        pv.boxes,
-        pooling=s["pooling"],
-        region=s["region"],
-        topk_fraction=s["topk_fraction"],
-        margin=float(cfg["unet"]["mask_margin"]),
-    )
-    thr, op = operating_threshold(scores, val.labels, b["operating_point"], float(b["sensitivity"]))
-    seg = select_threshold(rv.maps[b["segment_map"]], val.masks, kernel=int(cfg["evaluation"]["postprocess_kernel"]))
+    tr, va = _validation_split(data, cfg.seed)
+    det, det_info = fit_detector(cfg, data, tr, va, model_dir / "work" / "detector")
+    unet, unet_info = fit_unet(cfg, data, tr, va, "single")
+    d = cfg.detector
+    policy = fold_policy(data.arrays, tr, d.threshold, d.train_classes)
+    thresholds = _thresholds(cfg, det, unet, policy, data.arrays.subset(va))
     det.save(model_dir / "detector")
     save_model(unet, model_dir / "unet", meta={k: v for k, v in unet_info.items() if k != "cache"})
-    doc = {
+    doc = bundle_doc(cfg, policy, thresholds)
+    doc["train"] = {"n_train": len(tr), "n_val": len(va), "detector": det_info, "unet": unet_info}
+    doc.update(config=cfg.to_dict(), versions=package_versions(), commit=git_commit())
+    write_json(model_dir / "bundle.json", doc)
+    return doc
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """The bundle's operating points, chosen on validation scans."""
+
+    score: float
+    operating: dict[str, float]  # validation sensitivity, specificity, I-AUROC and counts
+    segmentation: float
+    dice: float
+
+
+def _thresholds(cfg: Config, det: Detector, unet: Any, policy: PriorPolicy, val: ScanArrays) -> Thresholds:
+    """Score and segmentation thresholds on the validation scans."""
+    from reconstruction.infer import reconstruct
+
+    b = cfg.bundle
+    expansion = Expansion(cfg.detector.expand_up, cfg.detector.expand_side)
+    pv = predict_priors(det, val, policy, expansion)
+    maps = tuple(dict.fromkeys([b.score_map, b.segment_map]))
+    margin = cfg.unet.mask_margin
+    rv = reconstruct(unet, val.images, pv.boxes, maps=maps, device=resolve_device(cfg.device), margin=margin)
+    scores = image_scores({b.score_map: rv.maps[b.score_map]}, pv.boxes, cfg.score, margin)[b.score_map]
+    thr, op = operating_threshold(scores, val.labels, b.operating_point, b.sensitivity)
+    seg = select_threshold(rv.maps[b.segment_map], val.masks, kernel=cfg.evaluation.postprocess_kernel)
+    validation = {**op, "i_auroc": image_auroc(scores, val.labels), "n": len(val), "n_distended": int(val.labels.sum())}
+    return Thresholds(thr, validation, seg.threshold, seg.dice)
+
+
+def bundle_doc(cfg: Config, policy: PriorPolicy, t: Thresholds) -> dict[str, Any]:
+    """``bundle.json`` without its training record and provenance."""
+    b, s = cfg.bundle, cfg.score
+    return {
         "format": BUNDLE_FORMAT,
-        "detector": name,
-        "image_size": size,
-        "maps": list(maps),
-        "frame": int(cfg.get("frame", 0)),
-        "mask_margin": float(cfg["unet"]["mask_margin"]),
+        "detector": cfg.detector.name,
+        "image_size": cfg.image_size,
+        "maps": list(dict.fromkeys([b.score_map, b.segment_map])),
+        "frame": cfg.frame,
+        "mask_margin": cfg.unet.mask_margin,
         "score": {
-            "map": b["score_map"],
-            "threshold": thr,
-            "operating_point": b["operating_point"],
-            "pooling": s["pooling"],
-            "region": s["region"],
-            "topk_fraction": s["topk_fraction"],
-            "validation": {
-                **op,
-                "i_auroc": image_auroc(scores, val.labels),
-                "n": int(len(va)),
-                "n_distended": int(val.labels.sum()),
-            },
+            "map": b.score_map,
+            "threshold": t.score,
+            "operating_point": b.operating_point,
+            "pooling": s.pooling,
+            "region": s.region,
+            "topk_fraction": s.topk_fraction,
+            "validation": t.operating,
         },
         "segmentation": {
-            "map": b["segment_map"],
-            "threshold": seg.threshold,
-            "validation_dice": seg.dice,
-            "kernel": int(cfg["evaluation"]["postprocess_kernel"]),
+            "map": b.segment_map,
+            "threshold": t.segmentation,
+            "validation_dice": t.dice,
+            "kernel": cfg.evaluation.postprocess_kernel,
         },
         "prior": {
             "threshold": policy.threshold,
             "median_box": list(policy.median_box),
-            "expand_up": cfg["detector"]["expand_up"],
-            "expand_side": cfg["detector"]["expand_side"],
+            "expand_up": cfg.detector.expand_up,
+            "expand_side": cfg.detector.expand_side,
         },
-        "train": {"n_train": len(tr), "n_val": len(va), "detector": det_info, "unet": unet_info},
-        "config": cfg,
-        "versions": package_versions(),
-        "commit": git_commit(),
     }
-    write_json(model_dir / "bundle.json", doc)
-    return doc
 
 
 @dataclass
@@ -159,8 +169,9 @@ class Bundle:
         self.frame = int(doc.get("frame", 0))
         self.score_threshold = float(doc["score"]["threshold"])
         p = doc["prior"]
-        self.policy = PriorPolicy(float(p["threshold"]), tuple(p["median_box"]))  # type: ignore[arg-type]
-        self.cfg = {"detector": {"expand_up": p["expand_up"], "expand_side": p["expand_side"]}}
+        x1, y1, x2, y2 = (float(v) for v in p["median_box"])
+        self.policy = PriorPolicy(float(p["threshold"]), (x1, y1, x2, y2))
+        self.expansion = Expansion(float(p["expand_up"]), float(p["expand_side"]))
 
     @classmethod
     def load(cls, directory: Path, device: str = "auto") -> Bundle:
@@ -173,7 +184,7 @@ class Bundle:
         doc = json.loads(path.read_text())
         if doc.get("format") != BUNDLE_FORMAT:
             raise ValueError(f"{path}: bundle format {doc.get('format')} is not supported (expected {BUNDLE_FORMAT})")
-        dev = stages.resolve_device({"device": device})
+        dev = resolve_device(device)
         det_dir = directory / "detector"
         # A refined detector (base + box refiner) says so in refined.json beside the base's files.
         # The bundle uses only the prior (the top box), so only that box is refined.
@@ -202,7 +213,7 @@ class Bundle:
             patients=[""] * n,
             scale=np.ones((n, 2), np.float32),
         )
-        pri = stages.predict_priors(self.cfg, self.detector, arrays, self.policy, batch_size=max(n, 1))
+        pri = predict_priors(self.detector, arrays, self.policy, self.expansion, batch_size=max(n, 1))
         d = self.doc
         rec = reconstruct(
             self.unet,

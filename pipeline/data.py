@@ -5,10 +5,10 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
+from pipeline.config import Config, PhantomConfig
 from scans.dataset import load_dataset, to_arrays
 from scans.folds import Fold, resolve_folds
 from scans.records import Scan, ScanArrays
@@ -34,19 +34,19 @@ def _dataset_folder(path: str | Path) -> Path:
     return root
 
 
-def dataset_root(cfg: dict[str, Any]) -> Path:
-    if cfg.get("data"):
-        return _dataset_folder(cfg["data"])
+def dataset_root(data: str | None, phantom: PhantomConfig, seed: int, progress: bool = True) -> Path:
+    """The dataset folder ``data``, else the embedded phantom of ``phantom``'s composition (cached)."""
+    if data:
+        return _dataset_folder(data)
     from scans.phantom import default_dataset
 
-    ph = cfg["phantom"]
     return default_dataset(
-        n_images=ph["images"],
-        n_distended=ph["distended"],
-        n_patients=ph["patients"],
-        size=ph["size"],
-        seed=cfg["seed"],
-        progress=cfg.get("progress", True),
+        n_images=phantom.images,
+        n_distended=phantom.distended,
+        n_patients=phantom.patients,
+        size=phantom.size,
+        seed=seed,
+        progress=progress,
     )
 
 
@@ -62,56 +62,31 @@ def _with_boxes(root: Path) -> list[Scan]:
     return scans
 
 
-def load_data(cfg: dict[str, Any]) -> Data:
-    root = dataset_root(cfg)
+def load_data(cfg: Config) -> Data:
+    """The run's dataset at model size, with its folds (``splits.json``, else patient-grouped ``folds``)."""
+    root = dataset_root(cfg.data, cfg.phantom, cfg.seed, cfg.progress)
     scans = _with_boxes(root)
-    arrays = to_arrays(scans, size=cfg["image_size"], frame=cfg.get("frame", 0))
-    folds, source = resolve_folds(root, scans, k=cfg["folds"], seed=cfg["seed"])
+    arrays = to_arrays(scans, size=cfg.image_size, frame=cfg.frame)
+    folds, source = resolve_folds(root, scans, k=cfg.folds, seed=cfg.seed)
     return Data(root, scans, arrays, folds, source)
 
 
-def external_paths(cfg: dict[str, Any]) -> list[str]:
-    """The held-out sets named by ``evaluation.external``: null, one folder, or a list of folders."""
-    value = cfg["evaluation"].get("external")
-    if not value:
-        return []
-    paths = [value] if isinstance(value, (str, Path)) else list(value)
-    if not all(isinstance(p, (str, Path)) and str(p) for p in paths):
-        raise ValueError(f"evaluation.external must be a folder or a list of folders, got {value!r}")
-    return [str(p) for p in paths]
+def load_externals(paths: list[str], data: Data, size: int, frame: int) -> list[ScanArrays]:
+    """Every held-out set of ``paths`` (``evaluation.external``), in order (see :func:`load_external`)."""
+    return [load_external(p, data, size, frame) for p in paths]
 
 
-def load_externals(cfg: dict[str, Any], data: Data) -> list[ScanArrays]:
-    """Every held-out set of ``evaluation.external``, in order (see :func:`load_external`)."""
-    sets = [load_external(cfg, data, p) for p in external_paths(cfg)]
-    return [s for s in sets if s is not None]
-
-
-def load_external(cfg: dict[str, Any], data: Data, path: str | None = None) -> ScanArrays | None:
-    """A held-out test set (``path``, default the first of ``evaluation.external``; None when unset), as
-    model-size arrays.
+def load_external(path: str | Path, data: Data, size: int, frame: int) -> ScanArrays:
+    """A held-out test set as model-size arrays (``size`` px, DICOM ``frame``).
 
     It must be a LoRIS dataset with a box on every scan and both classes, and not the run's own data.
     """
-    if path is None:
-        paths = external_paths(cfg)
-        path = paths[0] if paths else None
-    if not path:
-        return None
     root = _dataset_folder(path)
     if root.resolve() == data.root.resolve():
         raise ValueError(f"{root}: the external test set is the run's own dataset; name a held-out folder")
     scans = _with_boxes(root)
-    unlabelled = [s.path.name for s in scans if s.label not in (0, 1)]
-    if unlabelled:
-        raise ValueError(f"{root}: {len(unlabelled)} image(s) have no normal/distended label (e.g. {unlabelled[:3]})")
-    labels = {s.label for s in scans}
-    if labels != {0, 1}:
-        raise ValueError(
-            f"{root}: the external test set needs normal and distended scans, it holds only "
-            f"{'distended' if labels == {1} else 'normal'} ones"
-        )
-    arrays = to_arrays(scans, size=cfg["image_size"], frame=cfg.get("frame", 0))
+    _check_labels(root, scans)
+    arrays = to_arrays(scans, size=size, frame=frame)
     # A copy of the run's data (or the same phantom generated elsewhere) passes the path check:
     # compare the images themselves, as the models see them.
     seen = {hashlib.sha256(im.tobytes()).digest() for im in data.arrays.images}
@@ -122,3 +97,15 @@ def load_external(cfg: dict[str, Any], data: Data, path: str | None = None) -> S
             f"(e.g. {shared[:3]}); an external test set must be held out from training"
         )
     return arrays
+
+
+def _check_labels(root: Path, scans: list[Scan]) -> None:
+    unlabelled = [s.path.name for s in scans if s.label not in (0, 1)]
+    if unlabelled:
+        raise ValueError(f"{root}: {len(unlabelled)} image(s) have no normal/distended label (e.g. {unlabelled[:3]})")
+    labels = {s.label for s in scans}
+    if labels != {0, 1}:
+        raise ValueError(
+            f"{root}: the external test set needs normal and distended scans, it holds only "
+            f"{'distended' if labels == {1} else 'normal'} ones"
+        )

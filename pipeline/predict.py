@@ -12,8 +12,8 @@ import csv
 import hashlib
 import os
 import sys
-import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +21,10 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from pipeline.bundle import Bundle
+from pipeline.bundle import Bundle, BundleOutput
 from scans.io import confined, write_png
-from scans.readers import ReadError, is_supported, read_image, resize_image
+from scans.readers import ReadError, is_supported, read_image, resize_image, resize_mask
+from scans.runtime import Stopwatch
 
 PRED_FIELDS = [
     "file",
@@ -95,10 +96,6 @@ class _CsvAppender:
         self.fh.close()
 
 
-def resize_mask(mask: np.ndarray, wh: tuple[int, int]) -> np.ndarray:
-    return cv2.resize(mask.astype(np.uint8), wh, interpolation=cv2.INTER_NEAREST).astype(bool)
-
-
 def overlay(
     image: np.ndarray, box: tuple[float, float, float, float], mask: np.ndarray, heat: np.ndarray
 ) -> np.ndarray:
@@ -117,6 +114,87 @@ def overlay(
     return out
 
 
+@dataclass
+class _Batch:
+    """The readable scans of one batch (originals and model-size copies) and the rows of the others."""
+
+    files: list[Path] = field(default_factory=list)
+    originals: list[np.ndarray] = field(default_factory=list)
+    images: list[np.ndarray] = field(default_factory=list)
+    errors: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _read_batch(folder: Path, chunk: list[Path], size: int, frame: int) -> _Batch:
+    """Read every file of ``chunk``; an unsupported or unreadable one becomes an error row."""
+    batch = _Batch()
+    for p in chunk:
+        rel = p.relative_to(folder).as_posix()
+        if not is_supported(p):
+            batch.errors.append({"file": rel, "reason": f"unsupported file type '{p.suffix or '(none)'}'"})
+            continue
+        try:
+            img = read_image(p, frame=frame)
+            if not np.isfinite(img).all():
+                raise ReadError(p, "image holds NaN or infinite pixel values")
+        except ReadError as exc:
+            batch.errors.append({"file": rel, "reason": exc.reason})
+            continue
+        except Exception as exc:  # one odd file (permissions, a codec error) must not stop the batch
+            batch.errors.append({"file": rel, "reason": f"{exc.__class__.__name__}: {exc}"})
+            continue
+        batch.files.append(p)
+        batch.originals.append(img)
+        batch.images.append(resize_image(img, size))
+    return batch
+
+
+def _write_outputs(
+    folder: Path, out: Path, bundle: Bundle, batch: _Batch, result: BundleOutput
+) -> list[dict[str, Any]]:
+    """Mask and overlay PNGs of every scan of ``batch``, in the scan's own pixels; returns its CSV rows."""
+    size, rows = bundle.image_size, []
+    for i, p in enumerate(batch.files):
+        stem = _stem(folder, p)
+        mask_rel, ov_rel = f"masks/{stem}.png", f"overlays/{stem}.png"
+        orig = batch.originals[i]
+        h, w = orig.shape
+        # outputs are in the scan's own pixels, not the model's square grid
+        sx, sy = w / size, h / size
+        b = result.boxes[i]
+        x1, y1, x2, y2 = b[0] * sx, b[1] * sy, b[2] * sx, b[3] * sy
+        mask = resize_mask(result.masks[i], (w, h))
+        heat = cv2.resize(result.heat[i], (w, h), interpolation=cv2.INTER_LINEAR)
+        write_png(confined(out, mask_rel), mask.astype(np.uint8) * 255)
+        write_png(confined(out, ov_rel), overlay(orig, (x1, y1, x2, y2), mask, heat))
+        score = result.scores[i]
+        rows.append(
+            {
+                "file": p.relative_to(folder).as_posix(),
+                "score": f"{score:.6g}",
+                "verdict": "distended" if score >= bundle.score_threshold else "not distended",
+                "threshold": f"{bundle.score_threshold:.6g}",
+                **{k: f"{v:.1f}" for k, v in zip(("box_x1", "box_y1", "box_x2", "box_y2"), (x1, y1, x2, y2))},
+                "box_source": result.sources[i],
+                "box_confidence": f"{result.confidences[i]:.4f}",
+                "mask": mask_rel,
+                "overlay": ov_rel,
+                "width": w,
+                "height": h,
+            }
+        )
+    return rows
+
+
+def _pending(folder: Path, out: Path, recursive: bool) -> tuple[list[Path], set[str]]:
+    """The input files still to process, and those a killed run already finished."""
+    pred_csv, err_csv = confined(out, "predictions.csv"), confined(out, "errors.csv")
+    _drop_torn_tail(pred_csv)
+    _drop_torn_tail(err_csv)
+    done = _done(pred_csv) | _done(err_csv)
+    files = [p for p in _files(folder, recursive, out.resolve()) if p.relative_to(folder).as_posix() not in done]
+    return files, done
+
+
 def predict_folder(
     bundle_dir: Path,
     folder: Path,
@@ -132,98 +210,45 @@ def predict_folder(
         raise FileNotFoundError(f"{folder}: input folder not found")
     out.mkdir(parents=True, exist_ok=True)
     bundle = Bundle.load(Path(bundle_dir), device=device)
-    pred_csv, err_csv = confined(out, "predictions.csv"), confined(out, "errors.csv")
-    _drop_torn_tail(pred_csv)
-    _drop_torn_tail(err_csv)
-    done = _done(pred_csv) | _done(err_csv)
-    files = [p for p in _files(folder, recursive, out.resolve()) if p.relative_to(folder).as_posix() not in done]
-    preds, errs = _CsvAppender(pred_csv, PRED_FIELDS), _CsvAppender(err_csv, ERR_FIELDS)
-    size = bundle.image_size
+    files, done = _pending(folder, out, recursive)
+    preds = _CsvAppender(confined(out, "predictions.csv"), PRED_FIELDS)
+    errs = _CsvAppender(confined(out, "errors.csv"), ERR_FIELDS)
     n_ok = n_err = 0
-    t0 = time.perf_counter()
+    watch = Stopwatch()
     bar = tqdm(total=len(files), desc="predict", unit="img", disable=not progress, file=sys.stderr)
     try:
-        for start in range(0, len(files), batch_size):
-            chunk = files[start : start + batch_size]
-            images, originals, kept, err_rows = [], [], [], []
-            for p in chunk:
-                rel = p.relative_to(folder).as_posix()
-                if not is_supported(p):
-                    err_rows.append({"file": rel, "reason": f"unsupported file type '{p.suffix or '(none)'}'"})
-                    continue
-                try:
-                    img = read_image(p, frame=bundle.frame)
-                    if not np.isfinite(img).all():
-                        raise ReadError(p, "image holds NaN or infinite pixel values")
-                except ReadError as exc:
-                    err_rows.append({"file": rel, "reason": exc.reason})
-                    continue
-                except Exception as exc:  # one odd file (permissions, a codec error) must not stop the batch
-                    err_rows.append({"file": rel, "reason": f"{exc.__class__.__name__}: {exc}"})
-                    continue
-                originals.append(img)
-                images.append(resize_image(img, size))
-                kept.append(p)
-            rows = []
-            if kept:
-                result = bundle.process(np.stack(images))
-                for i, p in enumerate(kept):
-                    rel = p.relative_to(folder).as_posix()
-                    stem = _stem(folder, p)
-                    mask_rel, ov_rel = f"masks/{stem}.png", f"overlays/{stem}.png"
-                    orig = originals[i]
-                    h, w = orig.shape
-                    # outputs are in the scan's own pixels, not the model's square grid
-                    sx, sy = w / size, h / size
-                    x1, y1, x2, y2 = (
-                        result.boxes[i][0] * sx,
-                        result.boxes[i][1] * sy,
-                        result.boxes[i][2] * sx,
-                        result.boxes[i][3] * sy,
-                    )
-                    mask = resize_mask(result.masks[i], (w, h))
-                    heat = cv2.resize(result.heat[i], (w, h), interpolation=cv2.INTER_LINEAR)
-                    write_png(confined(out, mask_rel), mask.astype(np.uint8) * 255)
-                    write_png(confined(out, ov_rel), overlay(orig, (x1, y1, x2, y2), mask, heat))
-                    rows.append(
-                        {
-                            "file": rel,
-                            "score": f"{result.scores[i]:.6g}",
-                            "verdict": "distended" if result.scores[i] >= bundle.score_threshold else "not distended",
-                            "threshold": f"{bundle.score_threshold:.6g}",
-                            "box_x1": f"{x1:.1f}",
-                            "box_y1": f"{y1:.1f}",
-                            "box_x2": f"{x2:.1f}",
-                            "box_y2": f"{y2:.1f}",
-                            "box_source": result.sources[i],
-                            "box_confidence": f"{result.confidences[i]:.4f}",
-                            "mask": mask_rel,
-                            "overlay": ov_rel,
-                            "width": w,
-                            "height": h,
-                        }
-                    )
-            # predictions first: a kill between the two writes never loses a processed image
-            preds.write(rows)
-            errs.write(err_rows)
-            n_ok += len(rows)
-            n_err += len(err_rows)
-            bar.update(len(chunk))
+        with watch("predict"):
+            for start in range(0, len(files), batch_size):
+                chunk = files[start : start + batch_size]
+                batch = _read_batch(folder, chunk, bundle.image_size, bundle.frame)
+                rows = (
+                    _write_outputs(folder, out, bundle, batch, bundle.process(np.stack(batch.images)))
+                    if batch.files
+                    else []
+                )
+                # predictions first: a kill between the two writes never loses a processed image
+                preds.write(rows)
+                errs.write(batch.errors)
+                n_ok, n_err = n_ok + len(rows), n_err + len(batch.errors)
+                bar.update(len(chunk))
     finally:
         bar.close()
         preds.close()
         errs.close()
-    elapsed = time.perf_counter() - t0
+    return _report(watch.seconds["predict"], n_ok, n_err, len(done), confined(out, "errors.csv"))
+
+
+def _report(elapsed: float, n_ok: int, n_err: int, n_done: int, err_csv: Path) -> dict[str, Any]:
     stats = {
         "processed": n_ok,
         "errors": n_err,
-        "skipped_already_done": len(done),
+        "skipped_already_done": n_done,
         "seconds": elapsed,
         "images_per_s": n_ok / elapsed if elapsed > 0 and n_ok else 0.0,
     }
     print(
         f"predict: {n_ok} image(s) in {elapsed:.1f} s ({stats['images_per_s']:.2f} images/s), "
-        f"{n_err} error(s) in {err_csv}, {len(done)} already done",
+        f"{n_err} error(s) in {err_csv}, {n_done} already done",
         file=sys.stderr,
     )
     return stats

@@ -2,7 +2,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import ConfigError, load_config, parse_override
+from pipeline.cache import CacheScope, annotations_fingerprint
+from pipeline.config import Config, ConfigError, load_config, parse_override
+from pipeline.fit import Mode
 from pipeline.outputs import RunDirError, prepare_run_dir
 from scans.io import confined
 
@@ -11,11 +13,13 @@ def test_override_order_highest_last(tmp_path: Path) -> None:
     user = tmp_path / "user.yaml"
     user.write_text("unet: {epochs: 7, patience: 2}\nseed: 5\n")
     cfg = load_config(user, "quick", ["unet.epochs=9", "maps=[dd]"])
-    assert cfg["unet"]["epochs"] == 9  # --set beats the file
-    assert cfg["unet"]["patience"] == 2  # the file beats the profile
-    assert cfg["unet"]["profile"] == "tiny"  # the profile beats the defaults
-    assert cfg["seed"] == 5 and cfg["maps"] == ["dd"]
-    assert cfg["unet"]["lr"] == 0.0001  # untouched defaults survive the merge
+    assert cfg.unet.epochs == 9  # --set beats the file
+    assert cfg.unet.patience == 2  # the file beats the profile
+    assert cfg.unet.profile == "tiny"  # the profile beats the defaults
+    assert cfg.seed == 5 and cfg.maps == ("dd",)
+    assert cfg.unet.lr == 0.0001  # untouched defaults survive the merge
+    flags = load_config(user, "quick", ["data=x"], {"data": "y"})
+    assert flags.data == "y"  # the command's own options (--data) beat --set
 
 
 def test_unknown_keys_and_profiles_are_refused(tmp_path: Path) -> None:
@@ -76,16 +80,19 @@ def test_no_profile_stops_on_wall_clock_time(profile: str) -> None:
     import yaml
 
     from detectors.refine import RefinerConfig
-    from pipeline import stages
+    from pipeline.config import detector_config_path
+    from pipeline.fit import train_config
 
     cfg = load_config(None, profile)
     for section in ("unet", "riad"):
-        assert not cfg[section]["max_minutes"], f"{profile}: {section}.max_minutes must be off by default"
-        assert stages.train_config(cfg, "single" if section == "unet" else "riad").max_train_seconds is None
-    refiner = {**vars(RefinerConfig()), **cfg["detector"]["refiner"]}
-    assert not refiner["max_seconds"] and refiner["steps"] > 0
+        assert not getattr(cfg, section).max_minutes, f"{profile}: {section}.max_minutes must be off by default"
+        tc = train_config(cfg.unet, cfg.riad, "single" if section == "unet" else "riad", cfg.seed, "cpu", False)
+        assert tc.max_minutes is None
+    refiner = {**vars(RefinerConfig()), **cfg.detector.refiner}
+    assert not refiner["max_minutes"] and refiner["steps"] > 0
     for name in ("yolov5", "codetr"):
-        path = stages.detector_config_path({**cfg, "detector": {**cfg["detector"], "name": name}})
+        path = detector_config_path(name, cfg.detector.config, cfg.profile)
+        assert path is not None
         if path.suffix == ".yaml":
             doc = yaml.safe_load(path.read_text())
             assert doc["epochs"] > 0 and "time" not in doc and "time" not in (doc.get("train_args") or {}), path
@@ -97,18 +104,18 @@ def test_no_profile_stops_on_wall_clock_time(profile: str) -> None:
                         assert "max_minutes" not in kw or ast.literal_eval(kw["max_minutes"]) is None, p
 
 
-def _fake_data(tmp_path: Path):  # type: ignore[no-untyped-def]
-    from types import SimpleNamespace
-
+def _scope(tmp_path: Path, cfg: Config) -> CacheScope:
     (tmp_path / "annotations.json").write_text("{}")
-    return SimpleNamespace(root=tmp_path)
+    return CacheScope(annotations_fingerprint(tmp_path), cfg.image_size, cfg.frame, (1, 2), (3,))
 
 
 def test_unet_cache_key_holds_the_budget_and_the_time_cap(tmp_path: Path) -> None:
-    from pipeline import stages
+    from pipeline.fit import unet_cache_dir
 
-    data = _fake_data(tmp_path)
-    key = lambda *sets: stages.unet_cache_dir(load_config(None, "default", list(sets)), data, (1, 2), (3,), "single")  # noqa: E731
+    def key(*sets: str, mode: Mode = "single") -> Path:
+        cfg = load_config(None, "default", list(sets))
+        return unet_cache_dir(cfg, _scope(tmp_path, cfg), mode)
+
     base = key()
     assert key() == base  # stable
     assert key("unet.epochs=11") != base
@@ -116,9 +123,7 @@ def test_unet_cache_key_holds_the_budget_and_the_time_cap(tmp_path: Path) -> Non
     assert key("unet.max_minutes=5") != base  # a capped model is another model
     assert key("unet.max_minutes=5") != key("unet.max_minutes=6")
     assert key("riad.epochs=3") == base  # RIAD's budget is not the LoRIS U-Net's
-    assert stages.unet_cache_dir(
-        load_config(None, "default", ["riad.epochs=3"]), data, (1, 2), (3,), "riad"
-    ) != stages.unet_cache_dir(load_config(None, "default"), data, (1, 2), (3,), "riad")
+    assert key("riad.epochs=3", mode="riad") != key(mode="riad")
 
 
 def test_refiner_cache_key_holds_the_resolved_step_budget(tmp_path: Path) -> None:
@@ -127,8 +132,8 @@ def test_refiner_cache_key_holds_the_resolved_step_budget(tmp_path: Path) -> Non
     import numpy as np
 
     from detectors.refine import RefinerConfig
-    from pipeline import stages
     from pipeline.data import Data
+    from pipeline.fit import fit_refiner, scope
     from scans.dataset import load_dataset, to_arrays
     from scans.folds import make_folds
     from tests.helpers import make_dataset
@@ -139,13 +144,47 @@ def test_refiner_cache_key_holds_the_resolved_step_budget(tmp_path: Path) -> Non
     tr, va = np.flatnonzero(data.arrays.labels == 0)[:8], np.flatnonzero(data.arrays.labels == 0)[8:10]
 
     def fit(refiner: dict) -> dict:
-        cfg = load_config(None, "quick", [f"cache_dir={tmp_path / 'c'}"])
-        cfg["detector"]["refiner"] = refiner
-        return stages.fit_refiner(cfg, data, tr, va)[1]
+        where = scope(data, 64, 0, tr, va)
+        return fit_refiner(refiner, 0, where, tmp_path / "c", "cpu", data.arrays, tr, va)[1]
 
     first = fit({"steps": 2, "batch_size": 4})
     assert first["cached"] is False and first["refiner_steps"] == 2
     assert fit({"steps": 2, "batch_size": 4})["cache"] == first["cache"]
-    assert fit({"steps": 2, "batch_size": 4, "max_seconds": RefinerConfig().max_seconds})["cached"] is True
+    assert fit({"steps": 2, "batch_size": 4, "max_minutes": RefinerConfig().max_minutes})["cached"] is True
     assert fit({"steps": 3, "batch_size": 4})["cache"] != first["cache"]
-    assert fit({"steps": 2, "batch_size": 4, "max_seconds": 60.0})["cache"] != first["cache"]
+    assert fit({"steps": 2, "batch_size": 4, "max_minutes": 1.0})["cache"] != first["cache"]
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("unet.epochs=-3", "unet.epochs: expected an int >= 1, got -3"),
+        ("score.pooling=median", "score.pooling: must be one of mean|max|topk, got 'median'"),
+        ("detector.threshold=1.5", r"detector.threshold: expected a number in \[0, 1\], got 1.5"),
+        ("threads=true", "threads: expected an int >= 0, got True"),
+        ("unet.loss_weights=[1, 2]", "unet.loss_weights: expected a list of 3 values"),
+        ("run_folds=[0, x]", r"run_folds\[1\]: expected an int, got 'x'"),
+        ("detector.name=nope", "detector.name: must be one of .*gt.*, got 'nope'"),
+        ("device=gpu", "device: must be one of auto|cpu|cuda"),
+        ("detector.options=3", "detector.options: expected a mapping"),
+    ],
+)
+def test_types_and_ranges_are_checked_at_load(override: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, "quick", [override])
+
+
+def test_config_is_typed_and_saved_as_plain_yaml() -> None:
+    import yaml
+
+    from pipeline.config import dump
+
+    cfg = load_config(None, "quick", ["unet.mask_margin=2", "evaluation.external=[a, b]"])
+    assert isinstance(cfg.unet.mask_margin, float) and cfg.riad.ks == (2, 4, 8, 16)
+    assert cfg.evaluation.external_paths == ["a", "b"]
+    doc = yaml.safe_load(dump(cfg.to_dict()))
+    assert doc["riad"]["ks"] == [2, 4, 8, 16] and doc["profile"] == "quick"
+    assert list(doc)[:3] == ["data", "image_size", "frame"]  # configs/default.yaml's order
+    from pipeline.config import parse_config
+
+    assert parse_config(doc) == cfg  # the saved config reads back to the same settings

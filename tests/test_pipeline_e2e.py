@@ -240,20 +240,17 @@ def test_external_set_must_be_held_out(tmp_path: Path) -> None:
     from scans.phantom import generate_dataset
 
     own = generate_dataset(tmp_path / "own", n_images=24, n_distended=8, n_patients=8, size=64, seed=3, progress=False)
-    cfg = load_config(None, "quick", [f"evaluation.external={own}", "image_size=64", "folds=3"])
-    cfg["data"] = str(own)
+    cfg = load_config(None, "quick", ["image_size=64", "folds=3"], {"data": str(own)})
     data = load_data(cfg)
     with pytest.raises(ValueError, match="run's own dataset"):
-        load_external(cfg, data)
+        load_external(own, data, cfg.image_size, cfg.frame)
     copy = shutil.copytree(own, tmp_path / "copy")  # same images under another path
-    cfg["evaluation"]["external"] = str(copy)
     with pytest.raises(ValueError, match="24 of its 24 images are also in the run's dataset"):
-        load_external(cfg, data)
+        load_external(copy, data, cfg.image_size, cfg.frame)
     other = generate_dataset(
         tmp_path / "other", n_images=16, n_distended=4, n_patients=8, size=64, seed=4, progress=False
     )
-    cfg["evaluation"]["external"] = str(other)
-    assert len(load_external(cfg, data)) == 16
+    assert len(load_external(other, data, cfg.image_size, cfg.frame)) == 16
 
 
 def _scan_folder(root: Path, phantom: Path) -> Path:

@@ -1,4 +1,5 @@
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -6,9 +7,12 @@ import numpy as np
 import pytest
 
 from detectors.base import DETECTORS, Detections, Detector, register
-from pipeline import stages
-from pipeline.config import load_config
+from detectors.gt import GtDetector
+from detectors.prior import PriorPolicy
+from pipeline.config import Config, load_config
 from pipeline.data import Data
+from pipeline.fit import fit_detector
+from pipeline.priors import Expansion, expand_all, predict_priors
 from scans.dataset import load_dataset, to_arrays
 from scans.folds import make_folds
 from tests.helpers import make_dataset
@@ -48,11 +52,10 @@ def test_detector_training_sees_distended_only_when_opted_in(
 ) -> None:
     register("recorder")(Recorder)
     try:
-        cfg = load_config(None, "quick", [f"detector.train_classes={classes}", f"cache_dir={tmp_path / 'c'}"])
-        cfg["detector"]["name"] = "recorder"
-        cfg["detector"]["config"] = None
+        sets = [f"detector.train_classes={classes}", f"cache_dir={tmp_path / 'c'}", "detector.name=recorder"]
+        cfg = load_config(None, "quick", sets)
         fold = data.folds[0]
-        stages.fit_detector(cfg, data, data.index(fold.train), data.index(fold.val), tmp_path / "w")
+        fit_detector(cfg, data, data.index(fold.train), data.index(fold.val), tmp_path / "w")
         train_labels, val_labels = Recorder.seen
         assert bool((train_labels == 1).any() or (val_labels == 1).any()) is expect_distended
         assert (data.arrays.labels[data.index(fold.train)] == 1).any()  # the fold did hold distended scans
@@ -61,21 +64,18 @@ def test_detector_training_sees_distended_only_when_opted_in(
 
 
 def test_no_detection_falls_back_to_median_training_box(data: Data) -> None:
-    from detectors.prior import PriorPolicy
-
-    cfg = load_config(None, "quick", ["detector.expand_up=0.0"])
     arr = data.arrays
     policy = PriorPolicy(0.5, PriorPolicy.median_of(arr.boxes, 64, 64))
-    pri = stages.predict_priors(cfg, Recorder(), arr.subset([0, 1, 2]), policy)
+    pri = predict_priors(Recorder(), arr.subset([0, 1, 2]), policy, Expansion(up=0.0))
     assert pri.sources == ["fallback"] * 3 and pri.fallbacks == 3
     np.testing.assert_allclose(pri.boxes[0], np.median(arr.boxes, axis=0), rtol=1e-5)
 
 
 def test_expansion_is_applied_to_priors_and_training_boxes_alike(data: Data) -> None:
-    cfg = load_config(None, "quick", ["detector.expand_up=0.5"])
     arr = data.arrays
-    pri = stages.predict_priors(cfg, None, arr.subset([0]), None)
-    grown = stages.expand_all(arr.boxes[:1], cfg, 64)
+    policy = PriorPolicy(0.5, PriorPolicy.median_of(arr.boxes, 64, 64))
+    pri = predict_priors(GtDetector(), arr.subset([0]), policy, Expansion(up=0.5))
+    grown = expand_all(arr.boxes[:1], Expansion(up=0.5), 64)
     np.testing.assert_allclose(pri.boxes, grown)
     h = arr.boxes[0, 3] - arr.boxes[0, 1]
     assert grown[0, 1] == pytest.approx(max(0.0, arr.boxes[0, 1] - 0.5 * h)) and grown[0, 3] == arr.boxes[0, 3]
@@ -86,21 +86,19 @@ def test_refiner_trains_on_the_detector_scans_is_cached_and_can_be_switched_off(
 
     register("recorder")(Recorder)
     try:
-        cfg = load_config(None, "quick", [f"cache_dir={tmp_path / 'c'}"])
-        cfg["detector"]["name"] = "recorder"
-        cfg["detector"]["config"] = None
+        cfg = load_config(None, "quick", [f"cache_dir={tmp_path / 'c'}", "detector.name=recorder"])
         fold = data.folds[0]
         tr, va = data.index(fold.train), data.index(fold.val)
-        det, info = stages.fit_detector(cfg, data, tr, va, tmp_path / "w")
+        det, info = fit_detector(cfg, data, tr, va, tmp_path / "w")
         assert isinstance(det, RefinedDetector) and isinstance(det.base, Recorder)
         assert info["refiner"]["cached"] is False
         assert info["refiner"]["n_train"] == int((data.arrays.labels[tr] == 0).sum())  # normal scans only
         # An inference-only setting reuses the trained refiner.
-        cfg["detector"]["refiner"] = {**cfg["detector"]["refiner"], "iterations": 1}
-        det2, info2 = stages.fit_detector(cfg, data, tr, va, tmp_path / "w")
+        cfg = replace(cfg, detector=replace(cfg.detector, refiner={**cfg.detector.refiner, "iterations": 1}))
+        det2, info2 = fit_detector(cfg, data, tr, va, tmp_path / "w")
         assert info2["refiner"]["cached"] is True and det2.refiner.config.iterations == 1
-        cfg["detector"]["refine"] = False
-        det3, info3 = stages.fit_detector(cfg, data, tr, va, tmp_path / "w")
+        cfg = replace(cfg, detector=replace(cfg.detector, refine=False))
+        det3, info3 = fit_detector(cfg, data, tr, va, tmp_path / "w")
         assert isinstance(det3, Recorder) and "refiner" not in info3
     finally:
         DETECTORS.pop("recorder", None)
@@ -126,16 +124,17 @@ class Tunable(Recorder):
 def test_inference_only_detector_settings_reuse_the_cached_model_and_apply(tmp_path: Path, data: Data) -> None:
     register("tunable")(Tunable)
     try:
-        cfg = load_config(None, "quick", [f"cache_dir={tmp_path / 'c'}", "detector.refine=false"])
-        cfg["detector"].update(name="tunable", config=None, options={"conf": 0.1, "lr": 1.0})
+        sets = [f"cache_dir={tmp_path / 'c'}", "detector.refine=false", "detector.name=tunable"]
+
+        def options(**opts: float) -> Config:
+            return load_config(None, "quick", [*sets, f"detector.options={json.dumps(opts)}"])
+
         fold = data.folds[0]
         tr, va = data.index(fold.train), data.index(fold.val)
-        assert stages.fit_detector(cfg, data, tr, va, tmp_path / "w")[1]["cached"] is False
-        cfg["detector"]["options"] = {"conf": 0.5, "lr": 1.0}
-        det, info = stages.fit_detector(cfg, data, tr, va, tmp_path / "w")
+        assert fit_detector(options(conf=0.1, lr=1.0), data, tr, va, tmp_path / "w")[1]["cached"] is False
+        det, info = fit_detector(options(conf=0.5, lr=1.0), data, tr, va, tmp_path / "w")
         assert info["cached"] is True and det.config["conf"] == 0.5  # reused, with the new threshold
-        cfg["detector"]["options"] = {"conf": 0.5, "lr": 2.0}
-        assert stages.fit_detector(cfg, data, tr, va, tmp_path / "w")[1]["cached"] is False  # retrained
+        assert fit_detector(options(conf=0.5, lr=2.0), data, tr, va, tmp_path / "w")[1]["cached"] is False  # retrained
         with pytest.raises(ValueError, match="change training"):
             det.set_inference(lr=3.0)
     finally:

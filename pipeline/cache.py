@@ -1,0 +1,97 @@
+"""The model cache: where trained models live, their keys, the lock, and the atomic publish.
+
+A trained model (detector, box refiner, U-Net) depends only on the data, the fold's image ids,
+its training settings and the seed, so it is cached under a key of exactly those, shared by
+``run``, ``ablate`` and ``train`` and by concurrent runs (one trains, the others wait and load).
+
+>>> scope = CacheScope(data="d41d8cd98f00b204", size=128, frame=0, train=(1, 2), val=(3,))
+>>> scope.entry(Path("/c"), "unet-single", train_cfg={"epochs": 3}).name.startswith("unet-single-")
+True
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import shutil
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from scans.runtime import cache_home
+
+DONE = "DONE"
+
+
+def cache_root(cache_dir: str | Path | None = None) -> Path:
+    """Where trained models are cached: ``cache_dir``, else ``models/`` under
+    :func:`scans.runtime.cache_home` (``$LORIS_CACHE``, ``$XDG_CACHE_HOME/loris``, ``~/.cache/loris``)."""
+    return Path(cache_dir) if cache_dir else cache_home() / "models"
+
+
+def annotations_fingerprint(root: Path | str) -> str:
+    """A dataset's identity for cache keys and resumes: its annotations. Replacing an image file under
+    the same name and annotations is not detected; clear the cache (``cache_dir``) after editing images."""
+    return hashlib.sha256((Path(root) / "annotations.json").read_bytes()).hexdigest()[:16]
+
+
+def digest(doc: dict[str, Any]) -> str:
+    """The 20-hex key of a JSON-able document (sorted keys, so insertion order does not matter).
+
+    >>> digest({"b": 1, "a": [2]}) == digest({"a": [2], "b": 1})
+    True
+    """
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+@dataclass(frozen=True)
+class CacheScope:
+    """What every cached model of a fold depends on: the dataset, model size, DICOM frame and ids."""
+
+    data: str  # annotations_fingerprint of the dataset
+    size: int
+    frame: int
+    train: tuple[int, ...]
+    val: tuple[int, ...]
+
+    def entry(self, root: Path, prefix: str, version: int = 1, **specific: Any) -> Path:
+        """``root/<prefix>-<key>``: the key holds this scope, ``version`` and the model's own settings."""
+        doc = {
+            "data": self.data,
+            "size": self.size,
+            "frame": self.frame,
+            "train": list(self.train),
+            "val": list(self.val),
+            **specific,
+            "version": version,
+        }
+        return Path(root) / f"{prefix}-{digest(doc)}"
+
+
+@contextlib.contextmanager
+def cache_lock(entry: Path) -> Iterator[None]:
+    """Exclusive lock on one cache entry, so concurrent runs train it once and share it."""
+    from filelock import FileLock  # imported here: it loads the platform's lock module (fcntl on POSIX)
+
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(entry.with_name(entry.name + ".lock"))):  # released on exit, also if the process dies
+        yield
+
+
+def cached_info(entry: Path) -> dict[str, Any] | None:
+    """The training summary of a finished entry (its ``DONE`` file), or None when not finished."""
+    done = entry / DONE
+    return json.loads(done.read_text()) if done.is_file() else None
+
+
+def publish(entry: Path, save: Callable[[Path], None], info: dict[str, Any]) -> None:
+    """Save into a sibling folder, mark it DONE, then rename it into place: atomic, so a
+    half-saved model is never taken from the cache."""
+    tmp = entry.with_name(entry.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save(tmp)
+    (tmp / DONE).write_text(json.dumps(info, default=str))
+    shutil.rmtree(entry, ignore_errors=True)
+    tmp.rename(entry)

@@ -1,0 +1,269 @@
+"""The fitters: detector, box refiner and U-Net of one fold, each trained once and cached (:mod:`pipeline.cache`).
+
+Each returns the model and a summary (``fit_s``, ``cached``, ``cache`` and the trainer's own keys).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import yaml
+
+from detectors.base import Detector, build_detector, detector_class
+from detectors.refine import BoxRefiner, RefinedDetector, RefinerConfig
+from pipeline.cache import (
+    CacheScope,
+    annotations_fingerprint,
+    cache_lock,
+    cache_root,
+    cached_info,
+    publish,
+)
+from pipeline.config import Config, DetectorConfig, RiadConfig, UNetSettings, detector_config_path
+from pipeline.data import Data
+from pipeline.priors import Expansion, expand_all, training_subset
+from scans.records import ScanArrays
+from scans.runtime import Stopwatch, resolve_device
+
+# Budget fields renamed since models were first cached: the keys keep the old name (and unit, seconds)
+# so that models trained before the rename are still found.
+_UNET_KEY_NAMES = {"max_minutes": ("max_train_seconds", 60.0)}
+_REFINER_KEY_NAMES = {"max_minutes": ("max_seconds", 60.0)}
+
+
+def legacy_names(settings: dict[str, Any], renames: dict[str, tuple[str, float]]) -> dict[str, Any]:
+    """``settings`` with renamed keys under their old name and unit, for cache keys.
+
+    >>> legacy_names({"max_minutes": 2.0, "steps": 5}, {"max_minutes": ("max_seconds", 60.0)})
+    {'max_seconds': 120.0, 'steps': 5}
+    """
+    out = {}
+    for k, v in settings.items():
+        old, scale = renames.get(k, (k, 1.0))
+        out[old] = v * scale if old != k and v is not None else v
+    return out
+
+
+Mode = Literal["single", "riad"]  # the LoRIS U-Net or the RIAD baseline
+
+
+def scope(data: Data, size: int, frame: int, train_idx: np.ndarray, val_idx: np.ndarray) -> CacheScope:
+    """The cache scope of models trained on ``train_idx`` and validated on ``val_idx`` of ``data``."""
+    ids = data.arrays.ids
+    return CacheScope(
+        annotations_fingerprint(data.root), size, frame, tuple(ids[train_idx].tolist()), tuple(ids[val_idx].tolist())
+    )
+
+
+def detector_kwargs(det: DetectorConfig, path: Path | None, seed: int, device: str) -> dict[str, Any]:
+    """Keyword arguments for the detector: its YAML config's keys (or the path of its Python config),
+    then ``detector.options``, the device and the seed."""
+    kwargs: dict[str, Any] = {}
+    if path is not None and path.suffix in (".yaml", ".yml"):
+        kwargs.update(yaml.safe_load(path.read_text()) or {})
+    elif path is not None:
+        kwargs["config_file"] = str(path)
+    kwargs.update(det.options)
+    kwargs["device"] = device
+    kwargs["seed"] = seed
+    return kwargs
+
+
+def _detector_key(name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The detector's own part of its cache key. Inference-only settings stay out (changing them must
+    not retrain); the training budget is in the kwargs or the parsed config file, ``_base_`` files merged,
+    so editing a comment never retrains."""
+    inference = detector_class(name).INFERENCE_KEYS
+    key: dict[str, Any] = {
+        "detector": name,
+        "kwargs": {k: v for k, v in kwargs.items() if k not in ("device", "config_file") and k not in inference},
+    }
+    if "config_file" in kwargs:
+        from mmengine.config import Config as MMConfig
+
+        key["config"] = MMConfig.fromfile(kwargs["config_file"]).to_dict()
+        key["config_name"] = Path(kwargs["config_file"]).name
+    return key
+
+
+def fit_detector(
+    cfg: Config, data: Data, train_idx: np.ndarray, val_idx: np.ndarray, workdir: Path
+) -> tuple[Detector, dict[str, Any]]:
+    """Train ``cfg.detector.name`` on its training subset, or reuse the cached one; then its box refiner
+    (``detector.refine``). Training logs go to ``workdir``."""
+    det_cfg, arr = cfg.detector, data.arrays
+    tr = training_subset(arr, train_idx, det_cfg.train_classes)
+    va = training_subset(arr, val_idx, det_cfg.train_classes)
+    device = resolve_device(cfg.device)
+    path = detector_config_path(det_cfg.name, det_cfg.config, cfg.profile)
+    kwargs = detector_kwargs(det_cfg, path, cfg.seed, device)
+    where = scope(data, cfg.image_size, cfg.frame, tr, va)
+    entry = where.entry(cache_root(cfg.cache_dir), f"det-{det_cfg.name}", **_detector_key(det_cfg.name, kwargs))
+    with cache_lock(entry):
+        det, info = _fit_detector_locked(det_cfg.name, kwargs, arr, tr, va, entry, Path(workdir))
+    if not det_cfg.refine or det.ground_truth:
+        return det, info
+    refiner, rinfo = fit_refiner(det_cfg.refiner, cfg.seed, where, cache_root(cfg.cache_dir), device, arr, tr, va)
+    return RefinedDetector(det, refiner), {**info, "refiner": rinfo}
+
+
+def _fit_detector_locked(
+    name: str, kwargs: dict[str, Any], arr: ScanArrays, tr: np.ndarray, va: np.ndarray, entry: Path, workdir: Path
+) -> tuple[Detector, dict[str, Any]]:
+    done = cached_info(entry)
+    if done is not None:
+        det = detector_class(name).load(entry)
+        det.set_inference(**{k: v for k, v in kwargs.items() if k in det.INFERENCE_KEYS})
+        return det, {**done, "cached": True, "cache": str(entry)}
+    det = build_detector(name, **kwargs)
+    watch = Stopwatch()
+    with watch("fit"):
+        info = det.fit(arr.subset(tr), arr.subset(va), workdir / "train")
+    info = {
+        "fit_s": watch.seconds["fit"],
+        "n_train": int(len(tr)),
+        "n_val": int(len(va)),
+        "n_train_distended": int(arr.labels[tr].sum()),
+        **(info or {}),
+    }
+    publish(entry, det.save, info)
+    return det, {**info, "cached": False, "cache": str(entry)}
+
+
+def refiner_key(options: dict[str, Any]) -> dict[str, Any]:
+    """Every training setting of the refiner resolved over :class:`RefinerConfig`'s defaults (so the
+    budget is in the key even when left at its default); inference-only settings stay out."""
+    resolved = {**dataclasses.asdict(RefinerConfig()), **options}
+    training = {k: v for k, v in resolved.items() if k not in BoxRefiner.INFERENCE_KEYS}
+    return legacy_names(training, _REFINER_KEY_NAMES)
+
+
+def fit_refiner(
+    refiner: Any,
+    seed: int,
+    where: CacheScope,
+    root: Path,
+    device: str,
+    arr: ScanArrays,
+    tr: np.ndarray,
+    va: np.ndarray,
+) -> tuple[BoxRefiner, dict[str, Any]]:
+    """Train the box refiner (settings ``refiner`` over its defaults) on the scans the detector trained
+    on, or reuse the cached one. It depends on no detector: one cached refiner serves them all."""
+    options = {**dict(refiner), "seed": dict(refiner).get("seed", seed)}
+    entry = where.entry(root, "refiner", version=2, refiner=refiner_key(options))
+    inference = {k: v for k, v in options.items() if k in BoxRefiner.INFERENCE_KEYS}
+    with cache_lock(entry):
+        done = cached_info(entry)
+        if done is not None:
+            ref = BoxRefiner.load(entry, device=device)
+            ref.set_inference(**inference)
+            return ref, {**done, "cached": True, "cache": str(entry)}
+        ref = BoxRefiner(device=device, **options)
+        watch = Stopwatch()
+        with watch("fit"):
+            info = ref.fit(arr.images[tr], arr.boxes[tr], arr.images[va], arr.boxes[va])
+        info = {"fit_s": watch.seconds["fit"], "n_train": int(len(tr)), **info}
+        publish(entry, ref.save, info)
+        return ref, {**info, "cached": False, "cache": str(entry)}
+
+
+# ----------------------------------------------------------------------------- U-Net
+
+
+def train_config(unet: UNetSettings, riad: RiadConfig, mode: Mode, seed: int, device: str, progress: bool) -> Any:
+    """The :class:`reconstruction.train.TrainConfig` of the LoRIS U-Net (``mode="single"``) or RIAD."""
+    from reconstruction.train import TrainConfig
+    from reconstruction.unet import UNetConfig
+
+    budget = riad if mode == "riad" else unet
+    return TrainConfig(
+        mode=mode,
+        unet=UNetConfig.profile(unet.profile),
+        epochs=budget.epochs,
+        patience=budget.patience,
+        lr=unet.lr,
+        batch_size=unet.batch_size,
+        msgms_weight=unet.loss_weights[0],
+        ssim_weight=unet.loss_weights[1],
+        l2_weight=unet.loss_weights[2],
+        mask_margin=unet.mask_margin,
+        riad_ks=riad.ks,
+        seed=seed,
+        device=resolve_device(device),
+        max_minutes=budget.max_minutes or None,
+        progress=progress,
+    )
+
+
+def _train_config(cfg: Config, mode: Mode) -> Any:
+    return train_config(cfg.unet, cfg.riad, mode, cfg.seed, cfg.device, cfg.progress)
+
+
+def unet_cache_dir(cfg: Config, where: CacheScope, mode: Mode) -> Path:
+    """Cache folder keyed by everything a trained U-Net depends on: data, fold, config, seed.
+
+    The training config in the key holds the budget (``epochs``, ``patience``) and the opt-in
+    time cap, so a U-Net trained under another budget is never reused as this one; a killed
+    training resumes from ``<entry>/work`` of the same key."""
+    tc = {k: v for k, v in _train_config(cfg, mode).to_dict().items() if k not in ("progress", "device")}
+    tc = legacy_names(tc, _UNET_KEY_NAMES)
+    expand = [cfg.detector.expand_up, cfg.detector.expand_side]
+    return where.entry(cache_root(cfg.cache_dir), f"unet-{mode}", train_cfg=tc, expand=expand)
+
+
+def fit_unet(
+    cfg: Config, data: Data, train_idx: np.ndarray, val_idx: np.ndarray, mode: Mode = "single"
+) -> tuple[Any, dict[str, Any]]:
+    """A trained U-Net for this fold: from the cache when present, else trained and cached.
+
+    Trains on normal scans with ground-truth boxes (expanded by the prior rule, so the mask
+    geometry matches inference). A killed training resumes from its last checkpoint.
+    """
+    arr = data.arrays
+    train_idx = train_idx[arr.labels[train_idx] == 0]
+    val_idx = val_idx[arr.labels[val_idx] == 0]
+    entry = unet_cache_dir(cfg, scope(data, cfg.image_size, cfg.frame, train_idx, val_idx), mode)
+    expansion = Expansion(cfg.detector.expand_up, cfg.detector.expand_side)
+    with cache_lock(entry):
+        return _fit_unet_locked(_train_config(cfg, mode), expansion, arr, train_idx, val_idx, entry)
+
+
+def _fit_unet_locked(
+    tc: Any, expansion: Expansion, arr: ScanArrays, train_idx: np.ndarray, val_idx: np.ndarray, entry: Path
+) -> tuple[Any, dict[str, Any]]:
+    from reconstruction.checkpoint import load_model, save_model
+    from reconstruction.train import train_unet
+
+    done = cached_info(entry)
+    if done is not None:
+        model, _ = load_model(entry, map_location=tc.device)
+        return model, {**done, "cached": True, "cache": str(entry)}
+    size = arr.images.shape[-1]
+    watch = Stopwatch()
+    with watch("fit"):
+        res = train_unet(
+            arr.subset(train_idx),
+            arr.subset(val_idx),
+            tc,
+            workdir=entry / "work",
+            train_boxes=expand_all(arr.boxes[train_idx], expansion, size),
+            val_boxes=expand_all(arr.boxes[val_idx], expansion, size),
+        )
+    info = {
+        "fit_s": watch.seconds["fit"],
+        **{k: getattr(res, k) for k in ("best_epoch", "best_val_loss", "epochs_run", "stop_reason")},
+        "n_train": int(len(train_idx)),
+        "n_val": int(len(val_idx)),
+        "mode": tc.mode,
+    }
+    save_model(res.model, entry, meta=info)
+    (entry / "history.json").write_text(json.dumps(res.history))
+    (entry / "DONE").write_text(json.dumps(info))
+    shutil.rmtree(entry / "work", ignore_errors=True)
+    return res.model, {**info, "cached": False, "cache": str(entry)}

@@ -1,0 +1,89 @@
+"""A detector registered in one place (here, inside the test) reaches the CLI, the run and the reports."""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from detectors.base import DETECTORS, Detections, Detector, register
+from pipeline.__main__ import build_parser, main
+from scans.records import ScanArrays
+
+
+class CentralBox(Detector):
+    """A toy prior: the central box covering the middle half of the image, confidence 0.9."""
+
+    def __init__(self, **config: Any) -> None:
+        self.config = dict(config)
+
+    def fit(self, train: ScanArrays, val: ScanArrays, workdir: Path) -> dict[str, Any]:
+        return {"trained": False, "n": len(train)}
+
+    def predict(self, images: np.ndarray) -> list[Detections]:
+        s = images.shape[-1]
+        return [Detections(np.array([[s / 4, s / 4, 3 * s / 4, 3 * s / 4]]), np.array([0.9])) for _ in images]
+
+    def save(self, directory: Path) -> None:
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        (Path(directory) / "toy.json").write_text("{}")
+
+    @classmethod
+    def load(cls, directory: Path) -> CentralBox:
+        assert (Path(directory) / "toy.json").is_file()
+        return cls()
+
+
+@pytest.fixture()
+def toy() -> Iterator[str]:
+    register("toy", display="Central box")(CentralBox)
+    try:
+        yield "toy"
+    finally:
+        DETECTORS.pop("toy", None)
+
+
+def test_a_registered_detector_is_a_cli_choice(toy: str) -> None:
+    parser = build_parser()
+    assert parser.parse_args(["run", "--detector", toy]).detector == toy
+    assert parser.parse_args(["train", "--detector", toy, "--out", "x"]).detector == toy
+    assert toy in parser.parse_args(["ablate"]).detectors.split(",")
+    with pytest.raises(SystemExit):
+        parser.parse_args(["train", "--detector", "gt", "--out", "x"])  # the ground truth is not trainable
+    DETECTORS.pop(toy)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["run", "--detector", toy])
+
+
+def test_a_registered_detector_runs_through_the_quick_profile(
+    toy: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LORIS_CACHE", str(tmp_path / "cache"))
+    sets = [
+        "phantom.images=48",
+        "phantom.distended=16",
+        "phantom.patients=16",
+        "phantom.size=64",
+        "image_size=64",
+        "folds=3",
+        "unet.epochs=1",
+        "riad.enabled=false",
+        "evaluation.figures=false",
+        "detector.refiner={steps: 2}",
+        f"cache_dir={tmp_path / 'models'}",
+    ]
+    out = tmp_path / "run"
+    args = ["run", "--detector", toy, "--profile", "quick", "--out", str(out), "--no-progress"]
+    assert main(args + [a for s in sets for a in ("--set", s)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["detector"] == toy and set(summary["priors"]) == {toy, "gt"}
+    assert summary["detection"]["map50"]["mean"] is not None  # scored as a trained detector
+    assert (out / "folds" / "0" / toy / "test_predictions.coco.json").is_file()
+    rows = list(csv.DictReader(open(out / "per_image.csv")))
+    assert {r["prior_source"] for r in rows} == {toy, "gt"}
+    assert "Central box" in (out / "table1.md").read_text() + (out / "table2.md").read_text()

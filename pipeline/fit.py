@@ -83,7 +83,9 @@ def _detector_key(name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
         "detector": name,
         "kwargs": {k: v for k, v in kwargs.items() if k not in ("device", "config_file") and k not in inference},
     }
-    if "config_file" in kwargs:
+    if "config_file" not in kwargs:
+        key["config_text"] = None  # keeps YAML-configured detectors' existing keys
+    else:
         from mmengine.config import Config as MMConfig
 
         key["config"] = MMConfig.fromfile(kwargs["config_file"]).to_dict()

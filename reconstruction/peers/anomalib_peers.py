@@ -1,0 +1,465 @@
+"""Table 1 peers from anomalib 2.x, run through its torch models with a small fixed-budget fit loop.
+
+Only anomalib's ``torch_model`` modules, losses and anomaly generators are used: no Lightning
+trainer, logger or data module, so nothing is downloaded. Backbones are timm's
+``tf_efficientnet_lite0`` with the ImageNet weights of :mod:`reconstruction.peers.backbones`
+(``pretrained=False`` in the record when the weights package is missing); grayscale is replicated to
+three channels and normalised with the backbone's mean and std (0.5, 0.5). Each training loop follows
+the method's anomalib Lightning ``training_step`` and optimiser settings (see ``docs/design.md``).
+
+>>> from reconstruction.peers.base import PEERS
+>>> [n for n in sorted(PEERS) if PEERS[n].source == "anomalib"]
+['cflow', 'draem', 'ganomaly', 'padim', 'patchcore', 'supersimplenet']
+"""
+
+from __future__ import annotations
+
+import warnings
+from contextlib import contextmanager
+from functools import partial
+from pathlib import Path
+from typing import Any, cast
+
+import numpy as np
+import torch
+from anomalib.data.utils.generators.perlin import PerlinAnomalyGenerator
+from anomalib.models.components.feature_extractors import TimmFeatureExtractor
+from anomalib.models.image.cflow import torch_model as cflow_tm
+from anomalib.models.image.cflow.utils import get_logp, positional_encoding_2d
+from anomalib.models.image.draem.loss import DraemLoss
+from anomalib.models.image.draem.torch_model import DiscriminativeSubNetwork, DraemModel, ReconstructiveSubNetwork
+from anomalib.models.image.ganomaly.loss import DiscriminatorLoss, GeneratorLoss
+from anomalib.models.image.ganomaly.torch_model import GanomalyModel
+from anomalib.models.image.padim.torch_model import PadimModel
+from anomalib.models.image.patchcore.torch_model import PatchcoreModel
+from anomalib.models.image.supersimplenet import torch_model as ssn_tm
+from anomalib.models.image.supersimplenet.loss import SSNLoss
+from torch import Tensor, nn
+from torch.nn import functional as F  # noqa: N812
+
+from reconstruction.peers.backbones import BACKBONE, load_lite0
+from reconstruction.peers.base import Budget, Peer, batches, gray3, mean_loss, register_peer
+from scans.records import ScanArrays
+
+
+def _batch(images: np.ndarray, idx: np.ndarray, device: torch.device) -> Tensor:
+    return torch.from_numpy(images[idx]).unsqueeze(1).to(device)
+
+
+def _module(m: object) -> nn.Module:
+    if not isinstance(m, nn.Module):
+        raise TypeError(f"expected a torch module, got {type(m)}")
+    return m
+
+
+class _BackbonePeer(Peer):
+    """A peer whose features come from an ImageNet EfficientNet-Lite0 (option ``pretrained``)."""
+
+    size_multiple = 32
+
+    def __init__(self, seed: int = 0, device: str = "cpu", **options: Any) -> None:
+        super().__init__(seed, device, **options)
+        self._pretrained = False
+
+    def _timm_modules(self) -> list[nn.Module]:
+        """The timm backbone modules inside ``self.net`` that take the ImageNet weights."""
+        raise NotImplementedError
+
+    def _init_backbone(self) -> None:
+        if self.options.get("pretrained", True):
+            self._pretrained = all(load_lite0(m) for m in self._timm_modules())
+        for m in self._timm_modules():
+            m.eval()
+
+    def pretrained_used(self) -> bool:
+        return self._pretrained
+
+    def _extra_state(self) -> dict[str, Any]:
+        return {"pretrained": self._pretrained}
+
+    def _load_extra(self, extra: dict[str, Any]) -> None:
+        self._pretrained = bool(extra.get("pretrained", False))
+
+
+# ---- PatchCore -------------------------------------------------------------------------------------
+@register_peer("patchcore", display="PatchCore", source="anomalib", pretrained=True, reference="Roth et al. 2022 [24]")
+class PatchCorePeer(_BackbonePeer):
+    """Memory bank of backbone patch features, coreset-subsampled; score = reweighted nearest-neighbour distance."""
+
+    defaults = {
+        "layers": ["blocks.2", "blocks.4"],
+        "coreset_ratio": 0.1,
+        "num_neighbors": 9,
+        "pretrained": True,
+    }
+    budgets = {
+        "quick": Budget(epochs=1, batch_size=8),
+        "default": Budget(epochs=1, batch_size=8, work_size=128),
+        "paper": Budget(epochs=1, batch_size=32),
+    }
+
+    def _build(self, size: int) -> nn.Module:
+        o = self.options
+        return PatchcoreModel(
+            layers=list(o["layers"]), backbone=BACKBONE, pre_trained=False, num_neighbors=o["num_neighbors"]
+        )
+
+    def _timm_modules(self) -> list[nn.Module]:
+        assert isinstance(self.net, PatchcoreModel)
+        return [_module(self.net.feature_extractor.feature_extractor)]
+
+    def _fit(self, train: ScanArrays, val: ScanArrays | None, budget: Budget, rng: np.random.Generator) -> dict:
+        net = self.net
+        assert isinstance(net, PatchcoreModel)
+        self._init_backbone()
+        images = np.asarray(train.images, np.float32)
+        net.train()
+        net.feature_extractor.eval()
+        with torch.no_grad():
+            for s in range(0, len(images), budget.batch_size):
+                net(gray3(_batch(images, np.arange(s, min(s + budget.batch_size, len(images))), self.device)))
+            n_patches = sum(int(e.shape[0]) for e in cast(list[Tensor], net.embedding_store))
+            with warnings.catch_warnings():  # anomalib's deprecation notice fires even without the old argument
+                warnings.simplefilter("ignore", DeprecationWarning)
+                net.subsample_embedding(float(self.options["coreset_ratio"]))
+        return {"epochs": 1, "patches": int(n_patches), "memory_bank": int(net.memory_bank.shape[0])}
+
+    def _predict(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        out = self.net(gray3(x))  # type: ignore[misc]
+        return out.pred_score, out.anomaly_map
+
+
+# ---- PaDiM -----------------------------------------------------------------------------------------
+@register_peer("padim", display="PaDiM", source="anomalib", pretrained=True, reference="Defard et al. 2021")
+class PadimPeer(_BackbonePeer):
+    """A Gaussian per feature position; score = maximum Mahalanobis distance."""
+
+    defaults = {"layers": ["blocks.1", "blocks.2", "blocks.4"], "n_features": 100, "pretrained": True}
+    budgets = {
+        "quick": Budget(epochs=1, batch_size=8),
+        "default": Budget(epochs=1, batch_size=8, work_size=128),
+        "paper": Budget(epochs=1, batch_size=32),
+    }
+
+    def _build(self, size: int) -> nn.Module:
+        o = self.options
+        return PadimModel(backbone=BACKBONE, layers=list(o["layers"]), pre_trained=False, n_features=o["n_features"])
+
+    def _timm_modules(self) -> list[nn.Module]:
+        assert isinstance(self.net, PadimModel)
+        return [_module(self.net.feature_extractor.feature_extractor)]
+
+    def _fit(self, train: ScanArrays, val: ScanArrays | None, budget: Budget, rng: np.random.Generator) -> dict:
+        net = self.net
+        assert isinstance(net, PadimModel)
+        self._init_backbone()
+        images = np.asarray(train.images, np.float32)
+        net.train()
+        net.feature_extractor.eval()
+        with torch.no_grad():
+            for s in range(0, len(images), budget.batch_size):
+                net(gray3(_batch(images, np.arange(s, min(s + budget.batch_size, len(images))), self.device)))
+            net.fit()
+        return {"epochs": 1}
+
+    def _predict(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        out = self.net(gray3(x))  # type: ignore[misc]
+        return out.pred_score, out.anomaly_map
+
+
+# ---- CFlow -----------------------------------------------------------------------------------------
+@register_peer("cflow", display="CFlow", source="anomalib", pretrained=True, reference="Gudovskiy et al. 2022 [8]")
+class CflowPeer(_BackbonePeer):
+    """Conditional normalising flows on backbone features with positional encoding; map = negative likelihood."""
+
+    defaults = {
+        "layers": ["blocks.2", "blocks.4"],
+        "coupling_blocks": 8,
+        "condition_vector": 128,
+        "fiber_batch_size": 64,
+        "clamp_alpha": 1.9,
+        "lr": 1e-4,
+        "pretrained": True,
+    }
+    budgets = {
+        "quick": Budget(epochs=1, batch_size=4, steps_per_epoch=2),
+        "default": Budget(epochs=10, batch_size=8, work_size=128),
+        "paper": Budget(epochs=50, batch_size=16),
+    }
+
+    def _build(self, size: int) -> nn.Module:
+        o = self.options
+        return cflow_tm.CflowModel(
+            backbone=BACKBONE,
+            layers=list(o["layers"]),
+            pre_trained=False,
+            fiber_batch_size=o["fiber_batch_size"],
+            condition_vector=o["condition_vector"],
+            coupling_blocks=o["coupling_blocks"],
+            clamp_alpha=o["clamp_alpha"],
+        )
+
+    def _timm_modules(self) -> list[nn.Module]:
+        assert isinstance(self.net, cflow_tm.CflowModel)
+        return [_module(self.net.encoder.feature_extractor)]
+
+    def _fit(self, train: ScanArrays, val: ScanArrays | None, budget: Budget, rng: np.random.Generator) -> dict:
+        net = self.net
+        assert isinstance(net, cflow_tm.CflowModel)
+        self._init_backbone()
+        opt = torch.optim.Adam([p for d in net.decoders for p in d.parameters()], lr=float(self.options["lr"]))
+        images = np.asarray(train.images, np.float32)
+        steps, last = 0, float("nan")
+        net.decoders.train()
+        for _, idx in batches(len(images), budget, rng):
+            x = gray3(_batch(images, idx, self.device))
+            with torch.no_grad():
+                act = net.encoder(x)
+            total, count = 0.0, 0
+            for li, layer in enumerate(net.pool_layers):
+                e = act[layer].detach()
+                b, c, h, w = e.shape
+                cond = positional_encoding_2d(net.condition_vector, h, w).to(e.device)
+                c_r = cond.unsqueeze(0).expand(b, -1, -1, -1).permute(0, 2, 3, 1).reshape(-1, net.condition_vector)
+                e_r = e.permute(0, 2, 3, 1).reshape(-1, c)
+                perm = torch.randperm(e_r.shape[0])
+                fb = net.fiber_batch_size
+                for s in range(0, e_r.shape[0], fb):
+                    sel = perm[s : s + fb]
+                    opt.zero_grad()
+                    p_u, log_jac_det = net.decoders[li](e_r[sel], [c_r[sel]])
+                    loss = -F.logsigmoid(get_logp(c, p_u, log_jac_det) / c)
+                    loss.mean().backward()
+                    opt.step()
+                    steps += 1
+                    total += float(loss.detach().sum())
+                    count += int(loss.numel())
+            last = total / max(count, 1)
+        return {"steps": steps, "train_loss": last}
+
+    def _predict(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        out = self.net(gray3(x))  # type: ignore[misc]
+        return out.pred_score, out.anomaly_map
+
+
+# ---- SuperSimpleNet --------------------------------------------------------------------------------
+@contextmanager
+def _no_hub_weights() -> Any:
+    """SuperSimpleNet builds its TimmFeatureExtractor with timm weights from the hub: build it randomly instead."""
+    names = vars(ssn_tm)
+    original = names["TimmFeatureExtractor"]
+    names["TimmFeatureExtractor"] = partial(TimmFeatureExtractor, pre_trained=False)
+    try:
+        yield
+    finally:
+        names["TimmFeatureExtractor"] = original
+
+
+@register_peer(
+    "supersimplenet",
+    display="SuperSimpleNet",
+    source="anomalib",
+    pretrained=True,
+    reference="Rolih et al. 2024, successor of SimpleNet [16]",
+)
+class SuperSimpleNetPeer(_BackbonePeer):
+    """Feature adaptor + segmentation/detection head trained on Perlin-noised features (SimpleNet's successor)."""
+
+    defaults = {"layers": ["blocks.2", "blocks.4"], "perlin_threshold": 0.2, "clip_norm": 1.0, "pretrained": True}
+    budgets = {
+        "quick": Budget(epochs=1, batch_size=4, steps_per_epoch=2),
+        "default": Budget(epochs=12, batch_size=8, work_size=128),
+        "paper": Budget(epochs=300, batch_size=32),
+    }
+
+    def _build(self, size: int) -> nn.Module:
+        with _no_hub_weights():
+            net = ssn_tm.SupersimplenetModel(
+                perlin_threshold=float(self.options["perlin_threshold"]),
+                backbone=BACKBONE,
+                layers=list(self.options["layers"]),
+                stop_grad=True,
+                adapt_cls_features=False,
+            )
+        side = 2 * size // int(net.feature_extractor.feature_extractor.reductions[0])
+        if side < 32:  # anomalib's feature-level Perlin noise draws scales up to 32 cells
+            raise ValueError(
+                f"supersimplenet: feature map {side} px is under 32 at image side {size}; use a larger image "
+                "or an earlier first layer (e.g. layers=['blocks.1', 'blocks.2'])"
+            )
+        return net
+
+    def _timm_modules(self) -> list[nn.Module]:
+        assert isinstance(self.net, ssn_tm.SupersimplenetModel)
+        return [_module(self.net.feature_extractor.feature_extractor.feature_extractor)]
+
+    def _fit(self, train: ScanArrays, val: ScanArrays | None, budget: Budget, rng: np.random.Generator) -> dict:
+        net = self.net
+        assert isinstance(net, ssn_tm.SupersimplenetModel)
+        self._init_backbone()
+        opt = torch.optim.AdamW(
+            [
+                {"params": net.adaptor.parameters(), "lr": 1e-4},
+                {"params": net.segdec.parameters(), "lr": 2e-4, "weight_decay": 1e-5},
+            ]
+        )
+        sched = torch.optim.lr_scheduler.MultiStepLR(
+            opt, milestones=[int(budget.epochs * 0.8), int(budget.epochs * 0.9)], gamma=0.4
+        )
+        loss_fn = SSNLoss()
+        images = np.asarray(train.images, np.float32)
+        steps, last, epoch_seen = 0, float("nan"), 0
+        net.train()
+        for epoch, idx in batches(len(images), budget, rng):
+            if epoch != epoch_seen:
+                sched.step()
+                epoch_seen = epoch
+            x = gray3(_batch(images, idx, self.device))
+            labels = torch.zeros(x.shape[0], device=x.device)
+            amap, score, masks, lab = net(images=x, masks=None, labels=labels)
+            loss = loss_fn(pred_map=amap, pred_score=score, target_mask=masks, target_label=lab)
+            opt.zero_grad()
+            loss.backward()
+            if self.options["clip_norm"]:
+                nn.utils.clip_grad_norm_(net.parameters(), float(self.options["clip_norm"]))
+            opt.step()
+            steps += 1
+            last = loss.item()
+        return {"steps": steps, "train_loss": last}
+
+    def _predict(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        out = self.net(gray3(x))  # type: ignore[misc]
+        return out.pred_score, out.anomaly_map
+
+
+# ---- DRAEM -----------------------------------------------------------------------------------------
+@register_peer("draem", display="DRAEM", source="anomalib", pretrained=False, reference="Zavrtnik et al. 2021 [29]")
+class DraemPeer(Peer):
+    """Reconstructive + discriminative sub-networks trained on synthetic anomalies.
+
+    The anomaly source is never the DTD download: ``anomaly_source=None`` (default) is anomalib's
+    procedural mode (Perlin-noise textures, no files); a folder path uses the images found there.
+    Grayscale runs natively (1-channel reconstruction, 2-channel discriminator); the augmenter's
+    3-channel output is averaged back to gray. ``width`` is the sub-networks' base width (paper 128).
+    """
+
+    defaults = {"width": 16, "anomaly_source": None, "beta": [0.1, 1.0], "lr": 1e-4}
+    budgets = {
+        "quick": Budget(epochs=1, batch_size=4, steps_per_epoch=2),
+        "default": Budget(epochs=12, batch_size=8, work_size=128),
+        "paper": Budget(epochs=700, batch_size=8),
+    }
+
+    def _build(self, size: int) -> nn.Module:
+        w = int(self.options["width"])
+        net = DraemModel(sspcab=False)
+        net.reconstructive_subnetwork = ReconstructiveSubNetwork(in_channels=1, out_channels=1, base_width=w)
+        net.discriminative_subnetwork = DiscriminativeSubNetwork(in_channels=2, out_channels=2, base_width=w)
+        return net
+
+    def _augmenter(self) -> PerlinAnomalyGenerator:
+        src = self.options["anomaly_source"]
+        if src is not None and not Path(src).is_dir():
+            raise FileNotFoundError(f"draem: anomaly source folder {src} not found (None uses Perlin noise)")
+        lo, hi = self.options["beta"]
+        return PerlinAnomalyGenerator(anomaly_source_path=src, blend_factor=(float(lo), float(hi)))
+
+    def _fit(self, train: ScanArrays, val: ScanArrays | None, budget: Budget, rng: np.random.Generator) -> dict:
+        net = self.net
+        assert isinstance(net, DraemModel)
+        augmenter = self._augmenter()
+        opt = torch.optim.Adam(net.parameters(), lr=float(self.options["lr"]))
+        loss_fn = DraemLoss()
+        images = np.asarray(train.images, np.float32)
+        steps, last = 0, float("nan")
+        net.train()
+        for _, idx in batches(len(images), budget, rng):
+            x = _batch(images, idx, self.device)
+            aug, mask = augmenter(x.expand(-1, 3, -1, -1))
+            aug = aug.mean(dim=1, keepdim=True).clamp(0, 1)
+            recon, pred = net(aug)
+            loss = loss_fn(x, recon, mask, pred)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            steps += 1
+            last = loss.item()
+        return {"steps": steps, "train_loss": last, "anomaly_source": self.options["anomaly_source"] or "perlin"}
+
+    def _predict(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        out = self.net(x)  # type: ignore[misc]
+        return out.pred_score, out.anomaly_map
+
+
+# ---- GANomaly --------------------------------------------------------------------------------------
+@register_peer("ganomaly", display="GANomaly", source="anomalib", pretrained=False, reference="Akcay et al. 2019 [1]")
+class GanomalyPeer(Peer):
+    """Encoder-decoder-encoder GAN; score = latent distance. Image-level only (no map), as in the paper."""
+
+    gives_maps = False
+    defaults = {"n_features": 32, "latent": 100, "wadv": 1, "wcon": 50, "wenc": 1, "lr": 2e-4}  # paper width 64
+    budgets = {
+        "quick": Budget(epochs=1, batch_size=4, steps_per_epoch=2),
+        "default": Budget(epochs=15, batch_size=8, work_size=128),
+        "paper": Budget(epochs=15, batch_size=32),
+    }
+
+    def _build(self, size: int) -> nn.Module:
+        o = self.options
+        return GanomalyModel(
+            input_size=(size, size),
+            latent_vec_size=int(o["latent"]),
+            num_input_channels=1,
+            n_features=int(o["n_features"]),
+        )
+
+    def _fit(self, train: ScanArrays, val: ScanArrays | None, budget: Budget, rng: np.random.Generator) -> dict:
+        net = self.net
+        assert isinstance(net, GanomalyModel)
+        o = self.options
+        g_loss_fn = GeneratorLoss(o["wadv"], o["wcon"], o["wenc"])
+        d_loss_fn = DiscriminatorLoss()
+        d_opt = torch.optim.Adam(net.discriminator.parameters(), lr=float(o["lr"]), betas=(0.5, 0.999))
+        g_opt = torch.optim.Adam(net.generator.parameters(), lr=float(o["lr"]), betas=(0.5, 0.999))
+        images = np.asarray(train.images, np.float32)
+        steps, g_last, d_last = 0, float("nan"), float("nan")
+        net.train()
+        for _, idx in batches(len(images), budget, rng):
+            x = _batch(images, idx, self.device) * 2 - 1
+            padded, fake, latent_i, latent_o = net(x)
+            pred_real, _ = net.discriminator(padded)
+            pred_fake, _ = net.discriminator(fake)
+            g_loss = g_loss_fn(latent_i, latent_o, padded, fake, pred_real, pred_fake)
+            g_opt.zero_grad()
+            g_loss.backward(retain_graph=True)
+            g_opt.step()
+            pred_fake, _ = net.discriminator(fake.detach())
+            pred_real, _ = net.discriminator(padded)
+            d_loss = d_loss_fn(pred_real, pred_fake)
+            d_opt.zero_grad()
+            d_loss.backward()
+            d_opt.step()
+            if d_loss.item() < 1e-5:  # anomalib re-initialises a collapsed discriminator
+                net.discriminator.apply(_weights_init)
+            steps += 1
+            g_last, d_last = g_loss.item(), d_loss.item()
+        val_score = (
+            mean_loss(
+                lambda b: net.eval()(b * 2 - 1).pred_score.mean(), np.asarray(val.images, np.float32), self.device
+            )
+            if val is not None and len(val)
+            else None
+        )
+        return {"steps": steps, "generator_loss": g_last, "discriminator_loss": d_last, "val_score": val_score}
+
+    def _predict(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        return self.net(x * 2 - 1).pred_score, None  # type: ignore[misc]
+
+
+def _weights_init(m: nn.Module) -> None:
+    name = m.__class__.__name__
+    if "Conv" in name:
+        nn.init.normal_(m.weight.data, 0.0, 0.02)  # type: ignore[arg-type]
+    elif "BatchNorm" in name:
+        nn.init.normal_(m.weight.data, 1.0, 0.02)  # type: ignore[arg-type]
+        nn.init.constant_(m.bias.data, 0)  # type: ignore[arg-type]

@@ -8,6 +8,10 @@ detector-agnostic counterpart of Cascade R-CNN's later stages, trained on the sa
 detector (normal only by default) from jittered ground-truth boxes, so it never sees a distended
 recess either.
 
+Under ``torchrun`` (see :mod:`scans.distributed`) :meth:`BoxRefiner.fit` trains with
+``DistributedDataParallel``: ``batch_size`` stays the global batch, every rank draws the same
+batch and augmentation from the one seed and crops its strided share of it.
+
 >>> import numpy as np
 >>> ref = BoxRefiner(steps=2, batch_size=2, seed=0)
 >>> imgs = np.random.default_rng(0).random((4, 64, 64), dtype=np.float32)
@@ -32,6 +36,7 @@ from torch.nn import functional as F
 from torchvision.ops import nms, roi_align
 
 from detectors.base import Detections, Detector, check_inference_settings, detector_class
+from scans.distributed import all_reduce_mean, is_distributed, loss_scale, shard, sync_buffers, world_size, wrap
 from scans.io import atomic_write, atomic_write_text
 from scans.records import ScanArrays
 from scans.runtime import resolve_device
@@ -195,48 +200,67 @@ class BoxRefiner:
         opt-in ``max_minutes``); report validation edge error.
 
         Augmentation: horizontal mirror (box mirrored with it), gain jitter, and the box noise.
+        Distributed, ``batch_size`` is the global batch (see the module's docstring).
         """
         c = self.config
         ok = np.isfinite(boxes).all(1)
         if not ok.any():
             raise ValueError("the box refiner needs training scans with boxes")
+        if c.batch_size < world_size():
+            raise ValueError(
+                f"batch_size is the global batch: at least one crop for each of the {world_size()} processes"
+            )
         imgs = torch.from_numpy(np.ascontiguousarray(images[ok], np.float32))[:, None].to(self.device)
         gts = torch.from_numpy(np.asarray(boxes[ok], np.float32)).to(self.device)
         gen = streams(c.seed, self.device).torch
         opt = torch.optim.AdamW(self.net.parameters(), lr=c.lr, weight_decay=1e-4)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s / c.steps, 1.0))))
+        net = wrap(self.net)  # DDP when distributed: it copies rank 0's weights to every rank
         self.net.train()
         budget = Budget(c.steps, c.max_minutes, unit="steps")
         losses: list[float] = []
         for _ in budget.units():
-            loss = self._train_step(imgs, gts, gen)
+            loss, scale = self._train_step(imgs, gts, gen, net)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss * scale if is_distributed() else loss).backward()
             opt.step()
             sched.step()
             losses.append(float(loss.detach()))
+        sync_buffers(self.net)  # rank 0's BatchNorm statistics: every rank keeps one model
         info = {
             "refiner_steps": len(losses),
             "refiner_seconds": round(budget.elapsed, 1),
-            "refiner_final_loss": float(np.mean(losses[-50:])) if losses else None,
+            "refiner_final_loss": all_reduce_mean(float(np.mean(losses[-50:]))) if losses else None,
         }
         info.update(self.evaluate(val_images, val_boxes))
         return info
 
-    def _train_step(self, imgs: torch.Tensor, gts: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        """The loss of one augmented batch drawn from ``imgs`` ``[N, 1, S, S]`` and their boxes ``gts``."""
-        c, size = self.config, imgs.shape[-1]
-        pick = torch.randint(len(imgs), (c.batch_size,), generator=gen, device=self.device)
-        x, b = imgs[pick], gts[pick].clone()
-        flip = torch.rand(c.batch_size, generator=gen, device=self.device) < 0.5
-        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    def _train_step(
+        self, imgs: torch.Tensor, gts: torch.Tensor, gen: torch.Generator, net: nn.Module | None = None
+    ) -> tuple[torch.Tensor, float]:
+        """The mean loss over this rank's share of one augmented batch drawn from ``imgs``
+        ``[N, 1, S, S]`` and their boxes ``gts``, through ``net`` (default: the refiner's network),
+        and the factor that turns DDP's mean over ranks into the global batch's mean.
+
+        Every rank draws the whole batch and its augmentation from the same stream, then crops its share.
+        """
+        c, size, n = self.config, imgs.shape[-1], self.config.batch_size
+        pick = torch.randint(len(imgs), (n,), generator=gen, device=self.device)
+        b = gts[pick].clone()
+        flip = torch.rand(n, generator=gen, device=self.device) < 0.5
         b[flip] = torch.stack([size - b[flip, 2], b[flip, 1], size - b[flip, 0], b[flip, 3]], 1)
-        gain = 1 + 0.2 * (torch.rand(c.batch_size, 1, 1, 1, generator=gen, device=self.device) - 0.5)
-        x = (x * gain).clamp(0, 1)
+        gain = 1 + 0.2 * (torch.rand(n, 1, 1, 1, generator=gen, device=self.device) - 0.5)
         regions = context_regions(self._jitter(b, gen), c.pad_x, c.pad_y)
-        crops = self._crops(x, torch.arange(c.batch_size, device=self.device), regions)
         target = self._to_crop(b, regions).clamp(0, 1)
-        return F.smooth_l1_loss(self.net(crops), target, beta=0.02)
+        if is_distributed():
+            mine = shard(torch.arange(n, device=self.device))
+            pick, flip, gain, regions, target = pick[mine], flip[mine], gain[mine], regions[mine], target[mine]
+        x = imgs[pick]
+        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        x = (x * gain).clamp(0, 1)
+        crops = self._crops(x, torch.arange(len(pick), device=self.device), regions)
+        out = (net if net is not None else self.net)(crops)
+        return F.smooth_l1_loss(out, target, beta=0.02), loss_scale(len(pick), n)
 
     def evaluate(self, images: np.ndarray, boxes: np.ndarray) -> dict[str, float]:
         """Mean absolute edge error (pixels) of jittered ground-truth boxes before and after refinement."""

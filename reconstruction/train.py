@@ -6,6 +6,13 @@ code used the last batch only); the best weights are kept. With a ``workdir`` th
 ``torch.load(weights_only=True)``) and resumes from it, and writes the best model to
 ``workdir/best`` (see :mod:`reconstruction.checkpoint`).
 
+Under ``torchrun`` (after :func:`scans.distributed.init_from_env`) the loop trains one model with
+``DistributedDataParallel``: ``batch_size`` stays the global batch, each rank takes its strided
+share of every global batch of the one shared permutation, validation batches are split between
+ranks and their loss all-reduced, rank 0 decides when to stop, and only rank 0 writes. The
+result matches one process with the same global batch up to BatchNorm statistics, which each
+rank computes on its share (see docs/design.md).
+
 >>> import numpy as np
 >>> from scans.records import ScanArrays
 >>> rng = np.random.default_rng(0); n = 4
@@ -33,6 +40,18 @@ from reconstruction.checkpoint import save_model
 from reconstruction.losses import LossWeights, reconstruction_loss
 from reconstruction.masking import apply_riad_masks, apply_single_mask, compose_riad, riad_masks
 from reconstruction.unet import UNet, UNetConfig
+from scans.distributed import (
+    all_reduce_mean,
+    barrier,
+    is_distributed,
+    is_main,
+    loss_scale,
+    rank,
+    shard,
+    sync_buffers,
+    world_size,
+    wrap,
+)
 from scans.io import atomic_write
 from scans.records import DISTENDED, ScanArrays
 from scans.runtime import resolve_device
@@ -69,6 +88,7 @@ class TrainConfig:
     (estimated from the previous epoch; at least one epoch always runs), so when it binds the
     result depends on the machine's speed and load (see :class:`scans.training.Budget`). ``mode="riad"`` trains
     the same network with RIAD's disjoint grid masks (one cell size from ``riad_ks`` per batch).
+    ``batch_size`` is the global batch: with N processes each takes about ``batch_size / N`` of it.
     """
 
     mode: Literal["single", "riad"] = "single"
@@ -127,28 +147,54 @@ def _tensors(arrays: ScanArrays, boxes: np.ndarray | None, mode: str, what: str)
     return torch.from_numpy(imgs).unsqueeze(1) * 2 - 1, b
 
 
-def _step_inputs(model: nn.Module, x: Tensor, boxes: np.ndarray, cfg: TrainConfig, gen: torch.Generator) -> Tensor:
-    """Reconstruction of a batch under the run's masking scheme."""
+def _riad_draw(shape: torch.Size, cfg: TrainConfig, gen: torch.Generator, device: torch.device) -> Tensor:
+    """One batch's RIAD masks: a cell size from ``riad_ks``, then the masks, both drawn from ``gen``."""
+    k = cfg.riad_ks[int(torch.randint(len(cfg.riad_ks), (1,), generator=gen))]
+    return riad_masks(shape[-2], shape[-1], k, cfg.riad_n_masks, gen, device)
+
+
+def _step_inputs(
+    model: nn.Module, x: Tensor, boxes: np.ndarray, cfg: TrainConfig, gen: torch.Generator, masks: Tensor | None = None
+) -> Tensor:
+    """Reconstruction of a batch under the run's masking scheme (RIAD ``masks`` drawn from ``gen`` unless given)."""
     if cfg.mode == "single":
         return model(apply_single_mask(x, boxes, cfg.mask_margin)[0])
-    k = cfg.riad_ks[int(torch.randint(len(cfg.riad_ks), (1,), generator=gen))]
-    m = riad_masks(x.shape[-2], x.shape[-1], k, cfg.riad_n_masks, gen, x.device)
+    m = _riad_draw(x.shape, cfg, gen, x.device) if masks is None else masks
     return compose_riad(model(apply_riad_masks(x, m)), m)
 
 
-def evaluate_loss(model: nn.Module, images: Tensor, boxes: np.ndarray, cfg: TrainConfig, device: torch.device) -> float:
-    """Mean loss over the whole set (batch losses weighted by batch size); RIAD masks use a fixed seed."""
+def evaluate_loss(
+    model: nn.Module,
+    images: Tensor,
+    boxes: np.ndarray,
+    cfg: TrainConfig,
+    device: torch.device,
+    shard_batches: bool = False,
+) -> float:
+    """Mean loss over the whole set (batch losses weighted by batch size); RIAD masks use a fixed seed.
+
+    ``shard_batches`` (a collective call: every rank must make it) splits the batches between
+    ranks, batch ``i`` to rank ``i % world_size``, with the same batches and masks as one process,
+    and all-reduces the mean.
+    """
     model.eval()
     gen = torch.Generator().manual_seed(cfg.seed + 1)  # same masks every epoch: comparable losses
     total, n = 0.0, 0
+    split = shard_batches and is_distributed()
     with torch.inference_mode():
-        for s in range(0, images.shape[0], cfg.eval_batch_size):
+        for i, s in enumerate(range(0, images.shape[0], cfg.eval_batch_size)):
+            # every rank draws every batch's masks, so the stream stays that of one process
+            masks = _riad_draw(images.shape, cfg, gen, device) if cfg.mode == "riad" else None
+            if split and i % world_size() != rank():
+                continue
             x = images[s : s + cfg.eval_batch_size].to(device)
             _, parts = reconstruction_loss(
-                _step_inputs(model, x, boxes[s : s + cfg.eval_batch_size], cfg, gen), x, cfg.loss_weights
+                _step_inputs(model, x, boxes[s : s + cfg.eval_batch_size], cfg, gen, masks), x, cfg.loss_weights
             )
             total += parts["total"] * x.shape[0]
             n += x.shape[0]
+    if split:
+        return all_reduce_mean(total / max(n, 1), weight=n)
     return total / max(n, 1)
 
 
@@ -179,6 +225,8 @@ def train_unet(
         raise ValueError(f"unknown mode {cfg.mode!r}")
     if cfg.patience < 1 or cfg.batch_size < 1:
         raise ValueError("patience and batch_size must be at least 1")
+    if cfg.batch_size < world_size():
+        raise ValueError(f"batch_size is the global batch: at least one scan for each of the {world_size()} processes")
     device = torch.device(resolve_device(cfg.device))
     with training_scope(cfg.seed, cfg.num_threads, device):
         return _train(train, val, cfg, device, workdir, train_boxes, val_boxes)
@@ -252,24 +300,29 @@ def _save_last(run: _Run, cfg: TrainConfig, path: Path, elapsed: float) -> None:
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
-def _train_epoch(run: _Run, xt: Tensor, bt: np.ndarray, cfg: TrainConfig) -> float:
-    """One pass over the shuffled training set; the mean training loss."""
+def _train_epoch(run: _Run, net: nn.Module, xt: Tensor, bt: np.ndarray, cfg: TrainConfig) -> float:
+    """One pass over the shuffled training set through ``net`` (the model, or its DDP wrapper);
+    the mean training loss over every rank's scans."""
     run.model.train()
     n = xt.shape[0]
-    perm = torch.randperm(n, generator=run.gen)
+    perm = torch.randperm(n, generator=run.gen)  # the same on every rank: one seed, one stream
     total, seen = 0.0, 0
     for s in range(0, n, cfg.batch_size):
-        idx = perm[s : s + cfg.batch_size]
+        batch = perm[s : s + cfg.batch_size]
+        idx = shard(batch)  # this rank's strided share of the global batch
+        count, scale = len(idx), loss_scale(len(idx), len(batch))
+        if count == 0:  # a short last batch can leave a rank none: it steps on zero-weighted scans
+            idx = batch
         x = xt[idx.to(xt.device)]
-        loss, parts = reconstruction_loss(
-            _step_inputs(run.model, x, bt[idx.numpy()], cfg, run.gen), x, cfg.loss_weights
-        )
+        loss, parts = reconstruction_loss(_step_inputs(net, x, bt[idx.numpy()], cfg, run.gen), x, cfg.loss_weights)
+        if is_distributed():
+            loss = loss * scale  # DDP's mean over ranks becomes the mean over the global batch
         run.opt.zero_grad(set_to_none=True)
         loss.backward()
         run.opt.step()
-        total += parts["total"] * x.shape[0]
-        seen += x.shape[0]
-    return total / max(seen, 1)
+        total += parts["total"] * count
+        seen += count
+    return all_reduce_mean(total / max(seen, 1), weight=seen)
 
 
 def _train(
@@ -289,6 +342,7 @@ def _train(
     if wd is not None:
         wd.mkdir(parents=True, exist_ok=True)
     run = _start(cfg, device, wd)
+    net = wrap(run.model)  # DDP when distributed: it copies rank 0's weights to every rank
     cap = _epoch_cap(cfg)
     budget = Budget(cap, cfg.max_minutes, stopper=run.stopper, start=run.epoch, elapsed=run.elapsed, unit="epochs")
     bar = tqdm(
@@ -296,13 +350,14 @@ def _train(
         initial=min(run.epoch, cap),
         desc=f"unet[{cfg.mode}]",
         unit="ep",
-        disable=not cfg.progress,
+        disable=not cfg.progress or not is_main(),
         dynamic_ncols=True,
     )
     for epoch in budget.units():
         e0 = time.perf_counter()
-        train_loss = _train_epoch(run, xt, bt, cfg)
-        val_loss = evaluate_loss(run.model, xv, bv, cfg, device) if has_val else train_loss
+        train_loss = _train_epoch(run, net, xt, bt, cfg)
+        sync_buffers(run.model)  # rank 0's BatchNorm statistics: every rank validates and keeps one model
+        val_loss = evaluate_loss(run.model, xv, bv, cfg, device, shard_batches=True) if has_val else train_loss
         seconds = time.perf_counter() - e0
         if run.stopper.update(val_loss, at=epoch):
             run.best_state = {k: v.detach().clone() for k, v in run.model.state_dict().items()}
@@ -310,7 +365,7 @@ def _train(
         run.epoch = epoch + 1
         bar.update(1)
         bar.set_postfix(train=f"{train_loss:.4f}", val=f"{val_loss:.4f}", best=f"{run.stopper.best:.4f}")
-        if wd is not None:
+        if wd is not None and is_main():
             _save_last(run, cfg, wd / LAST, budget.spent())
     bar.close()
     return _finish(run, cfg, wd, budget.stop_reason)
@@ -320,7 +375,7 @@ def _finish(run: _Run, cfg: TrainConfig, wd: Path | None, stop: str) -> TrainRes
     """The best weights in eval mode, written to ``wd/best`` with the run's record."""
     run.model.load_state_dict(run.best_state)
     run.model.eval()
-    if wd is not None:
+    if wd is not None and is_main():
         meta = {
             "mode": cfg.mode,
             "train_config": cfg.to_dict(),
@@ -330,4 +385,5 @@ def _finish(run: _Run, cfg: TrainConfig, wd: Path | None, stop: str) -> TrainRes
             "stop_reason": stop,
         }
         save_model(run.model, wd / BEST_DIR, meta=meta)
+    barrier()  # the other ranks return once rank 0's files are there
     return TrainResult(run.model, run.history, run.stopper.best_at, run.stopper.best, run.epoch, stop)

@@ -31,7 +31,10 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from scans.distributed import broadcast_decision
 from scans.runtime import torch_threads
+
+_STOP_REASONS = (None, "patience", "time")  # the codes rank 0 broadcasts
 
 
 class Budget:
@@ -78,22 +81,38 @@ class Budget:
         return self.elapsed + (time.perf_counter() - self._t0 if self._t0 is not None else 0.0)
 
     def fraction_of_time(self) -> float:
-        """Share of the cap used so far, the unit in progress included (0.0 when there is no cap)."""
-        return 0.0 if self.max_seconds is None else self.spent() / self.max_seconds
+        """Share of the cap used so far, the unit in progress included (0.0 when there is no cap).
+
+        Distributed, with a cap, it is rank 0's share on every rank (a collective call).
+        """
+        return 0.0 if self.max_seconds is None else broadcast_decision(self.spent() / self.max_seconds)
 
     def _out_of_time(self, unit: int) -> bool:
         if self.max_seconds is None or (self.ran == 0 and unit == 0):
             return False
         return self.elapsed + self.last_unit > self.max_seconds
 
+    def _stop(self, unit: int | None) -> str | None:
+        """Why to stop before ``unit`` (None: after the last one), as rank 0 sees it when distributed.
+
+        The clock and a float comparison can differ between ranks; every rank follows rank 0, so
+        none is left waiting in a collective (see :func:`scans.distributed.broadcast_decision`).
+        """
+        code = 0
+        if self.stopper is not None and self.stopper.should_stop:
+            code = 1
+        elif unit is not None and self._out_of_time(unit):
+            code = 2
+        if self.stopper is not None or self.max_seconds is not None:
+            code = broadcast_decision(code)
+        return _STOP_REASONS[code]
+
     def units(self) -> Iterator[int]:
         """The unit indices to run; the time of each one is counted when the loop asks for the next."""
         for unit in range(self.start, self.limit):
-            if self.stopper is not None and self.stopper.should_stop:
-                self.stop_reason = "patience"
-                return
-            if self._out_of_time(unit):
-                self.stop_reason = "time"
+            reason = self._stop(unit)
+            if reason is not None:
+                self.stop_reason = reason
                 return
             t0 = self._t0 = time.perf_counter()
             yield unit
@@ -101,7 +120,7 @@ class Budget:
             self.last_unit = time.perf_counter() - t0
             self.elapsed += self.last_unit
             self.ran += 1
-        if self.stopper is not None and self.stopper.should_stop:
+        if self.stopper is not None and self._stop(None) == "patience":
             self.stop_reason = "patience"
 
 

@@ -8,6 +8,11 @@ normalised to roughly zero mean and unit spread, and given to the model as one-c
 with ``DetDataSample`` metadata; predicted boxes are scaled back to the caller's ``S``.
 Checkpoints are plain state dicts (``torch.save``) read with ``torch.load(weights_only=True)``,
 with the constructor arguments beside them as JSON, so loading never unpickles objects.
+
+Under ``torchrun`` (see :mod:`scans.distributed`) :meth:`CoDetrDetector.fit` trains with
+``DistributedDataParallel``: ``batch_size`` stays the global batch, every rank draws the same
+permutation and augmentation and trains on its strided share of each batch, mmdet's losses
+average their box counts over ranks, validation IoU is all-reduced, and only rank 0 writes.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import copy
 import json
 import logging
 import math
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -28,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from detectors.base import Detections, Detector, register
+from scans.distributed import all_reduce_mean, is_distributed, is_main, shard, sync_buffers, world_size, wrap
 from scans.io import atomic_write, atomic_write_text
 from scans.records import ScanArrays
 from scans.runtime import resolve_device
@@ -319,9 +326,16 @@ class CoDetrDetector(Detector):
         groups = [dict(params=backbone, lr=cfg["lr"] * cfg["backbone_lr_mult"]), dict(params=others, lr=cfg["lr"])]
         return torch.optim.AdamW(groups, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
 
-    def _train_step(self, opt: torch.optim.Optimizer, x: torch.Tensor, boxes: torch.Tensor) -> float:
-        """One optimisation step on an augmented batch; returns its total loss."""
-        losses = self.model.loss(x, self._samples(boxes, x.shape[0]))
+    def _train_step(
+        self, opt: torch.optim.Optimizer, x: torch.Tensor, boxes: torch.Tensor, net: torch.nn.Module | None = None
+    ) -> float:
+        """One optimisation step on an augmented batch; returns its total loss.
+
+        ``net`` is the model's ``DistributedDataParallel`` wrapper when distributed: the step goes
+        through its ``forward`` (mmdet's ``mode="loss"``), which averages the gradients over ranks.
+        """
+        samples = self._samples(boxes, x.shape[0])
+        losses = net(x, samples, mode="loss") if net is not None and is_distributed() else self.model.loss(x, samples)
         total = _total_loss(losses)
         opt.zero_grad(set_to_none=True)
         total.backward()
@@ -344,7 +358,11 @@ class CoDetrDetector(Detector):
         keep = ~np.isnan(train.boxes).any(axis=1)
         x_all, boxes_all = self._training_tensors(train, keep)
         n = x_all.shape[0]
-        bs = min(int(cfg["batch_size"]), n)
+        bs = min(int(cfg["batch_size"]), n)  # the global batch; each rank takes its strided share
+        if bs < world_size():
+            raise ValueError(
+                f"batch_size is the global batch: at least one scan for each of the {world_size()} processes"
+            )
         per_epoch = max(1, n // bs)  # drop the ragged last batch: fixed step cost
         epochs = int(cfg["epochs"])
         rng = streams(int(cfg["seed"]))
@@ -352,7 +370,9 @@ class CoDetrDetector(Detector):
         base_lrs = [g["lr"] for g in opt.param_groups]
         budget = Budget(per_epoch * epochs, cfg["max_minutes"], unit="steps")
         best, order = _Best(), np.arange(n)
-        with open(workdir / "train_log.jsonl", "w") as log:
+        # DDP when distributed; some parameters (e.g. of a branch without positives) get no gradient in a step
+        net = wrap(self.model, find_unused_parameters=True)
+        with open(workdir / "train_log.jsonl" if is_main() else os.devnull, "w") as log:
             for it in budget.units():
                 epoch, b = divmod(it, per_epoch)
                 if b == 0:
@@ -360,11 +380,15 @@ class CoDetrDetector(Detector):
                     order = rng.numpy.permutation(n)
                 idx = torch.as_tensor(order[b * bs : (b + 1) * bs])
                 x, boxes = self._augment(x_all[idx], boxes_all[idx], rng.torch)
+                if is_distributed():  # every rank augments the whole batch (one stream), then keeps its share
+                    mine = shard(torch.arange(len(idx), device=x.device))
+                    x, boxes = x[mine], boxes[mine]
                 factor = _lr_factor(cfg, it, per_epoch * epochs, budget.fraction_of_time())
                 for g, base in zip(opt.param_groups, base_lrs):
                     g["lr"] = base * factor
-                loss = self._train_step(opt, x, boxes)
+                loss = self._train_step(opt, x, boxes, net)
                 if it % int(cfg["log_interval"]) == 0:
+                    loss = all_reduce_mean(loss)
                     lr = opt.param_groups[1]["lr"]
                     _log(log, dict(iter=it, epoch=epoch, loss=loss, lr=lr, seconds=round(budget.spent(), 1)))
                 if b == per_epoch - 1 and ((epoch + 1) % int(cfg["val_interval"]) == 0 or epoch == epochs - 1):
@@ -373,6 +397,7 @@ class CoDetrDetector(Detector):
             last_epoch = (budget.ran - 1) // per_epoch
             if stopped_early and best.last_epoch != last_epoch:  # a run cut short is validated where it stopped
                 self._validate(val, last_epoch, best, log, budget.spent())
+        sync_buffers(self.model)  # rank 0's BatchNorm statistics: every rank keeps one model
         if best.state is not None:
             self.model.load_state_dict(best.state)
         summary = dict(
@@ -387,7 +412,8 @@ class CoDetrDetector(Detector):
             aux_heads=self.aux_heads,
             val_history=best.history,
         )
-        atomic_write_text(workdir / "summary.json", json.dumps(summary, indent=1))
+        if is_main():
+            atomic_write_text(workdir / "summary.json", json.dumps(summary, indent=1))
         return summary
 
     def _validate(self, val: ScanArrays, epoch: int, best: _Best, log: IO[str], seconds: float) -> None:
@@ -395,6 +421,7 @@ class CoDetrDetector(Detector):
         best.last_epoch = epoch
         if not len(val):
             return
+        sync_buffers(self.model)  # every rank validates rank 0's model
         miou, hit = self._val_iou(val)
         rec = dict(epoch=epoch, val_mean_iou=miou, val_hit50=hit, seconds=round(seconds, 1))
         best.history.append(rec)
@@ -403,15 +430,27 @@ class CoDetrDetector(Detector):
             best.state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
 
     def _val_iou(self, val: ScanArrays) -> tuple[float, float]:
-        """Mean top-1 IoU and the fraction with IoU >= 0.5 on validation scans that have a box."""
+        """Mean top-1 IoU and the fraction with IoU >= 0.5 on validation scans that have a box.
+
+        Distributed (a collective call), each rank scores its strided share and the means are all-reduced.
+        """
         from scans.records import box_iou
 
         keep = ~np.isnan(val.boxes).any(axis=1)
         if not keep.any():
             return 0.0, 0.0
-        dets = self.predict(val.images[keep])
-        ious = [box_iou(d.boxes[0], g) if len(d) else 0.0 for d, g in zip(dets, val.boxes[keep])]
-        return float(np.mean(ious)), float(np.mean(np.asarray(ious) >= 0.5))
+        images, boxes = val.images[keep], val.boxes[keep]
+        if is_distributed():
+            mine = shard(np.arange(len(images)))
+            images, boxes = images[mine], boxes[mine]
+        dets = self.predict(images) if len(images) else []
+        ious = [box_iou(d.boxes[0], g) if len(d) else 0.0 for d, g in zip(dets, boxes)]
+        if not is_distributed():
+            return float(np.mean(ious)), float(np.mean(np.asarray(ious) >= 0.5))
+        m = len(ious)
+        miou = float(np.mean(ious)) if m else 0.0
+        hit = float(np.mean(np.asarray(ious) >= 0.5)) if m else 0.0
+        return all_reduce_mean(miou, weight=m), all_reduce_mean(hit, weight=m)
 
     # ------------------------------------------------------------------ inference
     @torch.no_grad()

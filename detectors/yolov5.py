@@ -14,10 +14,14 @@ Pipeline use::
 Offline and side-effect rules (ultralytics otherwise reaches for the network and the process):
 
 * ``YOLO_OFFLINE=1`` is set before ultralytics is first imported (it DNS-probes on import).
-* ``YOLO_CONFIG_DIR`` points at ``<workdir>/ultralytics_config`` (a private temporary folder
-  when ultralytics is first imported by :meth:`load`) and holds matplotlib's DejaVuSans.ttf as
-  ``Ultralytics/Arial.ttf``, because ultralytics downloads Arial.ttf even when offline.
-  ultralytics reads the folder once per process; later fits make sure the font is in that folder.
+* ultralytics' settings and font live in one fixed folder, :func:`ultralytics_home`
+  (``<LoRIS cache>/ultralytics``, see :func:`scans.runtime.cache_home`), created once and reused
+  by every process: ``YOLO_CONFIG_DIR`` points there before the first import, which holds a file
+  lock so concurrent processes never tear ``settings.json``. matplotlib's DejaVuSans.ttf is copied
+  there once as ``Ultralytics/Arial.ttf``, because ultralytics downloads Arial.ttf even when
+  offline. ``MPLCONFIGDIR`` and ``TORCHINDUCTOR_CACHE_DIR`` default to ``<LoRIS cache>/matplotlib``
+  and ``<LoRIS cache>/torchinductor`` (matplotlib's font manager, which ultralytics imports, and
+  torch's optimizers write there). Nothing goes to the temp dir or HOME.
 * ``amp=False`` (its AMP check downloads weights), ``plots=False``, settings ``sync`` and
   integrations off.
 * ultralytics sets ``OMP_NUM_THREADS=1`` on import, forces torch to ``cpu_count - 1`` threads
@@ -29,12 +33,13 @@ read with ``weights_only=True``; ``detector.json`` holds the model yaml (as a di
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import json
 import logging
 import os
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from types import ModuleType
@@ -44,14 +49,17 @@ import cv2
 import numpy as np
 import torch
 import yaml
+from filelock import FileLock
 
 from detectors.base import Detections, Detector, register
 from detectors.fusion import fuse_top
 from detectors.yolo_format import to_uint8, write_dataset
-from scans.io import atomic_write, atomic_write_text
+from scans.io import CheckpointError, atomic_write, atomic_write_text, load_meta, load_state
 from scans.records import ScanArrays
+from scans.runtime import cache_home
 from scans.training import seeded_global_rng
 
+_SETTINGS_LOCK = "settings.json.lock"
 _INTEGRATIONS_OFF = {
     "sync": False,
     "clearml": False,
@@ -65,44 +73,86 @@ _INTEGRATIONS_OFF = {
 }
 
 
-def _dejavu_font() -> Path:
-    import matplotlib
+def ultralytics_home(cache_dir: Path | str | None = None) -> Path:
+    """ultralytics' settings folder (``YOLO_CONFIG_DIR``): ``ultralytics/`` under :func:`scans.runtime.cache_home`.
 
-    return Path(matplotlib.__file__).parent / "mpl-data" / "fonts" / "ttf" / "DejaVuSans.ttf"
+    >>> ultralytics_home("/c").as_posix()
+    '/c/ultralytics'
+    """
+    return cache_home(cache_dir) / "ultralytics"
+
+
+def _dejavu_font() -> Path:
+    """matplotlib's bundled DejaVuSans.ttf, found without importing matplotlib (its import writes a cache)."""
+    spec = importlib.util.find_spec("matplotlib")
+    if spec is None or spec.origin is None:
+        raise RuntimeError("matplotlib is not installed: ultralytics needs its DejaVuSans.ttf as a local font")
+    return Path(spec.origin).parent / "mpl-data" / "fonts" / "ttf" / "DejaVuSans.ttf"
 
 
 def _ensure_font(user_config_dir: Path) -> None:
-    """Put a local font where ultralytics looks for Arial.ttf, so it never downloads one."""
+    """Put a local font where ultralytics looks for Arial.ttf, so it never downloads one (copied once)."""
     target = Path(user_config_dir) / "Arial.ttf"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(target, lambda p: shutil.copyfile(_dejavu_font(), p))
 
 
-def import_ultralytics(config_dir: Path | None = None) -> ModuleType:
-    """Import ultralytics offline, with its config folder (settings, font) under ``config_dir``.
+def _default_cache_env(variable: str, folder: str) -> None:
+    """Point ``variable`` at ``<LoRIS cache>/<folder>`` unless the user set it."""
+    if os.environ.get(variable):
+        return
+    path = cache_home() / folder
+    with contextlib.suppress(OSError):
+        path.mkdir(parents=True, exist_ok=True)
+        os.environ[variable] = str(path)
 
-    Only the first import in a process picks the folder; ``None`` then means a private
-    temporary folder. Every call makes sure the font is present and sync/integrations are off.
-    """
+
+def _first_import(config_dir: Path) -> None:
+    """Import ultralytics with its settings under ``config_dir``, offline, holding a lock in that folder
+    (ultralytics rewrites ``settings.json`` in place on first use, which a concurrent reader could see torn)."""
+    config_dir = Path(config_dir).resolve()
+    os.environ["YOLO_OFFLINE"] = "1"  # before import: the import itself probes DNS otherwise
+    os.environ["YOLO_CONFIG_DIR"] = str(config_dir)
+    if "matplotlib" not in sys.modules:  # ultralytics imports matplotlib's font manager, which writes a cache
+        _default_cache_env("MPLCONFIGDIR", "matplotlib")
+    _default_cache_env("TORCHINDUCTOR_CACHE_DIR", "torchinductor")  # torch's first optimizer step makes it in TMPDIR
+    omp = os.environ.get("OMP_NUM_THREADS")
+    user_dir = config_dir / "Ultralytics"  # ultralytics' USER_CONFIG_DIR under YOLO_CONFIG_DIR
+    try:
+        user_dir.mkdir(parents=True, exist_ok=True)
+        lock: contextlib.AbstractContextManager[Any] = FileLock(str(user_dir / _SETTINGS_LOCK))
+    except OSError:  # a read-only cache: ultralytics falls back to its own fixed folder
+        lock = contextlib.nullcontext()
+    with lock:
+        import ultralytics  # noqa: F401
+        from ultralytics.utils import SETTINGS, USER_CONFIG_DIR
+
+        _ensure_font(USER_CONFIG_DIR)
+        _integrations_off(SETTINGS)
+    if omp is None:  # ultralytics sets it to 1 for the whole process (and its subprocesses)
+        os.environ.pop("OMP_NUM_THREADS", None)
+
+
+def _integrations_off(settings: Any) -> None:
+    wanted = {k: v for k, v in _INTEGRATIONS_OFF.items() if k in settings and settings[k] != v}
+    if wanted:
+        settings.update(wanted)
+
+
+def import_ultralytics(config_dir: Path | str | None = None) -> ModuleType:
+    """Import ultralytics offline, with its settings and font under ``config_dir`` (default
+    :func:`ultralytics_home`). Only the first import in a process picks the folder; every call makes
+    sure the font is present and sync/integrations are off."""
     if "ultralytics" not in sys.modules:
-        os.environ["YOLO_OFFLINE"] = "1"  # before import: the import itself probes DNS otherwise
-        if config_dir is None:
-            config_dir = Path(tempfile.mkdtemp(prefix="loris-ultralytics-"))
-        os.environ["YOLO_CONFIG_DIR"] = str(Path(config_dir).resolve())
-        _ensure_font(Path(config_dir) / "Ultralytics")
-        omp = os.environ.get("OMP_NUM_THREADS")
-        import ultralytics
-
-        if omp is None:  # ultralytics sets it to 1 for the whole process (and its subprocesses)
-            os.environ.pop("OMP_NUM_THREADS", None)
+        _first_import(Path(config_dir) if config_dir is not None else ultralytics_home())
     import ultralytics
     from ultralytics.utils import SETTINGS, USER_CONFIG_DIR
 
     _ensure_font(USER_CONFIG_DIR)
-    wanted = {k: v for k, v in _INTEGRATIONS_OFF.items() if k in SETTINGS and SETTINGS[k] != v}
-    if wanted:
-        SETTINGS.update(wanted)
+    if any(k in SETTINGS and SETTINGS[k] != v for k, v in _INTEGRATIONS_OFF.items()):
+        with FileLock(str(Path(USER_CONFIG_DIR) / _SETTINGS_LOCK)):
+            _integrations_off(SETTINGS)
     return ultralytics
 
 
@@ -176,11 +226,20 @@ def load_config(config_file: str | Path | None = None, **overrides: Any) -> dict
 
 
 def _ultralytics_device(device: str) -> str:
-    """torch-style ``cpu`` / ``cuda`` / ``cuda:1`` to ultralytics' ``cpu`` / ``0`` / ``1``."""
-    device = str(device)
-    if device.startswith("cuda"):
-        return device.partition(":")[2] or "0"
-    return device
+    """torch-style ``cpu`` / ``cuda`` / ``cuda:1`` / ``cuda:0,1`` to ultralytics' ``cpu`` / ``0`` / ``1`` /
+    ``0,1`` (a list trains on those GPUs with ultralytics' own multi-GPU DDP launcher).
+
+    >>> [_ultralytics_device(d) for d in ("cpu", "cuda", "cuda:1", "cuda:0,1", "0,1", "cuda:0,cuda:1")]
+    ['cpu', '0', '1', '0,1', '0,1', '0,1']
+    """
+    device = str(device).strip()
+    if device == "cpu":
+        return device
+    parts = [p.strip().removeprefix("cuda").lstrip(":") for p in device.split(",")]
+    parts = [p or "0" for p in parts]
+    if not all(p.isdigit() for p in parts) or len(set(parts)) != len(parts):
+        raise ValueError(f"device must be cpu, cuda, cuda:N or a list of distinct GPUs like cuda:0,1; got {device!r}")
+    return ",".join(parts)
 
 
 @register("yolov5", display="YOLOv5u", paper_row="yolov5u")
@@ -204,7 +263,8 @@ class YoloV5Detector(Detector):
     * ``predict_batch``: images per forward pass in :meth:`predict`.
     * ``workers``: dataloader processes (0 = in the main process).
     * ``threads``: torch threads while training (None = the caller's setting, not ultralytics' cpu-1).
-    * ``seed, deterministic``: reproducibility; ``device``: ``cpu``, ``cuda`` or ``cuda:N``.
+    * ``seed, deterministic``: reproducibility; ``device``: ``cpu``, ``cuda``, ``cuda:N``, or a GPU list
+      (``cuda:0,1`` or ``0,1``) for ultralytics' multi-GPU training (prediction uses the first GPU).
     * ``train_args``: further ultralytics train keys, passed through unchanged.
     """
 
@@ -271,7 +331,7 @@ class YoloV5Detector(Detector):
             raise ValueError("no validation scans for the detector (ultralytics validates every epoch)")
         if train.images.shape[1] != train.images.shape[2]:
             raise ValueError("detector images must be square [N, S, S]")
-        import_ultralytics(workdir / "ultralytics_config")
+        import_ultralytics()
         from ultralytics import YOLO
         from ultralytics.utils import LOGGER
 
@@ -338,8 +398,8 @@ class YoloV5Detector(Detector):
 
     @property
     def _torch_device(self) -> torch.device:
-        dev = str(self.config["device"])
-        return torch.device("cuda:" + dev if dev.isdigit() else dev)
+        first = _ultralytics_device(self.config["device"]).split(",")[0]  # predict runs on one device
+        return torch.device("cpu" if first == "cpu" else f"cuda:{first}")
 
     # ------------------------------------------------------------------------------------- predict
     def predict(self, images: np.ndarray) -> list[Detections]:
@@ -416,16 +476,27 @@ class YoloV5Detector(Detector):
         atomic_write_text(directory / "detector.json", json.dumps(meta, indent=1))
 
     @classmethod
-    def load(cls, directory: Path) -> YoloV5Detector:
+    def load(cls, directory: Path, hint: str | None = None) -> YoloV5Detector:
+        """The detector saved by :meth:`save`; a missing, corrupt or tampered file raises
+        :class:`scans.io.CheckpointError` naming it (``hint``: the fix its message suggests)."""
         directory = Path(directory)
-        meta = json.loads((directory / "detector.json").read_text())
+        meta = load_meta(directory / "detector.json", hint=hint)
         if meta.get("detector") != "yolov5":
             raise ValueError(f"{directory} does not hold a saved yolov5 detector")
-        import_ultralytics(None)
-        config = dict(meta["config"])
-        if str(config["device"]) != "cpu" and not torch.cuda.is_available():
-            config["device"] = "cpu"  # trained on a GPU, used on a CPU machine
-        det = cls(**config)
-        state = torch.load(directory / "weights.pt", map_location="cpu", weights_only=True)
-        det._set_weights(meta["model_yaml"], state)
+        import_ultralytics()
+        try:
+            config = dict(meta["config"])
+            model_yaml = dict(meta["model_yaml"])
+            if str(config["device"]) != "cpu" and not torch.cuda.is_available():
+                config["device"] = "cpu"  # trained on a GPU, used on a CPU machine
+            det = cls(**config)
+        except (KeyError, TypeError, ValueError) as exc:
+            problem = f"is not a saved yolov5 config ({type(exc).__name__}: {exc})"
+            raise CheckpointError.about(directory / "detector.json", problem, hint) from None
+        state = load_state(directory / "weights.pt", map_location="cpu", hint=hint)
+        try:
+            det._set_weights(model_yaml, state)
+        except (RuntimeError, KeyError, TypeError, ValueError) as exc:
+            detail = " ".join(str(exc).split())[:300]
+            raise CheckpointError.about(directory / "weights.pt", f"does not fit the model ({detail})", hint) from None
         return det

@@ -1,6 +1,8 @@
 """Save and load a U-Net as a plain ``state_dict`` (``model.pt``) plus its config (``model.json``).
 
-Only tensors and plain data are written, so loading uses ``torch.load(weights_only=True)``.
+Only tensors and plain data are written, so loading uses ``torch.load(weights_only=True)``
+(:func:`scans.io.load_weights`): a missing, corrupt or tampered file raises
+:class:`scans.io.CheckpointError` naming it (``docs/design.md``).
 
 >>> import tempfile, torch
 >>> from reconstruction.unet import UNet, UNetConfig
@@ -20,7 +22,7 @@ from typing import Any
 import torch
 
 from reconstruction.unet import UNet, UNetConfig
-from scans.io import atomic_write, atomic_write_text
+from scans.io import CheckpointError, atomic_write, atomic_write_text, load_meta, load_weights
 
 WEIGHTS = "model.pt"
 CONFIG = "model.json"
@@ -36,10 +38,20 @@ def save_model(model: UNet, directory: str | Path, meta: dict[str, Any] | None =
     return d
 
 
-def load_model(directory: str | Path, map_location: str | torch.device = "cpu") -> tuple[UNet, dict[str, Any]]:
-    """Rebuild the U-Net from ``model.json`` and load ``model.pt`` (weights only); returns ``(model.eval(), meta)``."""
+def load_model(
+    directory: str | Path, map_location: str | torch.device = "cpu", hint: str | None = None
+) -> tuple[UNet, dict[str, Any]]:
+    """Rebuild the U-Net from ``model.json`` and load ``model.pt`` (weights only); returns ``(model.eval(), meta)``.
+
+    Any unreadable, corrupt or mismatched file raises :class:`scans.io.CheckpointError` naming it;
+    ``hint`` is the fix its message suggests (the default says to delete the file and retrain).
+    """
     d = Path(directory)
-    cfg = json.loads((d / CONFIG).read_text())
-    model = UNet(UNetConfig.from_dict(cfg["unet"]))
-    model.load_state_dict(torch.load(d / WEIGHTS, map_location=map_location, weights_only=True))
-    return model.to(map_location).eval(), cfg.get("meta", {})
+    cfg = load_meta(d / CONFIG, hint=hint)
+    try:
+        model = UNet(UNetConfig.from_dict(cfg["unet"]))
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise CheckpointError.about(d / CONFIG, f"is not a U-Net config ({type(exc).__name__}: {exc})", hint) from None
+    load_weights(model, d / WEIGHTS, map_location=map_location, hint=hint)
+    meta = cfg.get("meta", {})
+    return model.to(map_location).eval(), meta if isinstance(meta, dict) else {}

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +16,7 @@ import torch
 from detectors import DETECTORS, Detections, PriorPolicy, build_detector
 from detectors.yolo_format import box_to_yolo_line, write_dataset, yolo_line_to_box
 from detectors.yolov5 import YoloV5Detector
+from scans.io import CheckpointError
 from scans.records import ScanArrays
 
 
@@ -52,7 +57,7 @@ def test_yolo_label_matches_coco_box(tmp_path: Path) -> None:
     import cv2
 
     png = cv2.imread(str(tmp_path / "images" / "train" / "00005000.png"), cv2.IMREAD_UNCHANGED)
-    assert png.shape == (64, 64, 3) and (png[..., 0] == png[..., 2]).all()  # grayscale x 3
+    assert png is not None and png.shape == (64, 64, 3) and (png[..., 0] == png[..., 2]).all()  # grayscale x 3
     assert box_to_yolo_line((-5, 0, 32, 70), 64, 64) == "0 0.250000 0.500000 0.500000 1.000000"  # clipped
 
 
@@ -137,3 +142,104 @@ def test_inference_keys_are_config_keys_the_trainer_never_receives(tmp_path: Pat
     assert not YoloV5Detector.INFERENCE_KEYS & set(det._train_args(tmp_path / "data.yaml", tmp_path))
     det.set_inference(conf=0.2, tta_flip=True)
     assert det.config["conf"] == 0.2 and det.config["tta_flip"] is True
+
+
+def test_device_lists_translate_for_ultralytics() -> None:
+    from detectors.yolov5 import _ultralytics_device
+
+    cases = {
+        "cpu": "cpu",
+        "cuda": "0",
+        "cuda:1": "1",
+        "cuda:0,1": "0,1",
+        "0,1": "0,1",
+        "cuda:0, cuda:2": "0,2",
+        "3": "3",
+    }
+    assert {d: _ultralytics_device(d) for d in cases} == cases
+    for bad in ("cuda:0,0", "tpu", "cuda:x", "0,,1"):
+        with pytest.raises(ValueError, match="device must be"):
+            _ultralytics_device(bad)
+    det = YoloV5Detector(device="cuda:1,2")
+    assert det._train_args(Path("data.yaml"), Path("w"))["device"] == "1,2"  # ultralytics' multi-GPU path
+    assert det._torch_device == torch.device("cuda:1")  # predict runs on the first
+    assert YoloV5Detector(device="cpu")._torch_device == torch.device("cpu")
+
+
+def test_bad_saved_detector_names_the_file(tmp_path: Path) -> None:
+    det = YoloV5Detector(imgsz=64).init_untrained()
+    det.save(tmp_path / "d")
+    weights = tmp_path / "d" / "weights.pt"
+    weights.write_bytes(weights.read_bytes()[:4096])
+    with pytest.raises(CheckpointError, match=r"d/weights\.pt: is truncated or corrupt.*; retrain it$"):
+        YoloV5Detector.load(tmp_path / "d", hint="retrain it")
+    torch.save({"model.0.conv.weight": torch.zeros(1)}, weights)
+    with pytest.raises(CheckpointError, match=r"weights\.pt: does not fit the model"):
+        YoloV5Detector.load(tmp_path / "d")
+    (tmp_path / "d" / "detector.json").write_text("{")
+    with pytest.raises(CheckpointError, match=r"detector\.json: is not valid JSON"):
+        YoloV5Detector.load(tmp_path / "d")
+
+
+_SCRIPT = """
+import sys
+from pathlib import Path
+sys.path[:0] = [{tests!r}, {repo!r}]
+from test_yolov5 import _synthetic
+from detectors.yolov5 import YoloV5Detector
+out = Path(sys.argv[2])
+val = _synthetic(4, 64, seed=1)
+if sys.argv[1] == "fit":
+    det = YoloV5Detector(imgsz=64, epochs=1, batch=4, mosaic=0.0, conf=0.0)
+    det.fit(_synthetic(8, 64, seed=0), val, out / "work")
+    det.save(out / "saved")
+det = YoloV5Detector.load(Path(sys.argv[3]))
+assert len(det.predict(val.images)) == 4
+"""
+
+
+def _files(root: Path) -> set[str]:
+    return {p.relative_to(root).as_posix() for p in root.rglob("*")}
+
+
+def test_fit_and_predict_write_only_under_out_and_the_cache(tmp_path: Path) -> None:
+    """Fresh HOME, TMPDIR, cache and working folder: a fit and two concurrent loads + predicts leave
+    files only in --out and <cache>/ultralytics (settings, font: created once, reused), matplotlib, torchinductor."""
+    repo = Path(__file__).resolve().parents[1]
+    script = tmp_path / "script.py"
+    script.write_text(_SCRIPT.format(tests=str(repo / "tests"), repo=str(repo)))
+    home, tmp, cache, cwd, out = (tmp_path / n for n in ("home", "tmp", "cache", "cwd", "out"))
+    for d in (home, tmp, cwd):
+        d.mkdir()
+    keep = ("PATH", "LANG", "LC_ALL", "OMP_NUM_THREADS")
+    env = {k: v for k, v in os.environ.items() if k in keep}
+    env.update(HOME=str(home), TMPDIR=str(tmp), LORIS_CACHE=str(cache), PYTHONDONTWRITEBYTECODE="1")
+
+    def run(*args: str) -> subprocess.Popen[str]:
+        cmd = [sys.executable, str(script), *args]
+        return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def wait(p: subprocess.Popen[str]) -> None:
+        log, _ = p.communicate(timeout=600)
+        assert p.returncode == 0, log[-3000:]
+
+    wait(run("fit", str(out), str(out / "saved")))
+    assert _files(home) == set() and _files(tmp) == set() and _files(cwd) == set()
+    assert {p.split("/")[0] for p in _files(cache)} <= {"ultralytics", "matplotlib", "torchinductor"}
+    user = cache / "ultralytics" / "Ultralytics"
+    assert (user / "Arial.ttf").is_file()
+    settings = json.loads((user / "settings.json").read_text())
+    assert settings["sync"] is False and settings["mlflow"] is False
+    font = (user / "Arial.ttf").stat()
+    before = _files(cache)
+
+    wait(run("predict", str(out), str(out / "saved")))  # a second process reuses the folder as is
+    assert _files(cache) == before and (user / "Arial.ttf").stat().st_mtime_ns == font.st_mtime_ns
+    assert _files(home) == set() and _files(tmp) == set() and _files(cwd) == set()
+
+    shutil.rmtree(cache)  # two processes creating the folder at once
+    procs = [run("predict", str(out), str(out / "saved")) for _ in range(2)]
+    for p in procs:
+        wait(p)
+    assert json.loads((user / "settings.json").read_text())["sync"] is False and (user / "Arial.ttf").is_file()
+    assert _files(home) == set() and _files(tmp) == set() and _files(cwd) == set()

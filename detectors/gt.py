@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from detectors.base import Detections, Detector, register
-from scans.io import atomic_write_text
+from scans.io import atomic_write_text, load_meta
 from scans.records import ScanArrays
 
 
@@ -84,7 +84,7 @@ class GtDetector(Detector):
     @classmethod
     def load(cls, directory: Path) -> GtDetector:
         path = Path(directory) / "detector.json"
-        meta = json.loads(path.read_text())
+        meta = load_meta(path)
         if meta.get("detector") != "gt":
             raise ValueError(f"{path} is not a saved gt detector")
         return cls()

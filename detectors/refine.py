@@ -37,7 +37,7 @@ from torchvision.ops import nms, roi_align
 
 from detectors.base import Detections, Detector, check_inference_settings, detector_class
 from scans.distributed import all_reduce_mean, is_distributed, loss_scale, shard, sync_buffers, world_size, wrap
-from scans.io import atomic_write, atomic_write_text
+from scans.io import atomic_write, atomic_write_text, load_meta, load_weights
 from scans.records import ScanArrays
 from scans.runtime import resolve_device
 from scans.training import Budget, seeded_global_rng, streams
@@ -322,9 +322,9 @@ class BoxRefiner:
     @classmethod
     def load(cls, directory: Path, device: str = "cpu") -> BoxRefiner:
         directory = Path(directory)
-        meta = json.loads((directory / "refiner.json").read_text())
+        meta = load_meta(directory / "refiner.json")
         ref = cls(device=device, **meta["refiner"])
-        ref.net.load_state_dict(torch.load(directory / "refiner.pt", map_location=device, weights_only=True))
+        load_weights(ref.net, directory / "refiner.pt", map_location=device)
         ref.net.eval()
         return ref
 
@@ -383,7 +383,7 @@ class RefinedDetector(Detector):
     @classmethod
     def load(cls, directory: Path, top_k: int | None = None) -> RefinedDetector:
         directory = Path(directory)
-        meta = json.loads((directory / "refined.json").read_text())
+        meta = load_meta(directory / "refined.json")
         base = detector_class(meta["base"]).load(directory)
         return cls(
             base,

@@ -52,7 +52,7 @@ from scans.distributed import (
     world_size,
     wrap,
 )
-from scans.io import atomic_write
+from scans.io import atomic_write, load_state
 from scans.records import DISTENDED, ScanArrays
 from scans.runtime import resolve_device
 from scans.training import Budget, EarlyStopping, streams, training_scope
@@ -264,7 +264,7 @@ def _start(cfg: TrainConfig, device: torch.device, wd: Path | None) -> _Run:
     )
     if wd is None or not (wd / LAST).exists():
         return run
-    ck = torch.load(wd / LAST, map_location=device, weights_only=True)
+    ck = load_state(wd / LAST, map_location=device, hint=f"delete {wd} to restart this training")
     _check_resume(ck["config"], cfg.to_dict())
     if int(ck["epoch"]) > _epoch_cap(cfg):
         raise ValueError(

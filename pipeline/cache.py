@@ -1,8 +1,9 @@
 """The model cache: where trained models live, their keys, the lock, and the atomic publish.
 
-A trained model (detector, box refiner, U-Net) depends only on the data, the fold's image ids,
-its training settings and the seed, so it is cached under a key of exactly those, shared by
-``run``, ``ablate`` and ``train`` and by concurrent runs (one trains, the others wait and load).
+A trained model (detector, box refiner, U-Net) depends only on the data (the bytes of every image
+and the annotations), the fold's image ids, its training settings and the seed, so it is cached
+under a key of exactly those, shared by ``run``, ``ablate`` and ``train`` and by concurrent runs
+(one trains, the others wait and load). An entry that fails to load is moved aside and retrained.
 
 >>> scope = CacheScope(data="d41d8cd98f00b204", size=128, frame=0, train=(1, 2), val=(3,))
 >>> scope.entry(Path("/c"), "unet-single", train_cfg={"epochs": 3}).name.startswith("unet-single-")
@@ -15,26 +16,23 @@ import contextlib
 import hashlib
 import json
 import shutil
+import sys
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from scans.runtime import cache_home
 
 DONE = "DONE"
+T = TypeVar("T")
 
 
 def cache_root(cache_dir: str | Path | None = None) -> Path:
     """Where trained models are cached: ``cache_dir``, else ``models/`` under
     :func:`scans.runtime.cache_home` (``$LORIS_CACHE``, ``$XDG_CACHE_HOME/loris``, ``~/.cache/loris``)."""
     return Path(cache_dir) if cache_dir else cache_home() / "models"
-
-
-def annotations_fingerprint(root: Path | str) -> str:
-    """A dataset's identity for cache keys and resumes: its annotations. Replacing an image file under
-    the same name and annotations is not detected; clear the cache (``cache_dir``) after editing images."""
-    return hashlib.sha256((Path(root) / "annotations.json").read_bytes()).hexdigest()[:16]
 
 
 def digest(doc: dict[str, Any]) -> str:
@@ -50,7 +48,7 @@ def digest(doc: dict[str, Any]) -> str:
 class CacheScope:
     """What every cached model of a fold depends on: the dataset, model size, DICOM frame and ids."""
 
-    data: str  # annotations_fingerprint of the dataset
+    data: str  # the dataset's content: every image's bytes and annotations.json (pipeline.data.Data.fingerprint)
     size: int
     frame: int
     train: tuple[int, ...]
@@ -84,6 +82,39 @@ def cached_info(entry: Path) -> dict[str, Any] | None:
     """The training summary of a finished entry (its ``DONE`` file), or None when not finished."""
     done = entry / DONE
     return json.loads(done.read_text()) if done.is_file() else None
+
+
+def move_aside(entry: Path, reason: str) -> Path:
+    """Rename a broken entry to ``<entry>.broken-<time>`` (kept for inspection), saying so on stderr."""
+    aside = entry.with_name(f"{entry.name}.broken-{time.time_ns()}")
+    entry.rename(aside)
+    print(
+        f"warning: cache entry {entry} cannot be loaded ({reason}); moved to {aside.name}; retraining",
+        file=sys.stderr,
+    )
+    return aside
+
+
+def load_cached(entry: Path, load: Callable[[Path], T]) -> tuple[T, dict[str, Any]] | None:
+    """``(load(entry), its DONE summary)`` for a finished entry; None when there is none, or when it
+    fails to load: then it is moved aside (:func:`move_aside`) so that the caller retrains it.
+
+    >>> import tempfile
+    >>> entry = Path(tempfile.mkdtemp()) / "m-1"
+    >>> publish(entry, lambda p: p.mkdir(), {"fit_s": 1.0})
+    >>> load_cached(entry, lambda p: "model")
+    ('model', {'fit_s': 1.0})
+    >>> load_cached(entry, lambda p: (p / "model.pt").read_bytes()) is None  # no model.pt: moved aside
+    True
+    >>> entry.exists()
+    False
+    """
+    try:
+        done = cached_info(entry)
+        return None if done is None else (load(entry), done)
+    except Exception as exc:  # a loader may raise anything on a truncated or tampered file: retrain instead
+        move_aside(entry, f"{type(exc).__name__}: {exc}")
+        return None
 
 
 def publish(entry: Path, save: Callable[[Path], None], info: dict[str, Any]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,21 +27,58 @@ class Data:
         pos = {int(i): n for n, i in enumerate(self.arrays.ids)}
         return np.array([pos[int(i)] for i in ids], dtype=np.int64)
 
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """The dataset's content (every image's bytes and ``annotations.json``): cache keys and resumes."""
+        return fingerprint(self.root, self.scans)
+
+
+def fingerprint(root: Path, scans: list[Scan]) -> str:
+    """:func:`scans.fingerprint.dataset_fingerprint` of the folder ``root`` holding ``scans``."""
+    from scans.fingerprint import dataset_fingerprint
+
+    return dataset_fingerprint(root, [s.path for s in scans])
+
+
+def external_fingerprint(path: str | Path) -> str:
+    """The content fingerprint of the held-out dataset folder ``path``."""
+    return fingerprint(Path(path), load_dataset(Path(path)))
+
+
+class DataError(ValueError):
+    """The dataset fails :func:`scans.check.check_dataset`; the message lists every problem."""
+
+
+def validate(root: Path) -> None:
+    """Refuse a dataset with any problem ``python -m scans check`` reports (boxes, ids, types, paths,
+    splits), listing them all, before anything is trained on it."""
+    from scans.check import check_dataset
+
+    problems = check_dataset(root)
+    if problems:
+        listing = "\n".join(f"  {p}" for p in problems)
+        raise DataError(
+            f"{root}: the dataset has {len(problems)} problem(s); nothing was trained "
+            f"(fix them; `python -m scans check {root}` lists them again):\n{listing}"
+        )
+
 
 def _dataset_folder(path: str | Path) -> Path:
     root = Path(path)
     if not (root / "annotations.json").is_file():
         raise FileNotFoundError(f"{root}: not a LoRIS dataset (no annotations.json); see README 'Your own data'")
+    validate(root)
     return root
 
 
 def dataset_root(data: str | None, phantom: PhantomConfig, seed: int, progress: bool = True) -> Path:
-    """The dataset folder ``data``, else the embedded phantom of ``phantom``'s composition (cached)."""
+    """The dataset folder ``data``, else the embedded phantom of ``phantom``'s composition (cached);
+    either is validated (:func:`validate`)."""
     if data:
         return _dataset_folder(data)
     from scans.phantom import default_dataset
 
-    return default_dataset(
+    root = default_dataset(
         n_images=phantom.images,
         n_distended=phantom.distended,
         n_patients=phantom.patients,
@@ -48,6 +86,8 @@ def dataset_root(data: str | None, phantom: PhantomConfig, seed: int, progress: 
         seed=seed,
         progress=progress,
     )
+    validate(root)  # a cached phantom is a folder like any other: it may have been edited
+    return root
 
 
 def _with_boxes(root: Path) -> list[Scan]:

@@ -18,10 +18,9 @@ from detectors.base import Detector, build_detector, detector_class
 from detectors.refine import BoxRefiner, RefinedDetector, RefinerConfig
 from pipeline.cache import (
     CacheScope,
-    annotations_fingerprint,
     cache_lock,
     cache_root,
-    cached_info,
+    load_cached,
     publish,
 )
 from pipeline.config import Config, DetectorConfig, RiadConfig, UNetSettings, detector_config_path
@@ -55,9 +54,7 @@ Mode = Literal["single", "riad"]  # the LoRIS U-Net or the RIAD baseline
 def scope(data: Data, size: int, frame: int, train_idx: np.ndarray, val_idx: np.ndarray) -> CacheScope:
     """The cache scope of models trained on ``train_idx`` and validated on ``val_idx`` of ``data``."""
     ids = data.arrays.ids
-    return CacheScope(
-        annotations_fingerprint(data.root), size, frame, tuple(ids[train_idx].tolist()), tuple(ids[val_idx].tolist())
-    )
+    return CacheScope(data.fingerprint, size, frame, tuple(ids[train_idx].tolist()), tuple(ids[val_idx].tolist()))
 
 
 def detector_kwargs(det: DetectorConfig, path: Path | None, seed: int, device: str) -> dict[str, Any]:
@@ -117,9 +114,9 @@ def fit_detector(
 def _fit_detector_locked(
     name: str, kwargs: dict[str, Any], arr: ScanArrays, tr: np.ndarray, va: np.ndarray, entry: Path, workdir: Path
 ) -> tuple[Detector, dict[str, Any]]:
-    done = cached_info(entry)
-    if done is not None:
-        det = detector_class(name).load(entry)
+    hit = load_cached(entry, detector_class(name).load)
+    if hit is not None:
+        det, done = hit
         det.set_inference(**{k: v for k, v in kwargs.items() if k in det.INFERENCE_KEYS})
         return det, {**done, "cached": True, "cache": str(entry)}
     det = build_detector(name, **kwargs)
@@ -161,9 +158,9 @@ def fit_refiner(
     entry = where.entry(root, "refiner", version=2, refiner=refiner_key(options))
     inference = {k: v for k, v in options.items() if k in BoxRefiner.INFERENCE_KEYS}
     with cache_lock(entry):
-        done = cached_info(entry)
-        if done is not None:
-            ref = BoxRefiner.load(entry, device=device)
+        hit = load_cached(entry, lambda e: BoxRefiner.load(e, device=device))
+        if hit is not None:
+            ref, done = hit
             ref.set_inference(**inference)
             return ref, {**done, "cached": True, "cache": str(entry)}
         ref = BoxRefiner(device=device, **options)
@@ -242,10 +239,9 @@ def _fit_unet_locked(
     from reconstruction.checkpoint import load_model, save_model
     from reconstruction.train import train_unet
 
-    done = cached_info(entry)
-    if done is not None:
-        model, _ = load_model(entry, map_location=tc.device)
-        return model, {**done, "cached": True, "cache": str(entry)}
+    hit = load_cached(entry, lambda e: load_model(e, map_location=tc.device)[0])
+    if hit is not None:
+        return hit[0], {**hit[1], "cached": True, "cache": str(entry)}
     size = arr.images.shape[-1]
     watch = Stopwatch()
     with watch("fit"):

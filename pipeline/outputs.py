@@ -1,9 +1,14 @@
-"""Run folders: naming, refusal to overwrite, resume state, and provenance files."""
+"""Run folders: naming, refusal to overwrite, the lock held while a run writes, resume state, provenance
+files, and keeping third-party caches out of HOME."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,10 +18,69 @@ import yaml
 from pipeline.config import Config, dump
 from pipeline.provenance import git_commit, machine, package_versions
 from scans.io import atomic_write_text
+from scans.runtime import cache_home
+
+LOCK = ".lock"  # in the run folder while a process writes it; holds that process's PID
 
 
 class RunDirError(RuntimeError):
     """The output folder cannot be used; the message says why."""
+
+
+def check_out(out: Path) -> None:
+    """Refuse an ``out`` that is a file, holds a finished run or is another program's folder, before
+    anything is loaded, trained or written."""
+    if out.exists() and not out.is_dir():
+        raise RunDirError(f"--out {out} is an existing file, not a folder; choose another --out")
+    if (out / "summary.json").exists():
+        raise RunDirError(f"{out} already holds a finished run (summary.json); choose another --out")
+    if out.is_dir() and not (out / "config.yaml").is_file() and any(q.name != LOCK for q in out.iterdir()):
+        raise RunDirError(f"{out} is not empty and is not a LoRIS run; choose another --out")
+
+
+@contextlib.contextmanager
+def run_lock(out: Path) -> Iterator[Path]:
+    """Hold ``<out>/.lock`` while the block writes ``out``: a second process refuses at once, naming the
+    holder's PID. The lock goes with the process, also when it is killed. When the run refused before
+    writing anything, the lock file is removed, and so is the folder if this call created it."""
+    from filelock import FileLock, Timeout
+
+    check_out(out)
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(out / LOCK))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        pid = (out / LOCK).read_text().strip() if (out / LOCK).is_file() else ""
+        raise RunDirError(
+            f"{out} is in use by another LoRIS process{f' (PID {pid})' if pid else ''}; "
+            f"wait for it to finish, or choose another --out"
+        ) from None
+    try:
+        (out / LOCK).write_text(f"{os.getpid()}\n")
+        yield out
+    finally:
+        lock.release()
+        if [q.name for q in out.iterdir()] == [LOCK]:
+            (out / LOCK).unlink(missing_ok=True)
+            if created:
+                out.rmdir()
+
+
+def keep_out_of_home() -> None:
+    """Point third-party caches into the LoRIS cache (:func:`scans.runtime.cache_home`), reused by every
+    run, unless the user chose a folder: matplotlib's config and font cache (``MPLCONFIGDIR``, which only
+    helps before matplotlib is imported) and torch's inductor cache, which the first optimizer step
+    creates in the temp folder (``TORCHINDUCTOR_CACHE_DIR``)."""
+    wanted = {"TORCHINDUCTOR_CACHE_DIR": "torchinductor"}
+    if "matplotlib" not in sys.modules:
+        wanted["MPLCONFIGDIR"] = "matplotlib"
+    for variable, name in wanted.items():
+        if not os.environ.get(variable):
+            folder = cache_home() / name
+            folder.mkdir(parents=True, exist_ok=True)
+            os.environ[variable] = str(folder)
 
 
 def default_run_dir(cfg: Config, command: str) -> Path:
@@ -40,12 +104,9 @@ def prepare_run_dir(out: Path, cfg: Config, identity: dict[str, Any] | None = No
     """
     out = Path(out)
     resolved = run_config(cfg, identity)
-    if (out / "summary.json").exists():
-        raise RunDirError(f"{out} already holds a finished run (summary.json); choose another --out")
-    if out.exists() and any(out.iterdir()):
-        old = out / "config.yaml"
-        if not old.is_file():
-            raise RunDirError(f"{out} is not empty and is not a LoRIS run; choose another --out")
+    check_out(out)
+    old = out / "config.yaml"
+    if old.is_file():
         # compared as values: 0 and 0.0 are one setting, whichever way a YAML file spelled it
         if yaml.safe_load(old.read_text()) != resolved:
             raise RunDirError(

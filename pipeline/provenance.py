@@ -38,19 +38,21 @@ def package_versions() -> dict[str, str]:
     return out
 
 
+def _git(*args: str) -> subprocess.CompletedProcess[str]:
+    """A read-only git command on the checkout. ``--no-optional-locks``: ``git status`` would otherwise
+    refresh the index under ``.git/index.lock``, a write into the project that can collide with the
+    user's own git command."""
+    cmd = ["git", "--no-optional-locks", "-C", str(REPO), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=10)
+
+
 def git_commit() -> str:
     """HEAD of the LoRIS checkout, with ``+dirty`` when the tree has uncommitted changes."""
     try:
-        head = subprocess.run(
-            ["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-        ).stdout.strip()
-        return head + ("+dirty" if dirty else "")
+        head = _git("rev-parse", "HEAD")
+        head.check_returncode()
+        dirty = _git("status", "--porcelain", "--untracked-files=no").stdout.strip()
+        return head.stdout.strip() + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown (not a git checkout)"
 

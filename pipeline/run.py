@@ -1,17 +1,25 @@
 """``run`` and ``ablate``: patient-grouped cross-validation of LoRIS with one or more prior sources.
 
-The phases of a run: :func:`plan` (check the config, prepare the folder, load the data), then per
-fold :func:`resume` a finished one or fit and evaluate it (:func:`pipeline.fold.run_fold`), then
-:func:`aggregate` the folds into the summary and :func:`report` it. A fold's result is saved as
-soon as it is done, so a killed run resumes at the next fold.
+The phases of a run: :func:`plan` (check the config, load and validate the data, prepare the
+folder), then per fold :func:`resume` a finished one or fit and evaluate it
+(:func:`pipeline.fold.run_fold`), then :func:`aggregate` the folds into the summary and
+:func:`report` it. A fold's result is saved as soon as it is done, so a killed run resumes at the
+next fold. The run folder is locked while a process writes it.
+
+Fold-parallel runs: each process or machine runs ``run --folds k --out RUN_k`` sharing the model
+cache, then :func:`aggregate_runs` builds one report from the finished folds.
 """
 
 from __future__ import annotations
 
+import json
+import shutil
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from evaluation.aggregate import aggregate_methods, json_safe
 from evaluation.figures import Example, select_cases
@@ -20,11 +28,18 @@ from evaluation.metrics import aggregate as aggregate_folds
 from evaluation.report import summary_from_folds, write_report
 from evaluation.results import FoldResult, labels_to_json
 from pipeline import sources
-from pipeline.cache import annotations_fingerprint
-from pipeline.config import Config
-from pipeline.data import Data, load_data, load_externals
+from pipeline.config import Config, parse_config
+from pipeline.data import Data, external_fingerprint, load_data, load_externals
 from pipeline.fold import FoldOutput, FoldTask, Progress, load_fold, run_fold, save_fold, stages_per_fold
-from pipeline.outputs import prepare_run_dir, write_json
+from pipeline.outputs import (
+    RunDirError,
+    check_out,
+    keep_out_of_home,
+    prepare_run_dir,
+    run_config,
+    run_lock,
+    write_json,
+)
 from pipeline.provenance import package_versions
 from scans.records import ScanArrays
 from scans.runtime import Stopwatch, set_threads
@@ -55,27 +70,37 @@ class RunPlan:
         return self.main if self.command == "run" and not sources.is_ground_truth(self.main) else None
 
 
-def plan(cfg: Config, out: Path, names: Sequence[str], command: str) -> RunPlan:
-    """Check the sources and folds, prepare ``out`` (or continue it), load the data and held-out sets."""
+def plan(cfg: Config, out: Path, names: Sequence[str], command: str, same_as: dict[str, Any] | None = None) -> RunPlan:
+    """Check the sources and folds, load and validate the data and held-out sets, prepare ``out`` (or
+    continue it: same config, sources and data content). ``same_as``: a saved ``config.yaml`` the run
+    must match, ``run_folds`` aside (:func:`aggregate_runs`)."""
     known = sources.names()
     unknown = [n for n in names if n not in known]
     if unknown or not names:
         raise ValueError(f"unknown detector(s) {unknown}; choose from {', '.join(known)}")
-    identity: dict[str, Any] = {"command": command, "detectors": list(names)}
-    ext_paths = cfg.evaluation.external_paths
-    if ext_paths:  # a resume must score the same held-out sets
-        identity["external_annotations"] = [
-            annotations_fingerprint(p) for p in ext_paths if (Path(p) / "annotations.json").is_file()
-        ]
-    out = prepare_run_dir(out, cfg, identity=identity)
+    check_out(out)
     data = load_data(cfg)
+    ext_paths = cfg.evaluation.external_paths
     externals = load_externals(ext_paths, data, cfg.image_size, cfg.frame)
+    identity: dict[str, Any] = {"command": command, "detectors": list(names), "data": data.fingerprint}
+    if ext_paths:  # a resume must score the same held-out sets
+        identity["external_data"] = [external_fingerprint(p) for p in ext_paths]
+    if same_as is not None:
+        _unchanged(same_as, run_config(cfg, identity))
+    out = prepare_run_dir(out, cfg, identity=identity)
     write_json(out / "splits.json", [fold.to_json() for fold in data.folds])
     fold_ids = list(cfg.run_folds) if cfg.run_folds is not None else list(range(len(data.folds)))
     _check_parts(data, fold_ids)
     every = list(dict.fromkeys(names))
     every += [] if sources.ground_truth() in every else [sources.ground_truth()]  # cheap once the U-Net exists
     return RunPlan(cfg, command, list(names), every, out, data, externals, fold_ids)
+
+
+def _unchanged(saved: dict[str, Any], now: dict[str, Any]) -> None:
+    a, b = ({k: v for k, v in d.items() if k != "run_folds"} for d in (saved, now))
+    diff = _differences(a, b)
+    if diff:
+        raise RunDirError(f"the config or data changed since these folds were made: {'; '.join(diff)}")
 
 
 def _check_parts(data: Data, fold_ids: Sequence[int]) -> None:
@@ -121,17 +146,21 @@ def run_folds(p: RunPlan) -> tuple[list[FoldOutput], int]:
 
 
 def execute(cfg: Config, out: Path, detector_names: Sequence[str], command: str = "run") -> dict[str, Any]:
-    """Run (or resume) the cross-validation into ``out`` and write every output; returns the summary."""
+    """Run (or resume) the cross-validation into ``out`` and write every output; returns the summary.
+
+    ``out`` is locked for the whole run (:func:`pipeline.outputs.run_lock`): a second process refuses."""
+    keep_out_of_home()
     watch = Stopwatch()
-    with watch("total"):
-        set_threads(cfg.threads)
-        p = plan(cfg, out, detector_names, command)
-        outputs, resumed = run_folds(p)
-        summary = aggregate(p, outputs)
-    # total_s is this invocation's wall time; folds resumed from disk kept their stage times.
-    summary["timing"] = {"total_s": watch.seconds["total"], "resumed_folds": resumed, **_timing(outputs)}
-    summary["fold_info"] = [fo.info for fo in outputs]
-    report(p, outputs, summary)
+    with run_lock(Path(out)):
+        with watch("total"):
+            set_threads(cfg.threads)
+            p = plan(cfg, Path(out), detector_names, command)
+            outputs, resumed = run_folds(p)
+            summary = aggregate(p, outputs)
+        # total_s is this invocation's wall time; folds resumed from disk kept their stage times.
+        summary["timing"] = {"total_s": watch.seconds["total"], "resumed_folds": resumed, **_timing(outputs)}
+        summary["fold_info"] = [fo.info for fo in outputs]
+        report(p, outputs, summary)
     return summary
 
 
@@ -273,3 +302,99 @@ def report(p: RunPlan, outputs: Sequence[FoldOutput], summary: dict[str, Any]) -
     _write(p, p.out, summary, results, _examples(outputs))
     write_json(p.out / "per_fold.json", json_safe([asdict(r) | {"rows": len(r.rows)} for r in results]))
     write_json(p.out / "summary.json", json_safe(summary))
+
+
+# ----------------------------------------------------------------------------- fold-parallel runs
+
+
+def _differences(a: Any, b: Any, key: str = "") -> list[str]:
+    """Dotted keys where two saved configs differ, with both values.
+
+    >>> _differences({"seed": 0, "unet": {"epochs": 3}}, {"seed": 1, "unet": {"epochs": 3}})
+    ['seed (0 vs 1)']
+    """
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [
+            d for k in sorted(set(a) | set(b)) for d in _differences(a.get(k), b.get(k), f"{key}.{k}" if key else k)
+        ]
+    if a == b:
+        return []
+    what = " (the dataset's content)" if key == "run.data" else ""
+    return [f"{key}{what} ({a!r:.60} vs {b!r:.60})"]
+
+
+@dataclass(frozen=True)
+class FinishedRun:
+    """A finished run folder of a fold-parallel run: its saved config (without ``run_folds``) and folds."""
+
+    path: Path
+    config: dict[str, Any]
+    folds: list[int]
+    splits: str
+    total_s: float
+
+    @classmethod
+    def read(cls, path: Path) -> FinishedRun:
+        if not (path / "summary.json").is_file() or not (path / "config.yaml").is_file():
+            raise RunDirError(f"{path}: not a finished LoRIS run (no summary.json); finish it or leave it out")
+        summary = json.loads((path / "summary.json").read_text())
+        config = yaml.safe_load((path / "config.yaml").read_text())
+        config.pop("run_folds", None)
+        missing = [f for f in summary["folds"] if not (path / "folds" / str(f) / "fold.json").is_file()]
+        if missing:
+            raise RunDirError(f"{path}: folds {missing} have no fold.json; rerun it to finish them")
+        splits = (path / "splits.json").read_text()
+        return cls(path, config, [int(f) for f in summary["folds"]], splits, float(summary["timing"]["total_s"]))
+
+
+def _same_inputs(runs: Sequence[FinishedRun]) -> None:
+    """Refuse runs made with different configs, data or splits, or that share a fold."""
+    first, seen = runs[0], {f: runs[0].path for f in runs[0].folds}
+    for run in runs[1:]:
+        diff = _differences(first.config, run.config)
+        if run.splits != first.splits:
+            diff.append("splits.json (the folds themselves)")
+        if diff:
+            raise RunDirError(
+                f"{run.path} was made with a different config or data than {first.path}, so their folds "
+                f"cannot be aggregated: {'; '.join(diff)}"
+            )
+        for f in run.folds:
+            if f in seen:
+                raise RunDirError(f"fold {f} is in both {seen[f]} and {run.path}; name each fold once")
+            seen[f] = run.path
+
+
+def aggregate_runs(run_dirs: Sequence[Path], out: Path) -> dict[str, Any]:
+    """Tables, summary and report in ``out`` from finished fold-parallel runs (``run --folds k --out
+    RUN_k`` each, sharing the model cache); returns the summary. Runs made with different configs
+    (``run_folds`` aside), data or splits are refused, naming what differs; the data must be unchanged
+    since. Each run's folds are copied into ``out/folds``."""
+    if not run_dirs:
+        raise ValueError("aggregate: name at least one finished run folder")
+    runs = [FinishedRun.read(Path(d)) for d in run_dirs]
+    _same_inputs(runs)
+    saved = runs[0].config
+    fold_ids = sorted(f for run in runs for f in run.folds)
+    doc = {k: v for k, v in saved.items() if k != "run"} | {"run_folds": fold_ids}
+    cfg = replace(parse_config(doc), progress=False)
+    keep_out_of_home()
+    with run_lock(Path(out)):
+        p = plan(cfg, Path(out), saved["run"]["detectors"], saved["run"]["command"], same_as=saved)
+        for run in runs:
+            for f in run.folds:
+                shutil.copytree(run.path / "folds" / str(f), p.out / "folds" / str(f), dirs_exist_ok=True)
+        outputs = [_resumed(p, f) for f in p.fold_ids]
+        summary = aggregate(p, outputs)
+        summary["timing"] = {"total_s": sum(r.total_s for r in runs), "resumed_folds": len(outputs), **_timing(outputs)}
+        summary["fold_info"] = [fo.info for fo in outputs]
+        summary["aggregated_from"] = [str(r.path) for r in runs]
+        report(p, outputs, summary)
+    return summary
+
+
+def _resumed(p: RunPlan, fold: int) -> FoldOutput:
+    fo = resume(p, fold)
+    if fo is None:
+        raise RunDirError(f"{p.out}: fold {fold} was not copied")
+    return fo

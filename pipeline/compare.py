@@ -41,6 +41,7 @@ from pipeline.fold import FoldOutput, FoldTask, Progress
 from pipeline.outputs import default_run_dir, keep_out_of_home, run_lock, write_json
 from pipeline.run import RunPlan, plan, run_folds
 from reconstruction.peers import PEERS, Budget, Peer, PeerOutput, build_peer, load_peer, peer_spec
+from reconstruction.peers.prior_guided import predict_peer
 from scans.io import atomic_write
 from scans.records import ScanArrays
 from scans.runtime import Stopwatch, resolve_device, set_threads
@@ -218,13 +219,14 @@ def peer_fold(task: FoldTask, fo: FoldOutput, job: PeerJob) -> MethodFold:
     val, test = arr.subset(task.val), arr.subset(task.test)
     watch = Stopwatch()
     with watch("predict"):
-        val_out, test_out = peer.predict(val.images), peer.predict(test.images)
+        # prior-guided peers score inside the ground-truth box (the upper baseline, as LoRIS's gt rows)
+        val_out, test_out = predict_peer(peer, val.images, val.boxes), predict_peer(peer, test.images, test.boxes)
     validation = Validation(val, {name: val_out.maps}) if val_out.maps is not None else None
     metrics, reps = score_part(ev, name, test_out, test, validation, fold_weights(test.patients, seed, task.fold))
     external = []
     for ext in task.externals:  # one bootstrap draw per held-out set, shared by every fold's models
         with watch("predict"):
-            ext_out = peer.predict(ext.images)
+            ext_out = predict_peer(peer, ext.images, ext.boxes)
         external.append(score_part(ev, name, ext_out, ext, validation, fold_weights(ext.patients, seed, None)))
     threshold = metrics.get("dice_val_threshold")
     figure = figure_maps(test, test_out.maps, figure_ids(fo), threshold, ev.kernel)

@@ -85,7 +85,11 @@ def _fit(name: str, data: dict[str, ScanArrays], seed: int = 0, budget: Budget |
 def test_registry_lists_the_paper_peers_with_labels() -> None:
     assert REQUIRED <= set(PEERS)
     for name, spec in PEERS.items():
-        assert spec.name == name and spec.display and spec.source in ("anomalib", "own implementation")
+        assert (
+            spec.name == name
+            and spec.display
+            and spec.source in ("anomalib", "own implementation", "anomalib + prior (ours)")
+        )
         assert set(spec.cls.budgets) >= {"quick", "default", "paper"}
         assert json.loads(json.dumps(spec.to_dict()))["name"] == name
     assert {n for n, s in PEERS.items() if s.source == "own implementation"} >= {"uae", "intrans", "fair", "multitask"}
@@ -120,7 +124,8 @@ def _resized(a: ScanArrays, s: int) -> dict[str, Any]:
     return {**a.__dict__, "images": a.images[:, :s, :s], "masks": a.masks[:, :s, :s]}
 
 
-@pytest.mark.parametrize("name", sorted(PEERS))
+# the prior peers (predict needs boxes) are covered by tests/test_peers_prior_guided.py
+@pytest.mark.parametrize("name", sorted(n for n in PEERS if not getattr(PEERS[n].cls, "uses_prior", False)))
 def test_peer_fits_predicts_round_trips_and_is_deterministic(
     name: str, data: dict[str, ScanArrays], tmp_path: Path, pytestconfig: pytest.Config
 ) -> None:

@@ -7,20 +7,26 @@ Registry
     paper's reference). :func:`peer_spec` looks a name up with a clear error for a bad one;
     :func:`build_peer` makes a fresh peer; :func:`register_peer` adds one.
 
-    ================ ============== ================== ========== ===== ==================================
-    name             display        source             supervised maps  backbone
-    ================ ============== ================== ========== ===== ==================================
-    patchcore        PatchCore      anomalib           no         yes   EfficientNet-Lite0, ImageNet
-    padim            PaDiM          anomalib           no         yes   EfficientNet-Lite0, ImageNet
-    cflow            CFlow          anomalib           no         yes   EfficientNet-Lite0, ImageNet
-    supersimplenet   SuperSimpleNet anomalib           no         yes   EfficientNet-Lite0, ImageNet
-    draem            DRAEM          anomalib           no         yes   none (trained from scratch)
-    ganomaly         GANomaly       anomalib           no         no    none (trained from scratch)
-    uae              UAE            own implementation no         yes   none (trained from scratch)
-    intrans          InTrans        own implementation no         yes   none (trained from scratch)
-    fair             FAIR           own implementation no         yes   none (trained from scratch)
-    multitask        Multi-task     own implementation yes        no    EfficientNet-Lite0, fine-tuned
-    ================ ============== ================== ========== ===== ==================================
+    ================ ======================== ======================= ========== ===== ==============================
+    name             display                  source                  supervised maps  backbone
+    ================ ======================== ======================= ========== ===== ==============================
+    patchcore        PatchCore                anomalib                no         yes   EfficientNet-Lite0, ImageNet
+    padim            PaDiM                    anomalib                no         yes   EfficientNet-Lite0, ImageNet
+    cflow            CFlow                    anomalib                no         yes   EfficientNet-Lite0, ImageNet
+    supersimplenet   SuperSimpleNet           anomalib                no         yes   EfficientNet-Lite0, ImageNet
+    draem            DRAEM                    anomalib                no         yes   none (trained from scratch)
+    ganomaly         GANomaly                 anomalib                no         no    none (trained from scratch)
+    uae              UAE                      own implementation      no         yes   none (trained from scratch)
+    intrans          InTrans                  own implementation      no         yes   none (trained from scratch)
+    fair             FAIR                     own implementation      no         yes   none (trained from scratch)
+    multitask        Multi-task               own implementation      yes        no    EfficientNet-Lite0, fine-tuned
+    patchcore_box    PatchCore (in prior box) anomalib + prior (ours) no         yes   EfficientNet-Lite0, ImageNet
+    padim_box        PaDiM (in prior box)     anomalib + prior (ours) no         yes   EfficientNet-Lite0, ImageNet
+    draem_box        DRAEM (in prior box)     anomalib + prior (ours) no         yes   none (trained from scratch)
+    ================ ======================== ======================= ========== ===== ==============================
+
+    The ``*_box`` peers (:mod:`reconstruction.peers.prior_guided`, ``uses_prior = True``) take the
+    location prior: ``predict(images, boxes=[N, 4])`` keeps the map inside the box and scores its mean there.
 
 Budgets (``Peer.budgets``; epochs x batch size, work size)
     ``quick``: one or two small epochs at the data's size (tests). ``default``: the model runs at 128 px
@@ -76,7 +82,7 @@ Offline by construction
 
 from __future__ import annotations
 
-from reconstruction.peers import anomalib_peers, own, supervised
+from reconstruction.peers import anomalib_peers, own, prior_guided, supervised
 from reconstruction.peers.base import (
     PEERS,
     Budget,
@@ -100,6 +106,7 @@ __all__ = [
     "load_peer",
     "own",
     "peer_spec",
+    "prior_guided",
     "register_peer",
     "supervised",
 ]

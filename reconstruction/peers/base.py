@@ -35,7 +35,7 @@ META = "peer.json"
 WEIGHTS = "weights.safetensors"
 _FORMAT = 1
 
-Source = Literal["anomalib", "own implementation"]
+Source = Literal["anomalib", "own implementation", "anomalib + prior (ours)"]
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,9 @@ and the annotations), the fold's image ids, its training settings and the seed, 
 under a key of exactly those, shared by ``run``, ``ablate`` and ``train`` and by concurrent runs
 (one trains, the others wait and load). An entry that fails to load is moved aside and retrained.
 
+Under ``torchrun`` (:func:`fit_or_load`) rank 0 alone takes the lock and looks in the cache; every
+rank follows its decision, trains with it on a miss, and loads what rank 0 published.
+
 >>> scope = CacheScope(data="d41d8cd98f00b204", size=128, frame=0, train=(1, 2), val=(3,))
 >>> scope.entry(Path("/c"), "unet-single", train_cfg={"epochs": 3}).name.startswith("unet-single-")
 True
@@ -23,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from scans.distributed import barrier, broadcast_decision, is_distributed, is_main, rank
 from scans.runtime import cache_home
 
 DONE = "DONE"
@@ -126,3 +130,48 @@ def publish(entry: Path, save: Callable[[Path], None], info: dict[str, Any]) -> 
     (tmp / DONE).write_text(json.dumps(info, default=str))
     shutil.rmtree(entry, ignore_errors=True)
     tmp.rename(entry)
+
+
+def fit_or_load(
+    entry: Path,
+    load: Callable[[Path], T],
+    fit: Callable[[], tuple[T, dict[str, Any]]],
+    every_rank: bool = True,
+    lock: Callable[[Path], contextlib.AbstractContextManager[None]] | None = None,
+) -> tuple[T, dict[str, Any]]:
+    """The model of ``entry`` with its summary plus ``cached`` and ``cache``: loaded when finished
+    (:func:`load_cached`), else ``fit()``, which trains and, on rank 0 only, publishes ``entry``.
+
+    In one process: under the entry's lock, as before. Under ``torchrun`` (docs/design.md) rank 0
+    alone takes the lock (so ranks of one job never wait on each other's lock) and decides hit or
+    miss for all (:func:`scans.distributed.broadcast_decision`): a rank that trained while another
+    skipped would wait for it forever. On a miss ``fit`` runs on every rank (``every_rank``: it
+    trains with DistributedDataParallel) or on rank 0 alone while the others wait; after a barrier
+    the other ranks load the entry rank 0 published, so every rank holds the same model. ``lock``:
+    the entry's lock (default :func:`cache_lock`).
+    """
+    lock = lock or cache_lock
+    if not is_distributed():
+        with lock(entry):
+            hit = load_cached(entry, load)
+            model, info = hit if hit is not None else fit()
+        return model, {**info, "cached": hit is not None, "cache": str(entry)}
+    with lock(entry) if is_main() else contextlib.nullcontext():
+        hit = load_cached(entry, load) if is_main() else None
+        cached = broadcast_decision(hit is not None)
+        if is_main():
+            result = hit if hit is not None else fit()
+        elif not cached and every_rank:
+            fit()  # its collectives pair with rank 0's; the model itself comes from the cache below
+        barrier()  # rank 0 has published the entry
+        if not is_main():
+            result = _load_published(entry, load)
+    return result[0], {**result[1], "cached": cached, "cache": str(entry)}
+
+
+def _load_published(entry: Path, load: Callable[[Path], T]) -> tuple[T, dict[str, Any]]:
+    """What rank 0 just published (or found) at ``entry``; a rank never moves it aside."""
+    info = cached_info(entry)
+    if info is None:
+        raise RuntimeError(f"rank {rank()}: {entry} holds no finished model after rank 0 published it")
+    return load(entry), info

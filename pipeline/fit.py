@@ -1,13 +1,23 @@
 """The fitters: detector, box refiner and U-Net of one fold, each trained once and cached (:mod:`pipeline.cache`).
 
 Each returns the model and a summary (``fit_s``, ``cached``, ``cache`` and the trainer's own keys).
+
+Under ``torchrun --nproc-per-node N`` every rank calls each fitter with the same data and config:
+the U-Net, RIAD, the box refiner and Co-DETR train with DistributedDataParallel on every rank;
+a detector without a DDP loop (YOLOv5u, which has its own multi-GPU launcher) trains on rank 0
+alone, on every GPU of the node, while the others wait; the cache decides on rank 0
+(:func:`pipeline.cache.fit_or_load`), and only rank 0 writes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import os
 import shutil
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -16,16 +26,11 @@ import yaml
 
 from detectors.base import Detector, build_detector, detector_class
 from detectors.refine import BoxRefiner, RefinedDetector, RefinerConfig
-from pipeline.cache import (
-    CacheScope,
-    cache_lock,
-    cache_root,
-    load_cached,
-    publish,
-)
+from pipeline.cache import CacheScope, cache_lock, cache_root, fit_or_load, publish
 from pipeline.config import Config, DetectorConfig, RiadConfig, UNetSettings, detector_config_path
 from pipeline.data import Data
 from pipeline.priors import Expansion, expand_all, training_subset
+from scans.distributed import is_distributed, is_main
 from scans.records import ScanArrays
 from scans.runtime import Stopwatch, resolve_device
 
@@ -103,22 +108,28 @@ def fit_detector(
     kwargs = detector_kwargs(det_cfg, path, cfg.seed, device)
     where = scope(data, cfg.image_size, cfg.frame, tr, va)
     entry = where.entry(cache_root(cfg.cache_dir), f"det-{det_cfg.name}", **_detector_key(det_cfg.name, kwargs))
-    with cache_lock(entry):
-        det, info = _fit_detector_locked(det_cfg.name, kwargs, arr, tr, va, entry, Path(workdir))
+    every = trains_on_every_rank(det_cfg.name)
+    if not every:
+        kwargs["device"] = solo_device(device)
+    with contextlib.nullcontext() if every else outside_torchrun():
+        det, info = fit_or_load(
+            entry,
+            detector_class(det_cfg.name).load,
+            lambda: _train_detector(det_cfg.name, kwargs, arr, tr, va, entry, Path(workdir)),
+            every_rank=every,
+            lock=cache_lock,
+        )
+    if info["cached"] or not is_main():  # a loaded detector takes this run's inference settings
+        det.set_inference(**{k: v for k, v in kwargs.items() if k in det.INFERENCE_KEYS})
     if not det_cfg.refine or det.ground_truth:
         return det, info
     refiner, rinfo = fit_refiner(det_cfg.refiner, cfg.seed, where, cache_root(cfg.cache_dir), device, arr, tr, va)
     return RefinedDetector(det, refiner), {**info, "refiner": rinfo}
 
 
-def _fit_detector_locked(
+def _train_detector(
     name: str, kwargs: dict[str, Any], arr: ScanArrays, tr: np.ndarray, va: np.ndarray, entry: Path, workdir: Path
 ) -> tuple[Detector, dict[str, Any]]:
-    hit = load_cached(entry, detector_class(name).load)
-    if hit is not None:
-        det, done = hit
-        det.set_inference(**{k: v for k, v in kwargs.items() if k in det.INFERENCE_KEYS})
-        return det, {**done, "cached": True, "cache": str(entry)}
     det = build_detector(name, **kwargs)
     watch = Stopwatch()
     with watch("fit"):
@@ -130,8 +141,66 @@ def _fit_detector_locked(
         "n_train_distended": int(arr.labels[tr].sum()),
         **(info or {}),
     }
-    publish(entry, det.save, info)
-    return det, {**info, "cached": False, "cache": str(entry)}
+    if is_main():
+        publish(entry, det.save, info)
+    return det, info
+
+
+# Detectors whose ``fit`` trains with DistributedDataParallel when every torchrun rank calls it.
+_DDP_FITS = frozenset({"codetr"})
+# What torchrun sets for its workers: hidden while a detector without a DDP loop trains on rank 0.
+_TORCHRUN_VARS = (
+    *("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE"),
+    *("ROLE_RANK", "ROLE_NAME", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"),
+    *("TORCHELASTIC_RESTART_COUNT", "TORCHELASTIC_MAX_RESTARTS", "TORCHELASTIC_RUN_ID"),
+    *("TORCHELASTIC_USE_AGENT_STORE", "TORCHELASTIC_ERROR_FILE"),
+)
+
+
+def trains_on_every_rank(name: str) -> bool:
+    """True when detector ``name`` trains with DDP on every torchrun rank (its class's
+    ``distributed_fit``, else the built-in list); the others train on rank 0 alone.
+
+    >>> trains_on_every_rank("codetr"), trains_on_every_rank("yolov5")
+    (True, False)
+    """
+    return bool(getattr(detector_class(name), "distributed_fit", name in _DDP_FITS))
+
+
+def solo_device(device: str) -> str:
+    """Rank 0's device for a detector trained on rank 0 alone under torchrun: ``cuda`` becomes every GPU
+    of the node (``cuda:0,1,...``, for ultralytics' own multi-GPU launcher); anything else as given.
+
+    >>> solo_device("cpu"), solo_device("cuda:0,1")
+    ('cpu', 'cuda:0,1')
+    """
+    if device != "cuda" or not is_distributed():
+        return device
+    import torch
+
+    n = int(os.environ.get("LOCAL_WORLD_SIZE", "0")) or torch.cuda.device_count()
+    return "cuda:" + ",".join(str(i) for i in range(n))
+
+
+@contextlib.contextmanager
+def outside_torchrun() -> Iterator[None]:
+    """Hide torchrun's variables from the block (a no-op in one process), so that a detector without a
+    DDP loop trains as one plain process: ultralytics reads ``RANK``/``LOCAL_RANK``/``WORLD_SIZE`` when
+    first imported and would otherwise shard its data, join LoRIS's process group and wait in it."""
+    if not is_distributed():
+        yield
+        return
+    utils = sys.modules.get("ultralytics.utils")
+    if utils is not None and getattr(utils, "RANK", -1) != -1:
+        raise RuntimeError(
+            "ultralytics was imported in this torchrun rank before LoRIS hid torchrun's variables, so its "
+            "trainer would join LoRIS's process group; let only the detector import it"
+        )
+    saved = {k: os.environ.pop(k) for k in _TORCHRUN_VARS if k in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
 
 
 def refiner_key(options: dict[str, Any]) -> dict[str, Any]:
@@ -156,20 +225,21 @@ def fit_refiner(
     on, or reuse the cached one. It depends on no detector: one cached refiner serves them all."""
     options = {**dict(refiner), "seed": dict(refiner).get("seed", seed)}
     entry = where.entry(root, "refiner", version=2, refiner=refiner_key(options))
-    inference = {k: v for k, v in options.items() if k in BoxRefiner.INFERENCE_KEYS}
-    with cache_lock(entry):
-        hit = load_cached(entry, lambda e: BoxRefiner.load(e, device=device))
-        if hit is not None:
-            ref, done = hit
-            ref.set_inference(**inference)
-            return ref, {**done, "cached": True, "cache": str(entry)}
+
+    def train() -> tuple[BoxRefiner, dict[str, Any]]:
         ref = BoxRefiner(device=device, **options)
         watch = Stopwatch()
         with watch("fit"):
             info = ref.fit(arr.images[tr], arr.boxes[tr], arr.images[va], arr.boxes[va])
         info = {"fit_s": watch.seconds["fit"], "n_train": int(len(tr)), **info}
-        publish(entry, ref.save, info)
-        return ref, {**info, "cached": False, "cache": str(entry)}
+        if is_main():
+            publish(entry, ref.save, info)
+        return ref, info
+
+    ref, info = fit_or_load(entry, lambda e: BoxRefiner.load(e, device=device), train, lock=cache_lock)
+    if info["cached"] or not is_main():
+        ref.set_inference(**{k: v for k, v in options.items() if k in BoxRefiner.INFERENCE_KEYS})
+    return ref, info
 
 
 # ----------------------------------------------------------------------------- U-Net
@@ -224,24 +294,29 @@ def fit_unet(
     Trains on normal scans with ground-truth boxes (expanded by the prior rule, so the mask
     geometry matches inference). A killed training resumes from its last checkpoint.
     """
+    from reconstruction.checkpoint import load_model
+
     arr = data.arrays
     train_idx = train_idx[arr.labels[train_idx] == 0]
     val_idx = val_idx[arr.labels[val_idx] == 0]
     entry = unet_cache_dir(cfg, scope(data, cfg.image_size, cfg.frame, train_idx, val_idx), mode)
     expansion = Expansion(cfg.detector.expand_up, cfg.detector.expand_side)
-    with cache_lock(entry):
-        return _fit_unet_locked(_train_config(cfg, mode), expansion, arr, train_idx, val_idx, entry)
+    tc = _train_config(cfg, mode)
+    return fit_or_load(
+        entry,
+        lambda e: load_model(e, map_location=tc.device)[0],
+        lambda: _train_unet(tc, expansion, arr, train_idx, val_idx, entry),
+        lock=cache_lock,
+    )
 
 
-def _fit_unet_locked(
+def _train_unet(
     tc: Any, expansion: Expansion, arr: ScanArrays, train_idx: np.ndarray, val_idx: np.ndarray, entry: Path
 ) -> tuple[Any, dict[str, Any]]:
-    from reconstruction.checkpoint import load_model, save_model
+    """Train (resuming from ``entry/work``); rank 0 writes the entry, ``DONE`` last."""
+    from reconstruction.checkpoint import save_model
     from reconstruction.train import train_unet
 
-    hit = load_cached(entry, lambda e: load_model(e, map_location=tc.device)[0])
-    if hit is not None:
-        return hit[0], {**hit[1], "cached": True, "cache": str(entry)}
     size = arr.images.shape[-1]
     watch = Stopwatch()
     with watch("fit"):
@@ -260,8 +335,9 @@ def _fit_unet_locked(
         "n_val": int(len(val_idx)),
         "mode": tc.mode,
     }
-    save_model(res.model, entry, meta=info)
-    (entry / "history.json").write_text(json.dumps(res.history))
-    (entry / "DONE").write_text(json.dumps(info))
-    shutil.rmtree(entry / "work", ignore_errors=True)
-    return res.model, {**info, "cached": False, "cache": str(entry)}
+    if is_main():
+        save_model(res.model, entry, meta=info)
+        (entry / "history.json").write_text(json.dumps(res.history))
+        (entry / "DONE").write_text(json.dumps(info))
+        shutil.rmtree(entry / "work", ignore_errors=True)
+    return res.model, info

@@ -2,6 +2,9 @@
 
 A fold's output is saved as soon as it is done (``folds/<k>/fold.json`` last), so a killed run
 resumes at the next fold (:func:`load_fold`).
+
+Under ``torchrun`` every rank fits the fold's models together (:mod:`pipeline.fit`); rank 0 alone
+evaluates them while the others go on to the next fit and wait for it there.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from pipeline.evaluate import (
 from pipeline.fit import fit_detector, fit_unet
 from pipeline.outputs import write_json
 from pipeline.priors import fold_policy
+from scans.distributed import is_main
 from scans.io import atomic_write
 from scans.records import ScanArrays
 from scans.runtime import Stopwatch
@@ -149,7 +153,8 @@ def run_fold(task: FoldTask, names: Sequence[str], progress: Progress) -> FoldOu
     for name in names:
         source = _fit_source(task, name, name == names[0], policy, out, progress)
         progress.stage(f, f"{name} priors + maps")
-        _evaluate_source(task, unet, source, out)
+        if is_main():  # evaluation needs no other rank
+            _evaluate_source(task, unet, source, out)
         progress.done()
     if cfg.riad.enabled:
         progress.stage(f, "RIAD")
@@ -210,6 +215,8 @@ def _riad(task: FoldTask, out: FoldOutput) -> None:
     riad, info = fit_unet(cfg, task.data, task.train, task.val, "riad")
     out.add_fit("unet_fit_s", info)
     out.info["riad"] = info
+    if not is_main():  # every rank trains; rank 0 alone evaluates
+        return
     rv, rt = (
         riad_reconstruct(riad, images, ks=cfg.riad.ks, maps=(RIAD,), device=ev.device, seed=cfg.seed)
         for images in (val.images, test.images)

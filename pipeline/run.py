@@ -8,16 +8,21 @@ next fold. The run folder is locked while a process writes it.
 
 Fold-parallel runs: each process or machine runs ``run --folds k --out RUN_k`` sharing the model
 cache, then :func:`aggregate_runs` builds one report from the finished folds.
+
+Multi-process training: under ``torchrun --nproc-per-node N -m pipeline run ...`` (docs/design.md)
+every rank loads the data and fits every model with the others (:mod:`pipeline.fit`); rank 0 alone
+holds the run folder's lock, evaluates, writes and reports, and the others return its summary.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
@@ -41,10 +46,15 @@ from pipeline.outputs import (
     write_json,
 )
 from pipeline.provenance import package_versions
+from scans.distributed import barrier, broadcast_decision, init_from_env, is_main, shutdown
 from scans.records import ScanArrays
 from scans.runtime import Stopwatch, set_threads
 
 NO_DETECTION = {"precision": None, "map50": None, "map75": None}
+# How long a rank may wait in a collective, e.g. while rank 0 evaluates a fold or trains YOLOv5u alone.
+# A crashed rank does not leave the others waiting this long: torchrun then stops them all.
+WAIT_MINUTES = 24 * 60.0
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -78,8 +88,11 @@ def plan(cfg: Config, out: Path, names: Sequence[str], command: str, same_as: di
     unknown = [n for n in names if n not in known]
     if unknown or not names:
         raise ValueError(f"unknown detector(s) {unknown}; choose from {', '.join(known)}")
+    if not is_main():  # the other ranks of a torchrun job only fit models: no folder, no held-out sets
+        data = main_first(lambda: load_data(cfg))
+        return RunPlan(cfg, command, list(names), _every(names), out, data, [], _fold_ids(cfg, data))
     check_out(out)
-    data = load_data(cfg)
+    data = main_first(lambda: load_data(cfg))
     ext_paths = cfg.evaluation.external_paths
     externals = load_externals(ext_paths, data, cfg.image_size, cfg.frame)
     identity: dict[str, Any] = {"command": command, "detectors": list(names), "data": data.fingerprint}
@@ -89,11 +102,46 @@ def plan(cfg: Config, out: Path, names: Sequence[str], command: str, same_as: di
         _unchanged(same_as, run_config(cfg, identity))
     out = prepare_run_dir(out, cfg, identity=identity)
     write_json(out / "splits.json", [fold.to_json() for fold in data.folds])
+    return RunPlan(cfg, command, list(names), _every(names), out, data, externals, _fold_ids(cfg, data))
+
+
+def _every(names: Sequence[str]) -> list[str]:
+    """What every fold evaluates: ``names`` and the ground truth (cheap once the U-Net exists)."""
+    every = list(dict.fromkeys(names))
+    return every + ([] if sources.ground_truth() in every else [sources.ground_truth()])
+
+
+def _fold_ids(cfg: Config, data: Data) -> list[int]:
+    """The folds to run (``run_folds``, else all), each checked (:func:`_check_parts`)."""
     fold_ids = list(cfg.run_folds) if cfg.run_folds is not None else list(range(len(data.folds)))
     _check_parts(data, fold_ids)
-    every = list(dict.fromkeys(names))
-    every += [] if sources.ground_truth() in every else [sources.ground_truth()]  # cheap once the U-Net exists
-    return RunPlan(cfg, command, list(names), every, out, data, externals, fold_ids)
+    return fold_ids
+
+
+def main_first(load: Callable[[], T]) -> T:
+    """``load()`` on rank 0, then on the other ranks (e.g. the phantom is generated once); in one
+    process just ``load()``."""
+    if not is_main():
+        barrier()
+    value = load()
+    if is_main():
+        barrier()
+    return value
+
+
+@contextlib.contextmanager
+def distributed_session(device: str) -> Iterator[None]:
+    """Join torchrun's process group for the block (:func:`scans.distributed.init_from_env`; nothing
+    without torchrun) and leave it after, unless it was joined before the block."""
+    import torch.distributed as dist
+
+    joined = dist.is_available() and dist.is_initialized()
+    init_from_env(device, timeout_minutes=WAIT_MINUTES)
+    try:
+        yield
+    finally:
+        if not joined:
+            shutdown()
 
 
 def _unchanged(saved: dict[str, Any], now: dict[str, Any]) -> None:
@@ -127,19 +175,21 @@ def resume(p: RunPlan, fold: int) -> FoldOutput | None:
 def run_folds(p: RunPlan) -> tuple[list[FoldOutput], int]:
     """Every fold of the plan, resumed or fitted and evaluated (and saved); returns them and how many resumed."""
     per_fold = stages_per_fold(p.sources, p.cfg.riad.enabled)
-    bar = Progress(len(p.fold_ids), per_fold, p.cfg.progress)
+    bar = Progress(len(p.fold_ids), per_fold, p.cfg.progress and is_main())
     outputs, resumed = [], 0
     try:
         for f in p.fold_ids:
-            fo = resume(p, f)
-            if fo is not None:
+            fo = resume(p, f) if is_main() else None
+            if broadcast_decision(fo is not None):  # rank 0 decides: every rank skips the same folds
                 resumed += 1
                 bar.done(per_fold)
             else:
                 fdir = p.out / "folds" / str(f)
                 fo = run_fold(FoldTask.plan(p.cfg, p.data, int(f), fdir, p.externals), p.sources, bar)
-                save_fold(fdir, fo)
-            outputs.append(fo)
+                if is_main():
+                    save_fold(fdir, fo)
+            if fo is not None:
+                outputs.append(fo)
     finally:
         bar.close()
     return outputs, resumed
@@ -148,8 +198,27 @@ def run_folds(p: RunPlan) -> tuple[list[FoldOutput], int]:
 def execute(cfg: Config, out: Path, detector_names: Sequence[str], command: str = "run") -> dict[str, Any]:
     """Run (or resume) the cross-validation into ``out`` and write every output; returns the summary.
 
-    ``out`` is locked for the whole run (:func:`pipeline.outputs.run_lock`): a second process refuses."""
+    ``out`` is locked for the whole run (:func:`pipeline.outputs.run_lock`): a second process refuses.
+    Under torchrun (:func:`distributed_session`) every rank calls it; the summary is rank 0's."""
     keep_out_of_home()
+    with distributed_session(cfg.device):
+        if not is_main():
+            return _follow(cfg, Path(out), detector_names, command)
+        summary = _lead(cfg, Path(out), detector_names, command)
+        barrier()  # summary.json is written
+    return summary
+
+
+def _follow(cfg: Config, out: Path, detector_names: Sequence[str], command: str) -> dict[str, Any]:
+    """A torchrun rank other than 0: fit every model with the others, then read rank 0's summary."""
+    set_threads(cfg.threads)
+    run_folds(plan(cfg, out, detector_names, command))
+    barrier()
+    return dict(json.loads((out / "summary.json").read_text()))
+
+
+def _lead(cfg: Config, out: Path, detector_names: Sequence[str], command: str) -> dict[str, Any]:
+    """The run as one process does it (rank 0 under torchrun): lock, plan, folds, summary, report."""
     watch = Stopwatch()
     with run_lock(Path(out)):
         with watch("total"):

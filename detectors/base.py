@@ -52,6 +52,8 @@ class Detector(ABC):
     paper_row: ClassVar[str | None] = None
     # True for the ground-truth boxes (the upper baseline): nothing to train, boxes come with the scans.
     ground_truth: ClassVar[bool] = False
+    # True when ``fit`` trains with DistributedDataParallel, so every torchrun rank must call it.
+    distributed_fit: ClassVar[bool] = False
     # Config keys that only change prediction (thresholds, batch size, test-time passes): the
     # pipeline keeps them out of the training cache key and applies them to a cached model.
     INFERENCE_KEYS: ClassVar[frozenset[str]] = frozenset()

@@ -146,8 +146,6 @@ def _train_detector(
     return det, info
 
 
-# Detectors whose ``fit`` trains with DistributedDataParallel when every torchrun rank calls it.
-_DDP_FITS = frozenset({"codetr"})
 # What torchrun sets for its workers: hidden while a detector without a DDP loop trains on rank 0.
 _TORCHRUN_VARS = (
     *("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE"),
@@ -164,7 +162,7 @@ def trains_on_every_rank(name: str) -> bool:
     >>> trains_on_every_rank("codetr"), trains_on_every_rank("yolov5")
     (True, False)
     """
-    return bool(getattr(detector_class(name), "distributed_fit", name in _DDP_FITS))
+    return detector_class(name).distributed_fit
 
 
 def solo_device(device: str) -> str:

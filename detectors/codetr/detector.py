@@ -201,6 +201,8 @@ class CoDetrDetector(Detector):
             neither it nor ``model`` is given, ``configs/detectors/codetr.py`` is used.
     """
 
+    distributed_fit = True
+
     def __init__(
         self,
         model: dict[str, Any] | None = None,

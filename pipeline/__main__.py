@@ -1,4 +1,6 @@
-"""``python -m pipeline run|ablate|train|predict|bench`` (also installed as ``loris``)."""
+"""``python -m pipeline run|ablate|train|predict|bench|export`` (also installed as ``loris``).
+
+Each subcommand has a small parser function (``_<name>_parser``) and a handler in ``_dispatch``."""
 
 from __future__ import annotations
 
@@ -83,8 +85,48 @@ def _cv_parsers(sub: Any) -> None:
         )
 
 
-def _model_parsers(sub: Any) -> None:
-    """``train``, ``predict`` and ``bench``."""
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, not {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, not {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, not {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, not {text}")
+    return value
+
+
+def _frames(text: str) -> str | int:
+    from pipeline.predict import parse_frames
+
+    try:
+        value = parse_frames(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    assert value is not None
+    return value
+
+
+def _dicom_kinds(text: str) -> tuple[str, ...]:
+    from pipeline.dicom_out import KINDS
+
+    kinds = tuple(dict.fromkeys(k.strip().lower() for k in text.split(",") if k.strip()))
+    bad = [k for k in kinds if k not in KINDS]
+    if bad or not kinds:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list of {', '.join(KINDS)}, not {text!r}")
+    return kinds
+
+
+def _train_parser(sub: Any) -> None:
     from pipeline import sources
 
     trainable = sources.trainable()
@@ -97,18 +139,78 @@ def _model_parsers(sub: Any) -> None:
         help="pick the score threshold reaching this validation sensitivity instead of Youden's J",
     )
     _common(tr)
+
+
+def _predict_parser(sub: Any) -> None:
+    from scans.readers import CROP_MODES
+
     pr = sub.add_parser("predict", help="score and segment every scan in a folder with a trained bundle")
     pr.add_argument("--model", type=Path, required=True, help="bundle folder written by `train`")
     pr.add_argument("--input", type=Path, required=True, help="folder of scans (PNG/JPEG/BMP/TIFF/DICOM)")
-    pr.add_argument("--out", type=Path, help="output folder (default: runs/predict-<time>)")
+    pr.add_argument("--out", type=Path, help="output folder, outside --input (default: runs/predict-<time>)")
     pr.add_argument("--recursive", action="store_true", help="also process sub-folders")
-    pr.add_argument("--batch-size", type=int, default=8)
+    pr.add_argument("--batch-size", type=_positive_int, default=8)
     pr.add_argument("--device", default="auto")
+    pr.add_argument(
+        "--crop",
+        choices=CROP_MODES,
+        default="regions",
+        help="regions: crop DICOMs to their ultrasound B-mode region when they have one (default); "
+        "auto: also find the region from the pixels when they have none; none: never crop",
+    )
+    pr.add_argument("--region", type=int, help="index into the Sequence of Ultrasound Regions (default: largest)")
+    pr.add_argument(
+        "--frames",
+        type=_frames,
+        help="cine DICOMs: first, all (one row per frame) or a frame number (default: the bundle's frame)",
+    )
+    pr.add_argument(
+        "--max-megapixels",
+        type=_positive_float,
+        default=50.0,
+        help="images with more pixels per frame are refused from their header, before decoding (default: 50)",
+    )
+    pr.add_argument(
+        "--dicom-out",
+        type=_dicom_kinds,
+        nargs="?",
+        const=("seg", "sr"),
+        default=(),
+        metavar="seg,sr,sc",
+        help="also write DICOM results of DICOM inputs under OUT/dicom/ (bare flag: seg,sr); "
+        "they carry the patient and study tags that file them in a PACS",
+    )
+    pr.add_argument("--no-review", action="store_true", help="do not write review.html")
+    pr.add_argument(
+        "--engine",
+        choices=["local", "ray"],
+        default="local",
+        help="local: this process (default); ray: Ray Data with --actors model-holding actors (needs ray[data])",
+    )
+    pr.add_argument("--actors", type=_positive_int, default=1, help="--engine ray: actors, each holding the model")
+    pr.add_argument("--ray-address", help="--engine ray: an existing Ray cluster (default: start one on this machine)")
     pr.add_argument("--no-progress", action="store_true")
+
+
+def _bench_parser(sub: Any) -> None:
     be = sub.add_parser("bench", help="measure stage throughput on this machine")
     be.add_argument("--out", type=Path, help="write the measurements as JSON here")
     be.add_argument("--quick", action="store_true", help="fewer repeats (for smoke tests)")
     be.add_argument("--model", type=Path, help="a bundle from `train`: also measure end-to-end predict images/s")
+
+
+def _export_parser(sub: Any) -> None:
+    ex = sub.add_parser("export", help="export a trained bundle to ONNX for CPU deployment")
+    ex.add_argument("--model", type=Path, required=True, help="bundle folder written by `train`")
+    ex.add_argument("--out", type=Path, required=True, help="folder for the .onnx files and export.json")
+    ex.add_argument("--format", choices=["onnx"], default="onnx")
+    ex.add_argument("--no-detector", action="store_true", help="export the U-Net and the LoRIS graph only")
+
+
+def _model_parsers(sub: Any) -> None:
+    """``train``, ``predict``, ``bench`` and ``export``."""
+    for add in (_train_parser, _predict_parser, _bench_parser, _export_parser):
+        add(sub)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -130,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: rerun the same command to resume", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError, KeyError) as exc:
+    except (ValueError, OSError, RuntimeError, KeyError) as exc:
         if os.environ.get("LORIS_DEBUG"):
             raise
         print(f"error: {exc}", file=sys.stderr)
@@ -168,18 +270,45 @@ def _train(args: argparse.Namespace) -> int:
 def _predict(args: argparse.Namespace) -> int:
     import time
 
-    from pipeline.predict import predict_folder
+    from pipeline.predict import ReadOptions
 
     out = args.out or Path("runs") / f"predict-{time.strftime('%Y%m%d-%H%M%S')}"
-    predict_folder(
-        args.model,
-        args.input,
-        out,
-        recursive=args.recursive,
-        batch_size=args.batch_size,
-        device=args.device,
-        progress=not args.no_progress,
+    read = ReadOptions(
+        crop=args.crop, region=args.region, frames=args.frames, max_pixels=int(args.max_megapixels * 1e6)
     )
+    common: dict[str, Any] = {
+        "recursive": args.recursive,
+        "batch_size": args.batch_size,
+        "device": args.device,
+        "progress": not args.no_progress,
+        "read": read,
+        "dicom_out": args.dicom_out,
+        "review": not args.no_review,
+    }
+    if args.engine == "ray":
+        import importlib.util
+
+        if not all(importlib.util.find_spec(m) for m in ("ray", "pyarrow")):
+            raise RuntimeError("--engine ray needs Ray Data: pip install 'ray[data]'")
+        from pipeline.predict_ray import predict_folder_ray
+
+        predict_folder_ray(args.model, args.input, out, actors=args.actors, address=args.ray_address, **common)
+    else:
+        from pipeline.predict import predict_folder
+
+        predict_folder(args.model, args.input, out, **common)
+    outputs = "predictions.csv, errors.csv, masks/, overlays/" + ("" if args.no_review else ", review.html")
+    print(f"results in {out} ({outputs}" + (", dicom/)" if args.dicom_out else ")"))
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from pipeline.onnx_export import export_bundle
+
+    info = export_bundle(args.model, args.out, detector=not args.no_detector)
+    files = [v["file"] for v in (info["unet"], info["loris"], info["detector"]) if v.get("file")]
+    note = info["detector"].get("note")
+    print(f"exported {', '.join(files)} to {args.out} (export.json)" + (f"; detector: {note}" if note else ""))
     return 0
 
 
@@ -202,6 +331,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         "train": _train,
         "predict": _predict,
         "bench": _bench,
+        "export": _export,
     }
     return commands[args.command](args)
 

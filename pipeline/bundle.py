@@ -6,6 +6,7 @@ The bundle folder holds ``bundle.json`` (thresholds, prior policy, config, versi
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ from pipeline.outputs import write_json
 from pipeline.priors import Expansion, fold_policy, predict_priors
 from pipeline.provenance import git_commit, package_versions
 from scans.folds import make_folds
+from scans.io import CheckpointError, load_meta
 from scans.records import ScanArrays
 from scans.runtime import resolve_device, set_threads
 
@@ -172,6 +174,9 @@ class Bundle:
         x1, y1, x2, y2 = (float(v) for v in p["median_box"])
         self.policy = PriorPolicy(float(p["threshold"]), (x1, y1, x2, y2))
         self.expansion = Expansion(float(p["expand_up"]), float(p["expand_side"]))
+        # names the model in DICOM results: the detector, and a digest of bundle.json's thresholds and config
+        self.model_name = f"LoRIS-{doc['detector']}"
+        self.model_version = hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:12]
 
     @classmethod
     def load(cls, directory: Path, device: str = "auto") -> Bundle:
@@ -181,20 +186,29 @@ class Bundle:
         path = directory / "bundle.json"
         if not path.is_file():
             raise FileNotFoundError(f"{directory}: not a LoRIS bundle (no bundle.json); create one with `train`")
-        doc = json.loads(path.read_text())
+        hint = f"the bundle {directory} is damaged: restore it or train a new one with `train`"
+        doc = load_meta(path, hint=hint)
         if doc.get("format") != BUNDLE_FORMAT:
             raise ValueError(f"{path}: bundle format {doc.get('format')} is not supported (expected {BUNDLE_FORMAT})")
         dev = resolve_device(device)
         det_dir = directory / "detector"
         # A refined detector (base + box refiner) says so in refined.json beside the base's files.
         # The bundle uses only the prior (the top box), so only that box is refined.
-        detector = (
-            RefinedDetector.load(det_dir, top_k=1)
-            if (det_dir / "refined.json").is_file()
-            else detector_class(doc["detector"]).load(det_dir)
-        )
-        unet, _ = load_model(directory / "unet", map_location=dev)
-        return cls(doc, detector, unet, dev)
+        try:
+            detector = (
+                RefinedDetector.load(det_dir, top_k=1)
+                if (det_dir / "refined.json").is_file()
+                else detector_class(str(doc.get("detector"))).load(det_dir)
+            )
+        except CheckpointError:
+            raise
+        except (KeyError, TypeError, ValueError) as exc:  # a damaged detector.json, or an unknown detector
+            raise ValueError(f"{det_dir}: the bundle's detector cannot be loaded ({exc}); {hint}") from None
+        unet, _ = load_model(directory / "unet", map_location=dev, hint=hint)
+        try:
+            return cls(doc, detector, unet, dev)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"{path}: missing or malformed entry ({exc.__class__.__name__}: {exc}); {hint}") from None
 
     def process(self, images: np.ndarray) -> BundleOutput:
         """Detect, reconstruct, score and segment a ``[N, S, S]`` batch in [0, 1]."""

@@ -1,6 +1,6 @@
 """DICOM results a PACS can store (``predict --dicom-out``): a Segmentation, a Structured Report and an overlay.
 
-For one source DICOM and one prediction, written with highdicom (docs/design.md, "Outputs"):
+For one source DICOM and one prediction, written with highdicom (docs/design.md, "Outputs for clinicians and PACS"):
 
 - ``seg``: a binary Segmentation (SEG) with one segment, "Joint effusion/distension", coded SCT
   49755003 "Morphologically abnormal structure" (category) / SCT 41699000 "Effusion" (type), anatomic
@@ -130,7 +130,9 @@ def _n_frames(ds: Dataset) -> int:
 
 
 def _check_source(ds: Dataset, pred: Prediction) -> None:
-    missing = [k for k in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID") if k not in ds]
+    missing = [
+        k for k in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "Modality") if k not in ds
+    ]
     if missing:
         raise ValueError(f"source DICOM lacks {missing}: a derived object cannot reference it")
     if tuple(pred.mask.shape) != (int(ds.Rows), int(ds.Columns)):
@@ -358,6 +360,34 @@ def _reference_source(obj: Dataset, source: Dataset, pred: Prediction) -> None:
     obj.SourceImageSequence = [item]
 
 
+# Type 2 patient/study attributes highdicom copies from the source: de-identified or scanner-export
+# files often lack them, and an empty value is what the standard allows when they are unknown.
+_TYPE2_COPIED = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "StudyID",
+    "AccessionNumber",
+    "ReferringPhysicianName",
+)
+
+
+def _with_empty_type2(ds: Dataset) -> Dataset:
+    """``ds``, or a header copy of it with the missing :data:`_TYPE2_COPIED` attributes present and empty."""
+    missing = [k for k in _TYPE2_COPIED if k not in ds]
+    if not missing:
+        return ds
+    out = _header_copy(ds)
+    if hasattr(ds, "file_meta"):
+        out.file_meta = copy.deepcopy(ds.file_meta)
+    for k in missing:
+        setattr(out, k, "")
+    return out
+
+
 def save_atomic(obj: Dataset, path: Path) -> Path:
     """Write ``obj`` as a DICOM file (with file meta), via a temporary file and a rename."""
     atomic_write(path, lambda tmp: obj.save_as(tmp, enforce_file_format=True))
@@ -381,6 +411,7 @@ def write_dicom_outputs(
     if unknown:
         raise ValueError(f"unknown DICOM output kinds {unknown}; choose from {list(KINDS)}")
     ds = source if isinstance(source, Dataset) else dcmread(source, stop_before_pixels=True)
+    ds = _with_empty_type2(ds)
     out: dict[str, Path] = {}
     for kind in kinds:
         if kind == "seg":

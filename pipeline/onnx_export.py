@@ -14,7 +14,8 @@ Writes into ``<out>/``:
 - ``export.json``: what was exported, the input/output names and shapes, and what was not.
 
 A box refiner (``refined.json``) is not exported: ``export.json`` says so, and the boxes are the
-base detector's. Running the graphs needs only onnxruntime, not mmcv (docs/design.md, "Outputs").
+base detector's. Running the graphs needs only onnxruntime, not mmcv (docs/design.md, "Outputs for clinicians
+and PACS").
 
 >>> import torch
 >>> from reconstruction.unet import UNet, UNetConfig
@@ -41,7 +42,7 @@ from torch import Tensor, nn
 from reconstruction.deviation import anomaly_map
 from reconstruction.masking import apply_single_mask, box_masks
 from reconstruction.unet import UNet, fold_batchnorm
-from scans.io import atomic_write, atomic_write_text
+from scans.io import atomic_write, atomic_write_text, load_meta
 
 OPSET = 18  # the torch.export-based exporter's own opset: no version conversion
 
@@ -248,9 +249,12 @@ def export_bundle(bundle_dir: Path, out: Path, detector: bool = True) -> dict[st
     from reconstruction.checkpoint import load_model
 
     bundle_dir, out = Path(bundle_dir), Path(out)
-    doc = json.loads((bundle_dir / "bundle.json").read_text())
+    if not (bundle_dir / "bundle.json").is_file():
+        raise FileNotFoundError(f"{bundle_dir}: not a LoRIS bundle (no bundle.json); create one with `train`")
+    hint = f"the bundle {bundle_dir} is damaged: restore it or train a new one with `train`"
+    doc = load_meta(bundle_dir / "bundle.json", hint=hint)
     size = int(doc["image_size"])
-    unet, _ = load_model(bundle_dir / "unet", map_location="cpu")
+    unet, _ = load_model(bundle_dir / "unet", map_location="cpu", hint=hint)
     s = doc["score"]
     graph = LorisGraph(
         unet,

@@ -6,7 +6,7 @@ bundle's threshold, score, box source and overlay thumbnail, plus the unreadable
 re-encoded), and only the current page's images are loaded, so a folder of thousands of scans
 opens at once. It works offline: no external scripts, styles or fonts. Rows carry only the
 file path (and the SOP Instance UID or frame when ``predict`` wrote them), never patient tags
-(docs/design.md, "Outputs").
+(docs/design.md, "Outputs for clinicians and PACS").
 
 Keys: ``j``/``↓`` next scan, ``k``/``↑`` previous, ``→``/``←`` next/previous page, ``Enter``
 enlarges the selected overlay, ``f`` cycles the filter (all, distended, errors), ``s`` the sort.
@@ -24,6 +24,7 @@ import csv
 import html
 import json
 import math
+from collections import Counter
 from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import quote
@@ -45,7 +46,7 @@ ROW_FIELDS = (
     "width",
     "height",
 )
-ERROR_FIELDS = ("file", "sop_instance_uid", "reason")
+ERROR_FIELDS = ("file", "frame", "sop_instance_uid", "reason")
 
 
 def _read_csv(path: Path) -> list[dict[str, str]]:
@@ -75,8 +76,12 @@ def load_rows(out: Path) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
     """Scan rows sorted by score (highest first, unscored last) and error rows, whitelisted columns only."""
     out = Path(out)
     rows: list[dict[str, Any]] = []
-    for r in _read_csv(out / "predictions.csv"):
+    read = _read_csv(out / "predictions.csv")
+    per_file = Counter(r.get("file") for r in read)
+    for r in read:
         row: dict[str, Any] = {k: r[k] for k in ROW_FIELDS if r.get(k) not in (None, "")}
+        if row.get("frame") == "0" and per_file[r.get("file")] == 1:
+            del row["frame"]  # a single frame needs no frame label
         s = _score(r)
         row["score"] = None if math.isnan(s) else s
         for key in ("overlay", "mask"):
@@ -176,7 +181,9 @@ function render() {
     tr.dataset.i = i;
     if (i === S.sel) tr.className = "sel";
     cell(tr, S.page * D.pageSize + i + 1, "num");
-    if (S.filter === "errors") { cell(tr, x.file || ""); cell(tr, x.reason || ""); return; }
+    if (S.filter === "errors") {
+      cell(tr, (x.file || "") + (x.frame ? " [frame " + x.frame + "]" : "")); cell(tr, x.reason || ""); return;
+    }
     const td = tr.insertCell();
     if (x.overlay) {
       const img = document.createElement("img");

@@ -202,6 +202,23 @@ def test_refuses_what_cannot_be_referenced(tmp_path: Path) -> None:
     assert "PatientID" in PATIENT_STUDY_KEPT
 
 
+def test_source_without_patient_and_study_details(tmp_path: Path) -> None:
+    """De-identified exports lack the Type 2 patient/study attributes: they come out empty, the source is unchanged."""
+    src = _source("us8")
+    for kw in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime", "StudyID"):
+        delattr(src, kw)
+    del src.AccessionNumber, src.ReferringPhysicianName
+    overlay = np.zeros((ROWS, COLS, 3), np.uint8)
+    paths = write_dicom_outputs(src, _prediction(), tmp_path, "s", kinds=("seg", "sr", "sc"), overlay_bgr=overlay)
+    for path in paths.values():
+        obj = dcmread(path)
+        assert obj.PatientName == "" and obj.PatientID == "" and obj.StudyInstanceUID == src.StudyInstanceUID
+    assert "PatientName" not in src
+    del src.Modality
+    with pytest.raises(ValueError, match="Modality"):
+        write_dicom_outputs(src, _prediction(), tmp_path / "m", "s")
+
+
 def test_source_read_from_file_is_left_untouched(tmp_path: Path) -> None:
     src = _source("cine")
     path = tmp_path / "src.dcm"

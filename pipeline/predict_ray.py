@@ -1,0 +1,169 @@
+"""Archive-scale ``predict`` on Ray Data (``python -m pipeline predict --engine ray``).
+
+The same inputs, checks and outputs as :func:`pipeline.predict.predict_folder` (``predictions.csv``,
+``errors.csv``, masks, overlays, DICOM results, ``review.html``; resumable), but the frames to
+process become a Ray dataset (``ray.data.from_items`` of paths and frame numbers) mapped by
+``actors`` actors of :class:`BundleActor`, each holding the bundle once. Actors read the scans and
+write the image files themselves (atomically); the driver appends the CSV rows as batches come
+back, so a killed run resumes as the local engine does. Without ``address`` Ray runs on this
+machine, with its session files under the LoRIS cache (``ray/``), or, when that path is too long
+for Ray's sockets, in a temporary folder removed after the run.
+Needs the ``ray`` extra (``pip install 'ray[data]'``); the import is deferred so the rest of the
+package works without it (docs/design.md, "Outputs for clinicians and PACS").
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.bundle import Bundle
+from pipeline.predict import (
+    ReadOptions,
+    _finish,
+    _Item,
+    _plan,
+    _Sink,
+    _validate,
+    process_batch,
+)
+from scans.runtime import Stopwatch
+
+
+class BundleActor:
+    """A Ray Data callable class: loads the bundle once, then processes batches of ``path``/``rel``/``frame``."""
+
+    def __init__(
+        self,
+        bundle_dir: str,
+        device: str,
+        folder: str,
+        out: str,
+        opts: ReadOptions,
+        dicom_kinds: Sequence[str],
+        threads: int,
+    ) -> None:
+        from scans.runtime import set_threads
+
+        set_threads(threads)
+        self.bundle = Bundle.load(Path(bundle_dir), device=device)
+        self.folder, self.out, self.opts, self.kinds = Path(folder), Path(out), opts, tuple(dicom_kinds)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        items = [_Item(Path(p), str(r), int(f)) for p, r, f in zip(batch["path"], batch["rel"], batch["frame"])]
+        rows, errors = process_batch(self.bundle, self.folder, self.out, items, self.opts, self.kinds)
+        return {
+            "kind": np.array(["row"] * len(rows) + ["error"] * len(errors), dtype=object),
+            "row": np.array([json.dumps(r) for r in rows + errors], dtype=object),
+        }
+
+
+_SOCKET_ROOM = 40  # Ray's socket paths add ~65 characters to its temp folder, and AF_UNIX allows 107
+
+
+def _start_ray(address: str | None, threads: int) -> tuple[bool, Path | None]:
+    """Start (or join) Ray; returns whether this call started it (and so must shut it down), and a
+    temporary folder to remove afterwards, if one had to be made."""
+    import ray
+
+    if ray.is_initialized():
+        return False, None
+    if address:
+        ray.init(address=address, log_to_driver=False, configure_logging=False)
+        return True, None
+    from scans.runtime import cache_home
+
+    temp, scratch = cache_home() / "ray", None
+    if len(str(temp)) > _SOCKET_ROOM:  # too long for Ray's sockets: a short folder, removed after the run
+        temp = scratch = Path(tempfile.mkdtemp(prefix="loris-ray-"))
+    temp.mkdir(parents=True, exist_ok=True)
+    # a cluster of this machine only, bound to loopback: no token written into ~/.ray
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(
+        num_cpus=max(threads, 1),
+        include_dashboard=False,
+        log_to_driver=False,
+        configure_logging=False,
+        _temp_dir=str(temp),
+    )
+    return True, scratch
+
+
+def predict_folder_ray(
+    bundle_dir: Path,
+    folder: Path,
+    out: Path,
+    recursive: bool = False,
+    batch_size: int = 8,
+    device: str = "auto",
+    progress: bool = True,
+    read: ReadOptions | None = None,
+    dicom_out: Sequence[str] = (),
+    review: bool = True,
+    actors: int = 1,
+    threads_per_actor: int = 1,
+    address: str | None = None,
+) -> dict[str, Any]:
+    """:func:`pipeline.predict.predict_folder` on Ray Data with ``actors`` model-holding actors."""
+    import ray
+
+    if actors < 1 or threads_per_actor < 1:
+        raise ValueError(f"actors and threads per actor must be 1 or more, not {actors} and {threads_per_actor}")
+    folder, out = Path(folder), Path(out)
+    opts = _validate(folder, out, batch_size, read or ReadOptions(), dicom_out)
+    bundle = Bundle.load(Path(bundle_dir), device=device)  # a damaged bundle is named before Ray starts
+    plan = _plan(folder, out, recursive, opts, bundle.frame)
+    del bundle
+    items: list[_Item] = []
+    early = list(plan.listing_errors)
+    for w in plan.work:
+        if isinstance(w, _Item):
+            items.append(w)
+        else:
+            early.append(w)
+    sink = _Sink(out, progress, len(items) + len(early))
+    watch = Stopwatch()
+    started, scratch = False, None
+    try:
+        sink.write([], early, len(early))
+        with watch("predict"):
+            if items:
+                started, scratch = _start_ray(address, actors * threads_per_actor)
+                ray.data.DataContext.get_current().enable_progress_bars = False
+                ds = ray.data.from_items([{"path": str(i.path), "rel": i.rel, "frame": i.frame} for i in items])
+                kwargs = {
+                    "bundle_dir": str(bundle_dir),
+                    "device": device,
+                    "folder": str(folder),
+                    "out": str(out),
+                    "opts": opts,
+                    "dicom_kinds": tuple(dicom_out),
+                    "threads": threads_per_actor,
+                }
+                mapped = ds.map_batches(
+                    BundleActor,
+                    fn_constructor_kwargs=kwargs,
+                    batch_size=batch_size,
+                    batch_format="numpy",
+                    compute=ray.data.ActorPoolStrategy(size=actors),
+                    num_cpus=threads_per_actor,
+                )
+                for b in mapped.iter_batches(batch_size=None, batch_format="numpy"):
+                    decoded = [(k, json.loads(r)) for k, r in zip(b["kind"], b["row"])]
+                    rows = [r for k, r in decoded if k == "row"]
+                    errors = [r for k, r in decoded if k == "error"]
+                    sink.write(rows, errors, len({(r["file"], str(r["frame"])) for _, r in decoded}))
+    finally:
+        sink.close()
+        if started:
+            ray.shutdown()
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+    return _finish(out, sink, watch.seconds.get("predict", 0.0), plan.n_done, review)

@@ -1,0 +1,277 @@
+"""``predict`` on real-world inputs: DICOM crops and cine frames, no PHI in outputs, DICOM results,
+the review page, hostile files (links, loops, huge images) and refusals (in-process, offline)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from pipeline.__main__ import main
+from tests.helpers import write_dicom
+
+PHI_NAME, PHI_ID = "Doe^Jane", "PHI-98765"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, np.ndarray]:
+    """A bundle trained once for the module (quick profile, tiny phantom, YOLOv5u without the refiner)
+    and one phantom scan."""
+    cache = tmp_path_factory.mktemp("loris-cache")
+    root = tmp_path_factory.mktemp("bundle")
+    sets = [
+        "phantom.images=32",
+        "phantom.distended=10",
+        "phantom.patients=10",
+        "phantom.size=64",
+        "image_size=64",
+        "unet.epochs=1",
+        f"cache_dir={cache / 'models'}",
+        "threads=2",
+        "detector.refine=false",
+        "detector.options={epochs: 1, imgsz: 64, batch: 8}",
+    ]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LORIS_CACHE", str(cache))
+        args = ["train", "--detector", "yolov5", "--profile", "quick", "--out", str(root / "m"), "--no-progress"]
+        assert main(args + [a for s in sets for a in ("--set", s)]) == 0
+    png = sorted((cache / "phantom").rglob("*.png"))[0]
+    return root / "m", cv2.imread(str(png), cv2.IMREAD_GRAYSCALE)
+
+
+@pytest.fixture
+def model(trained: tuple[Path, np.ndarray]) -> Path:
+    return trained[0]
+
+
+@pytest.fixture
+def scan(trained: tuple[Path, np.ndarray]) -> np.ndarray:
+    return trained[1]
+
+
+def _identify(path: Path, study: bool = True) -> None:
+    """Give a DICOM patient tags (and the study and series UIDs a PACS files it under)."""
+    import pydicom
+
+    ds = pydicom.dcmread(path)
+    ds.PatientName, ds.PatientID, ds.Modality = PHI_NAME, PHI_ID, "US"
+    if study:
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = pydicom.uid.generate_uid(), pydicom.uid.generate_uid()
+    if int(ds.get("NumberOfFrames", 1)) > 1:  # a cine scan has the multi-frame SOP class
+        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = pydicom.uid.UltrasoundMultiFrameImageStorage
+    ds.save_as(path)
+
+
+def _dicom_with_regions(path: Path, scan: np.ndarray) -> tuple[int, int, int, int]:
+    """A screenshot-like DICOM: the scan pasted into a wider frame with a bright side panel, PHI tags,
+    and a Sequence of Ultrasound Regions naming the scan's region; returns the crop (half-open)."""
+    import pydicom
+    from pydicom.dataset import Dataset
+
+    h, w = scan.shape
+    frame = np.zeros((h + 20, w + 50), np.uint8)
+    x0, y0 = 10, 12
+    frame[y0 : y0 + h, x0 : x0 + w] = scan
+    frame[:, w + 20 :] = 230  # a panel of text and rulers
+    write_dicom(path, frame)
+    _identify(path)
+    ds = pydicom.dcmread(path)
+    region = Dataset()
+    region.RegionSpatialFormat, region.RegionDataType, region.RegionFlags = 1, 1, 0
+    region.RegionLocationMinX0, region.RegionLocationMinY0 = x0, y0
+    region.RegionLocationMaxX1, region.RegionLocationMaxY1 = x0 + w - 1, y0 + h - 1
+    ds.SequenceOfUltrasoundRegions = [region]
+    ds.save_as(path)
+    return (x0, y0, x0 + w, y0 + h)
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def _predict(model: Path, folder: Path, out: Path, *extra: str) -> int:
+    return main(["predict", "--model", str(model), "--input", str(folder), "--out", str(out), "--no-progress", *extra])
+
+
+def test_dicom_crop_frames_phi_dicom_out_and_review(model: Path, scan: np.ndarray, tmp_path: Path) -> None:
+    pydicom = pytest.importorskip("pydicom")
+    pytest.importorskip("highdicom")
+    folder = tmp_path / "in"
+    folder.mkdir()
+    crop = _dicom_with_regions(folder / "screen.dcm", scan)
+    cine = np.stack([scan, scan[::-1], np.roll(scan, 5, axis=1)])
+    write_dicom(folder / "cine.dcm", cine)
+    _identify(folder / "cine.dcm")
+    write_dicom(folder / "nouids.dcm", scan)
+    _identify(folder / "nouids.dcm", study=False)
+    cv2.imwrite(str(folder / "plain.png"), scan)
+    out = tmp_path / "out"
+    assert _predict(model, folder, out, "--frames", "all", "--dicom-out", "seg,sr,sc") == 0
+
+    rows = _rows(out / "predictions.csv")
+    assert sorted((r["file"], r["frame"]) for r in rows) == [
+        ("cine.dcm", "0"),
+        ("cine.dcm", "1"),
+        ("cine.dcm", "2"),
+        ("nouids.dcm", "0"),
+        ("plain.png", "0"),
+        ("screen.dcm", "0"),
+    ]
+    by = {(r["file"], r["frame"]): r for r in rows}
+    # the regions crop is recorded, and box and mask are in the original (uncropped) pixels
+    scr = by[("screen.dcm", "0")]
+    h, w = scan.shape
+    assert tuple(int(scr[k]) for k in ("crop_x0", "crop_y0", "crop_x1", "crop_y1")) == crop
+    assert scr["crop_source"] == "region 0" and (int(scr["width"]), int(scr["height"])) == (w + 50, h + 20)
+    box = [float(scr[k]) for k in ("box_x1", "box_y1", "box_x2", "box_y2")]
+    assert crop[0] <= box[0] < box[2] <= crop[2] and crop[1] <= box[1] < box[3] <= crop[3]
+    mask = cv2.imread(str(out / scr["mask"]), cv2.IMREAD_GRAYSCALE)
+    overlay = cv2.imread(str(out / scr["overlay"]))
+    assert mask.shape == (h + 20, w + 50) and overlay.shape == (h + 20, w + 50, 3)
+    assert not mask[:, crop[2] :].any() and not mask[: crop[1]].any()  # nothing outside the crop
+    assert scr["sop_instance_uid"] == str(pydicom.dcmread(folder / "screen.dcm").SOPInstanceUID)
+    plain = by[("plain.png", "0")]
+    assert plain["crop_source"] == "none" and plain["sop_instance_uid"] == ""
+    assert (plain["crop_x1"], plain["crop_y1"]) == (str(w), str(h))
+    # plain.png is the crop's own pixels: the same prediction, shifted by the crop's corner
+    assert scr["score"] == plain["score"]
+    shifted = [float(plain[k]) + crop[i % 2] for i, k in enumerate(("box_x1", "box_y1", "box_x2", "box_y2"))]
+    np.testing.assert_allclose(box, shifted, atol=0.11)
+    plain_mask = cv2.imread(str(out / plain["mask"]), cv2.IMREAD_GRAYSCALE)
+    np.testing.assert_array_equal(mask[crop[1] : crop[3], crop[0] : crop[2]], plain_mask)
+    # cine: one row per frame, each with its own output files
+    assert len({by[("cine.dcm", f)]["mask"] for f in "012"}) == 3
+
+    # --dicom-out: a SEG, an SR and an SC per DICOM frame, referencing the source
+    seg_path = out / scr["dicom"].split(";")[0]
+    assert seg_path.name.endswith(".seg.dcm") and seg_path.parent == out / "dicom"
+    seg = pydicom.dcmread(seg_path)
+    assert seg.Modality == "SEG" and seg.Rows == h + 20 and seg.Columns == w + 50
+    ref = seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0]
+    assert ref.ReferencedSOPInstanceUID == scr["sop_instance_uid"]
+    np.testing.assert_array_equal(seg.pixel_array.astype(bool), mask > 0)
+    assert len(by[("cine.dcm", "2")]["dicom"].split(";")) == 3
+    # a source without study and series UIDs cannot be referenced: listed, scored all the same
+    errors = _rows(out / "errors.csv")
+    assert [(e["file"], e["frame"]) for e in errors] == [("nouids.dcm", "0")]
+    assert errors[0]["reason"].startswith("dicom-out:") and by[("nouids.dcm", "0")]["dicom"] == ""
+
+    # a rerun finds every frame done
+    assert _predict(model, folder, out, "--frames", "all", "--dicom-out", "seg,sr,sc") == 0
+    assert len(_rows(out / "predictions.csv")) == len(rows) and len(_rows(out / "errors.csv")) == 1
+
+    # review page, and no patient tag in any CSV, PNG or HTML output
+    page = (out / "review.html").read_text()
+    assert "screen.dcm" in page and "plain.png" in page
+    for p in out.rglob("*"):
+        if p.is_file() and "dicom" not in p.relative_to(out).parts:
+            data = p.read_bytes()
+            assert PHI_NAME.encode() not in data and PHI_ID.encode() not in data and b"Doe" not in data, p
+
+
+def test_hostile_inputs_are_listed_and_the_batch_goes_on(model: Path, scan: np.ndarray, tmp_path: Path) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    cv2.imwrite(str(folder / "good.png"), scan)
+    os.symlink("b.png", folder / "a.png")
+    os.symlink("a.png", folder / "b.png")
+    os.symlink("missing.png", folder / "dangling.png")
+    os.mkfifo(folder / "pipe.png")  # reading it would block forever
+    (folder / "truncated.dcm").write_bytes(b"\0" * 128 + b"DICM" + b"\x02\x00")
+    big = np.zeros((8000, 8000), np.uint8)
+    cv2.imwrite(str(folder / "huge.png"), big)
+    del big
+    out = tmp_path / "out"
+    assert _predict(model, folder, out, "--batch-size", "2") == 0
+    assert [r["file"] for r in _rows(out / "predictions.csv")] == ["good.png"]
+    reasons = {e["file"]: e["reason"] for e in _rows(out / "errors.csv")}
+    assert set(reasons) == {"a.png", "b.png", "dangling.png", "pipe.png", "truncated.dcm", "huge.png"}
+    assert "loop" in reasons["a.png"] and "broken" in reasons["dangling.png"] and "regular" in reasons["pipe.png"]
+    assert "8000x8000" in reasons["huge.png"] and "megapixels" in reasons["huge.png"]
+    # a rerun finds everything done; a raised pixel limit is not retried (delete the error row to retry)
+    assert _predict(model, folder, out, "--max-megapixels", "100") == 0
+    assert len(_rows(out / "predictions.csv")) == 1 and len(_rows(out / "errors.csv")) == 6
+    assert (out / "review.html").is_file()
+
+
+@pytest.mark.parametrize("where", ["same", "inside", "around"])
+def test_out_nested_with_input_is_refused(
+    model: Path, tmp_path: Path, where: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = tmp_path / "data" / "in"
+    folder.mkdir(parents=True)
+    cv2.imwrite(str(folder / "a.png"), np.zeros((32, 32), np.uint8))
+    out = {"same": folder, "inside": folder / "results", "around": tmp_path / "data"}[where]
+    assert _predict(model, folder, out) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --out") and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (out / "predictions.csv").exists()
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"), [("--batch-size", "-1"), ("--batch-size", "0"), ("--frames", "-2"), ("--max-megapixels", "0")]
+)
+def test_bad_options_are_refused_by_the_parser(
+    tmp_path: Path, flag: str, value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["predict", "--model", str(tmp_path), "--input", str(tmp_path), "--out", str(tmp_path / "o"), flag, value])
+    assert exc.value.code == 2 and flag in capsys.readouterr().err
+
+
+def test_damaged_bundle_is_named(model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    cv2.imwrite(str(folder / "a.png"), np.zeros((32, 32), np.uint8))
+    for damaged in ("unet/model.pt", "detector/weights.pt"):
+        bad = tmp_path / damaged.replace("/", "_")
+        shutil.copytree(model, bad)
+        target = bad / damaged
+        target.write_bytes(target.read_bytes()[:1000])  # truncated
+        assert _predict(bad, folder, tmp_path / f"out-{bad.name}") == 2
+        err = capsys.readouterr().err
+        assert str(target) in err and "Traceback" not in err, err
+
+
+def test_export_onnx_subcommand(model: Path, tmp_path: Path) -> None:
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    out = tmp_path / "onnx"
+    assert main(["export", "--model", str(model), "--out", str(out), "--no-detector"]) == 0
+    info = json.loads((out / "export.json").read_text())
+    assert (out / info["loris"]["file"]).is_file() and info["detector"]["note"] == "not requested"
+
+
+def test_ray_engine_writes_what_the_local_engine_writes(
+    model: Path, scan: np.ndarray, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("ray")
+    pytest.importorskip("pyarrow")
+    monkeypatch.setenv("LORIS_CACHE", str(tmp_path / "cache"))  # Ray's session files go under the LoRIS cache
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(5):
+        cv2.imwrite(str(folder / f"s{i}.png"), np.roll(scan, 3 * i, axis=1))
+    (folder / "notes.txt").write_text("not an image")
+    local, ray_out = tmp_path / "local", tmp_path / "ray"
+    assert _predict(model, folder, local, "--batch-size", "2") == 0
+    assert _predict(model, folder, ray_out, "--batch-size", "2", "--engine", "ray") == 0
+
+    def table(out: Path) -> dict[str, dict[str, str]]:
+        return {r["file"]: r for r in _rows(out / "predictions.csv")}
+
+    a, b = table(local), table(ray_out)
+    assert sorted(a) == sorted(b) == [f"s{i}.png" for i in range(5)]
+    for f in a:
+        assert abs(float(a[f]["score"]) - float(b[f]["score"])) < 1e-4 and a[f]["mask"] == b[f]["mask"]
+        assert (cv2.imread(str(local / a[f]["mask"])) == cv2.imread(str(ray_out / b[f]["mask"]))).all()
+    assert [e["file"] for e in _rows(ray_out / "errors.csv")] == ["notes.txt"]
+    assert (ray_out / "review.html").is_file() and not (tmp_path / "home").exists()

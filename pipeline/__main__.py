@@ -1,4 +1,4 @@
-"""``python -m pipeline run|ablate|train|predict|bench|export`` (also installed as ``loris``).
+"""``python -m pipeline run|ablate|compare|aggregate|train|predict|bench|export`` (also installed as ``loris``).
 
 Each subcommand has a small parser function (``_<name>_parser``) and a handler in ``_dispatch``."""
 
@@ -12,11 +12,15 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from scans.distributed import is_main
+from scans.runtime import keep_out_of_home
+
 os.environ.setdefault("YOLO_OFFLINE", "1")  # before anything imports ultralytics
 os.environ.setdefault("MPLBACKEND", "Agg")
 # Idle OpenMP workers sleep instead of spinning: on a busy 2-core machine spinning made
 # 2-thread U-Net training ~10x slower than 1 thread (measured); set before torch loads OpenMP.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+keep_out_of_home()  # torch's and matplotlib's caches go to the LoRIS cache, before anything imports them
 
 if TYPE_CHECKING:
     from pipeline.config import Config
@@ -221,8 +225,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     _cv_parsers(sub)
+    _compare_parser(sub)
+    _aggregate_parser(sub)
     _model_parsers(sub)
     return parser
+
+
+def _compare_parser(sub: Any) -> None:
+    """``compare``: LoRIS beside RIAD and the Table 1 peers on the same folds."""
+    from pipeline.compare import add_arguments
+
+    cmp = sub.add_parser("compare", help="LoRIS, RIAD and the Table 1 peers on the same folds (Table 1 in full)")
+    add_arguments(cmp)  # --methods, --detector, --folds, --out, --external
+    _common(cmp)
+
+
+def _aggregate_parser(sub: Any) -> None:
+    """``aggregate``: one report from fold-parallel runs."""
+    ag = sub.add_parser("aggregate", help="one report from fold-parallel runs (`run --folds k --out RUN_k` each)")
+    ag.add_argument(
+        "runs", type=Path, nargs="+", metavar="RUN_DIR", help="finished run folders, one or more folds each"
+    )
+    ag.add_argument("--out", type=Path, required=True, help="folder for the tables, summary and report")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -249,7 +273,8 @@ def _cross_validate(args: argparse.Namespace) -> int:
     cfg = _config(args, names[0])
     out = Path(args.out) if args.out else default_run_dir(cfg, args.command)
     summary = execute(cfg, out, names, command=args.command)
-    _print_summary(summary, out)
+    if is_main():  # under torchrun every rank returns the summary; one prints it
+        _print_summary(summary, out)
     return 0
 
 
@@ -257,6 +282,8 @@ def _train(args: argparse.Namespace) -> int:
     from pipeline.bundle import train_bundle
 
     doc = train_bundle(_config(args, args.detector), args.out)
+    if not is_main():
+        return 0
     v = doc["score"]["validation"]
     print(
         f"bundle written to {args.out}: score threshold {doc['score']['threshold']:.4g} "
@@ -324,6 +351,20 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compare(args: argparse.Namespace) -> int:
+    from pipeline.compare import cli, parse_methods
+
+    parse_methods(args.methods)  # refuse a bad method name before anything loads
+    return cli(args, _config(args, args.detector))
+
+
+def _aggregate(args: argparse.Namespace) -> int:
+    from pipeline.run import aggregate_runs
+
+    _print_summary(aggregate_runs(args.runs, args.out), args.out)
+    return 0
+
+
 def _dispatch(args: argparse.Namespace) -> int:
     commands = {
         "run": _cross_validate,
@@ -332,6 +373,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         "predict": _predict,
         "bench": _bench,
         "export": _export,
+        "compare": _compare,
+        "aggregate": _aggregate,
     }
     return commands[args.command](args)
 

@@ -38,13 +38,13 @@ from pipeline.config import Config
 from pipeline.evaluate import EvalSettings, Validation, method_metrics
 from pipeline.fit import fit_unet, scope
 from pipeline.fold import FoldOutput, FoldTask, Progress
-from pipeline.outputs import default_run_dir, keep_out_of_home, run_lock, write_json
+from pipeline.outputs import default_run_dir, run_lock, write_json
 from pipeline.run import RunPlan, plan, run_folds
 from reconstruction.peers import PEERS, Budget, Peer, PeerOutput, build_peer, load_peer, peer_spec
 from reconstruction.peers.prior_guided import predict_peer
 from scans.io import atomic_write
 from scans.records import ScanArrays
-from scans.runtime import Stopwatch, resolve_device, set_threads
+from scans.runtime import Stopwatch, keep_out_of_home, resolve_device, set_threads
 
 LORIS = "loris"
 PEER_DIR = "compare"  # per fold: <method>.json (written last) and <method>.npz

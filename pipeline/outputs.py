@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +17,6 @@ import yaml
 from pipeline.config import Config, dump
 from pipeline.provenance import git_commit, machine, package_versions
 from scans.io import atomic_write_text
-from scans.runtime import cache_home
 
 LOCK = ".lock"  # in the run folder while a process writes it; holds that process's PID
 
@@ -66,21 +64,6 @@ def run_lock(out: Path) -> Iterator[Path]:
             (out / LOCK).unlink(missing_ok=True)
             if created:
                 out.rmdir()
-
-
-def keep_out_of_home() -> None:
-    """Point third-party caches into the LoRIS cache (:func:`scans.runtime.cache_home`), reused by every
-    run, unless the user chose a folder: matplotlib's config and font cache (``MPLCONFIGDIR``, which only
-    helps before matplotlib is imported) and torch's inductor cache, which the first optimizer step
-    creates in the temp folder (``TORCHINDUCTOR_CACHE_DIR``)."""
-    wanted = {"TORCHINDUCTOR_CACHE_DIR": "torchinductor"}
-    if "matplotlib" not in sys.modules:
-        wanted["MPLCONFIGDIR"] = "matplotlib"
-    for variable, name in wanted.items():
-        if not os.environ.get(variable):
-            folder = cache_home() / name
-            folder.mkdir(parents=True, exist_ok=True)
-            os.environ[variable] = str(folder)
 
 
 def default_run_dir(cfg: Config, command: str) -> Path:

@@ -39,7 +39,6 @@ from pipeline.fold import FoldOutput, FoldTask, Progress, load_fold, run_fold, s
 from pipeline.outputs import (
     RunDirError,
     check_out,
-    keep_out_of_home,
     prepare_run_dir,
     run_config,
     run_lock,
@@ -48,7 +47,7 @@ from pipeline.outputs import (
 from pipeline.provenance import package_versions
 from scans.distributed import barrier, broadcast_decision, init_from_env, is_main, shutdown
 from scans.records import ScanArrays
-from scans.runtime import Stopwatch, set_threads
+from scans.runtime import Stopwatch, keep_out_of_home, set_threads
 
 NO_DETECTION = {"precision": None, "map50": None, "map75": None}
 # How long a rank may wait in a collective, e.g. while rank 0 evaluates a fold or trains YOLOv5u alone.

@@ -15,6 +15,7 @@ import contextlib
 import os
 import re
 import statistics
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -35,7 +36,9 @@ def resolve_device(device: str = "auto") -> str:
 
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name != "cpu" and not re.fullmatch(r"cuda(:\d+(,\d+)*)?", name):
-        raise ValueError(f"device must be one of {', '.join(DEVICES)} (or cuda:N, or cuda:0,1 for YOLOv5u), not {name!r}")
+        raise ValueError(
+            f"device must be one of {', '.join(DEVICES)} (or cuda:N, or cuda:0,1 for YOLOv5u), not {name!r}"
+        )
     return name
 
 
@@ -108,3 +111,18 @@ class Stopwatch:
             yield
         finally:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+
+
+def keep_out_of_home() -> None:
+    """Point third-party caches into the LoRIS cache (:func:`scans.runtime.cache_home`), reused by every
+    run, unless the user chose a folder: matplotlib's config and font cache (``MPLCONFIGDIR``, which only
+    helps before matplotlib is imported) and torch's inductor cache, which the first optimizer step
+    creates in the temp folder (``TORCHINDUCTOR_CACHE_DIR``)."""
+    wanted = {"TORCHINDUCTOR_CACHE_DIR": "torchinductor"}
+    if "matplotlib" not in sys.modules:
+        wanted["MPLCONFIGDIR"] = "matplotlib"
+    for variable, name in wanted.items():
+        if not os.environ.get(variable):
+            folder = cache_home() / name
+            folder.mkdir(parents=True, exist_ok=True)
+            os.environ[variable] = str(folder)

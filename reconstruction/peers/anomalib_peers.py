@@ -22,18 +22,21 @@ from typing import Any, cast
 
 import numpy as np
 import torch
-from anomalib.data.utils.generators.perlin import PerlinAnomalyGenerator
-from anomalib.models.components.feature_extractors import TimmFeatureExtractor
-from anomalib.models.image.cflow import torch_model as cflow_tm
-from anomalib.models.image.cflow.utils import get_logp, positional_encoding_2d
-from anomalib.models.image.draem.loss import DraemLoss
-from anomalib.models.image.draem.torch_model import DiscriminativeSubNetwork, DraemModel, ReconstructiveSubNetwork
-from anomalib.models.image.ganomaly.loss import DiscriminatorLoss, GeneratorLoss
-from anomalib.models.image.ganomaly.torch_model import GanomalyModel
-from anomalib.models.image.padim.torch_model import PadimModel
-from anomalib.models.image.patchcore.torch_model import PatchcoreModel
-from anomalib.models.image.supersimplenet import torch_model as ssn_tm
-from anomalib.models.image.supersimplenet.loss import SSNLoss
+
+with warnings.catch_warnings():  # anomalib 2.7 warns about its own deprecated timm/dinov2 imports
+    warnings.simplefilter("ignore", FutureWarning)
+    from anomalib.data.utils.generators.perlin import PerlinAnomalyGenerator
+    from anomalib.models.components.feature_extractors import TimmFeatureExtractor
+    from anomalib.models.image.cflow import torch_model as cflow_tm
+    from anomalib.models.image.cflow.utils import get_logp, positional_encoding_2d
+    from anomalib.models.image.draem.loss import DraemLoss
+    from anomalib.models.image.draem.torch_model import DiscriminativeSubNetwork, DraemModel, ReconstructiveSubNetwork
+    from anomalib.models.image.ganomaly.loss import DiscriminatorLoss, GeneratorLoss
+    from anomalib.models.image.ganomaly.torch_model import GanomalyModel
+    from anomalib.models.image.padim.torch_model import PadimModel
+    from anomalib.models.image.patchcore.torch_model import PatchcoreModel
+    from anomalib.models.image.supersimplenet import torch_model as ssn_tm
+    from anomalib.models.image.supersimplenet.loss import SSNLoss
 from torch import Tensor, nn
 from torch.nn import functional as F  # noqa: N812
 

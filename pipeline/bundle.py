@@ -27,6 +27,8 @@ from pipeline.fit import fit_detector, fit_unet
 from pipeline.outputs import write_json
 from pipeline.priors import Expansion, fold_policy, predict_priors
 from pipeline.provenance import git_commit, package_versions
+from pipeline.run import distributed_session, main_first
+from scans.distributed import barrier, is_main
 from scans.folds import make_folds
 from scans.io import CheckpointError, load_meta
 from scans.records import ScanArrays
@@ -64,9 +66,8 @@ def _validation_split(data: Data, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def train_bundle(cfg: Config, model_dir: Path) -> dict[str, Any]:
-    """Train one deployable model on all the data, with a patient-grouped validation part."""
-    from reconstruction.checkpoint import save_model
-
+    """Train one deployable model on all the data, with a patient-grouped validation part (under torchrun,
+    every rank trains and rank 0 writes)."""
     if detector_class(cfg.detector.name).ground_truth:
         raise ValueError(
             "a deployable bundle needs a detector for new scans: use --detector " + " or ".join(sources.trainable())
@@ -74,21 +75,35 @@ def train_bundle(cfg: Config, model_dir: Path) -> dict[str, Any]:
     model_dir = Path(model_dir)
     if (model_dir / "bundle.json").exists():
         raise FileExistsError(f"{model_dir} already holds a bundle; choose another --out")
-    set_threads(cfg.threads)
-    data = load_data(cfg)
-    tr, va = _validation_split(data, cfg.seed)
-    det, det_info = fit_detector(cfg, data, tr, va, model_dir / "work" / "detector")
-    unet, unet_info = fit_unet(cfg, data, tr, va, "single")
+    with distributed_session(cfg.device):  # a no-op without torchrun
+        set_threads(cfg.threads)
+        data = main_first(lambda: load_data(cfg))
+        tr, va = _validation_split(data, cfg.seed)
+        det, det_info = fit_detector(cfg, data, tr, va, model_dir / "work" / "detector")  # every rank
+        unet, unet_info = fit_unet(cfg, data, tr, va, "single")
+        if is_main():
+            _write_bundle(cfg, model_dir, data, (tr, va), (det, det_info), (unet, unet_info))
+        barrier()
+        doc = load_meta(model_dir / "bundle.json")
+    return doc
+
+
+def _write_bundle(
+    cfg: Config, model_dir: Path, data: Data, split: tuple[Any, Any], det: tuple[Detector, dict], unet: tuple[Any, dict]
+) -> None:
+    """Choose the operating points on the validation part and write the bundle (rank 0)."""
+    from reconstruction.checkpoint import save_model
+
+    (tr, va), (detector, det_info), (net, unet_info) = split, det, unet
     d = cfg.detector
     policy = fold_policy(data.arrays, tr, d.threshold, d.train_classes)
-    thresholds = _thresholds(cfg, det, unet, policy, data.arrays.subset(va))
-    det.save(model_dir / "detector")
-    save_model(unet, model_dir / "unet", meta={k: v for k, v in unet_info.items() if k != "cache"})
+    thresholds = _thresholds(cfg, detector, net, policy, data.arrays.subset(va))
+    detector.save(model_dir / "detector")
+    save_model(net, model_dir / "unet", meta={k: v for k, v in unet_info.items() if k != "cache"})
     doc = bundle_doc(cfg, policy, thresholds)
     doc["train"] = {"n_train": len(tr), "n_val": len(va), "detector": det_info, "unet": unet_info}
     doc.update(config=cfg.to_dict(), versions=package_versions(), commit=git_commit())
     write_json(model_dir / "bundle.json", doc)
-    return doc
 
 
 @dataclass(frozen=True)

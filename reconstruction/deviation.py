@@ -32,7 +32,19 @@ from torch import Tensor
 from reconstruction.losses import GMS_C, GMS_SCALES, gms_map, pyramid, ssim_map
 from reconstruction.masking import box_masks
 
-MAP_NAMES: tuple[str, ...] = ("msgmsd", "gmsd", "ssim", "dd", "l2")
+MapFn = Callable[[Tensor, Tensor], Tensor]
+_MAPS: dict[str, MapFn] = {}
+
+
+def register_map(name: str) -> Callable[[MapFn], MapFn]:
+    """Make an anomaly map ``fn(original, reconstruction) -> [B, 1, H, W]`` known by ``name`` to the config
+    (``maps``), inference and the reports."""
+
+    def wrap(fn: MapFn) -> MapFn:
+        _MAPS[name] = fn
+        return fn
+
+    return wrap
 
 
 def _mean3x3(x: Tensor) -> Tensor:
@@ -40,6 +52,7 @@ def _mean3x3(x: Tensor) -> Tensor:
     return F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
 
 
+@register_map("msgmsd")
 def msgmsd_map(original: Tensor, reconstruction: Tensor, scales: int = GMS_SCALES, c: float = GMS_C) -> Tensor:
     """Multi-scale GMS deviation map (symmetric in its arguments)."""
     size = original.shape[-2:]
@@ -52,33 +65,31 @@ def msgmsd_map(original: Tensor, reconstruction: Tensor, scales: int = GMS_SCALE
     return _mean3x3(torch.stack(maps).mean(dim=0))
 
 
+@register_map("gmsd")
 def gmsd_map(original: Tensor, reconstruction: Tensor, c: float = GMS_C) -> Tensor:
     """Single-scale GMS deviation map."""
     return _mean3x3(1 - gms_map(original, reconstruction, c))
 
 
+@register_map("ssim")
 def ssim_dev_map(original: Tensor, reconstruction: Tensor) -> Tensor:
     """``1 - SSIM`` (standard local SSIM, data range 2), in [0, 2]."""
     return 1 - ssim_map(original, reconstruction)
 
 
+@register_map("dd")
 def dd_map(original: Tensor, reconstruction: Tensor) -> Tensor:
     """Directional difference ``max(recon - orig, 0)`` on [0, 1] intensities: ignores pixels that got darker."""
     return ((reconstruction - original) / 2).clamp_min(0)
 
 
+@register_map("l2")
 def l2_map(original: Tensor, reconstruction: Tensor) -> Tensor:
     """Squared difference on [0, 1] intensities."""
     return ((reconstruction - original) / 2).pow(2)
 
 
-_MAPS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
-    "msgmsd": msgmsd_map,
-    "gmsd": gmsd_map,
-    "ssim": ssim_dev_map,
-    "dd": dd_map,
-    "l2": l2_map,
-}
+MAP_NAMES: tuple[str, ...] = tuple(_MAPS)
 
 
 def anomaly_map(name: str, original: Tensor, reconstruction: Tensor) -> Tensor:
@@ -89,7 +100,7 @@ def anomaly_map(name: str, original: Tensor, reconstruction: Tensor) -> Tensor:
     (0.5, 0.0)
     """
     if name not in _MAPS:
-        raise ValueError(f"unknown anomaly map {name!r}; choose from {MAP_NAMES}")
+        raise ValueError(f"unknown anomaly map {name!r}; choose from {tuple(_MAPS)}")
     return _MAPS[name](original, reconstruction)
 
 

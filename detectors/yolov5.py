@@ -60,17 +60,9 @@ from scans.runtime import cache_home
 from scans.training import seeded_global_rng
 
 _SETTINGS_LOCK = "settings.json.lock"
-_INTEGRATIONS_OFF = {
-    "sync": False,
-    "clearml": False,
-    "comet": False,
-    "dvc": False,
-    "mlflow": False,
-    "raytune": False,
-    "tensorboard": False,
-    "wandb": False,
-    "hub": False,
-}
+_INTEGRATIONS_OFF = dict.fromkeys(
+    ("sync", "clearml", "comet", "dvc", "mlflow", "raytune", "tensorboard", "wandb", "hub"), False
+)
 
 
 def ultralytics_home(cache_dir: Path | str | None = None) -> Path:
@@ -207,6 +199,11 @@ DEFAULTS: dict[str, Any] = dict(
 )
 
 
+# DEFAULTS keys ultralytics' trainer takes unchanged.
+_SCHEDULE_KEYS = ("epochs", "imgsz", "batch", "lr0", "lrf", "optimizer", "patience", "warmup_epochs", "cos_lr")
+_AUGMENT_KEYS = ("hsv_v", "translate", "scale", "fliplr", "mosaic", "close_mosaic", "degrees")
+
+
 def load_config(config_file: str | Path | None = None, **overrides: Any) -> dict[str, Any]:
     """DEFAULTS, updated by the yaml ``config_file``, updated by ``overrides``; unknown keys raise."""
     cfg = dict(DEFAULTS)
@@ -280,43 +277,14 @@ class YoloV5Detector(Detector):
     # ----------------------------------------------------------------------------------------- fit
     def _train_args(self, data: Path, workdir: Path) -> dict[str, Any]:
         c = self.config
-        # Keys the ultralytics trainer needs for an offline, reproducible, plot-free CPU run.
-        args = dict(
-            data=str(data),
-            epochs=c["epochs"],
-            imgsz=c["imgsz"],
-            batch=c["batch"],
-            lr0=c["lr0"],
-            lrf=c["lrf"],
-            optimizer=c["optimizer"],
-            patience=c["patience"],
-            warmup_epochs=c["warmup_epochs"],
-            cos_lr=c["cos_lr"],
-            hsv_h=0.0,
-            hsv_s=0.0,
-            hsv_v=c["hsv_v"],  # grayscale: hue/saturation jitter means nothing
-            translate=c["translate"],
-            scale=c["scale"],
-            fliplr=c["fliplr"],
-            mosaic=c["mosaic"],
-            close_mosaic=c["close_mosaic"],
-            degrees=c["degrees"],
-            workers=c["workers"],
-            seed=c["seed"],
-            deterministic=c["deterministic"],
-            device=_ultralytics_device(c["device"]),
-            project=str(workdir),
-            name="train",
-            exist_ok=True,
-            pretrained=False,
-            amp=False,
-            plots=False,
-            single_cls=True,
-            verbose=False,
-            save=True,
-            val=bool(c["val_every_epoch"]),
-            cache=False,
-        )
+        # The config's own keys, then those an offline, reproducible, plot-free CPU run needs.
+        args: dict[str, Any] = {"data": str(data), **{k: c[k] for k in _SCHEDULE_KEYS}}
+        args.update(hsv_h=0.0, hsv_s=0.0)  # grayscale: hue/saturation jitter means nothing
+        args.update({k: c[k] for k in _AUGMENT_KEYS})
+        args.update(workers=c["workers"], seed=c["seed"], deterministic=c["deterministic"])
+        args.update(device=_ultralytics_device(c["device"]), project=str(workdir), name="train", exist_ok=True)
+        args.update(pretrained=False, amp=False, plots=False, single_cls=True, verbose=False, save=True)
+        args.update(val=bool(c["val_every_epoch"]), cache=False)
         args.update(c["train_args"])
         return args
 

@@ -21,7 +21,6 @@ import math
 import textwrap
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -324,13 +323,7 @@ def comparison_figure(scans: Sequence[Example], panels: Sequence[Panel]) -> byte
 
 def versions() -> dict[str, str]:
     """:func:`pipeline.provenance.package_versions` plus the peers' packages."""
-    out = package_versions()
-    for name in PEER_PACKAGES:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = "not installed"
-    return out
+    return package_versions(PEER_PACKAGES)
 
 
 def _timing(outputs: Sequence[FoldOutput], per_fold: Sequence[Mapping[str, MethodFold]], cs: Settings) -> dict:

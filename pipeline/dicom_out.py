@@ -258,11 +258,11 @@ def _box_polyline(box: tuple[float, float, float, float]) -> np.ndarray:
     return np.array([[x1, y1], [x2, y1], [x2, y2], [x1, y2], [x1, y1]], np.float32)
 
 
-def build_sr(source: Dataset, pred: Prediction, when: _dt.datetime | None = None) -> Dataset:
-    """A Comprehensive SR (TID 1500) with the score, threshold, verdict and box on ``source``."""
+def _sr_group(source: Dataset, pred: Prediction) -> Any:
+    """The SR's one measurement group: score, threshold and verdict, on the box (TID 1410) when there
+    is one, else on the whole source image (TID 1501)."""
     import highdicom as hd
 
-    _check_source(source, pred)
     frames = [pred.frame + 1] if _n_frames(source) > 1 else None
     algo = hd.sr.AlgorithmIdentification(name=pred.model_name, version=pred.model_version)
     common: dict[str, Any] = dict(
@@ -283,19 +283,23 @@ def build_sr(source: Dataset, pred: Prediction, when: _dt.datetime | None = None
             )
         ],
     )
-    group: Any
     if pred.box is not None and np.all(np.isfinite(pred.box)):
-        # TID 1410: the measurements belong to the box, a region of the source image
         region = hd.sr.ImageRegion(
             graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
             graphic_data=_box_polyline(pred.box),
             source_image=hd.sr.SourceImageForRegion.from_source_image(source, referenced_frame_numbers=frames),
         )
-        group = hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(referenced_region=region, **common)
-    else:
-        # TID 1501: no box, the measurements belong to the whole source image
-        ref = hd.sr.SourceImageForMeasurementGroup.from_source_image(source, referenced_frame_numbers=frames)
-        group = hd.sr.MeasurementsAndQualitativeEvaluations(source_images=[ref], **common)
+        return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(referenced_region=region, **common)
+    ref = hd.sr.SourceImageForMeasurementGroup.from_source_image(source, referenced_frame_numbers=frames)
+    return hd.sr.MeasurementsAndQualitativeEvaluations(source_images=[ref], **common)
+
+
+def build_sr(source: Dataset, pred: Prediction, when: _dt.datetime | None = None) -> Dataset:
+    """A Comprehensive SR (TID 1500) with the score, threshold, verdict and box on ``source``."""
+    import highdicom as hd
+
+    _check_source(source, pred)
+    group = _sr_group(source, pred)
     device = hd.sr.DeviceObserverIdentifyingAttributes(
         uid=derived_uid("device", pred.model_id), name=pred.model_name, manufacturer_name=MANUFACTURER
     )

@@ -244,6 +244,28 @@ def _load_detector(det_dir: Path, name: str) -> Any:
     return detector_class(name).load(det_dir)
 
 
+def _export_detector(det_dir: Path, out: Path, name: str, requested: bool) -> dict[str, Any]:
+    """Export the bundle's detector to ``out/detector.onnx`` where it has an exporter; its ``export.json`` entry."""
+    info: dict[str, Any] = {"name": name, "file": None, "note": ""}
+    if not requested:
+        info["note"] = "not requested"
+    elif name == "yolov5":
+        det = _load_detector(det_dir, name)
+        export_yolov5(det, out / "detector.onnx")
+        info.update(file="detector.onnx", inputs={"images": [None, 3, det.config["imgsz"], det.config["imgsz"]]})
+        info["outputs"] = ["output0"]
+    elif name == "codetr":
+        det = _load_detector(det_dir, name)
+        export_codetr(det, out / "detector.onnx")
+        info.update(file="detector.onnx", inputs={"images": [1, 1, det.image_size, det.image_size]})
+        info["outputs"] = ["boxes", "scores"]
+    else:
+        info["note"] = f"detector {name!r} has no ONNX exporter"
+    if info["file"] and (det_dir / "refined.json").is_file():
+        info["note"] = "the box refiner is not exported: boxes are the base detector's"
+    return info
+
+
 def export_bundle(bundle_dir: Path, out: Path, detector: bool = True) -> dict[str, Any]:
     """Export a bundle's U-Net, its LoRIS graph and (YOLOv5u) detector into ``out``; returns ``export.json``."""
     from reconstruction.checkpoint import load_model
@@ -280,28 +302,8 @@ def export_bundle(bundle_dir: Path, out: Path, detector: bool = True) -> dict[st
             "maps": list(doc["maps"]),
             "score_map": s["map"],
         },
-        "detector": {"name": doc["detector"], "file": None, "note": ""},
+        "detector": _export_detector(bundle_dir / "detector", out, doc["detector"], detector),
     }
-    det_dir = bundle_dir / "detector"
-    name = doc["detector"]
-    if not detector:
-        info["detector"]["note"] = "not requested"
-    elif name == "yolov5":
-        det = _load_detector(det_dir, name)
-        export_yolov5(det, out / "detector.onnx")
-        info["detector"].update(
-            file="detector.onnx", inputs={"images": [None, 3, det.config["imgsz"], det.config["imgsz"]]}
-        )
-        info["detector"]["outputs"] = ["output0"]
-    elif name == "codetr":
-        det = _load_detector(det_dir, name)
-        export_codetr(det, out / "detector.onnx")
-        info["detector"].update(file="detector.onnx", inputs={"images": [1, 1, det.image_size, det.image_size]})
-        info["detector"]["outputs"] = ["boxes", "scores"]
-    else:
-        info["detector"]["note"] = f"detector {name!r} has no ONNX exporter"
-    if info["detector"]["file"] and (det_dir / "refined.json").is_file():
-        info["detector"]["note"] = "the box refiner is not exported: boxes are the base detector's"
     atomic_write_text(out / "export.json", json.dumps(info, indent=1))
     return info
 

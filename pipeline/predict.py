@@ -31,10 +31,10 @@ import os
 import stat
 import sys
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import cv2
 import numpy as np
@@ -576,6 +576,54 @@ def _finish(out: Path, sink: _Sink, seconds: float, n_done: int, review: bool) -
     return _report(seconds, sink.n_ok, sink.n_err, n_done, confined(out, "errors.csv"))
 
 
+@dataclass
+class Job:
+    """One run's fixed inputs, as an :data:`Engine` sees them. ``bundle`` is the driver's loaded copy
+    (an engine whose workers load their own may drop it)."""
+
+    bundle_dir: Path
+    device: str
+    folder: Path
+    out: Path
+    opts: ReadOptions
+    dicom_out: tuple[str, ...]
+    batch_size: int
+    progress: bool
+    bundle: Bundle | None
+
+
+# Processes a run's pending frames into the sink it returns (closed), timing the work as "predict".
+Engine = Callable[[Job, _Plan, Stopwatch], _Sink]
+
+
+def local_engine(job: Job, plan: _Plan, watch: Stopwatch) -> _Sink:
+    """The default :data:`Engine`: this process, one batch at a time as the folder is listed."""
+    if job.bundle is None:
+        raise ValueError("the local engine runs the job's own bundle, and this job has none")
+    sink = _Sink(job.out, job.progress, plan.total)
+    try:
+        sink.write([], plan.listing_errors, 0)
+        with watch("predict"):
+            for items, early in _batches(plan.work, job.batch_size):
+                rows, errors = process_batch(job.bundle, job.folder, job.out, items, job.opts, job.dicom_out)
+                sink.write(rows, early + errors, len(items) + len(early))
+    finally:
+        sink.close()
+    return sink
+
+
+class PredictOptions(TypedDict, total=False):
+    """:func:`predict_folder`'s keyword options, for the engines' own entry points to pass on."""
+
+    recursive: bool
+    batch_size: int
+    device: str
+    progress: bool
+    read: ReadOptions | None
+    dicom_out: Sequence[str]
+    review: bool
+
+
 def predict_folder(
     bundle_dir: Path,
     folder: Path,
@@ -587,27 +635,23 @@ def predict_folder(
     read: ReadOptions | None = None,
     dicom_out: Sequence[str] = (),
     review: bool = True,
+    engine: Engine = local_engine,
 ) -> dict[str, Any]:
     """Process every file of ``folder``; returns counts and throughput. Resumes a killed run.
 
     ``read``: crop mode, region, frames and pixel limit (:class:`ReadOptions`); ``dicom_out``: the
     DICOM kinds (``seg``, ``sr``, ``sc``) written under ``out/dicom/`` for DICOM inputs; ``review``:
-    write ``review.html`` at the end.
+    write ``review.html`` at the end; ``engine``: what processes the frames (:func:`local_engine`, or
+    :class:`pipeline.predict_ray.RayEngine`'s Ray Data actors).
     """
     folder, out = Path(folder), Path(out)
     opts = _validate(folder, out, batch_size, read or ReadOptions(), dicom_out)
-    bundle = Bundle.load(Path(bundle_dir), device=device)
+    bundle = Bundle.load(Path(bundle_dir), device=device)  # a damaged bundle is named before any work starts
     plan = _plan(folder, out, recursive, opts, bundle.frame)
-    sink = _Sink(out, progress, plan.total)
+    job = Job(Path(bundle_dir), device, folder, out, opts, tuple(dicom_out), batch_size, progress, bundle)
+    del bundle  # the job holds it, so an engine that does not need it can let it go
     watch = Stopwatch()
-    try:
-        sink.write([], plan.listing_errors, 0)
-        with watch("predict"):
-            for items, early in _batches(plan.work, batch_size):
-                rows, errors = process_batch(bundle, folder, out, items, opts, dicom_out)
-                sink.write(rows, early + errors, len(items) + len(early))
-    finally:
-        sink.close()
+    sink = engine(job, plan, watch)
     return _finish(out, sink, watch.seconds.get("predict", 0.0), plan.n_done, review)
 
 

@@ -19,21 +19,14 @@ import os
 import shutil
 import tempfile
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Unpack
 
 import numpy as np
 
 from pipeline.bundle import Bundle
-from pipeline.predict import (
-    ReadOptions,
-    _finish,
-    _Item,
-    _plan,
-    _Sink,
-    _validate,
-    process_batch,
-)
+from pipeline.predict import Job, PredictOptions, ReadOptions, _Item, _Plan, _Sink, predict_folder, process_batch
 from scans.runtime import Stopwatch
 
 
@@ -96,74 +89,88 @@ def _start_ray(address: str | None, threads: int) -> tuple[bool, Path | None]:
     return True, scratch
 
 
+@dataclass(frozen=True)
+class RayEngine:
+    """An :data:`pipeline.predict.Engine`: Ray Data with ``actors`` model-holding actors of
+    ``threads`` torch threads each, on this machine or the cluster at ``address``."""
+
+    actors: int = 1
+    threads: int = 1
+    address: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.actors < 1 or self.threads < 1:
+            raise ValueError(f"actors and threads per actor must be 1 or more, not {self.actors} and {self.threads}")
+
+    def __call__(self, job: Job, plan: _Plan, watch: Stopwatch) -> _Sink:
+        job.bundle = None  # the actors load their own; the driver keeps no model in memory
+        items: list[_Item] = []
+        early = list(plan.listing_errors)
+        for w in plan.work:
+            if isinstance(w, _Item):
+                items.append(w)
+            else:
+                early.append(w)
+        sink = _Sink(job.out, job.progress, len(items) + len(early))
+        started, scratch = False, None
+        try:
+            sink.write([], early, len(early))
+            with watch("predict"):
+                if items:
+                    started, scratch = _start_ray(self.address, self.actors * self.threads)
+                    self._map(job, items, sink)
+        finally:
+            sink.close()
+            if started:
+                import ray
+
+                ray.shutdown()
+            if scratch is not None:
+                shutil.rmtree(scratch, ignore_errors=True)
+        return sink
+
+    def _map(self, job: Job, items: list[_Item], sink: _Sink) -> None:
+        """Map ``items`` over the actor pool, writing each batch's rows to ``sink`` as it comes back."""
+        import ray
+
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        ds = ray.data.from_items([{"path": str(i.path), "rel": i.rel, "frame": i.frame} for i in items])
+        kwargs = {
+            "bundle_dir": str(job.bundle_dir),
+            "device": job.device,
+            "folder": str(job.folder),
+            "out": str(job.out),
+            "opts": job.opts,
+            "dicom_kinds": job.dicom_out,
+            "threads": self.threads,
+        }
+        mapped = ds.map_batches(
+            BundleActor,
+            fn_constructor_kwargs=kwargs,
+            batch_size=job.batch_size,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=self.actors),
+            num_cpus=self.threads,
+        )
+        for b in mapped.iter_batches(batch_size=None, batch_format="numpy"):
+            decoded = [(k, json.loads(r)) for k, r in zip(b["kind"], b["row"])]
+            rows = [r for k, r in decoded if k == "row"]
+            errors = [r for k, r in decoded if k == "error"]
+            sink.write(rows, errors, len({(r["file"], str(r["frame"])) for _, r in decoded}))
+
+
 def predict_folder_ray(
     bundle_dir: Path,
     folder: Path,
     out: Path,
-    recursive: bool = False,
-    batch_size: int = 8,
-    device: str = "auto",
-    progress: bool = True,
-    read: ReadOptions | None = None,
-    dicom_out: Sequence[str] = (),
-    review: bool = True,
     actors: int = 1,
     threads_per_actor: int = 1,
     address: str | None = None,
+    **options: Unpack[PredictOptions],
 ) -> dict[str, Any]:
-    """:func:`pipeline.predict.predict_folder` on Ray Data with ``actors`` model-holding actors."""
-    import ray
+    """:func:`pipeline.predict.predict_folder` (``options`` are its keywords) on Ray Data with ``actors``
+    model-holding actors of ``threads_per_actor`` threads each."""
+    import ray  # noqa: F401  (a missing Ray fails before any work)
 
-    if actors < 1 or threads_per_actor < 1:
-        raise ValueError(f"actors and threads per actor must be 1 or more, not {actors} and {threads_per_actor}")
-    folder, out = Path(folder), Path(out)
-    opts = _validate(folder, out, batch_size, read or ReadOptions(), dicom_out)
-    bundle = Bundle.load(Path(bundle_dir), device=device)  # a damaged bundle is named before Ray starts
-    plan = _plan(folder, out, recursive, opts, bundle.frame)
-    del bundle
-    items: list[_Item] = []
-    early = list(plan.listing_errors)
-    for w in plan.work:
-        if isinstance(w, _Item):
-            items.append(w)
-        else:
-            early.append(w)
-    sink = _Sink(out, progress, len(items) + len(early))
-    watch = Stopwatch()
-    started, scratch = False, None
-    try:
-        sink.write([], early, len(early))
-        with watch("predict"):
-            if items:
-                started, scratch = _start_ray(address, actors * threads_per_actor)
-                ray.data.DataContext.get_current().enable_progress_bars = False
-                ds = ray.data.from_items([{"path": str(i.path), "rel": i.rel, "frame": i.frame} for i in items])
-                kwargs = {
-                    "bundle_dir": str(bundle_dir),
-                    "device": device,
-                    "folder": str(folder),
-                    "out": str(out),
-                    "opts": opts,
-                    "dicom_kinds": tuple(dicom_out),
-                    "threads": threads_per_actor,
-                }
-                mapped = ds.map_batches(
-                    BundleActor,
-                    fn_constructor_kwargs=kwargs,
-                    batch_size=batch_size,
-                    batch_format="numpy",
-                    compute=ray.data.ActorPoolStrategy(size=actors),
-                    num_cpus=threads_per_actor,
-                )
-                for b in mapped.iter_batches(batch_size=None, batch_format="numpy"):
-                    decoded = [(k, json.loads(r)) for k, r in zip(b["kind"], b["row"])]
-                    rows = [r for k, r in decoded if k == "row"]
-                    errors = [r for k, r in decoded if k == "error"]
-                    sink.write(rows, errors, len({(r["file"], str(r["frame"])) for _, r in decoded}))
-    finally:
-        sink.close()
-        if started:
-            ray.shutdown()
-        if scratch is not None:
-            shutil.rmtree(scratch, ignore_errors=True)
-    return _finish(out, sink, watch.seconds.get("predict", 0.0), plan.n_done, review)
+    engine = RayEngine(actors, threads_per_actor, address)  # checked before the bundle is loaded
+    return predict_folder(bundle_dir, folder, out, engine=engine, **options)

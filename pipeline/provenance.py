@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import platform
 import subprocess
+from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -28,9 +29,14 @@ PACKAGES = (
 REPO = Path(__file__).resolve().parent.parent
 
 
-def package_versions() -> dict[str, str]:
+def package_versions(extra: Sequence[str] = ()) -> dict[str, str]:
+    """Python's version and each of :data:`PACKAGES` and ``extra`` ("not installed" when missing).
+
+    >>> package_versions(("no-such-package-x",))["no-such-package-x"]
+    'not installed'
+    """
     out = {"python": platform.python_version()}
-    for name in PACKAGES:
+    for name in (*PACKAGES, *extra):
         try:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:

@@ -61,10 +61,7 @@ Distended scans spread over patients: a heavy-tailed propensity per patient, cap
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,6 +70,7 @@ import numpy as np
 
 from scans.coco import encode_mask, save_coco
 from scans.folds import make_folds, save_splits
+from scans.importers.core import building_folder
 from scans.io import write_png
 from scans.records import Box, Scan, box_mask
 from scans.runtime import cache_home
@@ -648,9 +646,7 @@ def generate_dataset(
     if size < 32:
         raise ValueError(f"size must be at least 32, got {size}")
     _check_out(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
+    with building_folder(out, "tmp") as tmp:
         (tmp / "images").mkdir()
         patient, distended, anatomies = _plan(n_images, n_distended, n_patients, seed)
         width = len(str(n_patients))
@@ -681,12 +677,6 @@ def generate_dataset(
         save_coco(tmp / "annotations.json", scans, tmp)
         save_splits(tmp / "splits.json", make_folds(scans, k=5, seed=seed))
         _check_out(out)
-        if out.exists():
-            out.rmdir()  # empty: replace it
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

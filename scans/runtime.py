@@ -122,7 +122,5 @@ def keep_out_of_home() -> None:
     if "matplotlib" not in sys.modules:
         wanted["MPLCONFIGDIR"] = "matplotlib"
     for variable, name in wanted.items():
-        if not os.environ.get(variable):
-            folder = cache_home() / name
-            folder.mkdir(parents=True, exist_ok=True)
-            os.environ[variable] = str(folder)
+        if not os.environ.get(variable):  # both libraries create the folder when they first write
+            os.environ[variable] = str(cache_home() / name)

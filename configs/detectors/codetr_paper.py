@@ -21,6 +21,13 @@ aux_heads = True
 max_detections = 10
 device = "auto"  # CUDA when present
 
+
+def _max_iou(pos: float, neg: float, min_pos: float, low_quality: bool) -> dict:
+    """mmdet's MaxIoUAssigner at these IoU thresholds (functions are left out of the parsed config)."""
+    thresholds = dict(pos_iou_thr=pos, neg_iou_thr=neg, min_pos_iou=min_pos)
+    return dict(type="MaxIoUAssigner", **thresholds, match_low_quality=low_quality, ignore_iof_thr=-1)
+
+
 model = dict(
     type="LorisCoDINO",
     num_queries=900,  # published
@@ -104,14 +111,7 @@ model = dict(
         loss_cls=dict(type="CrossEntropyLoss", use_sigmoid=True, loss_weight=1.0 * _aux_w),
         loss_bbox=dict(type="L1Loss", loss_weight=1.0 * _aux_w),
         train_cfg=dict(
-            assigner=dict(
-                type="MaxIoUAssigner",
-                pos_iou_thr=0.7,
-                neg_iou_thr=0.3,
-                min_pos_iou=0.3,
-                match_low_quality=True,
-                ignore_iof_thr=-1,
-            ),
+            assigner=_max_iou(pos=0.7, neg=0.3, min_pos=0.3, low_quality=True),
             sampler=dict(type="RandomSampler", num=256, pos_fraction=0.5, neg_pos_ub=-1, add_gt_as_proposals=False),
             allowed_border=-1,
             pos_weight=-1,
@@ -142,14 +142,7 @@ model = dict(
             loss_bbox=dict(type="GIoULoss", loss_weight=10.0 * _aux_w),
         ),
         train_cfg=dict(
-            assigner=dict(
-                type="MaxIoUAssigner",
-                pos_iou_thr=0.5,
-                neg_iou_thr=0.5,
-                min_pos_iou=0.5,
-                match_low_quality=False,
-                ignore_iof_thr=-1,
-            ),
+            assigner=_max_iou(pos=0.5, neg=0.5, min_pos=0.5, low_quality=False),
             sampler=dict(type="RandomSampler", num=512, pos_fraction=0.25, neg_pos_ub=-1, add_gt_as_proposals=True),
             pos_weight=-1,
             debug=False,

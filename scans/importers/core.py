@@ -21,7 +21,8 @@ import re
 import shutil
 import tempfile
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -374,6 +375,30 @@ def _splits(planned: Sequence[Planned], ids: Sequence[int]) -> tuple[list[Fold] 
     return [Fold(tuple(parts["train"]), tuple(parts["val"]), tuple(parts["test"]))], problems
 
 
+@contextmanager
+def building_folder(out: Path, label: str) -> Iterator[Path]:
+    """A fresh hidden sibling folder of ``out`` to build a dataset in, renamed to ``out`` (which must be
+    missing or empty) when the block ends, and removed when it raises, so a killed run leaves no half folder.
+
+    >>> import tempfile
+    >>> out = Path(tempfile.mkdtemp()) / "ds"
+    >>> with building_folder(out, "demo") as tmp:
+    ...     _ = (tmp / "a.txt").write_text("x")
+    >>> sorted(p.name for p in out.iterdir()), sorted(p.name for p in out.parent.iterdir())
+    (['a.txt'], ['ds'])
+    """
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.{label}-"))
+    try:
+        yield tmp
+        if out.exists():
+            out.rmdir()  # empty: replace it
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def write(planned: Sequence[Planned], out: Path | str) -> Path:
     """Write the dataset folder ``out`` atomically (see the module docstring).
 
@@ -384,9 +409,7 @@ def write(planned: Sequence[Planned], out: Path | str) -> Path:
     out = Path(out)
     if out.is_file() or (out.is_dir() and any(out.iterdir())):
         raise ImportRefused([Problem(str(out), "already exists and is not an empty folder; choose a new --out")])
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.importing-"))
-    try:
+    with building_folder(out, "importing") as tmp:
         order = sorted(planned, key=lambda p: p.source.out_name)
         scans, back = [], {}
         for i, p in enumerate(order, start=1):
@@ -405,12 +428,6 @@ def write(planned: Sequence[Planned], out: Path | str) -> Path:
         ]
         if problems:
             raise ImportRefused(problems)
-        if out.exists():
-            out.rmdir()  # empty: replace it
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -317,13 +317,12 @@ def _predict(args: argparse.Namespace) -> int:
 
         if not all(importlib.util.find_spec(m) for m in ("ray", "pyarrow")):
             raise RuntimeError("--engine ray needs Ray Data: pip install 'ray[data]'")
-        from pipeline.predict_ray import predict_folder_ray
+        from pipeline.predict_ray import RayEngine
 
-        predict_folder_ray(args.model, args.input, out, actors=args.actors, address=args.ray_address, **common)
-    else:
-        from pipeline.predict import predict_folder
+        common["engine"] = RayEngine(args.actors, address=args.ray_address)
+    from pipeline.predict import predict_folder
 
-        predict_folder(args.model, args.input, out, **common)
+    predict_folder(args.model, args.input, out, **common)
     outputs = "predictions.csv, errors.csv, masks/, overlays/" + ("" if args.no_review else ", review.html")
     print(f"results in {out} ({outputs}" + (", dicom/)" if args.dicom_out else ")"))
     return 0

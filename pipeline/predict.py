@@ -34,7 +34,7 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import Any
 
 import cv2
 import numpy as np
@@ -610,18 +610,6 @@ def local_engine(job: Job, plan: _Plan, watch: Stopwatch) -> _Sink:
     finally:
         sink.close()
     return sink
-
-
-class PredictOptions(TypedDict, total=False):
-    """:func:`predict_folder`'s keyword options, for the engines' own entry points to pass on."""
-
-    recursive: bool
-    batch_size: int
-    device: str
-    progress: bool
-    read: ReadOptions | None
-    dicom_out: Sequence[str]
-    review: bool
 
 
 def predict_folder(

@@ -21,12 +21,11 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Unpack
 
 import numpy as np
 
 from pipeline.bundle import Bundle
-from pipeline.predict import Job, PredictOptions, ReadOptions, _Item, _Plan, _Sink, predict_folder, process_batch
+from pipeline.predict import Job, ReadOptions, _Item, _Plan, _Sink, process_batch
 from scans.runtime import Stopwatch
 
 
@@ -157,20 +156,3 @@ class RayEngine:
             rows = [r for k, r in decoded if k == "row"]
             errors = [r for k, r in decoded if k == "error"]
             sink.write(rows, errors, len({(r["file"], str(r["frame"])) for _, r in decoded}))
-
-
-def predict_folder_ray(
-    bundle_dir: Path,
-    folder: Path,
-    out: Path,
-    actors: int = 1,
-    threads_per_actor: int = 1,
-    address: str | None = None,
-    **options: Unpack[PredictOptions],
-) -> dict[str, Any]:
-    """:func:`pipeline.predict.predict_folder` (``options`` are its keywords) on Ray Data with ``actors``
-    model-holding actors of ``threads_per_actor`` threads each."""
-    import ray  # noqa: F401  (a missing Ray fails before any work)
-
-    engine = RayEngine(actors, threads_per_actor, address)  # checked before the bundle is loaded
-    return predict_folder(bundle_dir, folder, out, engine=engine, **options)

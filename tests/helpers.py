@@ -3,44 +3,104 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
 
+from evaluation import ImageRow
 from scans.coco import encode_mask, save_coco
-from scans.records import Scan
+from scans.records import Scan, ScanArrays
+
+# the tiny phantom (48 scans of 64 px in 3 folds) that the end-to-end tests run the quick profile on
+TINY_PHANTOM = [
+    "phantom.images=48",
+    "phantom.distended=16",
+    "phantom.patients=16",
+    "phantom.size=64",
+    "image_size=64",
+    "folds=3",
+]
 
 
-def write_dicom(path: Path, frames: np.ndarray, photometric: str = "MONOCHROME2") -> None:
-    """Write an uncompressed DICOM with pydicom: ``frames`` is [H,W], [F,H,W] or [H,W,3] / [F,H,W,3]."""
+def set_args(overrides: list[str]) -> list[str]:
+    """Config overrides as CLI arguments: ``["a=1"]`` -> ``["--set", "a=1"]``."""
+    return [a for s in overrides for a in ("--set", s)]
+
+
+def random_scans(n: int, seed: int) -> ScanArrays:
+    """``n`` random 32 px scans of ``n`` patients, all normal, each with a box near (8, 10, 24, 20)."""
+    rng = np.random.default_rng(seed)
+    images = rng.random((n, 32, 32), dtype=np.float32)
+    boxes = np.tile(np.array([8, 10, 24, 20], np.float32), (n, 1)) + rng.integers(-2, 3, (n, 4)).astype(np.float32)
+    return ScanArrays(
+        images,
+        boxes,
+        np.zeros((n, 32, 32), bool),
+        np.zeros(n, np.int64),
+        np.arange(n),
+        [f"p{i}" for i in range(n)],
+        np.ones((n, 2), np.float32),
+    )
+
+
+def fake_row(fold: int, i: int, prior: str, **values: Any) -> ImageRow:
+    """Image ``i`` of ``fold`` scored with the ``prior`` boxes: two images a patient, odd images distended."""
+    return ImageRow(id=100 * fold + i, patient=f"p{i // 2}", fold=fold, label=i % 2, prior_source=prior, **values)
+
+
+def build_dicom(
+    path: Path,
+    pixels: np.ndarray,
+    photometric: str = "MONOCHROME2",
+    bits_stored: int | None = None,
+    signed: bool = False,
+    save: bool = True,
+    sop_class: str | None = None,
+    **attrs: Any,
+) -> Any:
+    """An uncompressed DICOM dataset with ``pixels`` ([H,W], [F,H,W], [H,W,3] or [F,H,W,3]), saved to ``path``.
+
+    ``sop_class`` defaults to Ultrasound Multi-frame Image Storage; ``attrs`` are set last (any DICOM keyword).
+    """
     from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, UltrasoundImageStorage, generate_uid
+    from pydicom.uid import UID, ExplicitVRLittleEndian, UltrasoundMultiFrameImageStorage, generate_uid
 
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = UltrasoundImageStorage
+    meta.MediaStorageSOPClassUID = UID(sop_class) if sop_class else UltrasoundMultiFrameImageStorage
     meta.MediaStorageSOPInstanceUID = generate_uid()
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds = Dataset()
     ds.file_meta = meta
-    ds.SOPClassUID = UltrasoundImageStorage
+    ds.SOPClassUID = meta.MediaStorageSOPClassUID
     ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.PatientID = "test"
-    color = frames.shape[-1] == 3 and frames.ndim >= 3 and photometric != "MONOCHROME2"
-    multi = frames.ndim == (4 if color else 3)
-    ds.Rows, ds.Columns = frames.shape[-3:-1] if color else frames.shape[-2:]
+    color = photometric not in ("MONOCHROME1", "MONOCHROME2", "PALETTE COLOR")
+    multi = pixels.ndim == (4 if color else 3)
+    ds.Rows, ds.Columns = pixels.shape[-3:-1] if color else pixels.shape[-2:]
     if multi:
-        ds.NumberOfFrames = frames.shape[0]
+        ds.NumberOfFrames = pixels.shape[0]
     ds.SamplesPerPixel = 3 if color else 1
     if color:
         ds.PlanarConfiguration = 0
     ds.PhotometricInterpretation = photometric
-    bits = 16 if frames.dtype == np.uint16 else 8
-    ds.BitsAllocated = bits
-    ds.BitsStored = bits
-    ds.HighBit = bits - 1
-    ds.PixelRepresentation = 0
-    ds.PixelData = np.ascontiguousarray(frames).tobytes()
-    ds.save_as(path, enforce_file_format=True)
+    allocated = pixels.dtype.itemsize * 8
+    ds.BitsAllocated = allocated
+    ds.BitsStored = bits_stored or allocated
+    ds.HighBit = ds.BitsStored - 1
+    ds.PixelRepresentation = 1 if signed else 0
+    for key, value in attrs.items():
+        setattr(ds, key, value)
+    ds.PixelData = np.ascontiguousarray(pixels).tobytes()
+    if save:
+        ds.save_as(path, enforce_file_format=True)
+    return ds
+
+
+def write_dicom(path: Path, frames: np.ndarray, photometric: str = "MONOCHROME2") -> None:
+    """Write an uncompressed ultrasound DICOM (8 or 16 bit) with pydicom: ``frames`` as in :func:`build_dicom`."""
+    from pydicom.uid import UltrasoundImageStorage
+
+    build_dicom(path, frames, photometric, sop_class=UltrasoundImageStorage, PatientID="test")
 
 
 def make_dataset(root: Path, n_patients: int = 8, per_patient: int = 3, size: int = 64, seed: int = 0) -> list[Scan]:

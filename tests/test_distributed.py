@@ -19,22 +19,8 @@ import pytest
 import torch
 
 from scans import distributed, training
-from scans.distributed import (
-    all_reduce_mean,
-    barrier,
-    broadcast_decision,
-    init_from_env,
-    is_distributed,
-    is_main,
-    loss_scale,
-    rank,
-    shard,
-    sync_buffers,
-    world_size,
-    wrap,
-)
-from scans.records import ScanArrays
 from scans.training import Budget, EarlyStopping, streams
+from tests.helpers import random_scans
 
 ROOT = Path(__file__).resolve().parents[1]
 # Two ranks each see half of a batch: BatchNorm normalises with the statistics of that half, not of
@@ -46,17 +32,19 @@ GLOBAL_BATCH = 4
 
 def test_helpers_are_no_ops_in_one_process(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    assert init_from_env("cpu") == torch.device("cpu") and not torch.distributed.is_initialized()
-    assert (is_distributed(), rank(), world_size(), is_main()) == (False, 0, 1, True)
+    assert distributed.init_from_env("cpu") == torch.device("cpu") and not torch.distributed.is_initialized()
+    state = (distributed.is_distributed(), distributed.rank(), distributed.world_size(), distributed.is_main())
+    assert state == (False, 0, 1, True)
     perm = torch.randperm(7)
-    assert shard(perm) is perm
-    assert all_reduce_mean(0.1, weight=0.0) == 0.1 and loss_scale(2, 5) == 1.0
-    assert broadcast_decision(False) is False and broadcast_decision(3) == 3 and broadcast_decision(0.5) == 0.5
+    assert distributed.shard(perm) is perm
+    assert distributed.all_reduce_mean(0.1, weight=0.0) == 0.1 and distributed.loss_scale(2, 5) == 1.0
+    decide = distributed.broadcast_decision
+    assert decide(False) is False and decide(3) == 3 and decide(0.5) == 0.5
     net = torch.nn.BatchNorm1d(2)
-    assert wrap(net) is net
+    assert distributed.wrap(net) is net
     before = net.running_mean.clone()
-    sync_buffers(net)
-    barrier()
+    distributed.sync_buffers(net)
+    distributed.barrier()
     assert torch.equal(net.running_mean, before)
 
 
@@ -74,11 +62,11 @@ def test_shards_of_one_permutation_are_disjoint_and_cover_it(monkeypatch: pytest
         _as_rank(monkeypatch, r, size)
         perm = torch.randperm(n, generator=streams(5).torch)  # each rank draws from the one seed
         perms.append(perm)
-        shares.append(shard(perm).tolist())
+        shares.append(distributed.shard(perm).tolist())
         # sharding each global batch gives a share of about batch / size, and together that batch
         for s in range(0, n, batch):
             glob = perm[s : s + batch]
-            part = shard(glob)
+            part = distributed.shard(glob)
             assert len(part) in (len(glob) // size, -(-len(glob) // size))
             assert set(part.tolist()) <= set(glob.tolist())
     assert all(torch.equal(p, perms[0]) for p in perms)
@@ -94,7 +82,7 @@ def test_loss_scale_makes_the_mean_over_ranks_the_mean_over_the_batch(monkeypatc
     means = []
     for r, p in enumerate(parts):
         _as_rank(monkeypatch, r, size)
-        means.append(p.mean() * loss_scale(len(p), len(losses)))
+        means.append(p.mean() * distributed.loss_scale(len(p), len(losses)))
     assert np.isclose(np.mean(means), losses.mean())  # what DDP's gradient average computes
 
 
@@ -111,21 +99,6 @@ def test_budget_follows_rank_zeros_decisions(monkeypatch: pytest.MonkeyPatch) ->
 
 
 # ---------------------------------------------------------------- two gloo processes
-
-
-def _scans(n: int, seed: int) -> ScanArrays:
-    rng = np.random.default_rng(seed)
-    images = rng.random((n, 32, 32), dtype=np.float32)
-    boxes = np.tile(np.float32([8, 10, 24, 20]), (n, 1)) + rng.integers(-2, 3, (n, 4)).astype(np.float32)
-    return ScanArrays(
-        images,
-        boxes,
-        np.zeros((n, 32, 32), bool),
-        np.zeros(n, np.int64),
-        np.arange(n),
-        [f"p{i}" for i in range(n)],
-        np.ones((n, 2), np.float32),
-    )
 
 
 def _unet_config() -> Any:
@@ -153,19 +126,19 @@ def _worker(out: Path) -> None:
     """One torchrun rank: check the collectives, train a U-Net and a refiner, write what it ends with."""
     from reconstruction.train import train_unet
 
-    init_from_env("cpu")
-    r, size = rank(), world_size()
+    distributed.init_from_env("cpu")
+    r, size = distributed.rank(), distributed.world_size()
     perm = torch.randperm(10, generator=streams(3).torch)
     helpers = {
         "perm": perm.tolist(),
-        "share": shard(perm).tolist(),
-        "mean": all_reduce_mean(float(r + 1), weight=float(r + 1)),
-        "decision": broadcast_decision(r == 0),
-        "value": broadcast_decision(float(r) + 0.5),
+        "share": distributed.shard(perm).tolist(),
+        "mean": distributed.all_reduce_mean(float(r + 1), weight=float(r + 1)),
+        "decision": distributed.broadcast_decision(r == 0),
+        "value": distributed.broadcast_decision(float(r) + 0.5),
     }
-    res = train_unet(_scans(10, 0), _scans(5, 1), _unet_config(), workdir=out / "unet")
+    res = train_unet(random_scans(10, 0), random_scans(5, 1), _unet_config(), workdir=out / "unet")
     ref = _refiner()
-    data = _scans(6, 2)
+    data = random_scans(6, 2)
     info = ref.fit(data.images, data.boxes, data.images, data.boxes)
     torch.save(res.model.state_dict(), out / f"unet{r}.pt")
     torch.save(ref.net.state_dict(), out / f"refiner{r}.pt")
@@ -179,12 +152,14 @@ def _codetr_worker(out: Path) -> None:
     """One torchrun rank: fit a small Co-DINO for 2 epochs of 2 global batches; write its weights."""
     from test_codetr import _detector, _toy
 
-    init_from_env("cpu")
+    distributed.init_from_env("cpu")
     det = _detector(image_size=64, epochs=2, batch_size=GLOBAL_BATCH // 2, warmup_iters=1, val_interval=1)
     data = _toy(4, 64, seed=2)
     summary = det.fit(data, data.subset([0, 1]), out / "codetr")
-    torch.save(det.model.state_dict(), out / f"codetr{rank()}.pt")
-    (out / f"codetr{rank()}.json").write_text(json.dumps({k: summary[k] for k in ("iterations", "best_val_mean_iou")}))
+    torch.save(det.model.state_dict(), out / f"codetr{distributed.rank()}.pt")
+    (out / f"codetr{distributed.rank()}.json").write_text(
+        json.dumps({k: summary[k] for k in ("iterations", "best_val_mean_iou")})
+    )
     distributed.shutdown()
 
 
@@ -229,7 +204,7 @@ def test_two_gloo_processes_train_one_model_like_one_process(tmp_path: Path) -> 
     assert (tmp_path / "unet" / LAST).is_file() and (tmp_path / "unet" / BEST_DIR).is_dir()
 
     # the same global batch in one process gives the same run up to BatchNorm's per-rank statistics
-    single = train_unet(_scans(10, 0), _scans(5, 1), _unet_config())
+    single = train_unet(random_scans(10, 0), random_scans(5, 1), _unet_config())
     dist_val = [h["val_loss"] for h in recs[0]["history"]]
     one_val = [h["val_loss"] for h in single.history]
     assert len(dist_val) == len(one_val) == 2

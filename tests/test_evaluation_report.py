@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from evaluation import Example, FoldResult, ImageRow, SourceLabel, select_cases, summary_from_folds, write_report
+from evaluation import Example, FoldResult, SourceLabel, select_cases, summary_from_folds, write_report
+from tests.helpers import fake_row
 
 METHODS = ("msgmsd", "dd", "gmsd", "ssim", "riad")
 # what the pipeline passes from the detector registry for the built-in sources
@@ -47,12 +48,10 @@ def _folds(n_folds: int = 3) -> list[FoldResult]:
             label = int(i % 2)
             for prior in ("gt", "codetr"):
                 rows.append(
-                    ImageRow(
-                        id=100 * k + i,
-                        patient=f"p{i // 2}",
-                        fold=k,
-                        label=label,
-                        prior_source=prior,
+                    fake_row(
+                        k,
+                        i,
+                        prior,
                         box=(10.0, 20.0, 40.0, 30.0),
                         iou=1.0 if prior == "gt" else 0.8,
                         scores={m: float(rng.random() + 0.3 * label) for m in METHODS},

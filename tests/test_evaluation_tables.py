@@ -9,11 +9,12 @@ from typing import Any
 import numpy as np
 import pytest
 
-from evaluation import FoldResult, ImageRow, SourceLabel
+from evaluation import FoldResult, SourceLabel
 from evaluation.intervals import clustered_summary, fold_estimates
 from evaluation.report import write_report
 from evaluation.results import labels_from_json, labels_to_json, source_order
 from evaluation.tables import build_tables, table_markdown
+from tests.helpers import fake_row
 
 # What the pipeline passes for the built-in detectors (detectors/*: display name and paper row).
 BUILT_IN = {
@@ -40,12 +41,10 @@ def _folds(n: int = 3) -> list[FoldResult]:
             label = i % 2
             for src in SOURCES:
                 rows.append(
-                    ImageRow(
-                        id=100 * k + i,
-                        patient=f"p{i // 2}",
-                        fold=k,
-                        label=label,
-                        prior_source=src,
+                    fake_row(
+                        k,
+                        i,
+                        src,
                         box=(10.0, 20.0, 40.0 + i, 30.0),
                         iou=1.0 if src == "gt" else 0.7,
                         scores={m: float(np.round(rng.random() + 0.4 * label, 4)) for m in METHODS},

@@ -30,6 +30,8 @@ TINY: dict[str, dict[str, Any]] = {
 TINY_BUDGET = Budget(epochs=1, batch_size=4, steps_per_epoch=2)
 REQUIRED = {"patchcore", "cflow", "supersimplenet", "draem", "ganomaly", "uae", "intrans", "fair", "multitask"}
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # from conftest.py
+
 
 def toy(n: int, seed: int, labels: np.ndarray | None = None) -> ScanArrays:
     """Smooth textured 'scans'; label-1 scans carry a bright disc (the obvious anomaly) with its mask."""
@@ -53,17 +55,6 @@ def toy(n: int, seed: int, labels: np.ndarray | None = None) -> ScanArrays:
         [f"p{i}" for i in range(n)],
         np.ones((n, 2)),
     )
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Any:
-    """Tiny models gain nothing from threads; one thread keeps timings stable on a shared 2-core machine."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,8 @@ NAMES = ["patchcore_box", "padim_box", "draem_box"]
 TINY: dict[str, dict[str, Any]] = {"draem_box": {"width": 8}, "padim_box": {"n_features": 32}}
 TINY_BUDGET = Budget(epochs=1, batch_size=4, steps_per_epoch=2)
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # from conftest.py
+
 
 def toy(n: int, seed: int, labels: list[int] | None = None) -> ScanArrays:
     """Textured 'scans' with one prior box each; label-1 scans carry a bright blob inside their box."""
@@ -45,15 +47,6 @@ def prior_peer(name: str, **options: Any) -> PriorPeer:
     peer = build_peer(name, seed=0, **options)
     assert isinstance(peer, PriorPeer)
     return peer
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Any:
-    """Tiny models gain nothing from threads; one thread keeps timings stable on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ from pipeline.compare_report import peer_label
 from pipeline.config import Config, load_config
 from pipeline.run import execute
 from reconstruction.peers import Peer
+from tests.helpers import TINY_PHANTOM
 
 METHODS = "loris,riad,patchcore,uae,multitask"
 LORIS_ROWS = ["LoRIS+MSGMSD", "LoRIS+DD", "LoRIS+GMSD", "LoRIS+SSIM"]
@@ -36,12 +37,7 @@ def _cache_env(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 def tiny(cache: Path) -> Config:
     sets = [
         f"evaluation.external={held_out(cache)}",
-        "phantom.images=48",
-        "phantom.distended=16",
-        "phantom.patients=16",
-        "phantom.size=64",
-        "image_size=64",
-        "folds=3",
+        *TINY_PHANTOM,
         "run_folds=[0]",
         "unet.epochs=1",
         "riad.epochs=1",

@@ -12,6 +12,7 @@ import cv2
 import pytest
 
 from pipeline.__main__ import main
+from tests.helpers import TINY_PHANTOM, set_args
 
 SUMMARY_KEYS = {"detector", "data", "profile", "folds", "reconstruction", "riad", "detection", "timing"}
 METRIC_KEYS = {"i_auroc", "p_auroc", "dice_oracle", "dice_val"}
@@ -25,12 +26,7 @@ def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def tiny(cache: Path) -> list[str]:
     sets = [
-        "phantom.images=48",
-        "phantom.distended=16",
-        "phantom.patients=16",
-        "phantom.size=64",
-        "image_size=64",
-        "folds=3",
+        *TINY_PHANTOM,
         "unet.epochs=1",
         "riad.epochs=1",
         "riad.ks=[2,8]",
@@ -38,7 +34,14 @@ def tiny(cache: Path) -> list[str]:
         "threads=2",
         "detector.options={epochs: 1, imgsz: 64, batch: 8}",
     ]
-    return [a for s in sets for a in ("--set", s)]
+    return set_args(sets)
+
+
+def ablate_args(out: Path, cache: Path, external: list[Path]) -> list[str]:
+    """``ablate`` of GT and YOLOv5u priors on folds 0 and 1 of the tiny phantom, scoring ``external`` too."""
+    ext = [a for e in external for a in ("--external", str(e))]
+    fixed = ["ablate", "--detectors", "gt,yolov5", "--profile", "quick", "--folds", "0,1"]
+    return [*fixed, *ext, "--out", str(out), "--no-progress"] + tiny(cache)
 
 
 @pytest.fixture(autouse=True)
@@ -177,23 +180,7 @@ def test_ablate_with_external_test_sets(tmp_path: Path, cache: Path, capsys: pyt
         for name, seed in (("held-out-a", 11), ("held-out-b", 12))
     ]
     out = tmp_path / "ablate-ext"
-    args = [
-        "ablate",
-        "--detectors",
-        "gt,yolov5",
-        "--profile",
-        "quick",
-        "--folds",
-        "0,1",
-        "--external",
-        str(exts[0]),
-        "--external",
-        str(exts[1]),
-        "--out",
-        str(out),
-        "--no-progress",
-    ] + tiny(cache)
-    assert main(args) == 0
+    assert main(ablate_args(out, cache, exts)) == 0
     main_summary = json.loads((out / "summary.json").read_text())
     assert [e["report"] for e in main_summary["external"]] == ["external/held-out-a", "external/held-out-b"]
     for i, ext in enumerate(exts):
@@ -217,21 +204,7 @@ def test_ablate_with_external_test_sets(tmp_path: Path, cache: Path, capsys: pyt
     assert "held-out held-out-a" in text and "| YOLOv5u priors close to GT: ΔI-AUROC | +" in text.replace("| -", "| +")
     # a resume must score the same held-out sets
     (out / "summary.json").unlink()
-    one_set = [
-        "ablate",
-        "--detectors",
-        "gt,yolov5",
-        "--profile",
-        "quick",
-        "--folds",
-        "0,1",
-        "--external",
-        str(exts[0]),
-        "--out",
-        str(out),
-        "--no-progress",
-    ] + tiny(cache)
-    assert main(one_set) == 2
+    assert main(ablate_args(out, cache, exts[:1])) == 2
 
 
 def test_external_set_must_be_held_out(tmp_path: Path) -> None:

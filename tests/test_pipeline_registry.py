@@ -14,6 +14,7 @@ import pytest
 from detectors.base import DETECTORS, Detections, Detector, register
 from pipeline.__main__ import build_parser, main
 from scans.records import ScanArrays
+from tests.helpers import TINY_PHANTOM, set_args
 
 
 class CentralBox(Detector):
@@ -65,12 +66,7 @@ def test_a_registered_detector_runs_through_the_quick_profile(
 ) -> None:
     monkeypatch.setenv("LORIS_CACHE", str(tmp_path / "cache"))
     sets = [
-        "phantom.images=48",
-        "phantom.distended=16",
-        "phantom.patients=16",
-        "phantom.size=64",
-        "image_size=64",
-        "folds=3",
+        *TINY_PHANTOM,
         "unet.epochs=1",
         "riad.enabled=false",
         "evaluation.figures=false",
@@ -79,7 +75,7 @@ def test_a_registered_detector_runs_through_the_quick_profile(
     ]
     out = tmp_path / "run"
     args = ["run", "--detector", toy, "--profile", "quick", "--out", str(out), "--no-progress"]
-    assert main(args + [a for s in sets for a in ("--set", s)]) == 0
+    assert main(args + set_args(sets)) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["detector"] == toy and set(summary["priors"]) == {toy, "gt"}
     assert summary["detection"]["map50"]["mean"] is not None  # scored as a trained detector

@@ -18,7 +18,7 @@ import torch
 
 from pipeline import cache, fit
 from pipeline.cache import CacheScope, fit_or_load, publish
-from scans.records import ScanArrays
+from tests.helpers import random_scans
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -101,24 +101,10 @@ def test_other_rank_refuses_when_rank0_published_nothing(tmp_path: Path, monkeyp
         fit_or_load(tmp_path / "m-1", _read, _fitter(tmp_path / "m-1", log, write=False))
 
 
-def _scans(n: int, seed: int) -> ScanArrays:
-    rng = np.random.default_rng(seed)
-    boxes = np.tile(np.float32([8, 10, 24, 20]), (n, 1)) + rng.integers(-2, 3, (n, 4)).astype(np.float32)
-    return ScanArrays(
-        rng.random((n, 32, 32), dtype=np.float32),
-        boxes,
-        np.zeros((n, 32, 32), bool),
-        np.zeros(n, np.int64),
-        np.arange(n),
-        [f"p{i}" for i in range(n)],
-        np.ones((n, 2), np.float32),
-    )
-
-
 def test_refiner_of_other_rank_trains_but_never_writes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from detectors.refine import BoxRefiner
 
-    arr, tr, va = _scans(6, 0), np.arange(4), np.arange(4, 6)
+    arr, tr, va = random_scans(6, 0), np.arange(4), np.arange(4, 6)
     where = CacheScope("data", 32, 0, (0, 1, 2, 3), (4, 5))
     options = {"steps": 2, "batch_size": 2, "width": 8}
     rank0 = BoxRefiner(device="cpu", seed=0, **options)

@@ -19,54 +19,16 @@ from scans.readers import (
     read_image,
     read_scan,
 )
+from tests.helpers import build_dicom
 
 PYDICOM_FILES = Path(__import__("pydicom").__file__).parent / "data" / "test_files"
 
 
-def build(
-    path: Path,
-    pixels: np.ndarray,
-    photometric: str = "MONOCHROME2",
-    bits_stored: int | None = None,
-    signed: bool = False,
-    save: bool = True,
-    **attrs: Any,
-) -> Any:
-    """An uncompressed ultrasound DICOM with ``pixels`` ([H,W], [F,H,W], [H,W,3] or [F,H,W,3])."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, UltrasoundMultiFrameImageStorage, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = UltrasoundMultiFrameImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = meta.MediaStorageSOPClassUID
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.PatientName = "Doe^Jane"
-    ds.PatientID = "PHI-12345"
-    ds.Modality = "US"
-    color = photometric not in ("MONOCHROME1", "MONOCHROME2", "PALETTE COLOR")
-    multi = pixels.ndim == (4 if color else 3)
-    ds.Rows, ds.Columns = pixels.shape[-3:-1] if color else pixels.shape[-2:]
-    if multi:
-        ds.NumberOfFrames = pixels.shape[0]
-    ds.SamplesPerPixel = 3 if color else 1
-    if color:
-        ds.PlanarConfiguration = 0
-    ds.PhotometricInterpretation = photometric
-    allocated = pixels.dtype.itemsize * 8
-    ds.BitsAllocated = allocated
-    ds.BitsStored = bits_stored or allocated
-    ds.HighBit = ds.BitsStored - 1
-    ds.PixelRepresentation = 1 if signed else 0
-    for key, value in attrs.items():
-        setattr(ds, key, value)
-    ds.PixelData = np.ascontiguousarray(pixels).tobytes()
-    if save:
-        ds.save_as(path, enforce_file_format=True)
-    return ds
+def build(path: Path, pixels: np.ndarray, photometric: str = "MONOCHROME2", **kw: Any) -> Any:
+    """An uncompressed ultrasound DICOM with ``pixels`` and PHI (patient name and ID) for the PHI checks."""
+    return build_dicom(
+        path, pixels, photometric, **{"PatientName": "Doe^Jane", "PatientID": "PHI-12345", "Modality": "US", **kw}
+    )
 
 
 def test_windowed_12bit_spans_the_displayed_range(tmp_path: Path) -> None:

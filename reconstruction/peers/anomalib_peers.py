@@ -40,13 +40,9 @@ with warnings.catch_warnings():  # anomalib 2.7 warns about its own deprecated t
 from torch import Tensor, nn
 from torch.nn import functional as F  # noqa: N812
 
-from reconstruction.peers.backbones import BACKBONE, load_lite0
-from reconstruction.peers.base import Budget, Peer, batches, gray3, mean_loss, register_peer
+from reconstruction.peers.backbones import BACKBONE, Lite0Peer
+from reconstruction.peers.base import Budget, Peer, batches, fit_steps, gray3, mean_loss, register_peer, to_batch
 from scans.records import ScanArrays
-
-
-def _batch(images: np.ndarray, idx: np.ndarray, device: torch.device) -> Tensor:
-    return torch.from_numpy(images[idx]).unsqueeze(1).to(device)
 
 
 def _module(m: object) -> nn.Module:
@@ -55,51 +51,63 @@ def _module(m: object) -> nn.Module:
     return m
 
 
-class _BackbonePeer(Peer):
-    """A peer whose features come from an ImageNet EfficientNet-Lite0 (option ``pretrained``)."""
+class _BackbonePeer(Lite0Peer):
+    """A peer whose features come from a frozen ImageNet EfficientNet-Lite0 (option ``pretrained``).
 
-    size_multiple = 32
-
-    def __init__(self, seed: int = 0, device: str = "cpu", **options: Any) -> None:
-        super().__init__(seed, device, **options)
-        self._pretrained = False
+    Its anomalib model returns ``pred_score`` and ``anomaly_map`` for the 3-channel normalised image.
+    """
 
     def _timm_modules(self) -> list[nn.Module]:
         """The timm backbone modules inside ``self.net`` that take the ImageNet weights."""
         raise NotImplementedError
 
     def _init_backbone(self) -> None:
-        if self.options.get("pretrained", True):
-            self._pretrained = all(load_lite0(m) for m in self._timm_modules())
+        self._load_imagenet(self._timm_modules())
         for m in self._timm_modules():
             m.eval()
 
-    def pretrained_used(self) -> bool:
-        return self._pretrained
-
-    def _extra_state(self) -> dict[str, Any]:
-        return {"pretrained": self._pretrained}
-
-    def _load_extra(self, extra: dict[str, Any]) -> None:
-        self._pretrained = bool(extra.get("pretrained", False))
+    def _predict(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        out = self.net(gray3(x))  # type: ignore[misc]
+        return out.pred_score, out.anomaly_map
 
 
-# ---- PatchCore -------------------------------------------------------------------------------------
-@register_peer("patchcore", display="PatchCore", source="anomalib", pretrained=True, reference="Roth et al. 2022 [24]")
-class PatchCorePeer(_BackbonePeer):
-    """Memory bank of backbone patch features, coreset-subsampled; score = reweighted nearest-neighbour distance."""
+class _MemoryBankPeer(_BackbonePeer):
+    """PatchCore and PaDiM: one no-grad pass of the training images, then :meth:`_fit_bank` builds the bank.
 
-    defaults = {
-        "layers": ["blocks.2", "blocks.4"],
-        "coreset_ratio": 0.1,
-        "num_neighbors": 9,
-        "pretrained": True,
-    }
+    The budget's ``epochs`` are ignored (one pass, as anomalib's one-epoch Lightning fit).
+    """
+
     budgets = {
         "quick": Budget(epochs=1, batch_size=8),
         "default": Budget(epochs=1, batch_size=8, work_size=128),
         "paper": Budget(epochs=1, batch_size=32),
     }
+
+    def _timm_modules(self) -> list[nn.Module]:
+        return [_module(_module(_module(self.net).feature_extractor).feature_extractor)]
+
+    def _fit(self, train: ScanArrays, val: ScanArrays | None, budget: Budget, rng: np.random.Generator) -> dict:
+        net = _module(self.net)
+        self._init_backbone()
+        images = np.asarray(train.images, np.float32)
+        net.train()
+        _module(net.feature_extractor).eval()
+        with torch.no_grad():
+            for s in range(0, len(images), budget.batch_size):
+                net(gray3(to_batch(images, np.arange(s, min(s + budget.batch_size, len(images))), self.device)))
+            return self._fit_bank()
+
+    def _fit_bank(self) -> dict:
+        """Build the memory bank from the stored features (under no-grad); return record entries."""
+        raise NotImplementedError
+
+
+# ---- PatchCore -------------------------------------------------------------------------------------
+@register_peer("patchcore", display="PatchCore", source="anomalib", pretrained=True, reference="Roth et al. 2022 [24]")
+class PatchCorePeer(_MemoryBankPeer):
+    """Memory bank of backbone patch features, coreset-subsampled; score = reweighted nearest-neighbour distance."""
+
+    defaults = {"layers": ["blocks.2", "blocks.4"], "coreset_ratio": 0.1, "num_neighbors": 9, "pretrained": True}
 
     def _build(self, size: int) -> nn.Module:
         o = self.options
@@ -107,67 +115,31 @@ class PatchCorePeer(_BackbonePeer):
             layers=list(o["layers"]), backbone=BACKBONE, pre_trained=False, num_neighbors=o["num_neighbors"]
         )
 
-    def _timm_modules(self) -> list[nn.Module]:
-        assert isinstance(self.net, PatchcoreModel)
-        return [_module(self.net.feature_extractor.feature_extractor)]
-
-    def _fit(self, train: ScanArrays, val: ScanArrays | None, budget: Budget, rng: np.random.Generator) -> dict:
+    def _fit_bank(self) -> dict:
         net = self.net
         assert isinstance(net, PatchcoreModel)
-        self._init_backbone()
-        images = np.asarray(train.images, np.float32)
-        net.train()
-        net.feature_extractor.eval()
-        with torch.no_grad():
-            for s in range(0, len(images), budget.batch_size):
-                net(gray3(_batch(images, np.arange(s, min(s + budget.batch_size, len(images))), self.device)))
-            n_patches = sum(int(e.shape[0]) for e in cast(list[Tensor], net.embedding_store))
-            with warnings.catch_warnings():  # anomalib's deprecation notice fires even without the old argument
-                warnings.simplefilter("ignore", DeprecationWarning)
-                net.subsample_embedding(float(self.options["coreset_ratio"]))
+        n_patches = sum(int(e.shape[0]) for e in cast(list[Tensor], net.embedding_store))
+        with warnings.catch_warnings():  # anomalib's deprecation notice fires even without the old argument
+            warnings.simplefilter("ignore", DeprecationWarning)
+            net.subsample_embedding(float(self.options["coreset_ratio"]))
         return {"epochs": 1, "patches": int(n_patches), "memory_bank": int(net.memory_bank.shape[0])}
-
-    def _predict(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
-        out = self.net(gray3(x))  # type: ignore[misc]
-        return out.pred_score, out.anomaly_map
 
 
 # ---- PaDiM -----------------------------------------------------------------------------------------
 @register_peer("padim", display="PaDiM", source="anomalib", pretrained=True, reference="Defard et al. 2021")
-class PadimPeer(_BackbonePeer):
+class PadimPeer(_MemoryBankPeer):
     """A Gaussian per feature position; score = maximum Mahalanobis distance."""
 
     defaults = {"layers": ["blocks.1", "blocks.2", "blocks.4"], "n_features": 100, "pretrained": True}
-    budgets = {
-        "quick": Budget(epochs=1, batch_size=8),
-        "default": Budget(epochs=1, batch_size=8, work_size=128),
-        "paper": Budget(epochs=1, batch_size=32),
-    }
 
     def _build(self, size: int) -> nn.Module:
         o = self.options
         return PadimModel(backbone=BACKBONE, layers=list(o["layers"]), pre_trained=False, n_features=o["n_features"])
 
-    def _timm_modules(self) -> list[nn.Module]:
+    def _fit_bank(self) -> dict:
         assert isinstance(self.net, PadimModel)
-        return [_module(self.net.feature_extractor.feature_extractor)]
-
-    def _fit(self, train: ScanArrays, val: ScanArrays | None, budget: Budget, rng: np.random.Generator) -> dict:
-        net = self.net
-        assert isinstance(net, PadimModel)
-        self._init_backbone()
-        images = np.asarray(train.images, np.float32)
-        net.train()
-        net.feature_extractor.eval()
-        with torch.no_grad():
-            for s in range(0, len(images), budget.batch_size):
-                net(gray3(_batch(images, np.arange(s, min(s + budget.batch_size, len(images))), self.device)))
-            net.fit()
+        self.net.fit()
         return {"epochs": 1}
-
-    def _predict(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
-        out = self.net(gray3(x))  # type: ignore[misc]
-        return out.pred_score, out.anomaly_map
 
 
 # ---- CFlow -----------------------------------------------------------------------------------------
@@ -215,7 +187,7 @@ class CflowPeer(_BackbonePeer):
         steps, last = 0, float("nan")
         net.decoders.train()
         for _, idx in batches(len(images), budget, rng):
-            x = gray3(_batch(images, idx, self.device))
+            x = gray3(to_batch(images, idx, self.device))
             with torch.no_grad():
                 act = net.encoder(x)
             total, count = 0.0, 0
@@ -239,10 +211,6 @@ class CflowPeer(_BackbonePeer):
                     count += int(loss.numel())
             last = total / max(count, 1)
         return {"steps": steps, "train_loss": last}
-
-    def _predict(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
-        out = self.net(gray3(x))  # type: ignore[misc]
-        return out.pred_score, out.anomaly_map
 
 
 # ---- SuperSimpleNet --------------------------------------------------------------------------------
@@ -311,28 +279,15 @@ class SuperSimpleNetPeer(_BackbonePeer):
         )
         loss_fn = SSNLoss()
         images = np.asarray(train.images, np.float32)
-        steps, last, epoch_seen = 0, float("nan"), 0
-        net.train()
-        for epoch, idx in batches(len(images), budget, rng):
-            if epoch != epoch_seen:
-                sched.step()
-                epoch_seen = epoch
-            x = gray3(_batch(images, idx, self.device))
+
+        def loss_of(idx: np.ndarray) -> Tensor:
+            x = gray3(to_batch(images, idx, self.device))
             labels = torch.zeros(x.shape[0], device=x.device)
             amap, score, masks, lab = net(images=x, masks=None, labels=labels)
-            loss = loss_fn(pred_map=amap, pred_score=score, target_mask=masks, target_label=lab)
-            opt.zero_grad()
-            loss.backward()
-            if self.options["clip_norm"]:
-                nn.utils.clip_grad_norm_(net.parameters(), float(self.options["clip_norm"]))
-            opt.step()
-            steps += 1
-            last = loss.item()
-        return {"steps": steps, "train_loss": last}
+            return loss_fn(pred_map=amap, pred_score=score, target_mask=masks, target_label=lab)
 
-    def _predict(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
-        out = self.net(gray3(x))  # type: ignore[misc]
-        return out.pred_score, out.anomaly_map
+        clip = float(self.options["clip_norm"] or 0.0)
+        return fit_steps(net, opt, len(images), budget, rng, loss_of, clip_norm=clip, scheduler=sched)
 
 
 # ---- DRAEM -----------------------------------------------------------------------------------------
@@ -374,20 +329,15 @@ class DraemPeer(Peer):
         opt = torch.optim.Adam(net.parameters(), lr=float(self.options["lr"]))
         loss_fn = DraemLoss()
         images = np.asarray(train.images, np.float32)
-        steps, last = 0, float("nan")
-        net.train()
-        for _, idx in batches(len(images), budget, rng):
-            x = _batch(images, idx, self.device)
+
+        def loss_of(idx: np.ndarray) -> Tensor:
+            x = to_batch(images, idx, self.device)
             aug, mask = augmenter(x.expand(-1, 3, -1, -1))
-            aug = aug.mean(dim=1, keepdim=True).clamp(0, 1)
-            recon, pred = net(aug)
-            loss = loss_fn(x, recon, mask, pred)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            steps += 1
-            last = loss.item()
-        return {"steps": steps, "train_loss": last, "anomaly_source": self.options["anomaly_source"] or "perlin"}
+            recon, pred = net(aug.mean(dim=1, keepdim=True).clamp(0, 1))
+            return loss_fn(x, recon, mask, pred)
+
+        rec = fit_steps(net, opt, len(images), budget, rng, loss_of)
+        return {**rec, "anomaly_source": self.options["anomaly_source"] or "perlin"}
 
     def _predict(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
         out = self.net(x)  # type: ignore[misc]
@@ -428,7 +378,7 @@ class GanomalyPeer(Peer):
         steps, g_last, d_last = 0, float("nan"), float("nan")
         net.train()
         for _, idx in batches(len(images), budget, rng):
-            x = _batch(images, idx, self.device) * 2 - 1
+            x = to_batch(images, idx, self.device) * 2 - 1
             padded, fake, latent_i, latent_o = net(x)
             pred_real, _ = net.discriminator(padded)
             pred_fake, _ = net.discriminator(fake)

@@ -16,11 +16,14 @@ randomly initialised and the peer records ``pretrained=False`` (see ``docs/desig
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Iterable
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 from torch import Tensor, nn
 
+from reconstruction.peers.base import Peer
 from scans.io import load_state
 
 BACKBONE = "tf_efficientnet_lite0"
@@ -91,3 +94,30 @@ def load_lite0(module: nn.Module) -> bool:
         raise KeyError(f"EfficientNet-Lite0 weights lack {missing[:5]} (is the module a tf_efficientnet_lite0?)")
     module.load_state_dict({k: state[k] for k in own}, strict=True)
     return True
+
+
+class Lite0Peer(Peer):
+    """A peer with an EfficientNet-Lite0 backbone that starts from the ImageNet weights (option ``pretrained``).
+
+    Whether the weights were really loaded is kept with the peer (``pretrained_used``, saved and loaded).
+    """
+
+    size_multiple = 32
+
+    def __init__(self, seed: int = 0, device: str = "cpu", **options: Any) -> None:
+        super().__init__(seed, device, **options)
+        self._pretrained = False
+
+    def _load_imagenet(self, modules: Iterable[nn.Module]) -> None:
+        """Load the ImageNet weights into every backbone module of ``modules`` unless ``pretrained`` is off."""
+        if self.options.get("pretrained", True):
+            self._pretrained = all(load_lite0(m) for m in modules)
+
+    def pretrained_used(self) -> bool:
+        return self._pretrained
+
+    def _extra_state(self) -> dict[str, Any]:
+        return {"pretrained": self._pretrained}
+
+    def _load_extra(self, extra: dict[str, Any]) -> None:
+        self._pretrained = bool(extra.get("pretrained", False))

@@ -415,6 +415,51 @@ def batches(n: int, budget: Budget, rng: np.random.Generator) -> Iterator[tuple[
             yield epoch, idx
 
 
+def to_batch(images: np.ndarray, idx: np.ndarray, device: torch.device) -> Tensor:
+    """``images[idx]`` (``[N, S, S]`` float32) as a ``[B, 1, S, S]`` tensor on ``device``."""
+    return torch.from_numpy(images[idx]).unsqueeze(1).to(device)
+
+
+def fit_steps(
+    net: nn.Module,
+    opt: torch.optim.Optimizer,
+    n: int,
+    budget: Budget,
+    rng: np.random.Generator,
+    loss_of: Callable[[np.ndarray], Tensor],
+    *,
+    clip_norm: float = 0.0,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+) -> dict[str, Any]:
+    """The common training loop: ``net`` in training mode, one ``opt`` step on ``loss_of(indices)`` per batch.
+
+    Batches come from :func:`batches`; ``clip_norm`` (0: off) clips the gradient norm before each step and
+    ``scheduler`` steps at the start of every epoch after the first. Returns ``steps`` and the last ``train_loss``.
+
+    >>> net = nn.Linear(2, 1)
+    >>> opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    >>> rec = fit_steps(net, opt, 4, Budget(epochs=2, batch_size=2), np.random.default_rng(0),
+    ...                 lambda idx: net(torch.ones(len(idx), 2)).pow(2).mean())
+    >>> rec["steps"], rec["train_loss"] >= 0
+    (4, True)
+    """
+    steps, last, epoch_seen = 0, float("nan"), 0
+    net.train()
+    for epoch, idx in batches(n, budget, rng):
+        if scheduler is not None and epoch != epoch_seen:
+            scheduler.step()
+            epoch_seen = epoch
+        loss = loss_of(idx)
+        opt.zero_grad()
+        loss.backward()
+        if clip_norm:
+            nn.utils.clip_grad_norm_(net.parameters(), clip_norm)
+        opt.step()
+        steps += 1
+        last = loss.item()
+    return {"steps": steps, "train_loss": last}
+
+
 def gray3(x: Tensor, mean: float = 0.5, std: float = 0.5) -> Tensor:
     """``[B, 1, S, S]`` in [0, 1] -> ``[B, 3, S, S]`` normalised for a 3-channel backbone."""
     return ((x - mean) / std).expand(-1, 3, -1, -1).contiguous()

@@ -28,18 +28,20 @@ from torch.nn import functional as F  # noqa: N812
 
 from reconstruction.deviation import anomaly_map
 from reconstruction.losses import LossWeights, reconstruction_loss
-from reconstruction.peers.base import Budget, Peer, batches, mean_loss, register_peer
+from reconstruction.peers.base import Budget, Peer, fit_steps, mean_loss, register_peer, to_batch
 from reconstruction.unet import UNet, UNetConfig
 from scans.records import ScanArrays
-
-
-def _batch(images: np.ndarray, idx: np.ndarray, device: torch.device) -> Tensor:
-    return torch.from_numpy(images[idx]).unsqueeze(1).to(device)
 
 
 def _smooth_max(maps: Tensor, k: int) -> Tensor:
     """Maximum of the ``k x k`` mean-filtered map (robust to single-pixel noise)."""
     return F.avg_pool2d(maps, k, 1, k // 2, count_include_pad=False).amax(dim=(-3, -2, -1))
+
+
+def _msgmsd(x: Tensor, rec: Tensor) -> tuple[Tensor, Tensor]:
+    """Score (3 x 3 smoothed maximum) and ``[B, S, S]`` map of MSGMSD between ``x`` and its reconstruction."""
+    maps = anomaly_map("msgmsd", x, rec)
+    return _smooth_max(maps, 3), maps[:, 0]
 
 
 # ---- UAE -------------------------------------------------------------------------------------------
@@ -97,23 +99,19 @@ class UaePeer(Peer):
         assert isinstance(net, UncertaintyAE)
         opt = torch.optim.Adam(net.parameters(), lr=float(self.options["lr"]))
         images = np.asarray(train.images, np.float32)
-        steps, last = 0, float("nan")
-        net.train()
-        for _, idx in batches(len(images), budget, rng):
-            x = _batch(images, idx, self.device) * 2 - 1
-            loss = uae_loss(x, *net(x))
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            steps += 1
-            last = loss.item()
+
+        def loss_of(idx: np.ndarray) -> Tensor:
+            x = to_batch(images, idx, self.device) * 2 - 1
+            return uae_loss(x, *net(x))
+
+        rec = fit_steps(net, opt, len(images), budget, rng, loss_of)
         net.eval()
         val_loss = (
             mean_loss(lambda b: uae_loss(b * 2 - 1, *net(b * 2 - 1)), np.asarray(val.images, np.float32), self.device)
             if val is not None and len(val)
             else None
         )
-        return {"steps": steps, "train_loss": last, "val_loss": val_loss}
+        return {**rec, "val_loss": val_loss}
 
     def _predict(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
         x = x * 2 - 1
@@ -217,25 +215,18 @@ class InTransPeer(Peer):
         opt = torch.optim.Adam(net.parameters(), lr=float(self.options["lr"]))
         images = np.asarray(train.images, np.float32)
         n_cells, n_t = net.grid * net.grid, int(self.options["targets"])
-        steps, last = 0, float("nan")
-        net.train()
-        for _, idx in batches(len(images), budget, rng):
-            p = net.patches(_batch(images, idx, self.device) * 2 - 1)
+
+        def loss_of(idx: np.ndarray) -> Tensor:
+            p = net.patches(to_batch(images, idx, self.device) * 2 - 1)
             targets = torch.from_numpy(rng.integers(0, n_cells, size=(len(idx), n_t))).to(self.device)
             truth = torch.gather(p, 1, targets.unsqueeze(-1).expand(-1, -1, p.shape[-1]))
-            loss = F.mse_loss(net.inpaint(p, targets), truth)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            steps += 1
-            last = loss.item()
-        return {"steps": steps, "train_loss": last}
+            return F.mse_loss(net.inpaint(p, targets), truth)
+
+        return fit_steps(net, opt, len(images), budget, rng, loss_of)
 
     def _predict(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
         x = x * 2 - 1
-        rec = self.net(x).clamp(-1, 1)  # type: ignore[misc]
-        maps = anomaly_map("msgmsd", x, rec)
-        return _smooth_max(maps, 3), maps[:, 0]
+        return _msgmsd(x, self.net(x).clamp(-1, 1))  # type: ignore[misc]
 
 
 # ---- FAIR ------------------------------------------------------------------------------------------
@@ -279,20 +270,13 @@ class FairPeer(Peer):
         opt = torch.optim.Adam(net.parameters(), lr=float(self.options["lr"]))
         images = np.asarray(train.images, np.float32)
         cutoff = float(self.options["cutoff"])
-        steps, last = 0, float("nan")
-        net.train()
-        for _, idx in batches(len(images), budget, rng):
-            x = _batch(images, idx, self.device) * 2 - 1
-            loss, _ = reconstruction_loss(net(high_pass(x, cutoff)), x, LossWeights())
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            steps += 1
-            last = loss.item()
-        return {"steps": steps, "train_loss": last}
+
+        def loss_of(idx: np.ndarray) -> Tensor:
+            x = to_batch(images, idx, self.device) * 2 - 1
+            return reconstruction_loss(net(high_pass(x, cutoff)), x, LossWeights())[0]
+
+        return fit_steps(net, opt, len(images), budget, rng, loss_of)
 
     def _predict(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
         x = x * 2 - 1
-        rec = self.net(high_pass(x, float(self.options["cutoff"])))  # type: ignore[misc]
-        maps = anomaly_map("msgmsd", x, rec)
-        return _smooth_max(maps, 3), maps[:, 0]
+        return _msgmsd(x, self.net(high_pass(x, float(self.options["cutoff"]))))  # type: ignore[misc]

@@ -42,7 +42,7 @@ from torch import Tensor
 from reconstruction.deviation import image_score
 from reconstruction.masking import box_masks
 from reconstruction.peers.anomalib_peers import DraemPeer, PadimPeer, PatchCorePeer
-from reconstruction.peers.base import Budget, Peer, PeerOutput, batches, peer_spec, register_peer
+from reconstruction.peers.base import Budget, P, Peer, PeerOutput, batches, peer_spec, register_peer
 from scans.records import ScanArrays
 
 SOURCE: Final = "anomalib + prior (ours)"
@@ -80,6 +80,18 @@ def in_box(maps: np.ndarray, boxes: np.ndarray, no_box: str = "image") -> tuple[
     kept = np.where(sel, maps, np.float32(0)).astype(np.float32)
     scores = image_score(kept, boxes, pooling="mean", region="box").astype(np.float32)
     return kept, scores
+
+
+def register_box_peer(name: str, reference: str) -> Callable[[P], P]:
+    """:func:`register_peer` for the prior variant ``<base>_box`` of the registered peer ``<base>``.
+
+    Its table label is the base's with `` (in prior box)``, its source :data:`SOURCE`, and it starts from
+    ImageNet weights when the base does.
+    """
+    base = peer_spec(name.removesuffix("_box"))
+    return register_peer(
+        name, display=f"{base.display} (in prior box)", source=SOURCE, pretrained=base.pretrained, reference=reference
+    )
 
 
 class PriorPeer(Peer):
@@ -123,26 +135,14 @@ class PriorPeer(Peer):
         return {}
 
 
-@register_peer(
-    "patchcore_box",
-    display="PatchCore (in prior box)",
-    source=SOURCE,
-    pretrained=True,
-    reference="PatchCore, Roth et al. 2022 [24], scored in the LoRIS prior box",
-)
+@register_box_peer("patchcore_box", "PatchCore, Roth et al. 2022 [24], scored in the LoRIS prior box")
 class PatchCoreBoxPeer(PriorPeer, PatchCorePeer):
     """PatchCore trained as ``patchcore``; map and score restricted to the prior box."""
 
     defaults = {**PatchCorePeer.defaults, "no_box": "image"}
 
 
-@register_peer(
-    "padim_box",
-    display="PaDiM (in prior box)",
-    source=SOURCE,
-    pretrained=True,
-    reference="PaDiM, Defard et al. 2021, scored in the LoRIS prior box",
-)
+@register_box_peer("padim_box", "PaDiM, Defard et al. 2021, scored in the LoRIS prior box")
 class PadimBoxPeer(PriorPeer, PadimPeer):
     """PaDiM trained as ``padim``; map and score restricted to the prior box."""
 
@@ -204,12 +204,8 @@ class _BatchBoxes:
         return self.boxes[idx]
 
 
-@register_peer(
-    "draem_box",
-    display="DRAEM (in prior box)",
-    source=SOURCE,
-    pretrained=False,
-    reference="DRAEM, Zavrtnik et al. 2021 [29], synthetic anomalies and score in the LoRIS prior box",
+@register_box_peer(
+    "draem_box", "DRAEM, Zavrtnik et al. 2021 [29], synthetic anomalies and score in the LoRIS prior box"
 )
 class DraemBoxPeer(PriorPeer, DraemPeer):
     """DRAEM whose synthetic anomalies lie inside each training scan's box; scored inside the prior box."""

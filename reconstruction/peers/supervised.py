@@ -21,8 +21,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F  # noqa: N812
 
-from reconstruction.peers.backbones import BACKBONE, load_lite0
-from reconstruction.peers.base import Budget, Peer, batches, gray3, register_peer, resize_images
+from reconstruction.peers.backbones import BACKBONE, Lite0Peer
+from reconstruction.peers.base import Budget, fit_steps, gray3, register_peer, resize_images, to_batch
 from scans.records import DISTENDED, NORMAL, ScanArrays
 
 
@@ -45,31 +45,17 @@ class MultiTaskNet(nn.Module):
 @register_peer(
     "multitask", display="Multi-task", source="own implementation", pretrained=True, reference="Colussi et al. 2023 [3]"
 )
-class MultiTaskPeer(Peer):
+class MultiTaskPeer(Lite0Peer):
     """Supervised classifier with a box-regression head; scores only (it cannot give maps)."""
 
     supervised = True
     gives_maps = False
-    size_multiple = 32
     defaults = {"lr": 1e-4, "box_weight": 1.0, "dropout": 0.2, "pretrained": True}
     budgets = {
         "quick": Budget(epochs=2, batch_size=8),
         "default": Budget(epochs=30, batch_size=16, work_size=128),
         "paper": Budget(epochs=100, batch_size=32),
     }
-
-    def __init__(self, seed: int = 0, device: str = "cpu", **options: Any) -> None:
-        super().__init__(seed, device, **options)
-        self._pretrained = False
-
-    def pretrained_used(self) -> bool:
-        return self._pretrained
-
-    def _extra_state(self) -> dict[str, Any]:
-        return {"pretrained": self._pretrained}
-
-    def _load_extra(self, extra: dict[str, Any]) -> None:
-        self._pretrained = bool(extra.get("pretrained", False))
 
     def _build(self, size: int) -> nn.Module:
         return MultiTaskNet(float(self.options["dropout"]))
@@ -81,30 +67,25 @@ class MultiTaskPeer(Peer):
         n_pos, n_neg = int((labels == DISTENDED).sum()), int((labels == NORMAL).sum())
         if n_pos == 0 or n_neg == 0 or n_pos + n_neg != len(labels):
             raise ValueError("multitask is supervised: train on labelled scans of both classes (0 and 1)")
-        if self.options["pretrained"]:
-            self._pretrained = load_lite0(net.backbone)
+        self._load_imagenet([net.backbone])
         images = np.asarray(train.images, np.float32)
         size = images.shape[-1]
         boxes = np.asarray(train.boxes, np.float32).reshape(-1, 4) / size
         pos_weight = torch.tensor(n_neg / n_pos, device=self.device)
         opt = torch.optim.Adam(net.parameters(), lr=float(self.options["lr"]))
-        steps, last = 0, float("nan")
-        net.train()
-        for _, idx in batches(len(images), budget, rng):
-            x = gray3(torch.from_numpy(images[idx]).unsqueeze(1).to(self.device))
+
+        def loss_of(idx: np.ndarray) -> Tensor:
             y = torch.from_numpy(labels[idx].astype(np.float32)).to(self.device)
             b = torch.from_numpy(boxes[idx]).to(self.device)
-            logit, box = net(x)
+            logit, box = net(gray3(to_batch(images, idx, self.device)))
             loss = F.binary_cross_entropy_with_logits(logit, y, pos_weight=pos_weight)
             has_box = ~torch.isnan(b).any(dim=1)
             if bool(has_box.any()):
                 loss = loss + float(self.options["box_weight"]) * F.smooth_l1_loss(box[has_box], b[has_box], beta=0.05)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            steps += 1
-            last = loss.item()
-        return {"steps": steps, "train_loss": last, "n_distended": n_pos, "n_normal": n_neg}
+            return loss
+
+        rec = fit_steps(net, opt, len(images), budget, rng, loss_of)
+        return {**rec, "n_distended": n_pos, "n_normal": n_neg}
 
     def _predict(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
         logit, _ = self.net(gray3(x))  # type: ignore[misc]

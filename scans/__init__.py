@@ -1,6 +1,5 @@
 """The data layer: scan records, readers, COCO datasets, patient-grouped folds and the phantom."""
 
-
 from scans.coco import load_coco, save_coco
 from scans.dataset import load_dataset, to_arrays
 from scans.folds import Fold, make_folds, resolve_folds

@@ -27,6 +27,8 @@ from __future__ import annotations
 import csv
 import errno
 import hashlib
+import io
+import locale
 import os
 import stat
 import sys
@@ -234,20 +236,32 @@ def _read_rows(path: Path, fields: list[str]) -> list[dict[str, str]]:
 
 
 class _CsvAppender:
+    """Appends CSV rows, each batch as one write that is flushed and synced, or undone when it fails."""
+
     def __init__(self, path: Path, fields: list[str]) -> None:
         new = not path.is_file() or path.stat().st_size == 0
-        self.fh = open(path, "a", newline="")
-        self.writer = csv.DictWriter(self.fh, fieldnames=fields)
+        self.fields = fields
+        self.fh = open(path, "ab", buffering=0)
         if new:
-            self.writer.writeheader()
-            self.fh.flush()
+            self._append([dict(zip(fields, fields))])
+
+    def _append(self, rows: list[dict[str, Any]]) -> None:
+        text = io.StringIO()
+        csv.DictWriter(text, fieldnames=self.fields).writerows(rows)
+        data = memoryview(text.getvalue().encode(locale.getpreferredencoding(False)))
+        fd = self.fh.fileno()
+        start = os.fstat(fd).st_size
+        try:
+            while data:
+                data = data[self.fh.write(data) :]
+            os.fsync(fd)  # a killed run keeps every row written so far
+        except OSError:
+            os.ftruncate(fd, start)  # a failed append (a full disk) leaves no half row behind
+            raise
 
     def write(self, rows: list[dict[str, Any]]) -> None:
-        if not rows:
-            return
-        self.writer.writerows(rows)
-        self.fh.flush()
-        os.fsync(self.fh.fileno())  # a killed run keeps every row written so far
+        if rows:
+            self._append(rows)
 
     def close(self) -> None:
         self.fh.close()

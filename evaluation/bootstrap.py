@@ -93,8 +93,8 @@ def weighted_auroc(scores: np.ndarray, labels: np.ndarray, w: np.ndarray) -> np.
     ``roc_auc_score``; integer weights equal it on the data repeated that many times.
     Sorts once, then per replicate sums weights by distinct score and accumulates negatives.
 
-    >>> weighted_auroc(np.array([0.1, 0.4, 0.35, 0.8]), np.array([0, 0, 1, 1]), np.ones((1, 4)))
-    array([0.75])
+    >>> weighted_auroc(np.array([0.1, 0.4, 0.35, 0.8]), np.array([0, 0, 1, 1]), np.ones((1, 4))).tolist()
+    [0.75]
     """
     s = np.asarray(scores, dtype=np.float64).ravel()
     y = np.asarray(labels).astype(bool).ravel()

@@ -216,16 +216,16 @@ def test_refined_detector_rows_are_named_so(tmp_path: Path) -> None:
 
 
 def test_figures_keep_matplotlib_out_of_home(tmp_path: Path) -> None:
-    """Without MPLCONFIGDIR, matplotlib's config and font cache go to a private folder removed at exit."""
+    """Without MPLCONFIGDIR, matplotlib's config and font cache go to the LoRIS cache, never HOME or TMPDIR."""
     import os
     import subprocess
     import sys
 
-    home, tmp = tmp_path / "home", tmp_path / "tmp"
+    home, tmp, cache = tmp_path / "home", tmp_path / "tmp", tmp_path / "cache"
     home.mkdir()
     tmp.mkdir()
     env = {k: v for k, v in os.environ.items() if k not in ("MPLCONFIGDIR", "XDG_CONFIG_HOME", "XDG_CACHE_HOME")}
-    env.update(HOME=str(home), TMPDIR=str(tmp))
+    env.update(HOME=str(home), TMPDIR=str(tmp), LORIS_CACHE=str(cache))
     code = (
         "import os, evaluation.figures as f, matplotlib\n"
         "assert f.score_distribution_figure({'m': ([0.1, 0.9], [0, 1])})[:4] == b'\\x89PNG'\n"
@@ -234,6 +234,5 @@ def test_figures_keep_matplotlib_out_of_home(tmp_path: Path) -> None:
     root = Path(__file__).resolve().parents[1]
     out = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, check=True)
     cache_dir, variable = out.stdout.split()
-    assert Path(cache_dir).parent == tmp  # the private folder held the font cache ...
-    assert variable == "None"  # ... without leaking the variable to child processes
-    assert not list(home.rglob("*")) and not list(tmp.iterdir())  # nothing in HOME; the folder is gone
+    assert Path(cache_dir) == cache / "matplotlib" == Path(variable)  # the documented cache holds it
+    assert not list(home.rglob("*")) and not list(tmp.iterdir())  # nothing in HOME or TMPDIR

@@ -125,3 +125,31 @@ def make_dataset(root: Path, n_patients: int = 8, per_patient: int = 3, size: in
             i += 1
     save_coco(root / "annotations.json", scans, root)
     return scans
+
+
+def train_quick_bundle(tmp_path_factory: Any) -> tuple[Path, Path]:
+    """A bundle trained with the quick profile on a tiny phantom (YOLOv5u without the refiner), and the
+    cache folder holding that phantom's PNGs: ``(bundle_dir, cache)``."""
+    import pytest
+
+    from pipeline.__main__ import main
+
+    cache = tmp_path_factory.mktemp("loris-cache")
+    root = tmp_path_factory.mktemp("bundle")
+    sets = [
+        "phantom.images=32",
+        "phantom.distended=10",
+        "phantom.patients=10",
+        "phantom.size=64",
+        "image_size=64",
+        "unet.epochs=1",
+        f"cache_dir={cache / 'models'}",
+        "threads=2",
+        "detector.refine=false",
+        "detector.options={epochs: 1, imgsz: 64, batch: 8}",
+    ]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LORIS_CACHE", str(cache))
+        args = ["train", "--detector", "yolov5", "--profile", "quick", "--out", str(root / "m"), "--no-progress"]
+        assert main(args + [a for s in sets for a in ("--set", s)]) == 0
+    return root / "m", cache

@@ -15,7 +15,7 @@ import pytest
 
 import scans.io
 from pipeline import predict
-from pipeline.__main__ import main
+from tests.helpers import train_quick_bundle
 
 N_IMAGES, BATCH = 6, 2
 
@@ -23,29 +23,13 @@ N_IMAGES, BATCH = 6, 2
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """A bundle trained once (quick profile, tiny phantom, YOLOv5u without the refiner) and a folder of scans."""
-    cache = tmp_path_factory.mktemp("loris-cache")
-    root = tmp_path_factory.mktemp("bundle")
-    sets = [
-        "phantom.images=32",
-        "phantom.distended=10",
-        "phantom.patients=10",
-        "phantom.size=64",
-        "image_size=64",
-        "unet.epochs=1",
-        f"cache_dir={cache / 'models'}",
-        "threads=2",
-        "detector.refine=false",
-        "detector.options={epochs: 1, imgsz: 64, batch: 8}",
-    ]
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("LORIS_CACHE", str(cache))
-        args = ["train", "--detector", "yolov5", "--profile", "quick", "--out", str(root / "m"), "--no-progress"]
-        assert main(args + [a for s in sets for a in ("--set", s)]) == 0
+    bundle, cache = train_quick_bundle(tmp_path_factory)
+    root = bundle.parent
     folder = root / "in"
     folder.mkdir()
     for i, png in enumerate(sorted((cache / "phantom").rglob("*.png"))[:N_IMAGES]):
         cv2.imwrite(str(folder / f"scan{i}.png"), cv2.imread(str(png), cv2.IMREAD_GRAYSCALE))
-    return root / "m", folder
+    return bundle, folder
 
 
 class FullDisk:

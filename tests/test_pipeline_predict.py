@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from pipeline.__main__ import main
-from tests.helpers import write_dicom
+from tests.helpers import train_quick_bundle, write_dicom
 
 PHI_NAME, PHI_ID = "Doe^Jane", "PHI-98765"
 
@@ -23,26 +23,9 @@ PHI_NAME, PHI_ID = "Doe^Jane", "PHI-98765"
 def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, np.ndarray]:
     """A bundle trained once for the module (quick profile, tiny phantom, YOLOv5u without the refiner)
     and one phantom scan."""
-    cache = tmp_path_factory.mktemp("loris-cache")
-    root = tmp_path_factory.mktemp("bundle")
-    sets = [
-        "phantom.images=32",
-        "phantom.distended=10",
-        "phantom.patients=10",
-        "phantom.size=64",
-        "image_size=64",
-        "unet.epochs=1",
-        f"cache_dir={cache / 'models'}",
-        "threads=2",
-        "detector.refine=false",
-        "detector.options={epochs: 1, imgsz: 64, batch: 8}",
-    ]
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("LORIS_CACHE", str(cache))
-        args = ["train", "--detector", "yolov5", "--profile", "quick", "--out", str(root / "m"), "--no-progress"]
-        assert main(args + [a for s in sets for a in ("--set", s)]) == 0
+    bundle, cache = train_quick_bundle(tmp_path_factory)
     png = sorted((cache / "phantom").rglob("*.png"))[0]
-    return root / "m", cv2.imread(str(png), cv2.IMREAD_GRAYSCALE)
+    return bundle, cv2.imread(str(png), cv2.IMREAD_GRAYSCALE)
 
 
 @pytest.fixture

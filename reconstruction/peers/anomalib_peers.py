@@ -15,6 +15,7 @@ the method's anomalib Lightning ``training_step`` and optimiser settings (see ``
 from __future__ import annotations
 
 import warnings
+from abc import abstractmethod
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
@@ -57,9 +58,9 @@ class _BackbonePeer(Lite0Peer):
     Its anomalib model returns ``pred_score`` and ``anomaly_map`` for the 3-channel normalised image.
     """
 
+    @abstractmethod
     def _timm_modules(self) -> list[nn.Module]:
         """The timm backbone modules inside ``self.net`` that take the ImageNet weights."""
-        raise NotImplementedError
 
     def _init_backbone(self) -> None:
         self._load_imagenet(self._timm_modules())
@@ -97,9 +98,9 @@ class _MemoryBankPeer(_BackbonePeer):
                 net(gray3(to_batch(images, np.arange(s, min(s + budget.batch_size, len(images))), self.device)))
             return self._fit_bank()
 
+    @abstractmethod
     def _fit_bank(self) -> dict:
         """Build the memory bank from the stored features (under no-grad); return record entries."""
-        raise NotImplementedError
 
 
 # ---- PatchCore -------------------------------------------------------------------------------------

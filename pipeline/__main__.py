@@ -12,15 +12,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from scans.distributed import is_main
-from scans.runtime import keep_out_of_home
-
 os.environ.setdefault("YOLO_OFFLINE", "1")  # before anything imports ultralytics
 os.environ.setdefault("MPLBACKEND", "Agg")
 # Idle OpenMP workers sleep instead of spinning: on a busy 2-core machine spinning made
 # 2-thread U-Net training ~10x slower than 1 thread (measured); set before torch loads OpenMP.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-keep_out_of_home()  # torch's and matplotlib's caches go to the LoRIS cache, before anything imports them
 
 if TYPE_CHECKING:
     from pipeline.config import Config
@@ -273,6 +269,8 @@ def _cross_validate(args: argparse.Namespace) -> int:
     cfg = _config(args, names[0])
     out = Path(args.out) if args.out else default_run_dir(cfg, args.command)
     summary = execute(cfg, out, names, command=args.command)
+    from scans.distributed import is_main
+
     if is_main():  # under torchrun every rank returns the summary; one prints it
         _print_summary(summary, out)
     return 0
@@ -280,6 +278,7 @@ def _cross_validate(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     from pipeline.bundle import train_bundle
+    from scans.distributed import is_main
 
     doc = train_bundle(_config(args, args.detector), args.out)
     if not is_main():

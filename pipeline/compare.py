@@ -44,7 +44,7 @@ from reconstruction.peers import PEERS, Budget, Peer, PeerOutput, build_peer, lo
 from reconstruction.peers.prior_guided import predict_peer
 from scans.io import atomic_write
 from scans.records import ScanArrays
-from scans.runtime import Stopwatch, keep_out_of_home, resolve_device, set_threads
+from scans.runtime import Stopwatch, resolve_device, set_threads
 
 LORIS = "loris"
 PEER_DIR = "compare"  # per fold: <method>.json (written last) and <method>.npz
@@ -354,7 +354,6 @@ def execute_compare(
     cs = Settings(names, budget or PEER_BUDGETS[cfg.profile], dict(options or {}))
     _check_options(cs)
     cfg = replace(cfg, riad=replace(cfg.riad, enabled=RIAD in names))
-    keep_out_of_home()
     watch = Stopwatch()
     with run_lock(Path(out)):
         with watch("total"):

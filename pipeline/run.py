@@ -47,7 +47,7 @@ from pipeline.outputs import (
 from pipeline.provenance import package_versions
 from scans.distributed import barrier, broadcast_decision, init_from_env, is_main, shutdown
 from scans.records import ScanArrays
-from scans.runtime import Stopwatch, keep_out_of_home, set_threads
+from scans.runtime import Stopwatch, set_threads
 
 NO_DETECTION = {"precision": None, "map50": None, "map75": None}
 # How long a rank may wait in a collective, e.g. while rank 0 evaluates a fold or trains YOLOv5u alone.
@@ -199,7 +199,6 @@ def execute(cfg: Config, out: Path, detector_names: Sequence[str], command: str 
 
     ``out`` is locked for the whole run (:func:`pipeline.outputs.run_lock`): a second process refuses.
     Under torchrun (:func:`distributed_session`) every rank calls it; the summary is rank 0's."""
-    keep_out_of_home()
     with distributed_session(cfg.device):
         if not is_main():
             return _follow(cfg, Path(out), detector_names, command)
@@ -446,7 +445,6 @@ def aggregate_runs(run_dirs: Sequence[Path], out: Path) -> dict[str, Any]:
     fold_ids = sorted(f for run in runs for f in run.folds)
     doc = {k: v for k, v in saved.items() if k != "run"} | {"run_folds": fold_ids}
     cfg = replace(parse_config(doc), progress=False)
-    keep_out_of_home()
     with run_lock(Path(out)):
         p = plan(cfg, Path(out), saved["run"]["detectors"], saved["run"]["command"], same_as=saved)
         for run in runs:

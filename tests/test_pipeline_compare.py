@@ -149,3 +149,23 @@ def test_unknown_method_is_refused_with_the_choices(tmp_path: Path, cache: Path)
         cli(args, tiny(cache))
     assert not (tmp_path / "x").exists()
     assert parse_methods("UAE") == ["loris", "uae"] and set(method_choices()) >= {"loris", "riad", "draem"}
+
+
+@pytest.mark.slow
+def test_whole_comparison_on_the_quick_profile(tmp_path: Path, cache: Path) -> None:
+    """Every method ``compare`` knows, on the quick profile: a row each, finite metrics, paired differences."""
+    # 64 px scans: SuperSimpleNet needs earlier backbone layers for a feature map of 32 px or more
+    options = {"supersimplenet": {"layers": ["blocks.1", "blocks.2"]}}
+    summary = execute_compare(tiny(cache), tmp_path / "all", ",".join(method_choices()), options=options)
+    rows = _rows(tmp_path / "all")
+    assert set(summary["timing"]["methods"]) == set(method_choices())
+    for name in method_choices():
+        if name in ("loris", "riad"):
+            continue
+        label = summary["peers"][name]["label"]
+        m = rows[label]["metrics"]
+        assert 0.0 <= m["i_auroc"]["mean"] <= 1.0 and m["gap_i_auroc"] is not None, name
+        if rows[label]["maps"]:
+            assert 0.0 <= m["p_auroc"]["mean"] <= 1.0 and m["dice_val"]["ci_low"] <= m["dice_val"]["mean"], name
+        else:
+            assert m.get("p_auroc") is None, name

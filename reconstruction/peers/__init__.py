@@ -31,8 +31,8 @@ Registry
 Budgets (``Peer.budgets``; epochs x batch size, work size)
     ``quick``: one or two small epochs at the data's size (tests). ``default``: the model runs at 128 px
     (``work_size``; maps come back at the data's size), sized so one fold of ~226 normal training scans
-    at 256 px trains in about 0.5-5 min on the idle 2-core CPU: patchcore/padim one pass, cflow 10 x 8,
-    supersimplenet 12 x 8, draem 12 x 8, ganomaly 15 x 8, uae 80 x 16, intrans 60 x 16, fair 25 x 8,
+    at 256 px trains in at most 10 min on the 2-core CPU (times in docs/results.md): patchcore/padim one
+    pass, cflow 5 x 8, supersimplenet 12 x 8, draem 12 x 8, ganomaly 15 x 8, uae 50 x 16, intrans 60 x 16, fair 25 x 8,
     multitask 30 x 16. ``paper``: the published epochs at the data's size, for a GPU. Model widths are
     options (CPU-scale defaults: DRAEM ``width`` 16 vs 128, GANomaly ``n_features`` 32 vs 64).
 

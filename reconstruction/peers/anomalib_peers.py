@@ -159,7 +159,7 @@ class CflowPeer(_BackbonePeer):
     }
     budgets = {
         "quick": Budget(epochs=1, batch_size=4, steps_per_epoch=2),
-        "default": Budget(epochs=10, batch_size=8, work_size=128),
+        "default": Budget(epochs=5, batch_size=8, work_size=128),
         "paper": Budget(epochs=50, batch_size=16),
     }
 

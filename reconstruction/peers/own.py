@@ -87,7 +87,7 @@ class UaePeer(Peer):
     defaults = {"width": 16, "latent": 16, "lr": 1e-3}
     budgets = {
         "quick": Budget(epochs=2, batch_size=8),
-        "default": Budget(epochs=80, batch_size=16, work_size=128),
+        "default": Budget(epochs=50, batch_size=16, work_size=128),
         "paper": Budget(epochs=250, batch_size=64),
     }
 

@@ -1,4 +1,4 @@
-"""``python -m pipeline run|ablate|compare|aggregate|train|predict|bench|export`` (also installed as ``loris``).
+"""``python -m pipeline run|ablate|compare|aggregate|train|predict|merge|bench|export`` (also installed as ``loris``).
 
 Each subcommand has a small parser function (``_<name>_parser``) and a handler in ``_dispatch``."""
 
@@ -116,6 +116,25 @@ def _frames(text: str) -> str | int:
     return value
 
 
+def _shard(text: str) -> tuple[int, int]:
+    from pipeline.predict import parse_shard
+
+    try:
+        return parse_shard(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _workers(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, not {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, not {value}")
+    return value
+
+
 def _dicom_kinds(text: str) -> tuple[str, ...]:
     from pipeline.dicom_out import KINDS
 
@@ -180,16 +199,46 @@ def _predict_parser(sub: Any) -> None:
         help="also write DICOM results of DICOM inputs under OUT/dicom/ (bare flag: seg,sr); "
         "they carry the patient and study tags that file them in a PACS",
     )
-    pr.add_argument("--no-review", action="store_true", help="do not write review.html")
+    pr.add_argument("--no-review", action="store_true", help="do not write the review page")
+    pr.add_argument(
+        "--overlays",
+        action="store_true",
+        help="also write OUT/overlays/<name>.png (scan, heat map, mask contour, box); default: none, the "
+        "masks are in predictions.csv's mask_rle column",
+    )
+    pr.add_argument(
+        "--shard",
+        type=_shard,
+        metavar="K/N",
+        help="process only the files whose path hash is K modulo N (e.g. 0/4), each shard into its own "
+        "--out; join the folders with `merge`",
+    )
+    pr.add_argument(
+        "--workers",
+        type=_workers,
+        help="processes decoding scans while the model runs (local and onnxruntime engines; 0: in this "
+        "process; default: 2 with more than 2 cores, else 0)",
+    )
+    pr.add_argument(
+        "--prefetch", type=_positive_int, default=2, help="frames each --workers process reads ahead (default: 2)"
+    )
     pr.add_argument(
         "--engine",
-        choices=["local", "ray"],
+        choices=["local", "ray", "onnxruntime"],
         default="local",
-        help="local: this process (default); ray: Ray Data with --actors model-holding actors (needs ray[data])",
+        help="local: this process (default); ray: Ray Data with --actors model-holding actors (needs ray[data]); "
+        "onnxruntime: this process, the bundle run by ONNX Runtime",
     )
     pr.add_argument("--actors", type=_positive_int, default=1, help="--engine ray: actors, each holding the model")
     pr.add_argument("--ray-address", help="--engine ray: an existing Ray cluster (default: start one on this machine)")
     pr.add_argument("--no-progress", action="store_true")
+
+
+def _merge_parser(sub: Any) -> None:
+    me = sub.add_parser("merge", help="join the output folders of `predict --shard K/N` runs into one")
+    me.add_argument("shards", type=Path, nargs="+", metavar="SHARD_OUT", help="predict output folders")
+    me.add_argument("--out", type=Path, required=True, help="folder for the merged results (new or empty)")
+    me.add_argument("--move", action="store_true", help="move the overlay and DICOM files instead of copying them")
 
 
 def _bench_parser(sub: Any) -> None:
@@ -208,8 +257,8 @@ def _export_parser(sub: Any) -> None:
 
 
 def _model_parsers(sub: Any) -> None:
-    """``train``, ``predict``, ``bench`` and ``export``."""
-    for add in (_train_parser, _predict_parser, _bench_parser, _export_parser):
+    """``train``, ``predict``, ``merge``, ``bench`` and ``export``."""
+    for add in (_train_parser, _predict_parser, _merge_parser, _bench_parser, _export_parser):
         add(sub)
 
 
@@ -310,6 +359,11 @@ def _predict(args: argparse.Namespace) -> int:
         "read": read,
         "dicom_out": args.dicom_out,
         "review": not args.no_review,
+        "overlays": args.overlays,
+        "shard": args.shard,
+        "workers": args.workers,
+        "prefetch": args.prefetch,
+        "runtime": "onnxruntime" if args.engine == "onnxruntime" else "torch",
     }
     if args.engine == "ray":
         import importlib.util
@@ -321,9 +375,28 @@ def _predict(args: argparse.Namespace) -> int:
         common["engine"] = RayEngine(args.actors, address=args.ray_address)
     from pipeline.predict import predict_folder
 
-    predict_folder(args.model, args.input, out, **common)
-    outputs = "predictions.csv, errors.csv, masks/, overlays/" + ("" if args.no_review else ", review.html")
-    print(f"results in {out} ({outputs}" + (", dicom/)" if args.dicom_out else ")"))
+    stats = predict_folder(args.model, args.input, out, **common)
+    outputs = ["predictions.csv (masks as mask_rle)", "errors.csv", "predict.json"]
+    outputs += ["overlays/"] * args.overlays + ["dicom/"] * bool(args.dicom_out)
+    outputs += [stats["review"].name] if stats.get("review") else []
+    shard = f" for shard {args.shard[0]}/{args.shard[1]}" if args.shard else ""
+    print(f"results{shard} in {out} ({', '.join(outputs)})")
+    return 0
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from pipeline.predict import merge_outputs
+
+    info = merge_outputs(args.shards, args.out, move=args.move)
+    n, have, lacking = info["n"], info["shards"], info["missing_shards"]
+    print(
+        f"merged {len(args.shards)} folder(s) into {args.out}: {info['predictions']} prediction row(s), "
+        f"{info['errors']} error row(s), {info['files']} file(s) {'moved' if args.move else 'copied'}; "
+        f"shards {','.join(map(str, have))} of {n}"
+        + (f" (missing: {','.join(map(str, lacking))})" if lacking else "")
+        + (f"; {info['missing_files']} listed file(s) not found" if info["missing_files"] else "")
+    )
+    print(f"review page: {info['review']}")
     return 0
 
 
@@ -369,6 +442,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         "ablate": _cross_validate,
         "train": _train,
         "predict": _predict,
+        "merge": _merge,
         "bench": _bench,
         "export": _export,
         "compare": _compare,

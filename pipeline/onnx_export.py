@@ -11,7 +11,8 @@ Writes into ``<out>/``:
   torch.onnx's tracer with the torch-native ops of :mod:`detectors.codetr.native_ops` (batch 1 and
   the model's image size are fixed by the trace; ``boxes [1, K, 4]`` and ``scores [1, K]`` after
   its own top-k, in model pixels);
-- ``export.json``: what was exported, the input/output names and shapes, and what was not.
+- ``export.json``: what was exported, the input/output names and shapes, what was not, and the
+  bundle's :func:`bundle_digest` (``predict --engine onnxruntime`` refuses a stale export).
 
 A box refiner (``refined.json``) is not exported: ``export.json`` says so, and the boxes are the
 base detector's. Running the graphs needs only onnxruntime, not mmcv (docs/design.md, "Outputs for clinicians
@@ -27,6 +28,7 @@ and PACS").
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -42,9 +44,10 @@ from torch import Tensor, nn
 from reconstruction.deviation import anomaly_map
 from reconstruction.masking import apply_single_mask, box_masks
 from reconstruction.unet import UNet, fold_batchnorm
+from scans.fingerprint import file_digest
 from scans.io import atomic_write, atomic_write_text, load_meta
 
-OPSET = 18  # the torch.export-based exporter's own opset: no version conversion
+OPSET = 18  # supported by onnxruntime >= 1.18 (the export extra's floor)
 
 
 class LorisGraph(nn.Module):
@@ -101,54 +104,37 @@ class LorisGraph(nn.Module):
         return vals.cumsum(dim=1).gather(1, (k - 1).view(-1, 1)).squeeze(1) / k.to(m.dtype)
 
 
-def _onnx_export(
+def _traced_export(
     module: nn.Module, args: tuple[Tensor, ...], path: Path, inputs: list[str], outputs: list[str]
 ) -> None:
-    """torch.onnx (the torch.export-based exporter, dynamic batch), written atomically."""
-    batch = torch.export.Dim("batch", min=1)
-    shapes = tuple({0: batch} for _ in inputs)
+    """torch.onnx's TorchScript exporter with a dynamic batch axis, written atomically.
+
+    Tensor ops only, so the trace holds for every batch; it exports far faster than torch.export.
+    """
+    axes = {name: {0: "batch"} for name in [*inputs, *outputs]}
 
     def write(tmp: Path) -> None:
-        with warnings.catch_warnings():
-            # harmless: constant folding casts float64 limits to float32, and one batch axis is shared
-            warnings.filterwarnings("ignore", "overflow encountered in cast", RuntimeWarning)
-            warnings.filterwarnings("ignore", "The axis name", UserWarning)
-            program = torch.onnx.export(
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)  # shapes read once; the batch axis stays dynamic
+            warnings.filterwarnings("ignore", "To copy construct from a tensor", UserWarning)  # traced sizes
+            warnings.filterwarnings("ignore", "Constant folding - Only steps=1", UserWarning)  # left to onnxruntime
+            torch.onnx.export(
                 module.eval(),
                 args,
+                str(tmp),
                 input_names=inputs,
                 output_names=outputs,
-                dynamic_shapes=shapes,
+                dynamic_axes=axes,
                 opset_version=OPSET,
-                dynamo=True,
-                external_data=False,
-                verbose=False,
+                dynamo=False,
             )
-        if program is None:
-            raise RuntimeError("torch.onnx.export returned no program")
-        program.save(str(tmp), external_data=False)
 
     atomic_write(path, write)
 
 
 def export_unet(unet: UNet, path: Path, image_size: int) -> Path:
     """``unet.onnx``: ``image [B, 1, S, S]`` in [-1, 1] -> ``recon`` (BatchNorm folded)."""
-    net = fold_batchnorm(unet).eval()
-
-    def write(tmp: Path) -> None:
-        with torch.no_grad():
-            torch.onnx.export(
-                net,
-                (torch.zeros(1, 1, image_size, image_size),),
-                str(tmp),
-                input_names=["image"],
-                output_names=["recon"],
-                dynamic_axes={"image": {0: "batch"}, "recon": {0: "batch"}},
-                opset_version=OPSET,
-                dynamo=False,  # plain convolutions: the TorchScript exporter is 4x faster here
-            )
-
-    atomic_write(path, write)
+    _traced_export(fold_batchnorm(unet), (torch.zeros(1, 1, image_size, image_size),), Path(path), ["image"], ["recon"])
     return Path(path)
 
 
@@ -156,8 +142,7 @@ def export_graph(graph: LorisGraph, path: Path, image_size: int) -> Path:
     """``loris.onnx``: ``images [B, 1, S, S]`` in [0, 1], ``boxes [B, 4]`` -> ``scores [B]``, ``maps``."""
     s = image_size
     example = (torch.rand(2, 1, s, s), torch.tensor([[s / 4, s / 4, s / 2, s / 2], [float("nan")] * 4]))
-    with torch.no_grad():
-        _onnx_export(graph, example, Path(path), ["images", "boxes"], ["scores", "maps"])
+    _traced_export(graph, example, Path(path), ["images", "boxes"], ["scores", "maps"])
     return Path(path)
 
 
@@ -222,7 +207,8 @@ def export_codetr(detector: Any, path: Path) -> Path:
     s = int(det.image_size)
 
     def write(tmp: Path) -> None:
-        with native_ops(cpu="native"), torch.no_grad(), warnings.catch_warnings():
+        # grad mode on: the no-grad CPU fast paths (fused backbone, reordered attention) are not traced
+        with native_ops(cpu="native"), torch.enable_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore", torch.jit.TracerWarning)  # loops over the fixed batch and levels
             torch.onnx.export(
                 _CoDetrGraph(det),
@@ -266,8 +252,28 @@ def _export_detector(det_dir: Path, out: Path, name: str, requested: bool) -> di
     return info
 
 
+def bundle_digest(bundle_dir: Path) -> str:
+    """20-hex digest of a bundle's files (``bundle.json``, ``detector/``, ``unet/``): their names and bytes.
+
+    >>> import tempfile
+    >>> root = Path(tempfile.mkdtemp()); _ = (root / "bundle.json").write_text("{}")
+    >>> d = bundle_digest(root); _ = (root / "bundle.json").write_text("{ }")
+    >>> len(d), d == bundle_digest(root)
+    (20, False)
+    """
+    root = Path(bundle_dir)
+    files = [root / "bundle.json"] + sorted(
+        p for d in ("detector", "unet") for p in (root / d).rglob("*") if p.is_file()
+    )
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f"{f.relative_to(root).as_posix()}\0{file_digest(f)}\n".encode())
+    return h.hexdigest()[:20]
+
+
 def export_bundle(bundle_dir: Path, out: Path, detector: bool = True) -> dict[str, Any]:
-    """Export a bundle's U-Net, its LoRIS graph and (YOLOv5u) detector into ``out``; returns ``export.json``."""
+    """Export a bundle's U-Net, its LoRIS graph and detector into ``out``; returns ``export.json``
+    (``bundle_digest``: :func:`bundle_digest` of the bundle exported, so a stale export is recognised)."""
     from reconstruction.checkpoint import load_model
 
     bundle_dir, out = Path(bundle_dir), Path(out)
@@ -294,6 +300,7 @@ def export_bundle(bundle_dir: Path, out: Path, detector: bool = True) -> dict[st
         "format": 1,
         "opset": OPSET,
         "image_size": size,
+        "bundle_digest": bundle_digest(bundle_dir),
         "unet": {"file": "unet.onnx", "inputs": {"image": [None, 1, size, size]}, "outputs": ["recon"]},
         "loris": {
             "file": "loris.onnx",
@@ -308,11 +315,28 @@ def export_bundle(bundle_dir: Path, out: Path, detector: bool = True) -> dict[st
     return info
 
 
-def onnx_session(path: Path, threads: int | None = None) -> Any:
-    """An onnxruntime CPU session for an exported file (``threads``: intra-op threads, None = default)."""
+def onnx_session(path: Path, threads: int | None = None, device: str = "cpu") -> Any:
+    """An onnxruntime session for an exported file (``threads``: intra-op threads, None = onnxruntime's default).
+
+    ``device``: ``cpu``; ``cuda``/``cuda:N`` needs onnxruntime's CUDA provider (``onnxruntime-gpu``);
+    ``auto`` takes it when there is one, else the CPU. Idle threads sleep instead of spinning under
+    ``OMP_WAIT_POLICY=PASSIVE``, as torch's do.
+    """
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     if threads:
         opts.intra_op_num_threads = int(threads)
-    return ort.InferenceSession(os.fspath(path), opts, providers=["CPUExecutionProvider"])
+    if os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE":  # as torch's threads (set by the CLI)
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    providers: list[Any] = ["CPUExecutionProvider"]
+    if device != "cpu":
+        has_cuda = "CUDAExecutionProvider" in ort.get_available_providers()
+        if device != "auto" and not has_cuda:
+            raise RuntimeError(
+                f"device {device!r}: this onnxruntime has no CUDA provider; install onnxruntime-gpu or use the CPU"
+            )
+        if has_cuda:
+            index = device.partition(":")[2].split(",")[0] or "0"
+            providers.insert(0, ("CUDAExecutionProvider", {"device_id": int(index)}))
+    return ort.InferenceSession(os.fspath(path), opts, providers=providers)

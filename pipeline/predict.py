@@ -3,14 +3,21 @@
 Every image is read with :func:`scans.readers.read_scan`: DICOMs are cropped to their B-mode
 ultrasound region (``crop="regions"``, the default, acts only when a file has one; ``"auto"``
 also finds the region from the pixels; ``"none"`` never crops), the model runs on the crop, and
-the box, mask and overlay are mapped back to the scan's own pixels. Cine files give one frame
+the box and mask are mapped back to the scan's own pixels. Cine files give one frame
 (``frames="first"``, a frame number) or one row per frame (``"all"``).
 
-It writes ``predictions.csv`` (keyed by file path and frame, with the SOP Instance UID and the
-crop), ``masks/<name>.png``, ``overlays/<name>.png``, ``errors.csv`` and ``review.html``
-(:mod:`pipeline.review`); with ``dicom_out`` also SEG/SR/SC objects under ``dicom/``
-(:mod:`pipeline.dicom_out`). No patient tag reaches the CSV, PNG or HTML outputs
-(docs/design.md, "Outputs for clinicians and PACS").
+It writes ``predictions.csv`` (keyed by file path and frame, with the SOP Instance UID, the crop
+and the mask as a COCO compressed RLE string in ``mask_rle``, in the scan's own pixels, read back
+with :func:`decode_mask`; no mask images are written), ``errors.csv``, ``predict.json`` (the
+bundle and shard that made the folder) and the review page (:mod:`pipeline.review`);
+``overlays=True`` adds ``overlays/<name>.png`` (else the ``overlay`` column is empty), and
+``dicom_out`` SEG/SR/SC objects under ``dicom/`` (:mod:`pipeline.dicom_out`). No patient tag
+reaches the CSV, PNG or HTML outputs (docs/design.md, "Outputs for clinicians and PACS").
+
+Archive scale: frames are decoded by ``workers`` DataLoader processes while the model runs;
+``shard=(k, n)`` keeps the files whose path hash is ``k`` modulo ``n`` (:func:`shard_of`), so
+``n`` runs share an archive, and :func:`merge_outputs` (``python -m pipeline merge``) joins
+their folders into one.
 
 One bad file never stops the batch: unsupported, unreadable or corrupt files, symbolic-link
 loops, broken links, special files and images over ``max_pixels`` (checked from the header,
@@ -20,6 +27,8 @@ already hold.
 
 >>> parse_frames("all"), parse_frames("3"), parse_frames(None)
 ('all', 3, None)
+>>> parse_shard("1/4"), shard_of("a/b.png", 1)
+((1, 4), 0)
 """
 
 from __future__ import annotations
@@ -27,23 +36,28 @@ from __future__ import annotations
 import csv
 import errno
 import hashlib
+import importlib
 import io
+import json
 import locale
 import os
+import shutil
 import stat
 import sys
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import cv2
 import numpy as np
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from pipeline.bundle import Bundle, BundleOutput
-from scans.io import confined, write_png
+from scans.coco import decode_segmentation, encode_mask
+from scans.io import atomic_write_text, confined, write_png
 from scans.readers import (
     CROP_MODES,
     Crop,
@@ -74,7 +88,7 @@ PRED_FIELDS = [
     "box_y2",
     "box_source",
     "box_confidence",
-    "mask",
+    "mask_rle",
     "overlay",
     "width",
     "height",
@@ -83,6 +97,7 @@ PRED_FIELDS = [
 ]
 ERR_FIELDS = ["file", "frame", "sop_instance_uid", "reason"]
 FrameSpec = str | int | None
+Shard = tuple[int, int]  # (k, n): the k-th of n parts of a folder
 
 
 def parse_frames(value: str | int | None) -> FrameSpec:
@@ -99,6 +114,24 @@ def parse_frames(value: str | int | None) -> FrameSpec:
     if n < 0:
         raise ValueError(f"frames: a frame number is 0 or more, not {n}")
     return n
+
+
+def parse_shard(value: str) -> Shard:
+    """``"K/N"`` -> ``(K, N)`` with ``0 <= K < N``; anything else raises ValueError."""
+    k_text, _, n_text = str(value).strip().partition("/")
+    try:
+        k, n = int(k_text), int(n_text)
+    except ValueError:
+        raise ValueError(f"shard must be K/N, e.g. 0/4, not {value!r}") from None
+    if not 0 <= k < n:
+        raise ValueError(f"shard {value}: K/N needs 0 <= K < N")
+    return k, n
+
+
+def shard_of(rel: str, n: int) -> int:
+    """The shard (0 to ``n - 1``) of a file: the SHA-256 of its path relative to the input folder, modulo
+    ``n``, the same on every machine and Python run."""
+    return int.from_bytes(hashlib.sha256(os.fsencode(rel)).digest()[:8], "big") % n
 
 
 def check_paths(folder: Path, out: Path) -> None:
@@ -312,6 +345,17 @@ class _Batch:
     images: list[np.ndarray] = field(default_factory=list)
     errors: list[dict[str, Any]] = field(default_factory=list)
 
+    def add(self, got: _Frame | dict[str, Any]) -> None:
+        if isinstance(got, _Frame):
+            self.items.append(got.item)
+            self.reads.append(got.read)
+            self.images.append(got.image)
+        else:
+            self.errors.append(got)
+
+    def __len__(self) -> int:
+        return len(self.items) + len(self.errors)
+
 
 def _error(rel: str, reason: str, frame: int | str = "", uid: str | None = None) -> dict[str, Any]:
     return {"file": rel, "frame": frame, "sop_instance_uid": uid or "", "reason": reason}
@@ -372,39 +416,124 @@ def _work(
                 yield _Item(p, rel, f)
 
 
-def _read(batch: _Batch, item: _Item, opts: ReadOptions, size: int) -> None:
-    """Read one frame into ``batch``; a failure becomes an error row."""
+@dataclass(frozen=True)
+class _Frame:
+    """One frame read for the model: its item, the read and the model-size copy."""
+
+    item: _Item
+    read: ReadResult
+    image: np.ndarray
+
+
+def _load(item: _Item, opts: ReadOptions, size: int, keep_image: bool = True) -> _Frame | dict[str, Any]:
+    """Read, check and resize one frame; a failure becomes an error row naming the file.
+
+    Without ``keep_image`` the crop's pixels are dropped once resized (nothing draws an overlay),
+    so a worker sends back only the model-size copy.
+    """
     try:
         rr = read_scan(item.path, frame=item.frame, crop=opts.crop, region=opts.region)
         if not np.isfinite(rr.image).all():
             raise ReadError(item.path, "image holds NaN or infinite pixel values")
         if min(rr.image.shape) < 2:
             raise ReadError(item.path, f"image (or its crop {rr.crop}) is {rr.image.shape[1]}x{rr.image.shape[0]}")
+        small = resize_image(rr.image, size)
     except Exception as exc:  # one odd file (permissions, a codec error) must not stop the batch
-        batch.errors.append(_error(item.rel, _reason(exc), item.frame))
+        return _error(item.rel, _reason(exc), item.frame)
+    if not keep_image:
+        rr = replace(rr, image=np.zeros((0, 0), np.float32))
+    return _Frame(item, rr, small)
+
+
+class FrameDataset(Dataset[Any]):
+    """The planned work as a map-style dataset keyed by the plan's own entries: an :class:`_Item`
+    (a file and frame) is read into a :class:`_Frame` or an error row; a planning error row
+    (an unsupported file, a refused header) passes through, so rows keep the plan's order.
+
+    >>> FrameDataset(ReadOptions(), 64)[{"file": "a.txt", "reason": "unsupported"}]["reason"]
+    'unsupported'
+    """
+
+    def __init__(self, opts: ReadOptions, size: int, keep_image: bool = True) -> None:
+        self.opts, self.size, self.keep_image = opts, size, keep_image
+
+    def __getitem__(self, key: _Item | dict[str, Any]) -> _Frame | dict[str, Any]:
+        return _load(key, self.opts, self.size, self.keep_image) if isinstance(key, _Item) else key
+
+
+def _as_is(sample: Any) -> Any:
+    """The DataLoader's collate function: samples travel as they are (no tensor conversion)."""
+    return sample
+
+
+def _init_worker(_: int) -> None:
+    cv2.setNumThreads(0)  # a forked OpenCV thread pool can deadlock; one image per worker needs none
+
+
+def default_workers() -> int:
+    """Decoding processes for ``predict``: 2 with more than 2 cores, else none (on 2 cores the model's
+    threads already take both, and decoding in workers gained nothing)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return 2 if cores > 2 else 0
+
+
+def _read_stream(
+    work: Iterator[_Item | dict[str, Any]], dataset: FrameDataset, workers: int, prefetch: int
+) -> Generator[_Frame | dict[str, Any], None, None]:
+    """``dataset`` over ``work`` in order: in this process (``workers=0``) or in a DataLoader whose
+    ``workers`` processes each keep ``prefetch`` frames read ahead while the model runs."""
+    if workers == 0:
+        yield from (dataset[w] for w in work)
         return
-    batch.items.append(item)
-    batch.reads.append(rr)
-    batch.images.append(resize_image(rr.image, size))
+    loader = DataLoader(
+        dataset,
+        batch_size=None,
+        sampler=work,  # planned lazily here, as the workers ask for more
+        num_workers=workers,
+        prefetch_factor=prefetch,
+        collate_fn=_as_is,
+        worker_init_fn=_init_worker,
+    )
+    yield from loader
+
+
+def _read_batches(stream: Iterator[_Frame | dict[str, Any]], size: int) -> Iterator[_Batch]:
+    """Groups of up to ``size`` frames and error rows, in the stream's order."""
+    batch = _Batch()
+    for got in stream:
+        batch.add(got)
+        if len(batch) >= size:
+            yield batch
+            batch = _Batch()
+    if len(batch):
+        yield batch
 
 
 @dataclass(frozen=True)
 class _Mapped:
-    """One prediction in the scan's own pixels."""
+    """One prediction in the scan's own pixels (and its overlay, when one is drawn)."""
 
     box: tuple[float, float, float, float]
     mask: np.ndarray
-    overlay: np.ndarray
+    overlay: np.ndarray | None
 
 
-def _to_original(rr: ReadResult, item: _Item, crop: CropMode, size: int, result: BundleOutput, i: int) -> _Mapped:
-    """Box, mask and overlay of scan ``i`` mapped from the model's square grid through the crop to the scan."""
+def _to_original(
+    rr: ReadResult, item: _Item, crop: CropMode, size: int, result: BundleOutput, i: int, draw: bool
+) -> _Mapped:
+    """Box, mask and (with ``draw``) overlay of scan ``i`` mapped from the model's square grid through
+    the crop to the scan."""
     x0, y0, x1, y1 = rr.crop
     cw, ch = x1 - x0, y1 - y0
     sx, sy = cw / size, ch / size
     b = result.boxes[i]
     box = rr.box_to_original((float(b[0]) * sx, float(b[1]) * sy, float(b[2]) * sx, float(b[3]) * sy))
     mask = rr.mask_to_original(resize_mask(result.masks[i], (cw, ch)))
+    if not draw:
+        return _Mapped(box, mask, None)
     heat = cv2.resize(result.heat[i], (cw, ch), interpolation=cv2.INTER_LINEAR)
     # the overlay shows the whole frame, panels included, so one more decode for cropped scans only
     full = read_scan(item.path, frame=item.frame, crop="none").image if rr.cropped and crop != "none" else rr.image
@@ -432,6 +561,19 @@ def _dicom_out(
     return ";".join(p.relative_to(out.resolve()).as_posix() for p in paths.values())
 
 
+@dataclass(frozen=True)
+class Outputs:
+    """What ``predict`` writes beside the CSVs: ``overlays/`` PNGs and the DICOM kinds under ``dicom/``."""
+
+    overlays: bool = False
+    dicom: tuple[str, ...] = ()
+
+    @property
+    def draws(self) -> bool:
+        """Whether an overlay is drawn (for ``overlays/``, or the DICOM secondary capture)."""
+        return self.overlays or "sc" in self.dicom
+
+
 def _write_outputs(
     folder: Path,
     out: Path,
@@ -439,21 +581,23 @@ def _write_outputs(
     batch: _Batch,
     result: BundleOutput,
     opts: ReadOptions,
-    dicom_kinds: Sequence[str],
+    outputs: Outputs,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Mask and overlay PNGs (and DICOM results) of every frame of ``batch``; returns its CSV and error rows."""
+    """The CSV rows (mask as RLE), overlay PNGs and DICOM results of every frame of ``batch``; returns
+    its CSV and error rows."""
     rows, errors = [], []
     for i, (item, rr) in enumerate(zip(batch.items, batch.reads)):
         stem = _stem(folder, item.path, item.frame if rr.frame_count > 1 else None)
-        mask_rel, ov_rel = f"masks/{stem}.png", f"overlays/{stem}.png"
-        m = _to_original(rr, item, opts.crop, bundle.image_size, result, i)
-        write_png(confined(out, mask_rel), m.mask.astype(np.uint8) * 255)
-        write_png(confined(out, ov_rel), m.overlay)
+        m = _to_original(rr, item, opts.crop, bundle.image_size, result, i, outputs.draws)
+        ov_rel = ""
+        if outputs.overlays and m.overlay is not None:
+            ov_rel = f"overlays/{stem}.png"
+            write_png(confined(out, ov_rel), m.overlay)
         score, source = float(result.scores[i]), result.sources[i]
         dicom = ""
-        if dicom_kinds and is_dicom(item.path):
+        if outputs.dicom and is_dicom(item.path):
             try:
-                dicom = _dicom_out(item, stem, out, bundle, m, score, source, dicom_kinds)
+                dicom = _dicom_out(item, stem, out, bundle, m, score, source, outputs.dicom)
             except Exception as exc:  # a source DICOM that cannot be referenced must not stop the batch
                 errors.append(_error(item.rel, f"dicom-out: {_reason(exc)}", item.frame, rr.sop_instance_uid))
         w, h = rr.original_size
@@ -468,7 +612,7 @@ def _write_outputs(
                 **{k: f"{v:.1f}" for k, v in zip(("box_x1", "box_y1", "box_x2", "box_y2"), m.box)},
                 "box_source": source,
                 "box_confidence": f"{result.confidences[i]:.4f}",
-                "mask": mask_rel,
+                "mask_rle": encode_mask(m.mask)["counts"],
                 "overlay": ov_rel,
                 "width": w,
                 "height": h,
@@ -477,6 +621,19 @@ def _write_outputs(
             }
         )
     return rows, errors
+
+
+def decode_mask(row: Mapping[str, Any]) -> np.ndarray:
+    """The boolean ``[height, width]`` mask of a ``predictions.csv`` row, in the scan's own pixels
+    (its ``mask_rle``: COCO compressed RLE, column-major, as :func:`pycocotools.mask.encode` writes).
+
+    >>> mask = np.zeros((3, 4), bool); mask[1, 1:3] = True
+    >>> row = {"mask_rle": encode_mask(mask)["counts"], "width": "4", "height": "3"}
+    >>> row["mask_rle"], bool((decode_mask(row) == mask).all())
+    ('41202', True)
+    """
+    h, w = int(row["height"]), int(row["width"])
+    return decode_segmentation({"size": [h, w], "counts": str(row["mask_rle"])}, h, w)
 
 
 def _done(out: Path) -> set[tuple[str, str]]:
@@ -488,34 +645,26 @@ def _done(out: Path) -> set[tuple[str, str]]:
     return done | {(r["file"], r["frame"]) for r in _read_rows(err_csv, ERR_FIELDS)}
 
 
-def _batches(work: Iterator[_Item | dict[str, Any]], size: int) -> Iterator[tuple[list[_Item], list[dict[str, Any]]]]:
-    """Groups of up to ``size`` frames, with the error rows met on the way."""
-    items: list[_Item] = []
-    errors: list[dict[str, Any]] = []
-    for w in work:
-        if isinstance(w, _Item):
-            items.append(w)
-        else:
-            errors.append(w)
-        if len(items) >= size:
-            yield items, errors
-            items, errors = [], []
-    if items or errors:
-        yield items, errors
-
-
-def process_batch(
-    bundle: Bundle, folder: Path, out: Path, items: Sequence[_Item], opts: ReadOptions, dicom_kinds: Sequence[str]
+def _predict_batch(
+    bundle: Bundle, folder: Path, out: Path, batch: _Batch, opts: ReadOptions, outputs: Outputs
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Read, predict and write the output files of ``items``; returns their CSV rows and error rows."""
-    batch = _Batch()
-    for item in items:
-        _read(batch, item, opts, bundle.image_size)
+    """Predict the frames read into ``batch`` and write their outputs; returns its CSV rows and error rows."""
     if not batch.items:
         return [], batch.errors
     result = bundle.process(np.stack(batch.images))
-    rows, late = _write_outputs(folder, out, bundle, batch, result, opts, dicom_kinds)
+    rows, late = _write_outputs(folder, out, bundle, batch, result, opts, outputs)
     return rows, batch.errors + late
+
+
+def process_batch(
+    bundle: Bundle, folder: Path, out: Path, items: Sequence[_Item], opts: ReadOptions, outputs: Outputs
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Read (in this process), predict and write the output files of ``items``; returns their CSV rows
+    and error rows."""
+    batch = _Batch()
+    for item in items:
+        batch.add(_load(item, opts, bundle.image_size, outputs.draws))
+    return _predict_batch(bundle, folder, out, batch, opts, outputs)
 
 
 def _validate(folder: Path, out: Path, batch_size: int, opts: ReadOptions, dicom_out: Sequence[str]) -> ReadOptions:
@@ -572,10 +721,13 @@ class _Plan:
     total: int | None
 
 
-def _plan(folder: Path, out: Path, recursive: bool, opts: ReadOptions, default_frame: int) -> _Plan:
-    out.mkdir(parents=True, exist_ok=True)
+def _plan(folder: Path, out: Path, recursive: bool, opts: ReadOptions, default_frame: int, shard: Shard) -> _Plan:
     done = _done(out)
     files, problems = list_inputs(folder, recursive)
+    k, n = shard
+    if n > 1:  # this run's share of the folder: the files (and unreadable entries) whose path hash is k mod n
+        files = [p for p in files if shard_of(p.relative_to(folder).as_posix(), n) == k]
+        problems = [(p, why) for p, why in problems if shard_of(p.relative_to(folder).as_posix(), n) == k]
     listing = [_error(p.relative_to(folder).as_posix(), why) for p, why in problems]
     listing = [e for e in listing if (e["file"], "") not in done]
     total = None if opts.frames == "all" else len(files)
@@ -583,27 +735,34 @@ def _plan(folder: Path, out: Path, recursive: bool, opts: ReadOptions, default_f
 
 
 def _finish(out: Path, sink: _Sink, seconds: float, n_done: int, review: bool) -> dict[str, Any]:
+    page = None
     if review:
         from pipeline.review import write_review
 
-        write_review(out)
-    return _report(seconds, sink.n_ok, sink.n_err, n_done, confined(out, "errors.csv"))
+        page = write_review(out)
+    stats = _report(seconds, sink.n_ok, sink.n_err, n_done, confined(out, "errors.csv"))
+    stats["review"] = page
+    return stats
 
 
 @dataclass
 class Job:
     """One run's fixed inputs, as an :data:`Engine` sees them. ``bundle`` is the driver's loaded copy
-    (an engine whose workers load their own may drop it)."""
+    (an engine whose workers load their own may drop it); ``workers`` and ``prefetch`` are the
+    local engine's decoding processes and the frames each reads ahead."""
 
     bundle_dir: Path
     device: str
     folder: Path
     out: Path
     opts: ReadOptions
-    dicom_out: tuple[str, ...]
+    outputs: Outputs
     batch_size: int
     progress: bool
     bundle: Bundle | None
+    workers: int = 0
+    prefetch: int = 2
+    runtime: str = "torch"
 
 
 # Processes a run's pending frames into the sink it returns (closed), timing the work as "predict".
@@ -611,19 +770,109 @@ Engine = Callable[[Job, _Plan, Stopwatch], _Sink]
 
 
 def local_engine(job: Job, plan: _Plan, watch: Stopwatch) -> _Sink:
-    """The default :data:`Engine`: this process, one batch at a time as the folder is listed."""
+    """The default :data:`Engine`: this process runs the model one batch at a time as the folder is
+    listed, with ``job.workers`` DataLoader processes decoding the next frames meanwhile."""
     if job.bundle is None:
         raise ValueError("the local engine runs the job's own bundle, and this job has none")
     sink = _Sink(job.out, job.progress, plan.total)
+    dataset = FrameDataset(job.opts, job.bundle.image_size, keep_image=job.outputs.draws)
+    stream = _read_stream(plan.work, dataset, job.workers, job.prefetch)
     try:
         sink.write([], plan.listing_errors, 0)
         with watch("predict"):
-            for items, early in _batches(plan.work, job.batch_size):
-                rows, errors = process_batch(job.bundle, job.folder, job.out, items, job.opts, job.dicom_out)
-                sink.write(rows, early + errors, len(items) + len(early))
+            for batch in _read_batches(stream, job.batch_size):
+                advance = len(batch)
+                rows, errors = _predict_batch(job.bundle, job.folder, job.out, batch, job.opts, job.outputs)
+                sink.write(rows, errors, advance)
     finally:
+        stream.close()  # stops the DataLoader's workers
         sink.close()
     return sink
+
+
+MANIFEST = "predict.json"
+RUNTIMES = ("torch", "onnxruntime")
+
+
+def bundle_digest(directory: Path) -> str:
+    """SHA-256 of a bundle's files (relative path and contents): ``bundle.json``, ``detector/`` and
+    ``unet/`` when it has a ``bundle.json`` (its training scratch ``work/`` is left out), else every file."""
+    directory = Path(directory)
+    if (directory / "bundle.json").is_file():
+        parts = [directory / "bundle.json"]
+        parts += [p for d in ("detector", "unet") for p in (directory / d).rglob("*")]
+    else:
+        parts = list(directory.rglob("*"))
+    h = hashlib.sha256()
+    for p in sorted(q for q in parts if q.is_file()):
+        with open(p, "rb") as fh:
+            h.update(p.relative_to(directory).as_posix().encode() + b"\0" + hashlib.file_digest(fh, "sha256").digest())
+    return h.hexdigest()
+
+
+def _manifest(job: Job, bundle: Bundle, shard: Shard) -> dict[str, Any]:
+    """``predict.json``: the bundle (and runtime) and the shard that made an output folder, for resume and merge."""
+    return {
+        "format": 1,
+        "bundle": {
+            "digest": bundle_digest(job.bundle_dir),
+            "model_name": bundle.model_name,
+            "model_version": bundle.model_version,
+            "runtime": job.runtime,
+        },
+        "shard": {"n": shard[1], "k": [shard[0]]},
+        "read": {"crop": job.opts.crop, "region": job.opts.region, "frames": job.opts.frames},
+        "overlays": job.outputs.overlays,
+        "dicom_out": list(job.outputs.dicom),
+    }
+
+
+def _describe(bundle: dict[str, Any]) -> str:
+    return (
+        f"{bundle.get('model_name')} version {bundle.get('model_version')} on {bundle.get('runtime')} "
+        f"(files {str(bundle.get('digest'))[:12]})"
+    )
+
+
+def _shard_text(shard: dict[str, Any]) -> str:
+    return ",".join(f"{k}/{shard['n']}" for k in shard["k"])
+
+
+def read_manifest(folder: Path) -> dict[str, Any]:
+    """The ``predict.json`` of an output folder; refuses a folder without one."""
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder}: no {MANIFEST} (not a predict output folder, or one from an older version)")
+    doc = json.loads(path.read_text())
+    if not isinstance(doc, dict) or doc.get("format") != 1 or "bundle" not in doc or "shard" not in doc:
+        raise ValueError(f"{path}: not a predict manifest of this version")
+    return doc
+
+
+def _claim(out: Path, manifest: dict[str, Any]) -> None:
+    """Write ``out/predict.json``; an ``out`` begun by another bundle or for another shard is refused."""
+    path = confined(out, MANIFEST)
+    if path.is_file():
+        old = read_manifest(out)
+        if old["bundle"] != manifest["bundle"]:
+            raise ValueError(
+                f"--out {out} holds the results of {_describe(old['bundle'])}, not of this bundle "
+                f"({_describe(manifest['bundle'])}): choose a new --out"
+            )
+        if old["shard"] != manifest["shard"]:
+            raise ValueError(
+                f"--out {out} holds shard {_shard_text(old['shard'])}, not {_shard_text(manifest['shard'])}: "
+                "choose a new --out"
+            )
+    atomic_write_text(path, json.dumps(manifest, indent=1) + "\n")
+
+
+def _load_bundle(bundle_dir: Path, device: str, runtime: str) -> Bundle:
+    if runtime == "onnxruntime":
+        # the ONNX Runtime loader is optional; imported by name so the rest works without it
+        loaded: Bundle = importlib.import_module("pipeline.onnx_bundle").load_onnx_bundle(bundle_dir, device)
+        return loaded
+    return Bundle.load(bundle_dir, device=device)
 
 
 def predict_folder(
@@ -638,23 +887,176 @@ def predict_folder(
     dicom_out: Sequence[str] = (),
     review: bool = True,
     engine: Engine = local_engine,
+    overlays: bool = False,
+    shard: Shard | str | None = None,
+    workers: int | None = None,
+    prefetch: int = 2,
+    runtime: str = "torch",
 ) -> dict[str, Any]:
-    """Process every file of ``folder``; returns counts and throughput. Resumes a killed run.
+    """Process every file of ``folder`` (or its ``shard``); returns counts and throughput. Resumes a killed run.
 
     ``read``: crop mode, region, frames and pixel limit (:class:`ReadOptions`); ``dicom_out``: the
     DICOM kinds (``seg``, ``sr``, ``sc``) written under ``out/dicom/`` for DICOM inputs; ``review``:
-    write ``review.html`` at the end; ``engine``: what processes the frames (:func:`local_engine`, or
-    :class:`pipeline.predict_ray.RayEngine`'s Ray Data actors).
+    write the review page at the end (its path is ``stats["review"]``); ``engine``: what processes
+    the frames (:func:`local_engine`, or :class:`pipeline.predict_ray.RayEngine`'s Ray Data actors);
+    ``overlays``: also write ``overlays/<name>.png``; ``shard``: ``(k, n)`` or ``"k/n"``, this run's
+    share of the files (:func:`shard_of`); ``workers`` (default :func:`default_workers`) and
+    ``prefetch``: the local engine's decoding processes and frames read ahead by each; ``runtime``:
+    ``torch`` (:meth:`Bundle.load`) or ``onnxruntime`` (``pipeline.onnx_bundle.load_onnx_bundle``).
     """
     folder, out = Path(folder), Path(out)
     opts = _validate(folder, out, batch_size, read or ReadOptions(), dicom_out)
-    bundle = Bundle.load(Path(bundle_dir), device=device)  # a damaged bundle is named before any work starts
-    plan = _plan(folder, out, recursive, opts, bundle.frame)
-    job = Job(Path(bundle_dir), device, folder, out, opts, tuple(dicom_out), batch_size, progress, bundle)
+    part = parse_shard(shard) if isinstance(shard, str) else shard
+    part = part or (0, 1)
+    if not 0 <= part[0] < part[1]:
+        raise ValueError(f"shard {part[0]}/{part[1]}: K/N needs 0 <= K < N")
+    n_workers = default_workers() if workers is None else workers
+    if n_workers < 0 or prefetch < 1:
+        raise ValueError(f"workers must be 0 or more and prefetch 1 or more, not {n_workers} and {prefetch}")
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, not {runtime!r}")
+    bundle = _load_bundle(Path(bundle_dir), device, runtime)  # a damaged bundle is named before any work starts
+    outputs = Outputs(overlays, tuple(dicom_out))
+    job = Job(
+        Path(bundle_dir), device, folder, out, opts, outputs, batch_size, progress, bundle, n_workers, prefetch, runtime
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    _claim(out, _manifest(job, bundle, part))
+    plan = _plan(folder, out, recursive, opts, bundle.frame, part)
     del bundle  # the job holds it, so an engine that does not need it can let it go
     watch = Stopwatch()
     sink = engine(job, plan, watch)
     return _finish(out, sink, watch.seconds.get("predict", 0.0), plan.n_done, review)
+
+
+def _ends_cleanly(path: Path) -> bool:
+    """Whether a CSV is missing, empty or ends with a newline (no row cut by a killed run)."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return True
+    with open(path, "rb") as fh:
+        fh.seek(-1, os.SEEK_END)
+        return fh.read(1) == b"\n"
+
+
+def _row_key(row: Mapping[str, str]) -> tuple[str, int, str]:
+    frame = row.get("frame", "")
+    return row["file"], int(frame) if frame.isdigit() else -1, row.get("reason", "")
+
+
+def _csv_text(rows: list[dict[str, str]], fields: list[str]) -> str:
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(sorted(rows, key=_row_key))
+    return text.getvalue()
+
+
+def _check_shards(folders: list[Path], docs: list[dict[str, Any]]) -> dict[int, Path]:
+    """Refuse folders of another bundle, of another split or holding the same shard; returns shard -> folder."""
+    first, n = docs[0], docs[0]["shard"]["n"]
+    owner: dict[int, Path] = {}
+    for f, d in zip(folders, docs):
+        if d["bundle"] != first["bundle"]:
+            raise ValueError(
+                f"merge: {f} was made with {_describe(d['bundle'])} and {folders[0]} with "
+                f"{_describe(first['bundle'])}: merge only the folders of one bundle"
+            )
+        if d["shard"]["n"] != n:
+            raise ValueError(
+                f"merge: {f} holds shard {_shard_text(d['shard'])} and {folders[0]} shard "
+                f"{_shard_text(first['shard'])}: shards of two splits overlap; merge the shards of one K/N split"
+            )
+        for k in d["shard"]["k"]:
+            if k in owner:
+                raise ValueError(f"merge: {owner[k]} and {f} both hold shard {k}/{n}: merge each shard once")
+            owner[k] = f
+    return owner
+
+
+def _gather(folders: list[Path]) -> tuple[list[tuple[Path, dict[str, str]]], list[dict[str, str]]]:
+    """Every shard's prediction rows (with their folder) and error rows; refuses a file found in two folders."""
+    preds: list[tuple[Path, dict[str, str]]] = []
+    errors: list[dict[str, str]] = []
+    where: dict[str, Path] = {}
+    for f in folders:
+        for name, fields in (("predictions.csv", PRED_FIELDS), ("errors.csv", ERR_FIELDS)):
+            path = f / name
+            if not _ends_cleanly(path):
+                raise ValueError(f"merge: {path} ends in a cut row: rerun that shard's predict to finish it")
+            rows = _read_rows(path, fields)
+            for r in rows:
+                seen = where.setdefault(r["file"], f)
+                if seen != f:
+                    raise ValueError(f"merge: {r['file']} is in both {seen} and {f}: the folders overlap")
+            if name == "errors.csv":
+                errors += rows
+            else:
+                preds += [(f, r) for r in rows]
+    return preds, errors
+
+
+def _bring(preds: list[tuple[Path, dict[str, str]]], out: Path, move: bool) -> tuple[int, int]:
+    """Copy (or move) the overlay and DICOM files the rows name into ``out``; returns (brought, missing)."""
+    brought = missing = 0
+    for f, r in preds:
+        for rel in [r["overlay"], *r["dicom"].split(";")]:
+            if not rel:
+                continue
+            src, dst = confined(f, rel), confined(out, rel)
+            if src.is_file():
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                if move:
+                    shutil.move(src, dst)
+                else:
+                    shutil.copy2(src, dst)
+            elif not (move and dst.is_file()):  # a rerun of an interrupted --move finds it in place
+                missing += 1
+                continue
+            brought += 1
+    return brought, missing
+
+
+def merge_outputs(folders: Sequence[Path], out: Path, move: bool = False, review: bool = True) -> dict[str, Any]:
+    """Join the ``predict`` output folders of one run's shards into ``out``.
+
+    Writes ``predictions.csv`` and ``errors.csv`` (sorted by file and frame), the overlay and DICOM
+    files their rows name (copied, or moved with ``move``), ``predict.json`` and the review page.
+    Refuses folders made with another bundle or runtime, shards of another split, a shard given
+    twice, a file found in two folders, and an ``out`` that already holds results. Returns the row
+    and file counts, the shards merged and missing, and the review page's path.
+    """
+    folders, out = [Path(f) for f in folders], Path(out)
+    if not folders:
+        raise ValueError("merge: name at least one predict output folder")
+    for f in folders:
+        check_paths(f, out)
+    if any(confined(out, n).exists() for n in ("predictions.csv", "errors.csv", MANIFEST)):
+        raise ValueError(f"--out {out} already holds predict results: choose a new --out")
+    docs = [read_manifest(f) for f in folders]
+    owner = _check_shards(folders, docs)
+    preds, errors = _gather(folders)
+    out.mkdir(parents=True, exist_ok=True)
+    brought, missing = _bring(preds, out, move)
+    atomic_write_text(confined(out, "predictions.csv"), _csv_text([r for _, r in preds], PRED_FIELDS))
+    atomic_write_text(confined(out, "errors.csv"), _csv_text(errors, ERR_FIELDS))
+    n = docs[0]["shard"]["n"]
+    manifest = {**docs[0], "shard": {"n": n, "k": sorted(owner)}, "merged_from": [str(f) for f in folders]}
+    atomic_write_text(confined(out, MANIFEST), json.dumps(manifest, indent=1) + "\n")
+    page = None
+    if review:
+        from pipeline.review import write_review
+
+        page = write_review(out)
+    return {
+        "predictions": len(preds),
+        "errors": len(errors),
+        "files": brought,
+        "missing_files": missing,
+        "shards": sorted(owner),
+        "missing_shards": sorted(set(range(n)) - set(owner)),
+        "n": n,
+        "review": page,
+    }
 
 
 def _report(elapsed: float, n_ok: int, n_err: int, n_done: int, err_csv: Path) -> dict[str, Any]:

@@ -1,11 +1,13 @@
 """Archive-scale ``predict`` on Ray Data (``python -m pipeline predict --engine ray``).
 
-The same inputs, checks and outputs as :func:`pipeline.predict.predict_folder` (``predictions.csv``,
-``errors.csv``, masks, overlays, DICOM results, ``review.html``; resumable), but the frames to
-process become a Ray dataset (``ray.data.from_items`` of paths and frame numbers) mapped by
-``actors`` actors of :class:`BundleActor`, each holding the bundle once. Actors read the scans and
-write the image files themselves (atomically); the driver appends the CSV rows as batches come
-back, so a killed run resumes as the local engine does. Without ``address`` Ray runs on this
+The same inputs, checks and outputs as :func:`pipeline.predict.predict_folder` (``predictions.csv``
+with the masks as RLE, ``errors.csv``, ``predict.json``, overlays when asked, DICOM results, the
+review page; resumable, and sharded with ``shard``), but the frames to process become a Ray dataset
+(``ray.data.from_items`` of paths and frame numbers) mapped by ``actors`` actors of
+:class:`BundleActor`, each holding the bundle once. Actors read the scans and write the image files
+themselves (atomically); the driver appends the CSV rows as batches come back, so a killed run
+resumes as the local engine does. Ray's actors are the parallel readers here, so the local engine's
+``workers`` do not apply. Without ``address`` Ray runs on this
 machine, with its session files under the LoRIS cache (``ray/``), or, when that path is too long
 for Ray's sockets, in a temporary folder removed after the run.
 Needs the ``ray`` extra (``pip install 'ray[data]'``); the import is deferred so the rest of the
@@ -18,14 +20,13 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from pipeline.bundle import Bundle
-from pipeline.predict import Job, ReadOptions, _Item, _Plan, _Sink, process_batch
+from pipeline.predict import Job, Outputs, ReadOptions, _Item, _Plan, _Sink, process_batch
 from scans.runtime import Stopwatch
 
 
@@ -39,18 +40,18 @@ class BundleActor:
         folder: str,
         out: str,
         opts: ReadOptions,
-        dicom_kinds: Sequence[str],
+        outputs: Outputs,
         threads: int,
     ) -> None:
         from scans.runtime import set_threads
 
         set_threads(threads)
         self.bundle = Bundle.load(Path(bundle_dir), device=device)
-        self.folder, self.out, self.opts, self.kinds = Path(folder), Path(out), opts, tuple(dicom_kinds)
+        self.folder, self.out, self.opts, self.outputs = Path(folder), Path(out), opts, outputs
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         items = [_Item(Path(p), str(r), int(f)) for p, r, f in zip(batch["path"], batch["rel"], batch["frame"])]
-        rows, errors = process_batch(self.bundle, self.folder, self.out, items, self.opts, self.kinds)
+        rows, errors = process_batch(self.bundle, self.folder, self.out, items, self.opts, self.outputs)
         return {
             "kind": np.array(["row"] * len(rows) + ["error"] * len(errors), dtype=object),
             "row": np.array([json.dumps(r) for r in rows + errors], dtype=object),
@@ -102,6 +103,8 @@ class RayEngine:
             raise ValueError(f"actors and threads per actor must be 1 or more, not {self.actors} and {self.threads}")
 
     def __call__(self, job: Job, plan: _Plan, watch: Stopwatch) -> _Sink:
+        if job.runtime != "torch":
+            raise ValueError(f"the ray engine's actors run the torch bundle, not {job.runtime}")
         job.bundle = None  # the actors load their own; the driver keeps no model in memory
         items: list[_Item] = []
         early = list(plan.listing_errors)
@@ -140,7 +143,7 @@ class RayEngine:
             "folder": str(job.folder),
             "out": str(job.out),
             "opts": job.opts,
-            "dicom_kinds": job.dicom_out,
+            "outputs": job.outputs,
             "threads": self.threads,
         }
         mapped = ds.map_batches(

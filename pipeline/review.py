@@ -1,21 +1,26 @@
-"""A review page for a ``predict`` output folder: one self-contained ``review.html``, sorted by score.
+"""A review page for a ``predict`` output folder: one self-contained ``index.html``, sorted by score.
 
 The page lists every scan of ``predictions.csv`` (highest score first) with its verdict at the
 bundle's threshold, score, box source and overlay thumbnail, plus the unreadable files of
 ``errors.csv``. Thumbnails are relative links to the PNGs ``predict`` wrote (nothing is
-re-encoded), and only the current page's images are loaded, so a folder of thousands of scans
-opens at once. It works offline: no external scripts, styles or fonts. Rows carry only the
-file path (and the SOP Instance UID or frame when ``predict`` wrote them), never patient tags
-(docs/design.md, "Outputs for clinicians and PACS").
+re-encoded); a scan without an overlay (``predict`` writes them only with ``--overlays``) gets a
+short placeholder. Only the current page's images are in the document, so a folder of thousands
+of scans opens at once. It works offline: no external scripts, styles or fonts. Rows carry only
+the file path (and the SOP Instance UID or frame when ``predict`` wrote them), never patient tags
+or the mask RLE (docs/design.md, "Outputs for clinicians and PACS").
 
 Keys: ``j``/``↓`` next scan, ``k``/``↑`` previous, ``→``/``←`` next/previous page, ``Enter``
 enlarges the selected overlay, ``f`` cycles the filter (all, distended, errors), ``s`` the sort.
+The view is kept in the URL hash, e.g. ``index.html#sort=file&filter=distended&page=2`` (sort:
+``score``, ``score-asc`` or ``file``), so a link or a reload opens the same view. When the page
+has been built the script writes ``data-ready-ms`` (and, once the first page's images are in,
+``data-load-ms``) on ``<html>``: milliseconds since navigation start.
 
 >>> import tempfile, pathlib
 >>> d = pathlib.Path(tempfile.mkdtemp())
 >>> _ = (d / "predictions.csv").write_text("file,score,verdict,threshold\\na.png,0.2,not distended,0.5\\n")
 >>> write_review(d).name
-'review.html'
+'index.html'
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from urllib.parse import quote
 
 from scans.io import atomic_write_text
 
-# The only columns the page shows: none of them identifies a patient.
+# The only columns the page carries: none identifies a patient, and the mask RLE is not for display.
 ROW_FIELDS = (
     "file",
     "sop_instance_uid",
@@ -42,7 +47,6 @@ ROW_FIELDS = (
     "box_source",
     "box_confidence",
     "overlay",
-    "mask",
     "width",
     "height",
 )
@@ -57,7 +61,11 @@ def _read_csv(path: Path) -> list[dict[str, str]]:
 
 
 def _link(out: Path, rel: str) -> str:
-    """A URL relative to the page for an output file, or '' for a path outside ``out`` or missing."""
+    """A URL relative to the page for an output file, or '' for a path outside ``out`` or missing.
+
+    >>> _link(Path("."), "../x.png"), _link(Path("."), "/etc/passwd")
+    ('', '')
+    """
     p = PurePosixPath(rel)
     if not rel or p.is_absolute() or ".." in p.parts or not (out / p).is_file():
         return ""
@@ -73,7 +81,11 @@ def _score(row: dict[str, str]) -> float:
 
 
 def load_rows(out: Path) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
-    """Scan rows sorted by score (highest first, unscored last) and error rows, whitelisted columns only."""
+    """Scan rows sorted by score (highest first, unscored last) and error rows, whitelisted columns only.
+
+    A row has no ``overlay`` key when ``predict`` wrote none, and ``overlay == ""`` when the one
+    named is missing or outside ``out``.
+    """
     out = Path(out)
     rows: list[dict[str, Any]] = []
     read = _read_csv(out / "predictions.csv")
@@ -84,9 +96,8 @@ def load_rows(out: Path) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
             del row["frame"]  # a single frame needs no frame label
         s = _score(r)
         row["score"] = None if math.isnan(s) else s
-        for key in ("overlay", "mask"):
-            if key in row:
-                row[key] = _link(out, row[key])
+        if "overlay" in row:
+            row["overlay"] = _link(out, row["overlay"])
         rows.append(row)
     rows.sort(key=lambda r: (r["score"] is None, -(r["score"] or 0.0), r.get("file", "")))
     errors = [{k: r[k] for k in ERROR_FIELDS if r.get(k)} for r in _read_csv(out / "errors.csv")]
@@ -94,17 +105,21 @@ def load_rows(out: Path) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
 
 
 def _json_for_script(data: Any) -> str:
-    """JSON that cannot close the ``<script>`` element it is embedded in."""
+    """JSON that cannot close the ``<script>`` element it is embedded in.
+
+    >>> _json_for_script({"f": "</script>"})
+    '{"f": "\\\\u003c/script\\\\u003e"}'
+    """
     return json.dumps(data).replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
 
 
 def render(rows: list[dict[str, Any]], errors: list[dict[str, str]], title: str, page_size: int = 50) -> str:
     """The page as a string (rows already sorted)."""
-    data = {"rows": rows, "errors": errors, "pageSize": int(page_size)}
+    data = {"rows": rows, "errors": errors, "pageSize": max(1, int(page_size))}
     return _TEMPLATE.replace("__TITLE__", html.escape(title)).replace("__DATA__", _json_for_script(data))
 
 
-def write_review(out: Path, name: str = "review.html", page_size: int = 50) -> Path:
+def write_review(out: Path, name: str = "index.html", page_size: int = 50) -> Path:
     """Write ``out/name`` for the ``predict`` output folder ``out`` (atomically); returns its path."""
     out = Path(out)
     if not (out / "predictions.csv").is_file() and not (out / "errors.csv").is_file():
@@ -130,6 +145,7 @@ tr.sel{outline:3px solid #1a73e8;outline-offset:-3px}
 td.num{font-variant-numeric:tabular-nums;text-align:right}
 .distended{color:#b00020;font-weight:600}.ok{color:#1b5e20}
 img.thumb{height:96px;image-rendering:pixelated;cursor:zoom-in}
+.noimg{white-space:nowrap;color:#666;font-size:.85em}
 #big{display:none;position:fixed;inset:0;background:rgba(0,0,0,.85);z-index:3;align-items:center;justify-content:center}
 #big img{max-width:95vw;max-height:95vh;image-rendering:pixelated}
 .muted{color:#666;font-size:.9em}
@@ -152,18 +168,46 @@ f: filter &middot; s: sort</div></header>
 const D = JSON.parse(document.getElementById("data").textContent);
 const S = {filter: "all", sort: "score-desc", page: 0, sel: 0};
 const $ = (id) => document.getElementById(id);
+const byName = new Intl.Collator("en", {numeric: true});
 function cell(tr, text, cls) {
   const td = tr.insertCell(); td.textContent = text; if (cls) td.className = cls; return td;
 }
+function note(td, text) {
+  const s = document.createElement("span"); s.className = "noimg"; s.textContent = text; td.appendChild(s);
+}
 function fmt(v) { return v === null || v === undefined ? "" : Number(v).toPrecision(4); }
+function options(id) { return Array.from($(id).options).map((o) => o.value); }
+function readHash() {
+  const h = new URLSearchParams(location.hash.slice(1));
+  const sort = h.get("sort") === "score" ? "score-desc" : h.get("sort");
+  if (options("sort").includes(sort)) S.sort = sort;
+  if (options("filter").includes(h.get("filter"))) S.filter = h.get("filter");
+  const p = parseInt(h.get("page"), 10);
+  S.page = p > 0 ? p - 1 : 0;
+  $("sort").value = S.sort; $("filter").value = S.filter;
+}
+function writeHash() {
+  const h = "#sort=" + S.sort + "&filter=" + S.filter + "&page=" + (S.page + 1);
+  if (location.hash !== h) history.replaceState(null, "", h);
+}
 function items() {
   if (S.filter === "errors") return D.errors.slice();
-  let r = D.rows.filter((x) => S.filter === "all" || x.verdict === "distended");
-  const sc = (x) => (x.score === null ? -Infinity : x.score);
-  if (S.sort === "score-asc") r.sort((a, b) => sc(a) - sc(b));
-  else if (S.sort === "file") r.sort((a, b) => (a.file || "").localeCompare(b.file || ""));
-  else r.sort((a, b) => sc(b) - sc(a));
+  const r = D.rows.filter((x) => S.filter === "all" || x.verdict === "distended");
+  const scored = (a, b, d) => (a.score === null) - (b.score === null) || d * ((a.score || 0) - (b.score || 0));
+  if (S.sort === "score-asc") r.sort((a, b) => scored(a, b, 1));
+  else if (S.sort === "file") r.sort((a, b) => byName.compare(a.file || "", b.file || ""));
+  else r.sort((a, b) => scored(a, b, -1));
   return r;
+}
+function thumb(td, x, i) {
+  if (x.overlay === undefined) { note(td, "no overlay (run predict with --overlays)"); return; }
+  if (!x.overlay) { note(td, "overlay not found"); return; }
+  const img = document.createElement("img");
+  img.className = "thumb"; img.decoding = "async"; img.alt = "overlay of " + x.file;
+  img.addEventListener("error", () => { img.remove(); note(td, "overlay not readable"); });
+  img.addEventListener("click", () => { S.sel = i; enlarge(); });
+  img.src = x.overlay;
+  td.appendChild(img);
 }
 function render() {
   const all = items(), n = Math.max(1, Math.ceil(all.length / D.pageSize));
@@ -178,30 +222,28 @@ function render() {
   for (const c of cols) { const th = document.createElement("th"); th.textContent = c; hr.appendChild(th); }
   view.forEach((x, i) => {
     const tr = body.insertRow();
-    tr.dataset.i = i;
+    tr.dataset.i = i; tr.dataset.file = x.file || "";
     if (i === S.sel) tr.className = "sel";
     cell(tr, S.page * D.pageSize + i + 1, "num");
     if (S.filter === "errors") {
+      tr.className += " error";
       cell(tr, (x.file || "") + (x.frame ? " [frame " + x.frame + "]" : "")); cell(tr, x.reason || ""); return;
     }
-    const td = tr.insertCell();
-    if (x.overlay) {
-      const img = document.createElement("img");
-      img.className = "thumb"; img.loading = "lazy"; img.src = x.overlay; img.alt = "overlay of " + x.file;
-      img.addEventListener("click", () => { S.sel = i; enlarge(); });
-      td.appendChild(img);
-    }
+    tr.dataset.score = x.score === null ? "" : x.score;
+    thumb(tr.insertCell(), x, i);
     const f = cell(tr, x.file || "");
     if (x.sop_instance_uid) f.title = "SOP Instance UID " + x.sop_instance_uid;
     if (x.frame) f.textContent += " [frame " + x.frame + "]";
     cell(tr, fmt(x.score), "num"); cell(tr, fmt(x.threshold), "num");
     cell(tr, x.verdict || "", x.verdict === "distended" ? "distended" : "ok");
-    cell(tr, x.box_source || "");
+    cell(tr, (x.box_source || "") + (x.box_confidence ? " (" + fmt(x.box_confidence) + ")" : ""));
     tr.addEventListener("click", () => { S.sel = i; render(); });
   });
   $("page").textContent = "page " + (S.page + 1) + " / " + n;
   $("count").textContent = all.length + (S.filter === "errors" ? " error(s)" : " scan(s)")
-    + " \\u00b7 " + D.rows.filter((x) => x.verdict === "distended").length + " distended of " + D.rows.length;
+    + " \\u00b7 " + D.rows.filter((x) => x.verdict === "distended").length + " distended of " + D.rows.length
+    + (D.errors.length ? " \\u00b7 " + D.errors.length + " error(s)" : "");
+  writeHash();
   const sel = body.querySelector("tr.sel");
   if (sel && sel.scrollIntoView) sel.scrollIntoView({block: "nearest"});
 }
@@ -212,14 +254,15 @@ function enlarge() {
 }
 function closeBig() { $("big").style.display = "none"; }
 function cycle(id, key) {
-  const el = $(id), opts = Array.from(el.options).map((o) => o.value);
-  S[key] = opts[(opts.indexOf(S[key]) + 1) % opts.length]; el.value = S[key]; S.page = 0; S.sel = 0; render();
+  const opts = options(id);
+  S[key] = opts[(opts.indexOf(S[key]) + 1) % opts.length]; $(id).value = S[key]; S.page = 0; S.sel = 0; render();
 }
 $("filter").addEventListener("change", (e) => { S.filter = e.target.value; S.page = 0; S.sel = 0; render(); });
 $("sort").addEventListener("change", (e) => { S.sort = e.target.value; S.page = 0; S.sel = 0; render(); });
 $("prev").addEventListener("click", () => { S.page--; S.sel = 0; render(); });
 $("next").addEventListener("click", () => { S.page++; S.sel = 0; render(); });
 $("big").addEventListener("click", closeBig);
+window.addEventListener("hashchange", () => { readHash(); S.sel = 0; render(); });
 document.addEventListener("keydown", (e) => {
   if (e.target.tagName === "SELECT" || e.altKey || e.ctrlKey || e.metaKey) return;
   const k = e.key;
@@ -234,7 +277,10 @@ document.addEventListener("keydown", (e) => {
   else return;
   e.preventDefault(); render();
 });
+readHash();
 render();
+document.documentElement.dataset.readyMs = performance.now().toFixed(1);
+window.addEventListener("load", () => { document.documentElement.dataset.loadMs = performance.now().toFixed(1); });
 </script>
 </body></html>
 """

@@ -99,19 +99,19 @@ def _assert_not_torn(out: Path) -> list[dict[str, str]]:
     for row in rows:
         assert None not in row and all(v is not None for v in row.values()), row
         float(row["score"])
-        for key in ("mask", "overlay"):
+        for key in ("overlay",):
             assert (out / row[key]).is_file(), row[key]
-    pngs = [p for d in ("masks", "overlays") if (out / d).is_dir() for p in (out / d).iterdir()]
+    pngs = [p for d in ("overlays",) if (out / d).is_dir() for p in (out / d).iterdir()]
     assert not [p.name for p in pngs if p.name.startswith(".")], "temporary files left behind"
     for png in pngs:
         assert cv2.imread(str(png), cv2.IMREAD_UNCHANGED) is not None, f"{png} is half-written"
     return rows
 
 
-# write order per run: 2 CSV headers, then per batch of 2 images 4 PNGs (mask, overlay) and one CSV append
+# write order per run: 2 CSV headers, then per batch of 2 images 2 overlay PNGs and one CSV append
 @pytest.mark.parametrize(
     ("fail_at", "writer"),
-    [(5, "png"), (7, "csv"), (10, "png"), (12, "csv")],
+    [(3, "png"), (5, "csv"), (7, "png"), (8, "csv")],
     ids=["b1-png", "b1-csv", "b2-png", "b2-csv"],
 )
 def test_disk_full_leaves_no_torn_output_and_the_rerun_completes(
@@ -123,12 +123,12 @@ def test_disk_full_leaves_no_torn_output_and_the_rerun_completes(
     with pytest.MonkeyPatch.context() as mp:
         _inject(mp, disk)
         with pytest.raises(OSError) as info:
-            predict.predict_folder(model, folder, out, batch_size=BATCH, progress=False, review=False)
+            predict.predict_folder(model, folder, out, batch_size=BATCH, progress=False, review=False, overlays=True)
     assert info.value.errno == errno.ENOSPC and disk.failed == writer
     partial = _assert_not_torn(out)
     assert len(partial) < N_IMAGES
 
-    stats = predict.predict_folder(model, folder, out, batch_size=BATCH, progress=False, review=False)
+    stats = predict.predict_folder(model, folder, out, batch_size=BATCH, progress=False, review=False, overlays=True)
     rows = _assert_not_torn(out)
     assert sorted(r["file"] for r in rows) == [f"scan{i}.png" for i in range(N_IMAGES)]
     assert stats["errors"] == 0 and stats["processed"] + stats["skipped_already_done"] == N_IMAGES
@@ -137,11 +137,11 @@ def test_disk_full_leaves_no_torn_output_and_the_rerun_completes(
 
     # the interrupted-then-resumed folder holds what one clean run writes
     clean = tmp_path / "clean"
-    predict.predict_folder(model, folder, clean, batch_size=BATCH, progress=False, review=False)
+    predict.predict_folder(model, folder, clean, batch_size=BATCH, progress=False, review=False, overlays=True)
     ref = {r["file"]: r for r in _assert_not_torn(clean)}
     for row in rows:
         assert row == ref[row["file"]]
-        for key in ("mask", "overlay"):
+        for key in ("overlay",):
             np.testing.assert_array_equal(
                 cv2.imread(str(out / row[key]), cv2.IMREAD_UNCHANGED),
                 cv2.imread(str(clean / ref[row["file"]][key]), cv2.IMREAD_UNCHANGED),

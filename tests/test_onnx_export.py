@@ -14,6 +14,7 @@ pytest.importorskip("onnxscript")
 
 from pipeline.onnx_export import (  # noqa: E402
     LorisGraph,
+    bundle_digest,
     export_bundle,
     export_codetr,
     export_unet,
@@ -50,6 +51,14 @@ def test_unet_parity(tmp_path: Path) -> None:
     with torch.no_grad():
         want = net(torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+
+
+def test_session_without_cuda_provider_says_so(tmp_path: Path) -> None:
+    path = export_unet(_unet(), tmp_path / "unet.onnx", SIZE)
+    assert onnx_session(path, threads=1, device="auto").get_providers()[-1] == "CPUExecutionProvider"
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        with pytest.raises(RuntimeError, match="no CUDA provider"):
+            onnx_session(path, device="cuda")
 
 
 @pytest.mark.parametrize(("pooling", "region"), [("mean", "image"), ("max", "box"), ("topk", "box"), ("topk", "image")])
@@ -95,6 +104,7 @@ def test_export_bundle_parity(tmp_path: Path) -> None:
     assert sorted(p.name for p in out.iterdir()) == ["detector.onnx", "export.json", "loris.onnx", "unet.onnx"]
     assert json.loads((out / "export.json").read_text()) == info
     assert info["loris"]["maps"] == ["msgmsd", "dd"] and info["detector"]["file"] == "detector.onnx"
+    assert info["bundle_digest"] == bundle_digest(bundle)  # predict --engine onnxruntime refuses a stale export
 
     imgs, boxes = _images()
     scores, maps = onnx_session(out / "loris.onnx").run(["scores", "maps"], {"images": imgs[:, None], "boxes": boxes})

@@ -12,6 +12,7 @@ import cv2
 import pytest
 
 from pipeline.__main__ import main
+from pipeline.predict import decode_mask
 from tests.helpers import TINY_PHANTOM, set_args
 
 SUMMARY_KEYS = {"detector", "data", "profile", "folds", "reconstruction", "riad", "detection", "timing"}
@@ -270,9 +271,8 @@ def test_train_then_predict_with_resume(tmp_path: Path, cache: Path) -> None:
     assert set(errors) == {"broken.png", "notes.txt"} and "unsupported" in errors["notes.txt"]
     for r in rows:
         assert r["verdict"] in ("distended", "not distended") and r["box_source"] in ("detector", "fallback")
-        assert (out / r["mask"]).is_file() and (out / r["overlay"]).is_file()
-        mask = cv2.imread(str(out / r["mask"]), cv2.IMREAD_GRAYSCALE)
-        assert mask.shape == (int(r["height"]), int(r["width"]))
+        assert r["overlay"] == ""  # overlays are opt-in
+        assert decode_mask(r).shape == (int(r["height"]), int(r["width"]))
     # resume: drop the last row as if killed mid-run; the rerun processes only that file
     lines = (out / "predictions.csv").read_text().splitlines()
     (out / "predictions.csv").write_text("\n".join(lines[:-1]) + "\n")

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from pipeline.__main__ import main
+from pipeline.predict import decode_mask
 from tests.helpers import train_quick_bundle, write_dicom
 
 PHI_NAME, PHI_ID = "Doe^Jane", "PHI-98765"
@@ -83,6 +84,12 @@ def _predict(model: Path, folder: Path, out: Path, *extra: str) -> int:
     return main(["predict", "--model", str(model), "--input", str(folder), "--out", str(out), "--no-progress", *extra])
 
 
+def _page(out: Path) -> Path:
+    """The review page of an output folder (its one HTML file)."""
+    (page,) = out.glob("*.html")
+    return page
+
+
 def test_dicom_crop_frames_phi_dicom_out_and_review(model: Path, scan: np.ndarray, tmp_path: Path) -> None:
     pydicom = pytest.importorskip("pydicom")
     pytest.importorskip("highdicom")
@@ -96,7 +103,7 @@ def test_dicom_crop_frames_phi_dicom_out_and_review(model: Path, scan: np.ndarra
     _identify(folder / "nouids.dcm", study=False)
     cv2.imwrite(str(folder / "plain.png"), scan)
     out = tmp_path / "out"
-    assert _predict(model, folder, out, "--frames", "all", "--dicom-out", "seg,sr,sc") == 0
+    assert _predict(model, folder, out, "--frames", "all", "--dicom-out", "seg,sr,sc", "--overlays") == 0
 
     rows = _rows(out / "predictions.csv")
     assert sorted((r["file"], r["frame"]) for r in rows) == [
@@ -115,7 +122,7 @@ def test_dicom_crop_frames_phi_dicom_out_and_review(model: Path, scan: np.ndarra
     assert scr["crop_source"] == "region 0" and (int(scr["width"]), int(scr["height"])) == (w + 50, h + 20)
     box = [float(scr[k]) for k in ("box_x1", "box_y1", "box_x2", "box_y2")]
     assert crop[0] <= box[0] < box[2] <= crop[2] and crop[1] <= box[1] < box[3] <= crop[3]
-    mask = cv2.imread(str(out / scr["mask"]), cv2.IMREAD_GRAYSCALE)
+    mask = decode_mask(scr)
     overlay = cv2.imread(str(out / scr["overlay"]))
     assert mask.shape == (h + 20, w + 50) and overlay.shape == (h + 20, w + 50, 3)
     assert not mask[:, crop[2] :].any() and not mask[: crop[1]].any()  # nothing outside the crop
@@ -127,10 +134,10 @@ def test_dicom_crop_frames_phi_dicom_out_and_review(model: Path, scan: np.ndarra
     assert scr["score"] == plain["score"]
     shifted = [float(plain[k]) + crop[i % 2] for i, k in enumerate(("box_x1", "box_y1", "box_x2", "box_y2"))]
     np.testing.assert_allclose(box, shifted, atol=0.11)
-    plain_mask = cv2.imread(str(out / plain["mask"]), cv2.IMREAD_GRAYSCALE)
+    plain_mask = decode_mask(plain)
     np.testing.assert_array_equal(mask[crop[1] : crop[3], crop[0] : crop[2]], plain_mask)
     # cine: one row per frame, each with its own output files
-    assert len({by[("cine.dcm", f)]["mask"] for f in "012"}) == 3
+    assert len({by[("cine.dcm", f)]["overlay"] for f in "012"}) == 3
 
     # --dicom-out: a SEG, an SR and an SC per DICOM frame, referencing the source
     seg_path = out / scr["dicom"].split(";")[0]
@@ -139,7 +146,7 @@ def test_dicom_crop_frames_phi_dicom_out_and_review(model: Path, scan: np.ndarra
     assert seg.Modality == "SEG" and seg.Rows == h + 20 and seg.Columns == w + 50
     ref = seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0]
     assert ref.ReferencedSOPInstanceUID == scr["sop_instance_uid"]
-    np.testing.assert_array_equal(seg.pixel_array.astype(bool), mask > 0)
+    np.testing.assert_array_equal(seg.pixel_array.astype(bool), mask)
     assert len(by[("cine.dcm", "2")]["dicom"].split(";")) == 3
     # a source without study and series UIDs cannot be referenced: listed, scored all the same
     errors = _rows(out / "errors.csv")
@@ -147,11 +154,11 @@ def test_dicom_crop_frames_phi_dicom_out_and_review(model: Path, scan: np.ndarra
     assert errors[0]["reason"].startswith("dicom-out:") and by[("nouids.dcm", "0")]["dicom"] == ""
 
     # a rerun finds every frame done
-    assert _predict(model, folder, out, "--frames", "all", "--dicom-out", "seg,sr,sc") == 0
+    assert _predict(model, folder, out, "--frames", "all", "--dicom-out", "seg,sr,sc", "--overlays") == 0
     assert len(_rows(out / "predictions.csv")) == len(rows) and len(_rows(out / "errors.csv")) == 1
 
     # review page, and no patient tag in any CSV, PNG or HTML output
-    page = (out / "review.html").read_text()
+    page = _page(out).read_text()
     assert "screen.dcm" in page and "plain.png" in page
     for p in out.rglob("*"):
         if p.is_file() and "dicom" not in p.relative_to(out).parts:
@@ -181,7 +188,7 @@ def test_hostile_inputs_are_listed_and_the_batch_goes_on(model: Path, scan: np.n
     # a rerun finds everything done; a raised pixel limit is not retried (delete the error row to retry)
     assert _predict(model, folder, out, "--max-megapixels", "100") == 0
     assert len(_rows(out / "predictions.csv")) == 1 and len(_rows(out / "errors.csv")) == 6
-    assert (out / "review.html").is_file()
+    assert _page(out).is_file()
 
 
 @pytest.mark.parametrize("where", ["same", "inside", "around"])
@@ -254,7 +261,16 @@ def test_ray_engine_writes_what_the_local_engine_writes(
     a, b = table(local), table(ray_out)
     assert sorted(a) == sorted(b) == [f"s{i}.png" for i in range(5)]
     for f in a:
-        assert abs(float(a[f]["score"]) - float(b[f]["score"])) < 1e-4 and a[f]["mask"] == b[f]["mask"]
-        assert (cv2.imread(str(local / a[f]["mask"])) == cv2.imread(str(ray_out / b[f]["mask"]))).all()
+        assert abs(float(a[f]["score"]) - float(b[f]["score"])) < 1e-4 and a[f]["overlay"] == b[f]["overlay"] == ""
+        np.testing.assert_array_equal(decode_mask(a[f]), decode_mask(b[f]))
     assert [e["file"] for e in _rows(ray_out / "errors.csv")] == ["notes.txt"]
-    assert (ray_out / "review.html").is_file() and not (tmp_path / "home").exists()
+    assert _page(ray_out).is_file() and not (tmp_path / "home").exists()
+    # sharded, with overlays, and resumed: the actors write the overlay files, the driver the rows
+    shard = tmp_path / "ray-shard"
+    assert _predict(model, folder, shard, "--engine", "ray", "--shard", "1/2", "--overlays") == 0
+    first = _rows(shard / "predictions.csv")
+    assert first and {r["file"] for r in first} < set(a) and all((shard / r["overlay"]).is_file() for r in first)
+    assert json.loads((shard / "predict.json").read_text())["shard"] == {"n": 2, "k": [1]}
+    (shard / "predictions.csv").write_text("".join((shard / "predictions.csv").read_text().splitlines(True)[:-1]))
+    assert _predict(model, folder, shard, "--engine", "ray", "--shard", "1/2", "--overlays") == 0
+    assert sorted(r["file"] for r in _rows(shard / "predictions.csv")) == sorted(r["file"] for r in first)

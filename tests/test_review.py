@@ -1,32 +1,51 @@
-"""The review page of a predict output folder: order, links, filters, no external assets, no identifiers."""
+"""The review page of a predict output folder: order, links, filters, no external assets, no identifiers.
+
+The Chromium tests load the page in Debian's headless ``chromium`` (skipped where it is not
+installed) and read the DOM the page script built.
+"""
 
 from __future__ import annotations
 
 import csv
 import json
+import os
 import re
 import shutil
 import subprocess
 from html.parser import HTMLParser
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 
 from pipeline.review import write_review
 from scans.io import write_png
 
-FIELDS = ["file", "sop_instance_uid", "score", "verdict", "threshold", "box_source", "overlay", "mask", "patient_name"]
+FIELDS = [
+    "file",
+    "sop_instance_uid",
+    "score",
+    "verdict",
+    "threshold",
+    "box_source",
+    "overlay",
+    "mask_rle",
+    "patient_name",
+]
+RLE = '{"size": [8, 8], "counts": "PPYo0"}'
 
 
-def _folder(out: Path, n: int = 7) -> list[dict[str, str]]:
-    """A synthetic predict output folder: rows, overlays and masks, one error."""
+def _folder(out: Path, n: int = 7, overlays: bool = True) -> list[dict[str, str]]:
+    """A synthetic predict output folder: rows, overlays (every third row without one), one error."""
     rng = np.random.default_rng(0)
     rows = []
     for i in range(n):
         stem = f"scan {i}-abc"  # a space: links must be URL-encoded
-        write_png(out / "overlays" / f"{stem}.png", rng.integers(0, 255, (8, 8, 3)).astype(np.uint8))
-        write_png(out / "masks" / f"{stem}.png", np.zeros((8, 8), np.uint8))
+        overlay = ""
+        if overlays and i % 3:
+            overlay = f"overlays/{stem}.png"
+            write_png(out / overlay, rng.integers(0, 255, (8, 8, 3)).astype(np.uint8))
         score = float(rng.random())
         rows.append(
             {
@@ -36,12 +55,12 @@ def _folder(out: Path, n: int = 7) -> list[dict[str, str]]:
                 "verdict": "distended" if score >= 0.5 else "not distended",
                 "threshold": "0.5",
                 "box_source": "detector" if i % 2 else "fallback",
-                "overlay": f"overlays/{stem}.png",
-                "mask": f"masks/{stem}.png",
+                "overlay": overlay,
+                "mask_rle": RLE,  # for machines, not for the page
                 "patient_name": "Doe^Jane",  # a column predict never writes: must not reach the page
             }
         )
-    rows.append({**rows[0], "file": "evil.png", "score": "0.01", "overlay": "../outside.png", "mask": "/etc/passwd"})
+    rows.append({**rows[1], "file": "evil.png", "score": "0.01", "overlay": "../outside.png"})
     with open(out / "predictions.csv", "w", newline="") as fh:
         w = csv.DictWriter(fh, FIELDS)
         w.writeheader()
@@ -60,7 +79,7 @@ def test_review_page(tmp_path: Path) -> None:
     rows = _folder(tmp_path)
     before = {p: p.read_bytes() for p in tmp_path.rglob("*.png")}
     path = write_review(tmp_path)
-    assert path == tmp_path / "review.html"
+    assert path == tmp_path / "index.html"
     page = path.read_text()
     HTMLParser().feed(page)
     data = _data(page)
@@ -70,31 +89,28 @@ def test_review_page(tmp_path: Path) -> None:
     assert [r["file"] for r in data["rows"]][0] == max(rows, key=lambda r: float(r["score"]))["file"]
     assert data["errors"] == [{"file": "broken.dcm", "reason": "no pixel data"}]
     for r in data["rows"]:
-        if r["file"] == "evil.png":
-            assert r["overlay"] == "" and r["mask"] == ""  # outside the folder: no link
-            continue
-        assert not r["overlay"].startswith(("/", "http")) and "%20" in r["overlay"]
-        assert (tmp_path / r["overlay"].replace("%20", " ")).is_file()
         assert r["verdict"] in ("distended", "not distended") and r["threshold"] == "0.5"
+        if r["file"] == "evil.png":
+            assert r["overlay"] == ""  # outside the folder: no link
+        elif r["file"].startswith(("sub/scan 0-", "sub/scan 3-", "sub/scan 6-")):
+            assert "overlay" not in r  # predict wrote none: the page shows a placeholder
+        else:
+            assert not r["overlay"].startswith(("/", "http")) and "%20" in r["overlay"]
+            assert (tmp_path / r["overlay"].replace("%20", " ")).is_file()
     assert "Doe^Jane" not in page and "patient_name" not in page
+    assert "mask_rle" not in page and "PPYo0" not in page
     assert not re.search(r"(src|href)\s*=\s*[\"']?(https?:)?//|@import|url\(|@font-face", page)
-    assert "distended only" in page and "keydown" in page
+    assert "distended only" in page and "keydown" in page and "--overlays" in page
     # thumbnails are links to the PNGs predict wrote: nothing re-encoded, nothing else written
     assert {p: p.read_bytes() for p in tmp_path.rglob("*.png")} == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "errors.csv",
-        "masks",
-        "overlays",
-        "predictions.csv",
-        "review.html",
-    ]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["errors.csv", "index.html", "overlays", "predictions.csv"]
 
 
 def test_review_escapes_script_breakers(tmp_path: Path) -> None:
     (tmp_path / "predictions.csv").write_text(
         'file,score,verdict,threshold\n"</script><script>alert(1)</script>.png",0.9,distended,0.5\n'
     )
-    page = write_review(tmp_path, name="index.html").read_text()
+    page = write_review(tmp_path, name="review.html").read_text()
     assert "</script><script>alert" not in page
     assert _data(page)["rows"][0]["file"] == "</script><script>alert(1)</script>.png"
 
@@ -114,3 +130,121 @@ def test_review_script_parses(tmp_path: Path) -> None:
     js.write_text(scripts[0])
     res = subprocess.run(["node", "--check", str(js)], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
+
+
+# --- in headless Chromium ---------------------------------------------------------------------------
+
+needs_chromium = pytest.mark.skipif(shutil.which("chromium") is None, reason="chromium not installed")
+
+
+def chromium(home: Path, url: str, *args: str, budget_ms: int | None = 5000) -> tuple[str, str]:
+    """Run headless Chromium on ``url`` with its profile, cache and HOME under ``home``: (stdout, stderr)."""
+    home.mkdir(parents=True, exist_ok=True)
+    env = {
+        **os.environ,
+        "HOME": str(home),
+        "XDG_CONFIG_HOME": str(home / "config"),
+        "XDG_CACHE_HOME": str(home / "cache"),
+    }
+    cmd = [
+        "chromium",
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        f"--user-data-dir={home / 'profile'}",
+        f"--disk-cache-dir={home / 'cache'}",
+        "--no-first-run",
+        "--no-default-browser-check",
+        "--disable-extensions",
+        "--disable-background-networking",
+        "--enable-logging=stderr",
+        "--v=0",
+        *([f"--virtual-time-budget={budget_ms}"] if budget_ms else []),
+        *args,
+        url,
+    ]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env, cwd=home)
+    assert res.returncode == 0, res.stderr[-2000:]
+    return res.stdout, res.stderr
+
+
+def console_problems(stderr: str) -> list[str]:
+    """Lines where the page wrote to the console or threw: headless logs every console call as ``CONSOLE``."""
+    return [line for line in stderr.splitlines() if ":CONSOLE" in line or "Uncaught" in line]
+
+
+class _Dom(HTMLParser):
+    """The table rows, thumbnails, placeholders and ``<html>`` attributes of a dumped DOM."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.rows: list[dict[str, str | None]] = []
+        self.imgs: list[str] = []
+        self.notes: list[str] = []
+        self.root: dict[str, str | None] = {}
+        self._in_note = False
+        self.feed(text)
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        a = dict(attrs)
+        if tag == "html":
+            self.root = a
+        elif tag == "tr" and "data-file" in a:
+            self.rows.append(a)
+        elif tag == "img" and a.get("class") == "thumb":
+            self.imgs.append(a.get("src") or "")
+        self._in_note = tag == "span" and a.get("class") == "noimg"
+
+    def handle_data(self, data: str) -> None:
+        if self._in_note:
+            self.notes.append(data)
+            self._in_note = False
+
+
+def _natural(name: str) -> list[object]:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+@needs_chromium
+def test_review_in_chromium(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    rows = _folder(out, n=12)
+    page = write_review(out, page_size=5).as_uri()
+    home = tmp_path / "chromium"
+
+    dom, err = chromium(home, page, "--dump-dom")
+    assert console_problems(err) == []
+    d = _Dom(dom)
+    by_score = sorted(rows, key=lambda r: -float(r["score"]))
+    assert [r["data-file"] for r in d.rows] == [r["file"] for r in by_score[:5]]  # one page, highest first
+    assert [float(r["data-score"] or "nan") for r in d.rows] == [float(r["score"]) for r in by_score[:5]]
+    with_overlay = [r for r in by_score[:5] if r["overlay"]]
+    assert len(d.imgs) == len(with_overlay) and d.notes.count("overlay not readable") == 0
+    assert d.notes.count("no overlay (run predict with --overlays)") == 5 - len(with_overlay)
+    assert float(d.root["data-ready-ms"] or 0) > 0 and float(d.root["data-load-ms"] or 0) > 0
+
+    dom, err = chromium(home, page + "#sort=file&page=3", "--dump-dom")
+    assert console_problems(err) == []
+    by_file = sorted((r["file"] for r in rows), key=_natural)  # "scan 10" after "scan 9"
+    assert [r["data-file"] for r in _Dom(dom).rows] == by_file[10:]
+    dom, _ = chromium(home, page + "#filter=errors", "--dump-dom")
+    assert [r["data-file"] for r in _Dom(dom).rows] == ["broken.dcm"]
+
+    shot = tmp_path / "shot.png"
+    _, err = chromium(home, page, f"--screenshot={shot}", "--window-size=1280,900")
+    assert console_problems(err) == []
+    img = cv2.imread(str(shot))
+    assert img is not None and img.shape[:2] == (900, 1280)
+    assert len(np.unique(img.reshape(-1, 3), axis=0)) > 20  # text, thumbnails and rules, not a blank page
+    assert sorted(p.name for p in out.iterdir()) == ["errors.csv", "index.html", "overlays", "predictions.csv"]
+
+
+@needs_chromium
+def test_chromium_check_sees_page_errors(tmp_path: Path) -> None:
+    """The console check above fails on a broken page: here the embedded data is cut short."""
+    _folder(tmp_path / "out", n=2)
+    path = write_review(tmp_path / "out")
+    path.write_text(re.sub(r'(id="data">)\{', r"\1{{", path.read_text()))
+    dom, err = chromium(tmp_path / "chromium", path.as_uri(), "--dump-dom")
+    assert any("Uncaught SyntaxError" in line for line in console_problems(err)), err[-2000:]
+    assert _Dom(dom).rows == []

@@ -869,8 +869,12 @@ def _claim(out: Path, manifest: dict[str, Any]) -> None:
 
 def _load_bundle(bundle_dir: Path, device: str, runtime: str) -> Bundle:
     if runtime == "onnxruntime":
-        # the ONNX Runtime loader is optional; imported by name so the rest works without it
-        loaded: Bundle = importlib.import_module("pipeline.onnx_bundle").load_onnx_bundle(bundle_dir, device)
+        import torch
+
+        # the ONNX Runtime loader is optional; imported by name so the rest works without it.
+        # ORT takes torch's thread count, so both runtimes are measured on the same cores
+        loader = importlib.import_module("pipeline.onnx_bundle").load_onnx_bundle
+        loaded: Bundle = loader(bundle_dir, device, threads=torch.get_num_threads())
         return loaded
     return Bundle.load(bundle_dir, device=device)
 

@@ -148,3 +148,26 @@ def test_missing_onnxruntime_names_the_extra(monkeypatch: pytest.MonkeyPatch, tm
     monkeypatch.setattr(onnx_bundle.importlib.util, "find_spec", lambda n: None if n == "onnxruntime" else real(n))
     with pytest.raises(RuntimeError, match=r"onnxruntime: pip install 'loris\[export\]'"):
         load_onnx_bundle(tmp_path)
+
+
+def test_predict_engine_onnxruntime_gives_the_torch_rows(trained: Trained, tmp_path: Path) -> None:
+    import csv
+
+    from pipeline.__main__ import main
+
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    for p in sorted((trained.cache / "phantom").rglob("*.png"))[:5]:
+        shutil.copy(p, folder / p.name)
+    rows = {}
+    for engine in ("local", "onnxruntime"):
+        out = tmp_path / engine
+        args = ["predict", "--model", str(trained.bundle), "--input", str(folder), "--out", str(out)]
+        assert main([*args, "--engine", engine, "--device", "cpu", "--no-progress", "--no-review"]) == 0
+        rows[engine] = {r["file"]: r for r in csv.DictReader(open(out / "predictions.csv"))}
+    assert rows["local"].keys() == rows["onnxruntime"].keys() and len(rows["local"]) == 5
+    for name, want in rows["local"].items():
+        got = rows["onnxruntime"][name]
+        assert abs(float(got["score"]) - float(want["score"])) <= 1e-4, name
+        assert got["verdict"] == want["verdict"] and got["box_source"] == want["box_source"], name
+        assert got["mask_rle"] == want["mask_rle"], name

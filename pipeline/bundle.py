@@ -167,6 +167,11 @@ def bundle_doc(cfg: Config, policy: PriorPolicy, t: Thresholds) -> dict[str, Any
     }
 
 
+def _tensors(module: Any) -> list[Any]:
+    """A module's parameters and buffers (any in-place update bumps one's ``_version``)."""
+    return [*module.parameters(), *module.buffers()]
+
+
 @dataclass
 class BundleOutput:
     scores: np.ndarray  # [N]
@@ -192,6 +197,7 @@ class Bundle:
         # names the model in DICOM results: the detector, and a digest of bundle.json's thresholds and config
         self.model_name = f"LoRIS-{doc['detector']}"
         self.model_version = hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:12]
+        self._ready: tuple[tuple[Any, ...], Any] | None = None  # (weights key, prepared U-Net)
 
     @classmethod
     def load(cls, directory: Path, device: str = "auto") -> Bundle:
@@ -225,6 +231,17 @@ class Bundle:
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"{path}: missing or malformed entry ({exc.__class__.__name__}: {exc}); {hint}") from None
 
+    def _inference_unet(self) -> Any:
+        """The U-Net as :func:`reconstruction.infer.reconstruct` runs it (BatchNorm folded, channels-last),
+        prepared once and again only when ``unet``, its weights or ``device`` change."""
+        from reconstruction.infer import inference_model
+
+        net = self.unet
+        key = (id(net), str(self.device), *((id(t), t.data_ptr(), t._version) for t in _tensors(net)))
+        if self._ready is None or self._ready[0] != key:
+            self._ready = (key, inference_model(net, self.device))
+        return self._ready[1]
+
     def process(self, images: np.ndarray) -> BundleOutput:
         """Detect, reconstruct, score and segment a ``[N, S, S]`` batch in [0, 1]."""
         from reconstruction.deviation import image_score
@@ -245,12 +262,13 @@ class Bundle:
         pri = predict_priors(self.detector, arrays, self.policy, self.expansion, batch_size=max(n, 1))
         d = self.doc
         rec = reconstruct(
-            self.unet,
+            self._inference_unet(),
             images,
             pri.boxes,
             maps=tuple(d["maps"]),
             device=self.device,
             margin=float(d.get("mask_margin", 0.0)),
+            prepared=True,
         )
         s = d["score"]
         scores = image_score(

@@ -54,6 +54,21 @@ def _prepare(
     return model.to(dev).to(memory_format=fmt).eval(), dev, fmt
 
 
+def inference_model(
+    model: nn.Module, device: str | torch.device = "auto", channels_last: bool = True, fold_bn: bool = True
+) -> nn.Module:
+    """The network :func:`reconstruct` runs (a BatchNorm-folded copy, in channels-last, on ``device``), made
+    once for many calls with ``prepared=True``.
+
+    >>> from reconstruction.unet import UNet, UNetConfig
+    >>> net = inference_model(UNet(UNetConfig.profile("tiny")), "cpu")
+    >>> imgs = np.zeros((1, 32, 32), np.float32)
+    >>> reconstruct(net, imgs, np.full((1, 4), np.nan, np.float32), maps=("dd",), prepared=True).recon.shape
+    (1, 32, 32)
+    """
+    return _prepare(model, device, channels_last, fold_bn)[0]
+
+
 def _forward(model: nn.Module, x: Tensor, fmt: torch.memory_format, batch_size: int) -> Tensor:
     return torch.cat([model(c.contiguous(memory_format=fmt)).contiguous() for c in x.split(batch_size)])
 
@@ -83,6 +98,7 @@ def reconstruct(
     composite: bool = False,
     channels_last: bool = True,
     fold_bn: bool = True,
+    prepared: bool = False,
 ) -> Reconstruction:
     """LoRIS inference: black out each box, inpaint, and compute ``maps`` against the scan.
 
@@ -90,9 +106,13 @@ def reconstruct(
     ``composite=True`` keeps the scan outside the box (maps then vanish there); the paper and
     the authors compare with the raw network output, the default. ``fold_bn`` runs a copy with
     BatchNorm folded into the convs (same outputs to ~1e-6, faster); without it the model
-    itself is switched to eval mode and moved to ``device`` in place.
+    itself is switched to eval mode and moved to ``device`` in place. ``prepared=True``: ``model`` comes
+    from :func:`inference_model` (same ``device`` and ``channels_last``) and is used as it is.
     """
-    model, dev, fmt = _prepare(model, device, channels_last, fold_bn)
+    if prepared:
+        dev, fmt = resolve_device(device), torch.channels_last if channels_last else torch.contiguous_format
+    else:
+        model, dev, fmt = _prepare(model, device, channels_last, fold_bn)
     n, h, w = images.shape
     recons: list[np.ndarray] = []
     out: dict[str, list[np.ndarray]] = {}

@@ -230,3 +230,100 @@ def test_runs_without_cuda() -> None:
     assert out.returncode == 0, out.stderr[-3000:]
     n_detections, cap = map(int, out.stdout.strip().splitlines()[-1].split())
     assert 0 <= n_detections <= cap  # predict ran on the CPU-only build and honoured its detection cap
+
+
+def _msda(batch_first: bool) -> torch.nn.Module:
+    from mmcv.ops.multi_scale_deform_attn import MultiScaleDeformableAttention
+
+    torch.manual_seed(0)
+    m = MultiScaleDeformableAttention(embed_dims=64, num_levels=3, batch_first=batch_first).eval()
+    torch.nn.init.normal_(m.sampling_offsets.weight, std=0.3)  # offsets that also leave the maps (zero padding)
+    torch.nn.init.normal_(m.attention_weights.weight, std=0.3)
+    return m
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("ref_dims,queries", [(2, 336), (4, 30)], ids=["encoder", "decoder"])
+def test_fast_deformable_attention_equals_mmcv(
+    batch_first: bool, ref_dims: int, queries: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from detectors.codetr import fast_attention
+
+    calls = []
+    inner = fast_attention.deformable_attention
+    monkeypatch.setattr(fast_attention, "deformable_attention", lambda *a, **k: calls.append(1) or inner(*a, **k))
+
+    m = _msda(batch_first)
+    g = torch.Generator().manual_seed(1)
+    shapes = torch.tensor([[16, 16], [8, 8], [4, 4]])
+    q, pos = torch.randn(2, queries, 64, generator=g), torch.randn(2, queries, 64, generator=g)
+    v = torch.randn(2, 336, 64, generator=g)
+    if not batch_first:
+        q, v, pos = q.transpose(0, 1), v.transpose(0, 1), pos.transpose(0, 1)
+    kw = dict(
+        value=v,
+        query_pos=pos,
+        reference_points=torch.rand(2, queries, 3, ref_dims, generator=g),
+        spatial_shapes=shapes,
+        level_start_index=torch.tensor([0, 256, 320]),
+        key_padding_mask=torch.rand(2, 336, generator=g) < 0.1,
+    )
+    fast_attention.install()
+    with torch.enable_grad():
+        reference = m(q, **kw)  # autograd on: mmcv's own forward
+    assert reference.grad_fn is not None
+    with torch.no_grad():
+        fast = m(q, **kw)
+    fast_attention.uninstall()
+    try:
+        with torch.no_grad():
+            original = m(q, **kw)
+    finally:
+        fast_attention.install()
+    torch.testing.assert_close(reference, original, rtol=0, atol=0)  # the autograd path is mmcv's, untouched
+    torch.testing.assert_close(fast, original, rtol=0, atol=1e-5)
+    assert len(calls) == 1  # only the no-grad call took the fast path
+
+
+def test_fused_backbone_matches_and_follows_weight_changes() -> None:
+    det = _detector()
+    model = det.model
+    model.eval()
+    for mod in model.backbone.modules():  # running statistics away from the identity, as after training
+        if isinstance(mod, torch.nn.BatchNorm2d):
+            mod.running_mean.uniform_(-0.2, 0.2)
+            mod.running_var.uniform_(0.5, 2.0)
+    x = det._inputs(_toy(2, 128).images)
+
+    def check() -> None:
+        with torch.enable_grad():
+            reference = model.extract_feat(x)
+        with torch.no_grad():
+            fast = model.extract_feat(x)
+        assert "_fused_backbone" in model.__dict__
+        for a, b in zip(fast, reference):
+            torch.testing.assert_close(a, b.detach(), rtol=0, atol=1e-5)
+
+    check()
+    with torch.no_grad():
+        model.backbone.conv1.weight.mul_(1.5)  # an in-place update (as an optimiser step) must be seen
+    check()
+    assert not any(k.startswith("_fused") for k in model.state_dict())  # the copy is not part of the weights
+
+
+def test_predict_with_fast_paths_equals_mmcv_paths() -> None:
+    det = _detector()
+    for mod in det.model.backbone.modules():
+        if isinstance(mod, torch.nn.BatchNorm2d):
+            mod.running_mean.uniform_(-0.2, 0.2)
+            mod.running_var.uniform_(0.5, 2.0)
+    det.model.eval()
+    x = det._inputs(_toy(4, 128, seed=3).images)
+    with torch.enable_grad():
+        reference = det.model.predict(x, det._samples(None, 4), rescale=False)
+    with torch.no_grad():
+        fast = det.model.predict(x, det._samples(None, 4), rescale=False)
+    for a, b in zip(fast, reference):
+        pa, pb = a.pred_instances, b.pred_instances
+        torch.testing.assert_close(pa.scores, pb.scores.detach(), rtol=0, atol=1e-5)
+        torch.testing.assert_close(pa.bboxes, pb.bboxes.detach(), rtol=0, atol=1e-3)  # pixels of 128

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from detectors.codetr.aux_heads import Assignment
 from detectors.codetr.co_dino_head import PositiveQueries
+from detectors.codetr.fused import FusedCache
 from detectors.codetr.query_embed import LorisDinoDecoder, PositiveQueryEmbed
 
 
@@ -80,6 +81,15 @@ class LorisCoDINO(DINO):
                 nn.GroupNorm(min(32, self.embed_dims // 2), self.embed_dims),
             )
             self.pos_query_embed = PositiveQueryEmbed(self.embed_dims, len(self.aux_names))
+
+    def extract_feat(self, batch_inputs: Tensor) -> tuple[Tensor, ...]:
+        """Backbone and neck features; CPU inference runs a BatchNorm-folded, channels-last backbone copy."""
+        if self.training or torch.is_grad_enabled() or batch_inputs.device.type != "cpu":
+            return super().extract_feat(batch_inputs)
+        cache = self.__dict__.setdefault("_fused_backbone", FusedCache())  # not a submodule: no state_dict keys
+        feats = cache.get(self.backbone)(batch_inputs.contiguous(memory_format=torch.channels_last))
+        feats = tuple(f.contiguous() for f in feats)
+        return self.neck(feats) if self.with_neck else feats
 
     @property
     def with_aux(self) -> bool:

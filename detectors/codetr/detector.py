@@ -142,9 +142,11 @@ def build_model(model_cfg: dict[str, Any], aux_heads: bool = True) -> torch.nn.M
     from mmengine.config import ConfigDict
 
     import detectors.codetr.modules  # noqa: F401  (registers the Loris* modules)
+    from detectors.codetr import fast_attention
     from detectors.codetr.native_ops import use_native_ops
 
     use_native_ops()  # our mmcv has no CUDA kernels (FORCE_CUDA=0): route its ops to torch-native code
+    fast_attention.install()  # CPU inference only: mmcv's deformable attention, reordered for speed
 
     register_all_modules(init_default_scope=True)
     cfg = copy.deepcopy(_plain(model_cfg))

@@ -23,8 +23,10 @@ batch and augmentation from the one seed and crops its strided share of it.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
+import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torchvision.ops import nms, roi_align
 
 from detectors.base import Detections, Detector, check_inference_settings, detector_class
@@ -100,6 +103,31 @@ class EdgeNet(nn.Module):
         return torch.stack([ex[:, 0], ey[:, 0], ex[:, 1], ey[:, 1]], 1)
 
 
+def fold_edgenet(net: EdgeNet) -> EdgeNet:
+    """An eval-mode copy of ``net`` with every BatchNorm folded into the conv before it, in channels-last
+    layout: the same edges to float32 rounding, in less time.
+
+    >>> net = EdgeNet(8).eval()
+    >>> x = torch.rand(2, 1, 16, 32)
+    >>> bool(torch.allclose(fold_edgenet(net)(x), net(x), atol=1e-5))
+    True
+    """
+    m = copy.deepcopy(net).eval()
+    pairs = [(m.stem, "0", "1"), (m.stem, "3", "4")] + [
+        (b, c, n) for b in m.body for c, n in (("c1", "b1"), ("c2", "b2"))
+    ]
+    with torch.no_grad():
+        for owner, c, n in pairs:
+            conv, norm = getattr(owner, c), getattr(owner, n)
+            assert isinstance(conv, nn.Conv2d) and isinstance(norm, nn.BatchNorm2d)
+            setattr(owner, c, fuse_conv_bn_eval(conv, norm))
+            setattr(owner, n, nn.Identity())
+    return m.to(memory_format=torch.channels_last)
+
+
+_FOLD_LOCK = threading.Lock()  # a bundle refines the parts of a batch from several threads at once
+
+
 @dataclass
 class RefinerConfig:
     """Settings of :class:`BoxRefiner` (the defaults are the CPU default, chosen on the phantom)."""
@@ -146,6 +174,18 @@ class BoxRefiner:
         with seeded_global_rng(self.config.seed):
             self.net = EdgeNet(self.config.width)
         self.net.to(device)
+        self._folded: tuple[tuple[tuple[int, int, int], ...], EdgeNet] | None = None  # (weights key, copy)
+
+    def inference_net(self) -> EdgeNet:
+        """The network as :meth:`refine` runs it (:func:`fold_edgenet`), made again only when ``net`` or one
+        of its weights or running statistics changes (any in-place update bumps a tensor's version), so
+        training and ``load_state_dict`` are always seen; training itself uses ``net``."""
+        net = self.net
+        key = tuple((id(t), t.data_ptr(), t._version) for t in [*net.parameters(), *net.buffers()])
+        with _FOLD_LOCK:
+            if self._folded is None or self._folded[0] != key:
+                self._folded = (key, fold_edgenet(net))
+            return self._folded[1]
 
     def set_inference(self, **settings: Any) -> None:
         """Change inference-only settings (:attr:`INFERENCE_KEYS`) of a trained refiner."""
@@ -293,6 +333,7 @@ class BoxRefiner:
         imgs = torch.from_numpy(np.ascontiguousarray(images, np.float32))[:, None].to(self.device)
         size_h, size_w = imgs.shape[-2:]
         self.net.eval()
+        net = self.inference_net()
         out = torch.from_numpy(boxes.copy()).to(self.device)
         ti = torch.from_numpy(idx).to(self.device)
         for _ in range(self.config.iterations):
@@ -300,9 +341,11 @@ class BoxRefiner:
                 b = out[s : s + batch_size]
                 regions = context_regions(b, self.config.pad_x, self.config.pad_y)
                 crops = self._crops(imgs, ti[s : s + batch_size], regions)
-                rel = self.net(crops)
-                if self.config.tta_flip:
-                    rel = 0.5 * (rel + self._unflip(self.net(crops.flip(-1))))
+                if self.config.tta_flip:  # the crops and their mirrors in one forward pass
+                    both = net(torch.cat([crops, crops.flip(-1)]))
+                    rel = 0.5 * (both[: len(crops)] + self._unflip(both[len(crops) :]))
+                else:
+                    rel = net(crops)
                 out[s : s + batch_size] = self._from_crop(rel, regions)
         res = out.cpu().numpy()
         # Edges cannot cross: a box keeps at least one pixel each way (and stays in the image).

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from sklearn.metrics import roc_curve
 
 from detectors.base import Detector, detector_class
@@ -181,9 +184,35 @@ class BundleOutput:
     masks: np.ndarray  # [N, S, S] bool
     heat: np.ndarray  # [N, S, S] the segmentation map
 
+    @staticmethod
+    def concatenate(parts: list[BundleOutput]) -> BundleOutput:
+        """The outputs of consecutive parts of a batch as one.
+
+        >>> o = BundleOutput(np.zeros(1), np.zeros((1, 4)), ["a"], np.zeros(1), np.zeros((1, 2, 2), bool), np.zeros(1))
+        >>> BundleOutput.concatenate([o, o]).sources
+        ['a', 'a']
+        """
+
+        def cat(name: str) -> np.ndarray:
+            return np.concatenate([getattr(p, name) for p in parts])
+
+        sources = [s for p in parts for s in p.sources]
+        return BundleOutput(cat("scores"), cat("boxes"), sources, cat("confidences"), cat("masks"), cat("heat"))
+
+
+def _one_torch_thread() -> None:
+    """A worker thread's own intra-op thread count: 1 (torch keeps it per thread)."""
+    torch.get_num_threads()  # torch's lazy per-thread setup first, or the first op would undo the next line
+    torch.set_num_threads(1)
+
 
 class Bundle:
     """A trained bundle ready for :meth:`process`."""
+
+    # On CPU, process() splits a batch into this many parts run at once, each by its own thread with one
+    # torch thread (None: torch's thread count; 1: one part). The detector's and refiner's many small ops
+    # and the U-Net's convolutions use cores better side by side than split across threads op by op.
+    parts: int | None = None
 
     def __init__(self, doc: dict[str, Any], detector: Detector, unet: Any, device: str) -> None:
         self.doc, self.detector, self.unet, self.device = doc, detector, unet, device
@@ -198,6 +227,7 @@ class Bundle:
         self.model_name = f"LoRIS-{doc['detector']}"
         self.model_version = hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:12]
         self._ready: tuple[tuple[Any, ...], Any] | None = None  # (weights key, prepared U-Net)
+        self._pool: tuple[int, ThreadPoolExecutor] | None = None  # (workers, their pool) for split batches
 
     @classmethod
     def load(cls, directory: Path, device: str = "auto") -> Bundle:
@@ -242,8 +272,43 @@ class Bundle:
             self._ready = (key, inference_model(net, self.device))
         return self._ready[1]
 
+    def _workers(self, k: int) -> ThreadPoolExecutor:
+        """A pool of ``k`` threads of one torch thread each, started now (each sets its count once) and kept."""
+        if self._pool is None or self._pool[0] != k:
+            if self._pool is not None:
+                self._pool[1].shutdown(wait=False)
+            threads = torch.get_num_threads()
+            pool = ThreadPoolExecutor(k, thread_name_prefix="loris-bundle", initializer=_one_torch_thread)
+            started = threading.Barrier(k)
+            for f in [pool.submit(started.wait) for _ in range(k)]:
+                f.result()
+            # a worker's set_num_threads also changed the count torch gives new threads: put it back
+            torch.set_num_threads(threads)
+            self._pool = (k, pool)
+        return self._pool[1]
+
     def process(self, images: np.ndarray) -> BundleOutput:
-        """Detect, reconstruct, score and segment a ``[N, S, S]`` batch in [0, 1]."""
+        """Detect, reconstruct, score and segment a ``[N, S, S]`` batch in [0, 1].
+
+        On CPU the batch is split into :attr:`parts` run at once; each image's numbers do not depend on
+        the split (boxes to float32 rounding).
+        """
+        k = min(self.parts or torch.get_num_threads(), len(images)) if self.device == "cpu" else 1
+        if k <= 1:
+            return self._process(images)
+        self._inference_unet()  # prepared here, once, rather than raced for by the workers
+        grad = torch.is_grad_enabled()  # thread-local: the workers follow the caller's mode
+
+        def run(part: np.ndarray) -> BundleOutput:
+            with torch.set_grad_enabled(grad):
+                return self._process(part)
+
+        pool = self._workers(k)
+        futures = [pool.submit(run, part) for part in np.array_split(images, k)]
+        return BundleOutput.concatenate([f.result() for f in futures])
+
+    def _process(self, images: np.ndarray) -> BundleOutput:
+        """One part of :meth:`process`, in the calling thread."""
         from reconstruction.deviation import image_score
         from reconstruction.infer import reconstruct
         from reconstruction.segment import segment

@@ -273,3 +273,37 @@ def test_only_the_sop_instance_uid_leaves_the_reader(tmp_path: Path) -> None:
     text = repr({k: v for k, v in vars(res).items() if k != "image"})
     assert "Doe" not in text and "PHI-12345" not in text
     assert read_scan(tmp_path / "phi.dcm").frame_count == 1
+
+
+# Real scanner ultrasound files that ship with pydicom (anonymised GE, Philips and SonoSite exports):
+# name -> (frames, whether it carries a Sequence of Ultrasound Regions)
+SCANNER_FILES = {
+    "examples_palette.dcm": (1, True),  # Philips, PALETTE COLOR
+    "examples_ybr_color.dcm": (30, True),  # SonoSite cine, JPEG baseline YBR_FULL_422
+    "examples_rgb_color.dcm": (1, False),  # GE, RGB
+    "examples_jpeg2k.dcm": (1, False),  # GE, JPEG 2000 lossless YBR_RCT
+    "ExplVR_BigEnd.dcm": (1, False),  # GE, RGB, explicit VR big endian
+}
+
+
+@pytest.mark.parametrize("name", sorted(SCANNER_FILES))
+def test_real_scanner_ultrasound_files(name: str) -> None:
+    """Each real scanner file reads as grey in [0, 1] with real contrast, cropped to its B-mode region when
+    it has one (the panels around it dropped), every frame of the cine readable."""
+    path = PYDICOM_FILES / name
+    _need_decoder(path)
+    frames, has_regions = SCANNER_FILES[name]
+    full = read_scan(path, crop="none")
+    got = read_scan(path, frame=frames - 1)
+    assert got.frame_count == frames and full.frame_count == frames
+    for r in (full, got):
+        assert r.image.dtype == np.float32 and 0.0 <= r.image.min() and r.image.max() <= 1.0
+        assert r.image.std() > 0.02, "no contrast: the display pipeline was not applied"
+    w, h = full.original_size
+    assert full.image.shape == (h, w) and full.crop == (0, 0, w, h)
+    if has_regions:
+        x0, y0, x1, y1 = got.crop
+        assert got.crop_source.startswith("region ") and (x1 - x0) * (y1 - y0) < w * h
+        assert got.image.shape == (y1 - y0, x1 - x0)
+    else:
+        assert got.crop_source == "none" and got.crop == (0, 0, w, h)

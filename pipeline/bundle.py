@@ -307,11 +307,8 @@ class Bundle:
         futures = [pool.submit(run, part) for part in np.array_split(images, k)]
         return BundleOutput.concatenate([f.result() for f in futures])
 
-    def _process(self, images: np.ndarray) -> BundleOutput:
-        """One part of :meth:`process`, in the calling thread."""
-        from reconstruction.deviation import image_score
-        from reconstruction.infer import reconstruct
-        from reconstruction.segment import segment
+    def priors(self, images: np.ndarray) -> Any:
+        """The bundle's location priors (detector, fallback, expansion) for a ``[N, S, S]`` batch."""
         from scans.records import ScanArrays
 
         n = len(images)
@@ -324,7 +321,15 @@ class Bundle:
             patients=[""] * n,
             scale=np.ones((n, 2), np.float32),
         )
-        pri = predict_priors(self.detector, arrays, self.policy, self.expansion, batch_size=max(n, 1))
+        return predict_priors(self.detector, arrays, self.policy, self.expansion, batch_size=max(n, 1))
+
+    def _process(self, images: np.ndarray) -> BundleOutput:
+        """One part of :meth:`process`, in the calling thread."""
+        from reconstruction.deviation import image_score
+        from reconstruction.infer import reconstruct
+        from reconstruction.segment import segment
+
+        pri = self.priors(images)
         d = self.doc
         rec = reconstruct(
             self._inference_unet(),

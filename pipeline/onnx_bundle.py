@@ -33,8 +33,6 @@ from detectors.yolov5 import YoloV5Detector
 from pipeline.bundle import Bundle, BundleOutput
 from pipeline.cache import digest, fit_or_load, publish
 from pipeline.onnx_export import OPSET, bundle_digest, export_bundle, onnx_session
-from pipeline.priors import predict_priors
-from scans.records import ScanArrays
 from scans.runtime import cache_home
 
 USER_EXPORT = "onnx"  # BUNDLE/onnx: where `export --out BUNDLE/onnx` puts a user's own export
@@ -177,16 +175,7 @@ class OnnxBundle(Bundle):
         from reconstruction.segment import segment
 
         n = len(images)
-        arrays = ScanArrays(
-            images=images,
-            boxes=np.full((n, 4), np.nan, np.float32),
-            masks=np.zeros(images.shape, bool),
-            labels=-np.ones(n, np.int64),
-            ids=np.arange(n),
-            patients=[""] * n,
-            scale=np.ones((n, 2), np.float32),
-        )
-        pri = predict_priors(self.detector, arrays, self.policy, self.expansion, batch_size=max(n, 1))
+        pri = self.priors(images)
         x = np.ascontiguousarray(images, dtype=np.float32)[:, None]
         boxes = np.ascontiguousarray(pri.boxes, dtype=np.float32)
         scores, maps = [], []

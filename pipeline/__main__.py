@@ -168,7 +168,7 @@ def _predict_parser(sub: Any) -> None:
     pr.add_argument("--input", type=Path, required=True, help="folder of scans (PNG/JPEG/BMP/TIFF/DICOM)")
     pr.add_argument("--out", type=Path, help="output folder, outside --input (default: runs/predict-<time>)")
     pr.add_argument("--recursive", action="store_true", help="also process sub-folders")
-    pr.add_argument("--batch-size", type=_positive_int, default=8)
+    pr.add_argument("--batch-size", type=_positive_int, default=16)
     pr.add_argument("--device", default="auto")
     pr.add_argument(
         "--crop",

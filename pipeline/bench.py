@@ -15,11 +15,14 @@ import statistics
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from scans.runtime import median_seconds, resolve_device, torch_threads
+
+if TYPE_CHECKING:
+    from pipeline.bundle import Bundle
 
 
 def _rate(fn: Callable[[], int], n: int, reps: int) -> float:
@@ -106,24 +109,33 @@ def _detector_speeds(quick: bool) -> dict[str, Any]:
 def bundle_flops(model: Path, n: int = 8) -> dict[str, float]:
     """GFLOP per image of a bundle's :meth:`~pipeline.bundle.Bundle.process` on a batch of ``n`` (convolutions
     and matrix products, as ``torch.utils.flop_counter`` counts them: a multiply-add is 2), in all and by part."""
+    from pipeline.bundle import Bundle
+
+    return process_flops(Bundle.load(Path(model), device="cpu"), n)
+
+
+def process_flops(bundle: Bundle, n: int = 8) -> dict[str, float]:
+    """:func:`bundle_flops` of a loaded bundle."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from pipeline.bundle import Bundle
     from reconstruction.benchmark import unet_flops
 
-    bundle = Bundle.load(Path(model), device="cpu")
     images = np.random.default_rng(0).random((n, bundle.image_size, bundle.image_size), dtype=np.float32)
+    parts, bundle.parts = bundle.parts, 1  # the counter sees only its own thread, not process()'s workers
 
     def gflop(fn: Callable[[], object]) -> float:
         with FlopCounterMode(display=False) as fc:
             fn()
         return fc.get_total_flops() / n / 1e9
 
-    return {
-        "total": gflop(lambda: bundle.process(images)),
-        "detector": gflop(lambda: bundle.detector.predict(images)),  # with its box refiner, if any
-        "unet": unet_flops(bundle.unet.config, bundle.image_size) / 1e9,
-    }
+    try:
+        return {
+            "total": gflop(lambda: bundle.process(images)),
+            "detector": gflop(lambda: bundle.detector.predict(images)),  # with its box refiner, if any
+            "unet": unet_flops(bundle.unet.config, bundle.image_size) / 1e9,
+        }
+    finally:
+        bundle.parts = parts
 
 
 def _predict_ceiling(model: Path, quick: bool, matmul_gflops: float) -> dict[str, Any]:

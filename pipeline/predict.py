@@ -884,7 +884,7 @@ def predict_folder(
     folder: Path,
     out: Path,
     recursive: bool = False,
-    batch_size: int = 8,
+    batch_size: int = 16,
     device: str = "auto",
     progress: bool = True,
     read: ReadOptions | None = None,

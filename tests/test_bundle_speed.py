@@ -182,3 +182,16 @@ def test_refiner_fast_path_equals_the_plain_network_and_follows_weight_changes()
     ref.fit(images, boxes, images[:1], boxes[:1])  # training runs the plain network and changes the weights
     assert list(ref.net.state_dict()) == keys and ref.inference_net() is not folded
     np.testing.assert_allclose(ref.refine(images, boxes), _refine_unfolded(ref, images, boxes), atol=1e-4)
+
+
+def test_flop_count_sees_the_split_batch() -> None:
+    """bench's FLOP count: process() runs its parts in worker threads the counter cannot see."""
+    from pipeline.bench import process_flops
+
+    b = _bundle()
+    b.parts = 2
+    with torch_threads(2):
+        gflop = process_flops(b, n=4)
+    assert gflop["unet"] > 0
+    assert gflop["total"] >= gflop["unet"]
+    assert b.parts == 2

@@ -54,6 +54,23 @@ PAPER_TABLE1: dict[str, PaperRow] = {
         "LoRIS+MSGMSD", {"i_auroc": (0.783, 0.050), "p_auroc": (0.932, 0.018), "dice_oracle": (0.263, 0.042)}
     ),
     "dd": PaperRow("LoRIS+DD", {"i_auroc": (0.750, 0.100), "p_auroc": (0.746, 0.047), "dice_oracle": (0.353, 0.034)}),
+    # the peers' rows of the paper's Table 1, keyed by `compare`'s method names
+    "patchcore": PaperRow(
+        "PatchCore", {"i_auroc": (0.701, 0.090), "p_auroc": (0.871, 0.009), "dice_oracle": (0.193, 0.066)}
+    ),
+    # the paper ran SimpleNet, of which anomalib's SuperSimpleNet is the successor
+    "supersimplenet": PaperRow(
+        "SimpleNet", {"i_auroc": (0.680, 0.104), "p_auroc": (0.818, 0.010), "dice_oracle": (0.144, 0.047)}
+    ),
+    "cflow": PaperRow("CFlow", {"i_auroc": (0.645, 0.125), "p_auroc": (0.864, 0.011), "dice_oracle": (0.124, 0.049)}),
+    "uae": PaperRow("UAE", {"i_auroc": (0.621, 0.068), "p_auroc": (0.699, 0.014), "dice_oracle": (0.061, 0.018)}),
+    "intrans": PaperRow(
+        "InTrans", {"i_auroc": (0.581, 0.053), "p_auroc": (0.574, 0.033), "dice_oracle": (0.028, 0.009)}
+    ),
+    "ganomaly": PaperRow("GANomaly", {"i_auroc": (0.573, 0.035)}),
+    "draem": PaperRow("DRAEM", {"i_auroc": (0.547, 0.066), "p_auroc": (0.626, 0.041), "dice_oracle": (0.033, 0.007)}),
+    "fair": PaperRow("FAIR", {"i_auroc": (0.544, 0.035), "p_auroc": (0.668, 0.021), "dice_oracle": (0.102, 0.012)}),
+    "multitask": PaperRow("Multi-task (supervised)", {"i_auroc": (0.780, 0.050)}),
 }
 PAPER_GT_ROW = "gt"  # the paper's ground-truth-prior row, the reference of its Δ columns
 PAPER_TABLE2: dict[str, PaperRow] = {

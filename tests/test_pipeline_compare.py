@@ -110,6 +110,22 @@ def test_tables_rows_and_intervals(compared: Path) -> None:
     assert (compared / "external" / "report.html").is_file() and summary["external"][0]["images"] == 20
     assert set(summary["timing"]["methods"]) == {"loris", "riad", "patchcore", "uae", "multitask"}
     assert summary["commit"] and summary["versions"]["anomalib"] and summary["config"]["profile"] == "quick"
+    every = [(r["name"], r["source"]) for r in json.loads((compared / "table1.json").read_text())["rows"]]
+    for ours, paper in [(labels["patchcore"], "PatchCore"), (labels["multitask"], "Multi-task (supervised)")]:
+        assert every[every.index((ours, "ours")) + 1] == (paper, "paper")  # the published row beside ours
+    assert not any(src == "paper" for _, src in ext_rows(compared))  # other data: no published rows
+
+
+def ext_rows(out: Path) -> list[tuple[str, str]]:
+    return [(r["name"], r["source"]) for r in json.loads((out / "external" / "table1.json").read_text())["rows"]]
+
+
+def test_published_rows_name_known_methods() -> None:
+    from evaluation.tables import PAPER_TABLE1
+    from pipeline.compare import method_choices
+    from reconstruction.deviation import MAP_NAMES
+
+    assert set(PAPER_TABLE1) <= set(method_choices()) | set(MAP_NAMES)
 
 
 def test_loris_row_equals_run(compared: Path, tmp_path: Path, cache: Path) -> None:

@@ -22,12 +22,14 @@ import types
 import typing
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal, NamedTuple
 
 import yaml
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+# configs/ of the checkout, or of the installed wheel (pyproject.toml maps it to this package name)
+CONFIG_DIR = Path(str(resources.files("loris_configs")))
 PROFILES = ("quick", "default", "paper")  # the Literal of Config.profile
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,7 +65,7 @@ def validate(root: Path) -> None:
 
 
 def _dataset_folder(path: str | Path) -> Path:
-    root = Path(path)
+    root = Path(os.path.abspath(path))  # a relative --data means the folder under the working directory
     if not (root / "annotations.json").is_file():
         raise FileNotFoundError(f"{root}: not a LoRIS dataset (no annotations.json); see README 'Your own data'")
     validate(root)

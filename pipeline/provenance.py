@@ -22,6 +22,7 @@ PACKAGES = (
     "ultralytics",
     "mmengine",
     "mmcv",
+    "mmcv-lite",
     "mmdet",
     "matplotlib",
     "loris",

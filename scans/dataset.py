@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -14,8 +15,9 @@ from scans.records import Scan, ScanArrays
 
 
 def load_dataset(root: Path | str) -> list[Scan]:
-    """Scans of the dataset folder ``root`` (``annotations.json`` + ``images/``)."""
-    root = Path(root)
+    """Scans of the dataset folder ``root`` (``annotations.json`` + ``images/``), their paths absolute
+    so that a relative ``root`` means the same folder after any later join or change of directory."""
+    root = Path(os.path.abspath(root))
     return load_coco(root / "annotations.json", root)
 
 

@@ -299,3 +299,17 @@ def test_train_then_predict_with_resume(tmp_path: Path, cache: Path) -> None:
     assert all(
         out.resolve() in f.parents or model.resolve() in f.parents or folder.resolve() in f.parents for f in files
     )
+
+
+def test_relative_data_folder_for_run_and_train(tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--data ph`` from the folder holding ``ph/`` is the folder every newcomer types (was '<cwd>/ph/ph/...')."""
+    from scans.phantom import default_dataset
+
+    source = default_dataset(n_images=48, n_distended=16, n_patients=16, size=64, seed=0, progress=False)
+    shutil.copytree(source, tmp_path / "ph")
+    monkeypatch.chdir(tmp_path)
+    common = ["--profile", "quick", "--data", "ph", "--no-progress", *tiny(cache)]
+    assert main(["run", "--detector", "gt", "--out", "run", *common]) == 0
+    assert (tmp_path / "run" / "summary.json").is_file()
+    assert main(["train", "--detector", "gt", "--out", "model", *common]) == 0
+    assert (tmp_path / "model" / "bundle.json").is_file()

@@ -26,6 +26,7 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import IO, Any
 
@@ -65,7 +66,7 @@ DEFAULT_TRAIN: dict[str, Any] = dict(
 
 _PIXEL_MEAN, _PIXEL_STD = 0.5, 0.25  # [0, 1] grayscale -> about [-2, 2]
 
-DEFAULT_CONFIG_FILE = Path(__file__).resolve().parents[2] / "configs" / "detectors" / "codetr.py"
+DEFAULT_CONFIG_FILE = Path(str(resources.files("loris_configs"))) / "detectors" / "codetr.py"
 # Top-level names a codetr config file may define (besides "_" helpers).
 _CONFIG_KEYS = {"model", "image_size", "aux_heads", "train", "max_detections", "device"}
 

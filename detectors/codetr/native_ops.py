@@ -1,7 +1,7 @@
-"""Torch-native stand-ins for the compiled mmcv ops Co-DINO calls, so it runs with an mmcv built without CUDA.
+"""Torch-native stand-ins for the compiled mmcv ops Co-DINO calls, so it runs on mmcv-lite (no kernels at all).
 
-Our mmcv wheel is built with ``FORCE_CUDA=0`` (docs/design.md, "Facts the code relies on", Co-DETR), so
-on CUDA tensors four calls reach a kernel that does not exist:
+LoRIS installs ``mmcv-lite`` (docs/design.md, "mmcv-lite and compiled kernels"); its ``mmcv._ext`` is a
+stand-in (:mod:`detectors.codetr.mmcv_ext`), so every call below must take a torch-native path:
 
 - ``MultiScaleDeformableAttention`` (encoder and decoder) calls ``MultiScaleDeformableAttnFunction``;
   it goes to mmcv's own ``grid_sample`` formulation, the path mmcv already takes on CPU.
@@ -12,9 +12,10 @@ on CUDA tensors four calls reach a kernel that does not exist:
   ``py_sigmoid_focal_loss``, the path mmdet already takes on CPU.
 
 Each is patched at the module-level name its caller looks up at call time, so every instance and
-every importer of ``nms``/``batched_nms`` is covered. Tensors not on the CPU always take the native
-path; on the CPU each op keeps whichever path :data:`CPU_NATIVE` names (measured by
-``python -m detectors.codetr.native_ops``).
+every importer of ``nms``/``batched_nms`` is covered. On the CPU each op keeps whichever path
+:data:`CPU_NATIVE` names when a full mmcv is installed, and always the native one on mmcv-lite. On
+CUDA, a full mmcv built with CUDA runs the ops :data:`CUDA_COMPILED` names with its own kernels
+(the fused kernels mmcv and Co-DETR's authors use); everything else is native.
 
 >>> with native_ops():  # or use_native_ops(), idempotent, for the rest of the process
 ...     native_ops_installed()
@@ -41,6 +42,11 @@ CPU_NATIVE: dict[str, bool] = {
     "nms": True,  # torchvision's is as fast as mmcv's at Co-DETR's proposal counts
 }
 
+# Ops a full mmcv built with CUDA runs with its own kernel on CUDA tensors: a fused kernel against the
+# native path's grid_sample per level (deformable attention) or several elementwise launches (focal
+# loss). RoIAlign and NMS stay on torchvision's CUDA kernels, which are kernels too.
+CUDA_COMPILED: frozenset[str] = frozenset({"ms_deform_attn", "sigmoid_focal_loss"})
+
 # (module, attribute) of each patched name, keyed by op.
 TARGETS: dict[str, tuple[str, str]] = {
     "ms_deform_attn": ("mmcv.ops.multi_scale_deform_attn", "MultiScaleDeformableAttnFunction"),
@@ -55,8 +61,12 @@ NATIVE_CALLS: Counter[str] = Counter()  # calls that took the native path, per o
 
 
 def _native(t: Tensor, op: str) -> bool:
-    """Whether ``op`` on ``t`` takes the native path (always off the CPU); counts it in :data:`NATIVE_CALLS`."""
-    if t.is_cuda or t.device.type != "cpu":
+    """Whether ``op`` on ``t`` takes the native path; counts it in :data:`NATIVE_CALLS`."""
+    from detectors.codetr.mmcv_ext import compiled_cuda_ops, compiled_ops
+
+    if t.is_cuda:
+        native = not (op in CUDA_COMPILED and compiled_cuda_ops())
+    elif t.device.type != "cpu" or not compiled_ops():
         native = True
     else:
         native = CPU_NATIVE[op] if _cpu == "measured" else _cpu == "native"
@@ -267,7 +277,9 @@ def benchmark(repeats: int = 20, threads: int = 1) -> dict[str, float]:
         def timed(fn: Callable[[], None]) -> float:
             return median_seconds(fn, repeats=repeats, warmup=2)
 
-        paths: tuple[CpuPath, ...] = ("compiled", "native")
+        from detectors.codetr.mmcv_ext import compiled_ops
+
+        paths: tuple[CpuPath, ...] = ("compiled", "native") if compiled_ops() else ("native",)
         for path in paths:
             with native_ops(cpu=path):
                 if path == "native":

@@ -52,6 +52,7 @@ class PhantomConfig:
     distended: Annotated[int, Range(0)]
     patients: Annotated[int, Range(1)]
     size: Annotated[int, Range(8)]
+    appearance: Literal["anechoic", "echogenic", "mixed"]
 
 
 @dataclass(frozen=True)

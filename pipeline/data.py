@@ -86,6 +86,7 @@ def dataset_root(data: str | None, phantom: PhantomConfig, seed: int, progress: 
         size=phantom.size,
         seed=seed,
         progress=progress,
+        appearance=phantom.appearance,
     )
     validate(root)  # a cached phantom is a folder like any other: it may have been edited
     return root

@@ -25,6 +25,19 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="negative control: distended scans keep their label and pocket mask but are rendered without the pocket",
     )
+    ph.add_argument(
+        "--appearance",
+        choices=("anechoic", "echogenic", "mixed"),
+        default="anechoic",
+        help="what fills the pockets: anechoic fluid (default, phantom v4), echogenic blood, or fluid with clots "
+        "and synovial thickening (scans/phantom.py APPEARANCES)",
+    )
+    ph.add_argument(
+        "--twins",
+        action="store_true",
+        help="also write twins/: each image's pocket-free twin with fresh speckle (the ideal inpainter); "
+        "when --out already holds this seed's phantom, write only its twins",
+    )
     from scans.importers import FORMATS
 
     imp = sub.add_parser(
@@ -52,19 +65,25 @@ def main(argv: list[str] | None = None) -> int:
         return _import(args)
 
     if args.command == "phantom":
-        from scans.phantom import generate_dataset
+        from scans.phantom import generate_dataset, write_twins
 
-        out = generate_dataset(
-            args.out,
-            n_images=args.images,
-            n_distended=args.distended,
-            n_patients=args.patients,
-            size=args.size,
-            seed=args.seed,
-            null=args.null,
-        )
+        if args.twins and (args.out / "annotations.json").is_file():
+            print(f"wrote {write_twins(args.out, args.seed)}")
+            out = args.out
+        else:
+            out = generate_dataset(
+                args.out,
+                n_images=args.images,
+                n_distended=args.distended,
+                n_patients=args.patients,
+                size=args.size,
+                seed=args.seed,
+                null=args.null,
+                appearance=args.appearance,
+                twins=args.twins,
+            )
+            print(f"wrote {out}")
         args.dir = out
-        print(f"wrote {out}")
     problems = check_dataset(args.dir)
     if problems:
         for p in problems:

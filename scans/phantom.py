@@ -47,6 +47,19 @@ boxes and masks, but each distended scan is rendered without its pocket, i.e. ex
 normal scan its stream would draw (every random draw is made whatever the class); its mask is
 where the pocket would have been.
 
+Appearance (``appearance``, ``python -m scans phantom --appearance``, config ``phantom.appearance``):
+what fills a pocket. ``anechoic`` (the default) is the above, byte for byte as phantom v4 made it;
+``echogenic`` fills it with low-to-mid-level, coarse, heterogeneous echoes (acute haemarthrosis,
+``ECHOGENIC_*``); ``mixed`` keeps the anechoic fluid with echogenic clots and synovial thickening
+along the walls (``MIXED_*``). Their extra draws come from a separate stream (``[seed, 3, i]``),
+so labels, boxes, masks, splits and every normal scan are identical across appearances; a
+distended scan differs only inside its recess and the few pixels the point-spread function
+blurs around it. The appearance joins the cache key only when it is not the default.
+
+Pocket-free twins (:func:`dataset_twins`, :func:`twins_of`, ``--twins``): each image re-rendered
+from its own stream without its pocket (as the null control draws it) but with fresh speckle,
+the ideal inpainting of the scan for an "ideal-inpainter ceiling".
+
 Distended scans spread over patients: a heavy-tailed propensity per patient, capped by
 :func:`distended_cap` (at most 6 of the 123 distended images per patient by default).
 
@@ -97,6 +110,42 @@ ASSIGN_PROPENSITY_SHAPE = 0.25
 # Half-width of the recess's end taper (fraction of the width): short, so the thin line's end, and
 # the box's side, stay visible in speckle.
 RECESS_END_RAMP = 0.008
+
+# Appearance of the effusion (``appearance``). "anechoic" is phantom v4's pocket, unchanged; the
+# others model haemarthrosis. Fixed once from its clinical descriptions, not tuned against any
+# method's results. Levels are fractions of the mean backscatter amplitude of the patient's
+# suprapatellar fat pad (the soft tissue around the recess); anechoic fluid is 0.03-0.18 of it (5th-95th
+# percentiles; median 0.07, -24 dB).
+APPEARANCES = ("anechoic", "echogenic", "mixed")
+# echogenic: acute haemarthrosis fills the recess with low-to-mid-level echoes, hypoechoic to the
+# fat pad (0.5 = -6 dB) yet far from the black of simple fluid.
+ECHOGENIC_LEVEL = 0.5
+# echogenic, mixed: lateral and axial correlation lengths (output pixels) of the blood's own
+# texture, coarser than the fat lobules (2.5 x 1.6) and the speckle grain: clumped cells, fibrin.
+ECHOGENIC_GRAIN = (4.0, 2.0)
+# echogenic, mixed: log-amplitude sd of that texture, as heterogeneous as the fat lobules (0.6):
+# clotting blood is heterogeneous, not a uniform grey.
+ECHOGENIC_TEXTURE_SD = 0.6
+# mixed: clots per pocket (uniform integer in this range): a few clots in otherwise anechoic blood.
+MIXED_CLOTS = (1, 3)
+# mixed: fresh clot is echogenic, nearly isoechoic to the fat pad (0.8 = -2 dB).
+MIXED_CLOT_LEVEL = 0.8
+# mixed: clot half-length along the recess and half-height, as fractions of the local pocket
+# thickness: rounded-to-elongated clumps, small beside the pocket.
+MIXED_CLOT_LENGTH = (0.3, 1.0)
+MIXED_CLOT_HEIGHT = (0.15, 0.3)
+# mixed: clots settle in the deeper (dependent, supine) part: centre this far down the pocket.
+MIXED_CLOT_DEPTH = (0.4, 0.8)
+# mixed: synovial thickening lining both walls, this fraction of the local pocket thickness on
+# each wall, capped at MIXED_SYNOVIUM_MAX of the image height, irregular (villous) along the wall.
+# With the clots, about a third of a pocket is echogenic and the fluid stays the larger part.
+MIXED_SYNOVIUM_SHARE = 0.1
+MIXED_SYNOVIUM_MAX = 0.02
+# mixed: hypertrophied synovium is abnormal hypoechoic tissue lining the recess (0.6 = -4.4 dB).
+MIXED_SYNOVIUM_LEVEL = 0.6
+
+# Log-amplitude sd of the fat lobules' texture (fat layers and pads).
+LOBULE_SD = 0.6
 
 # Layer labels, top to bottom.
 GEL, SKIN, FAT, TENDON, SPFAT, RECESS, PFFAT, BONE = range(8)
@@ -385,8 +434,59 @@ def scan_geometry(
     )
 
 
+def _pocket_content(
+    rng: np.random.Generator,
+    appearance: str,
+    amp: np.ndarray,
+    in_recess: np.ndarray,
+    u: np.ndarray,
+    v: np.ndarray,
+    roof: np.ndarray,
+    floor: np.ndarray,
+    pad_mean: float,
+) -> None:
+    """Fill a distended recess (``in_recess``, at the oversampled grid) of ``amp`` in place with
+    the ``appearance``'s echoes (see ``APPEARANCES``); every draw comes from ``rng``."""
+    hr, wr = amp.shape
+    sd = ECHOGENIC_TEXTURE_SD
+    grain = _texture(rng, (hr, wr), sx=ECHOGENIC_GRAIN[0], sy=ECHOGENIC_GRAIN[1] * OVERSAMPLE, scale=2)
+    level = pad_mean * np.exp(sd * grain - 0.5 * sd * sd)  # mean 1 x the fat pad's mean amplitude
+    if appearance == "echogenic":
+        amp[in_recess] = ECHOGENIC_LEVEL * level[in_recess]
+        return
+    # mixed: anechoic fluid (left as it is), synovial thickening along both walls, a few clots.
+    thick = np.clip(floor - roof, 0.0, None)
+    lining = np.minimum(MIXED_SYNOVIUM_SHARE * thick, MIXED_SYNOVIUM_MAX)
+    lining = lining * (1 + 0.5 * _smooth_noise_1d(rng, wr, wr / 30)).clip(0.0)
+    synovium = in_recess & ((u < (roof + lining)[None, :]) | (u > (floor - lining)[None, :]))
+    clot = np.zeros_like(in_recess)
+    cols = in_recess.any(axis=0)
+    weight = thick * cols
+    edge = _texture(rng, (hr, wr), sx=2.0, sy=1.0 * OVERSAMPLE, scale=2)
+    for _ in range(int(rng.integers(MIXED_CLOTS[0], MIXED_CLOTS[1] + 1))):
+        if weight.sum() <= 0:
+            break
+        c = int(rng.choice(wr, p=weight / weight.sum()))
+        t = float(thick[c])
+        cx, cy = v[c], roof[c] + t * rng.uniform(*MIXED_CLOT_DEPTH)
+        rx, ry = t * rng.uniform(*MIXED_CLOT_LENGTH), t * rng.uniform(*MIXED_CLOT_HEIGHT)
+        d = ((v[None, :] - cx) / max(rx, 1e-6)) ** 2 + ((u - cy) / max(ry, 1e-6)) ** 2
+        clot |= d < 1.0 + 0.3 * edge  # irregular outline
+    clot &= in_recess
+    amp[synovium] = MIXED_SYNOVIUM_LEVEL * level[synovium]
+    amp[clot] = MIXED_CLOT_LEVEL * level[clot]
+
+
 def render_scan(
-    rng: np.random.Generator, anatomy: PatientAnatomy, severity: float, size: int, null: bool = False
+    rng: np.random.Generator,
+    anatomy: PatientAnatomy,
+    severity: float,
+    size: int,
+    null: bool = False,
+    *,
+    appearance: str = "anechoic",
+    appearance_rng: np.random.Generator | None = None,
+    speckle_rng: np.random.Generator | None = None,
 ) -> RenderedScan:
     """Render one scan. ``severity`` 0 is a normal recess; (0, 1] a distended one of growing size.
 
@@ -394,11 +494,24 @@ def render_scan(
     (curves, box, masks) is :func:`scan_geometry`'s; ``null`` renders a distended scan without
     its pocket (see there).
 
+    ``appearance`` (one of ``APPEARANCES``) is what fills a rendered pocket: ``anechoic`` (phantom
+    v4), ``echogenic`` (low-to-mid-level heterogeneous echoes, ``ECHOGENIC_*``) or ``mixed``
+    (anechoic fluid with clots and synovial thickening, ``MIXED_*``). The extra draws come from
+    ``appearance_rng`` (default: spawned from ``rng``, which it does not advance), so ``rng``'s
+    stream, and every normal or ``null`` scan, is the same whatever the appearance.
+
+    ``speckle_rng`` draws the scatterers (the speckle) instead of ``rng``, which still makes every
+    draw: a fresh speckle realisation of the same scan (see :func:`dataset_twins`).
+
     >>> a = sample_anatomy(np.random.default_rng(0))
     >>> s = render_scan(np.random.default_rng(1), a, 0.0, 64)
     >>> bool(s.pocket.any()), s.box[3] > s.box[1]
     (False, True)
+    >>> e = render_scan(np.random.default_rng(1), a, 0.0, 64, appearance="echogenic")
+    >>> bool(np.array_equal(e.image, s.image))  # a normal scan has no pocket to fill
+    True
     """
+    _check_appearance(appearance)
     a = anatomy
     g = scan_geometry(rng, anatomy, severity, size, null)
     # Oversampled axially only: axial speckle is finer than lateral, and this halves the cost.
@@ -446,9 +559,14 @@ def render_scan(
     fib = cv2.remap(fib, mapx, mapy, interpolation=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
     # Fat lobules: blobby log-normal echogenicity.
     lob = _texture(rng, (hr, wr), sx=2.5, sy=1.6 * OVERSAMPLE, scale=2)
-    tex = np.where(label == TENDON, 0.75 * fib, 0.6 * lob)
+    tex = np.where(label == TENDON, 0.75 * fib, LOBULE_SD * lob)
     tex = np.where(label == BONE, 0.0, tex)
     amp = echo[label] * np.exp(tex)
+    if g.rendered_pocket and appearance != "anechoic":
+        pad_mean = float(a.pad_echo * np.exp(0.5 * LOBULE_SD**2))  # the fat pad's mean (lognormal lobules)
+        if appearance_rng is None:
+            appearance_rng = rng.spawn(1)[0]
+        _pocket_content(appearance_rng, appearance, amp, label == RECESS, u, v, roof, floor, pad_mean)
 
     # Specular interfaces: coherent (unspeckled) bright lines after the PSF.
     spec = np.zeros((hr, wr), dtype=np.float32)
@@ -502,6 +620,8 @@ def render_scan(
     # Speckle: complex scatterers -> anisotropic baseband PSF -> envelope. Scatterers are
     # scaled by the PSF's norm so that ``amp`` is the mean speckle amplitude after blurring.
     n = rng.standard_normal((2, hr, wr), dtype=np.float32)
+    if speckle_rng is not None:
+        n = speckle_rng.standard_normal((2, hr, wr), dtype=np.float32)
     if g.rendered_pocket and debris < 0.5:
         # Faint internal echoes (debris, clot) scattered in the pocket: the stream's last draw.
         r0 = max(int(roof.min() * hr) - 1, 0)
@@ -586,6 +706,27 @@ def _image_draws(seed: int, i: int, distended: bool) -> tuple[np.random.Generato
     return rng, severity
 
 
+def _appearance_rng(seed: int, i: int) -> np.random.Generator:
+    """Image ``i``'s stream for the pocket's content (non-default appearances only)."""
+    return np.random.default_rng([seed, 3, i])
+
+
+def _check_appearance(appearance: str) -> None:
+    if appearance not in APPEARANCES:
+        raise ValueError(f"appearance must be one of {'|'.join(APPEARANCES)}, got {appearance!r}")
+
+
+def _to_8bit(image: np.ndarray) -> np.ndarray:
+    return np.round(image * 255.0).astype(np.uint8)
+
+
+def _twin(seed: int, i: int, anatomy: PatientAnatomy, distended: bool, size: int, draw: int) -> np.ndarray:
+    """Image ``i``'s pocket-free twin (8-bit): its stream rendered as ``null`` with fresh speckle."""
+    rng, severity = _image_draws(seed, i, distended)
+    speckle = np.random.default_rng([seed, 4, i, draw])
+    return _to_8bit(render_scan(rng, anatomy, severity, size, null=True, speckle_rng=speckle).image)
+
+
 def dataset_geometry(
     n_images: int = 483,
     n_distended: int = 123,
@@ -623,12 +764,18 @@ def generate_dataset(
     seed: int = 0,
     progress: bool = True,
     null: bool = False,
+    appearance: str = "anechoic",
+    twins: bool = False,
 ) -> Path:
     """Write a phantom dataset folder (``images/``, ``annotations.json``, ``splits.json``).
 
     ``null`` writes the negative control: the same dataset (same streams, labels, boxes and
     masks) but every distended scan rendered without its pocket, i.e. as a normal scan; its
     mask is where the pocket would have been. Normal scans are identical in both.
+
+    ``appearance`` fills the pockets (see :func:`render_scan`); only the distended scans'
+    pixels change with it (labels, boxes, masks, splits and normal scans are the same).
+    ``twins`` also writes ``twins/`` (see :func:`dataset_twins`), with the images' file names.
 
     Built in a temporary sibling folder and renamed into place, so a killed run leaves no
     half dataset. Refuses a non-empty existing ``out``.
@@ -645,9 +792,12 @@ def generate_dataset(
         raise ValueError(f"n_patients must be in [1, n_images={n_images}], got {n_patients}")
     if size < 32:
         raise ValueError(f"size must be at least 32, got {size}")
+    _check_appearance(appearance)
     _check_out(out)
     with building_folder(out, "tmp") as tmp:
         (tmp / "images").mkdir()
+        if twins:
+            (tmp / "twins").mkdir()
         patient, distended, anatomies = _plan(n_images, n_distended, n_patients, seed)
         width = len(str(n_patients))
         scans: list[Scan] = []
@@ -658,9 +808,19 @@ def generate_dataset(
             it = tqdm(it, desc="phantom", unit="img", file=sys.stderr)
         for i in it:
             rng, severity = _image_draws(seed, i, bool(distended[i]))
-            r = render_scan(rng, anatomies[patient[i]], severity, size, null)
+            r = render_scan(
+                rng,
+                anatomies[patient[i]],
+                severity,
+                size,
+                null,
+                appearance=appearance,
+                appearance_rng=_appearance_rng(seed, i),
+            )
             path = tmp / "images" / f"{i + 1:04d}.png"
-            write_png(path, np.round(r.image * 255.0).astype(np.uint8))
+            write_png(path, _to_8bit(r.image))
+            if twins:
+                write_png(tmp / "twins" / path.name, _twin(seed, i, anatomies[patient[i]], bool(distended[i]), size, 0))
             mask = r.pocket if distended[i] else r.recess
             scans.append(
                 Scan(
@@ -697,14 +857,19 @@ def dataset_key(
     size: int = 256,
     seed: int = 0,
     null: bool = False,
+    appearance: str = "anechoic",
 ) -> str:
-    """Cache key naming the generator version and every parameter.
+    """Cache key naming the generator version and every parameter; the appearance only when it is
+    not the default (the keys of existing anechoic datasets stay the same).
 
-    >>> dataset_key(), dataset_key(null=True)
-    ('v4-n483-d123-p60-s256-seed0', 'v4-n483-d123-p60-s256-seed0-null')
+    >>> dataset_key(), dataset_key(null=True), dataset_key(appearance="mixed")
+    ('v4-n483-d123-p60-s256-seed0', 'v4-n483-d123-p60-s256-seed0-null', 'v4-n483-d123-p60-s256-seed0-mixed')
     """
-    return f"v{GENERATOR_VERSION}-n{n_images}-d{n_distended}-p{n_patients}-s{size}-seed{seed}" + (
-        "-null" if null else ""
+    _check_appearance(appearance)
+    return (
+        f"v{GENERATOR_VERSION}-n{n_images}-d{n_distended}-p{n_patients}-s{size}-seed{seed}"
+        + (f"-{appearance}" if appearance != "anechoic" else "")
+        + ("-null" if null else "")
     )
 
 
@@ -717,27 +882,129 @@ def default_dataset(
     seed: int = 0,
     progress: bool = True,
     null: bool = False,
+    appearance: str = "anechoic",
 ) -> Path:
     """The default dataset: generated on first use into the cache (see :func:`cache_root`), then reused.
-    ``null`` gives the negative control (see :func:`generate_dataset`).
+    ``null`` gives the negative control, ``appearance`` the pockets' content (see :func:`generate_dataset`).
 
     >>> import tempfile
     >>> d = default_dataset(tempfile.mkdtemp(), n_images=12, n_distended=3, n_patients=6, size=64, progress=False)
     >>> d.name, (d / "annotations.json").is_file()
     ('v4-n12-d3-p6-s64-seed0', True)
     """
-    target = cache_root(cache_dir) / dataset_key(n_images, n_distended, n_patients, size, seed, null)
+    target = cache_root(cache_dir) / dataset_key(n_images, n_distended, n_patients, size, seed, null, appearance)
     if (target / "annotations.json").is_file() and (target / "splits.json").is_file():
         return target
     if progress:
         print(f"generating the phantom dataset into {target} (first use only)", file=sys.stderr)
     try:
-        return generate_dataset(target, n_images, n_distended, n_patients, size, seed, progress, null)
+        return generate_dataset(target, n_images, n_distended, n_patients, size, seed, progress, null, appearance)
     except FileExistsError:
         # Another process finished the same dataset first; the rename makes it complete.
         if (target / "annotations.json").is_file():
             return target
         raise
+
+
+# ----------------------------------------------------------------------------------------
+# Pocket-free twins (the ideal inpainter)
+
+
+def dataset_twins(
+    n_images: int = 483,
+    n_distended: int = 123,
+    n_patients: int = 60,
+    size: int = 256,
+    seed: int = 0,
+    draw: int = 0,
+    progress: bool = False,
+) -> dict[str, np.ndarray]:
+    """Each image's pocket-free twin: what an ideal inpainter could return for the dataset that
+    :func:`generate_dataset` makes of these parameters (of any ``null`` or ``appearance``).
+
+    A twin is its scan's own stream (anatomy, probe jitter, gain, tissue textures, box) rendered
+    without the pocket, i.e. as the ``null`` control draws it (the recess a normal knee would
+    show there, the soft tissue not lifted), with a fresh speckle (scatterer) draw: stream
+    ``[seed, 4, i, draw]``. A normal scan's twin is the same scan with fresh speckle. Keys are
+    the images' ``file_name`` in ``annotations.json`` (``images/0001.png`` ...), in its order;
+    values float32 ``[size, size]`` in [0, 1] on the 8-bit grid of the images (what ``twins/``
+    PNGs hold, see :func:`write_twins`). Deterministic in the parameters and ``draw``.
+
+    >>> t = dataset_twins(12, 3, 6, size=64)
+    >>> list(t)[:2], t["images/0001.png"].shape, t["images/0001.png"].dtype
+    (['images/0001.png', 'images/0002.png'], (64, 64), dtype('float32'))
+    """
+    patient, distended, anatomies = _plan(n_images, n_distended, n_patients, seed)
+    it = range(n_images)
+    if progress:
+        from tqdm import tqdm
+
+        it = tqdm(it, desc="twins", unit="img", file=sys.stderr)
+    return {
+        f"images/{i + 1:04d}.png": _twin(seed, i, anatomies[patient[i]], bool(distended[i]), size, draw).astype(
+            np.float32
+        )
+        / np.float32(255.0)
+        for i in it
+    }
+
+
+def _composition(root: Path, seed: int) -> tuple[int, int, int, int]:
+    """``(n_images, n_distended, n_patients, size)`` of the phantom folder ``root``, checked: its
+    labels, patients and boxes must be those the phantom of ``seed`` draws."""
+    doc = json.loads((root / "annotations.json").read_text())
+    images = sorted(doc["images"], key=lambda im: im["id"])
+    n = len(images)
+    comp = (
+        n,
+        sum(bool(im["distended"]) for im in images),
+        len({im["patient_id"] for im in images}),
+        images[0]["width"],
+    )
+    why = ""
+    if [im["id"] for im in images] != list(range(1, n + 1)) or any(
+        im["file_name"] != f"images/{im['id']:04d}.png" for im in images
+    ):
+        why = "its ids and file names are not a phantom's"
+    else:
+        patient, distended, geoms = dataset_geometry(*comp, seed=seed)
+        boxes = {a["image_id"]: a["bbox"] for a in doc["annotations"]}
+        for i, im in enumerate(images):
+            x, y, w, h = boxes.get(im["id"], (np.nan,) * 4)
+            if bool(im["distended"]) != bool(distended[i]) or not np.allclose(
+                (x, y, x + w, y + h), geoms[i].box, atol=0.02
+            ):
+                why = f"image {im['id']} differs (label or box)"
+                break
+    if why:
+        raise ValueError(f"{root}: not the phantom of seed {seed} ({why}); twins need the seed it was made with")
+    return comp
+
+
+def twins_of(root: Path | str, seed: int, draw: int = 0, progress: bool = False) -> dict[str, np.ndarray]:
+    """The pocket-free twins (:func:`dataset_twins`) of the phantom folder ``root`` made with ``seed``:
+    the composition is read from its ``annotations.json``, which must match the seed's phantom
+    (labels and boxes; ``ValueError`` otherwise). Works for any ``null`` or ``appearance``."""
+    return dataset_twins(*_composition(Path(root), seed), seed=seed, draw=draw, progress=progress)
+
+
+def write_twins(root: Path | str, seed: int, draw: int = 0, progress: bool = False) -> Path:
+    """Write the twins of the phantom folder ``root`` (made with ``seed``) as 8-bit PNGs into
+    ``root/twins/`` with the images' names (atomically; refuses an existing non-empty ``twins/``)."""
+    root = Path(root)
+    out = root / "twins"
+
+    def check() -> None:
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise FileExistsError(f"{out} already exists and is not empty; remove it to write the twins again")
+
+    check()
+    twins = twins_of(root, seed, draw, progress)
+    with building_folder(out, "tmp") as tmp:
+        for name, image in twins.items():
+            write_png(tmp / Path(name).name, _to_8bit(image))
+        check()
+    return out
 
 
 def summary(root: Path | str) -> dict[str, float]:

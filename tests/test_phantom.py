@@ -1,11 +1,15 @@
 """The synthetic knee-ultrasound phantom: determinism, annotations, splits, atomicity, statistics,
-class-free boxes, annotator noise, the patient spread of distension and the ``null`` control."""
+class-free boxes, annotator noise, the patient spread of distension, the ``null`` control, the
+pockets' appearances and the pocket-free twins."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 
@@ -22,6 +26,7 @@ from scans.phantom import (
     render_scan,
     sample_anatomy,
     scan_geometry,
+    twins_of,
 )
 from scans.readers import read_image
 from scans.records import box_mask
@@ -214,3 +219,136 @@ def test_null_dataset_and_cli(dataset: Path, tmp_path: Path) -> None:
             assert np.array_equal(ia, ib)  # normal scans are identical in the control
     assert np.mean(inside_null) > np.mean(inside_real) + 0.1
     assert dataset_key(seed=3, null=True).endswith("-seed3-null") and dataset_key().startswith("v4-")
+
+
+# ----------------------------------------------------------------------------------------
+# Appearances and twins
+
+# Digest (pixels of every image, annotations.json, splits.json) of generate_dataset(12, 4, 6,
+# size=64, seed=11), computed with the generator as it was before appearances existed: the
+# default (anechoic) phantom must never change (dataset fingerprints and cached models hang on it).
+PHANTOM_V4_DIGEST = "43e965a9797bfeb642654fb76d4ee694fad52d339ff1adfa40444fbd50c2dc4a"
+
+
+def _digest(root: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            h.update(p.relative_to(root).as_posix().encode())
+            # decoded pixels, not PNG bytes: the encoder's version may change the bytes, not the image
+            h.update(cv2.imread(str(p), cv2.IMREAD_UNCHANGED).tobytes() if p.suffix == ".png" else p.read_bytes())
+    return h.hexdigest()
+
+
+def test_default_appearance_is_phantom_v4(tmp_path: Path) -> None:
+    root = generate_dataset(tmp_path / "pin", 12, 4, 6, size=64, seed=11, progress=False, appearance="anechoic")
+    assert _digest(root) == PHANTOM_V4_DIGEST
+    assert dataset_key(appearance="anechoic") == dataset_key() == "v4-n483-d123-p60-s256-seed0"
+    assert dataset_key(appearance="echogenic", null=True) == "v4-n483-d123-p60-s256-seed0-echogenic-null"
+    with pytest.raises(ValueError, match="appearance"):
+        dataset_key(appearance="grey")
+
+
+def _recess_distance(g: phantom.ScanGeometry) -> np.ndarray:
+    """Distance (output pixels) of every pixel from the rendered recess of geometry ``g``."""
+    rows = (np.arange(S) + 0.5)[:, None] / S
+    recess = (rows >= g.roof[None, :] - 0.5 / S) & (rows <= g.floor[None, :] + 0.5 / S) & (g.taper > 0)[None, :]
+    return cv2.distanceTransform((~recess).astype(np.uint8), cv2.DIST_L2, 5)
+
+
+def test_appearances_change_only_the_pockets(dataset: Path, tmp_path: Path) -> None:
+    other = {
+        a: generate_dataset(tmp_path / a, N, D, P, size=S, seed=3, progress=False, appearance=a)
+        for a in ("echogenic", "mixed")
+    }
+    _, _, geoms = dataset_geometry(N, D, P, S, seed=3)
+    means: dict[str, list[float]] = {"anechoic": [], "echogenic": [], "mixed": []}
+    for root in other.values():
+        for name in ("annotations.json", "splits.json"):
+            assert (root / name).read_bytes() == (dataset / name).read_bytes()
+    for s, g in zip(load_coco(dataset / "annotations.json", dataset), geoms):
+        base = read_image(s.path)
+        if not s.distended:  # normal scans: byte-identical whatever the appearance
+            assert all((root / "images" / s.path.name).read_bytes() == s.path.read_bytes() for root in other.values())
+            continue
+        pocket = s.anomaly_mask()
+        means["anechoic"].append(base[pocket].mean())
+        for a, root in other.items():
+            img = read_image(root / "images" / s.path.name)
+            changed = img != base
+            # only inside the recess, plus the point-spread function's blur around it
+            assert changed.any() and _recess_distance(g)[changed].max() <= 6
+            means[a].append(img[pocket].mean())
+    ane, echo, mixed = (np.array(means[a]) for a in ("anechoic", "echogenic", "mixed"))
+    assert (echo > ane + 0.05).all() and echo.mean() > ane.mean() + 0.12
+    assert (mixed > ane).all() and mixed.mean() < echo.mean()  # clots and synovium in darker fluid
+
+
+def test_appearance_draws_leave_the_stream_alone() -> None:
+    anatomy = sample_anatomy(np.random.default_rng([9, 0]))
+    states, images = [], {}
+    for a in phantom.APPEARANCES:
+        rng = np.random.default_rng(1)
+        images[a] = render_scan(rng, anatomy, 0.6, 64, appearance=a).image
+        states.append(rng.bit_generator.state["state"])
+        for severity, null in ((0.0, False), (0.6, True)):  # nothing to fill: the same image
+            ref = render_scan(np.random.default_rng(1), anatomy, severity, 64, null)
+            assert np.array_equal(
+                render_scan(np.random.default_rng(1), anatomy, severity, 64, null, appearance=a).image, ref.image
+            )
+    assert states[0] == states[1] == states[2]
+    assert not np.array_equal(images["anechoic"], images["echogenic"])
+    assert not np.array_equal(images["echogenic"], images["mixed"])
+    with pytest.raises(ValueError, match="appearance"):
+        render_scan(np.random.default_rng(1), anatomy, 0.6, 64, appearance="grey")
+
+
+def _smooth_corr(a: np.ndarray, b: np.ndarray) -> float:
+    blur = lambda x: cv2.GaussianBlur(x, (0, 0), 2.0).ravel()  # noqa: E731
+    return float(np.corrcoef(blur(a), blur(b))[0, 1])
+
+
+def test_twins_are_the_scans_without_pocket_with_fresh_speckle(dataset: Path, tmp_path: Path) -> None:
+    twins = twins_of(dataset, seed=3)
+    scans = load_coco(dataset / "annotations.json", dataset)
+    assert list(twins) == [s.path.relative_to(dataset).as_posix() for s in scans]
+    null = generate_dataset(tmp_path / "null", N, D, P, size=S, seed=3, progress=False, null=True)
+    gaps = []
+    for s in scans:
+        img, twin = read_image(s.path), twins[s.path.relative_to(dataset).as_posix()]
+        assert twin.shape == img.shape and twin.dtype == np.float32
+        assert not np.array_equal(twin, img)  # fresh speckle
+        if not s.distended:  # the same scan but for its speckle
+            assert _smooth_corr(img, twin) > 0.97
+            continue
+        # The pocket-free scan (the null control's, same stream) but for its speckle: no dark pocket.
+        pocket, without = s.anomaly_mask(), read_image(null / "images" / s.path.name)
+        assert _smooth_corr(without, twin) > 0.97
+        assert abs(twin[pocket].mean() - without[pocket].mean()) < 0.05
+        gaps.append(twin[pocket].mean() - img[pocket].mean())
+    assert min(gaps) > 0.05 and np.mean(gaps) > 0.12
+    # Twins hang on the seed and the composition only: any appearance's dataset has the same.
+    of_null = twins_of(null, seed=3)
+    assert all(np.array_equal(of_null[k], v) for k, v in twins.items())
+    assert not np.array_equal(
+        phantom.dataset_twins(N, D, P, S, seed=3, draw=1)["images/0001.png"], twins["images/0001.png"]
+    )
+    with pytest.raises(ValueError, match="not the phantom of seed 4"):
+        twins_of(dataset, seed=4)
+
+
+def test_twins_cli_and_generate(dataset: Path, tmp_path: Path) -> None:
+    comp = ["--images", str(N), "--distended", str(D), "--patients", str(P), "--size", str(S), "--seed", "3"]
+    out = tmp_path / "ph"
+    assert scans_main(["phantom", "--out", str(out), "--appearance", "mixed", "--twins", *comp]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["annotations.json", "images", "splits.json", "twins"]
+    copy = Path(shutil.copytree(dataset, tmp_path / "copy"))
+    # An existing phantom folder: --twins writes its twins only.
+    assert scans_main(["phantom", "--out", str(copy), "--twins", "--seed", "3"]) == 0
+    twins = twins_of(dataset, seed=3)
+    for name, twin in twins.items():
+        png = Path(name).name
+        assert (out / "twins" / png).read_bytes() == (copy / "twins" / png).read_bytes()
+        assert np.array_equal(read_image(out / "twins" / png), twin)
+    with pytest.raises(FileExistsError, match="twins"):
+        phantom.write_twins(copy, seed=3)

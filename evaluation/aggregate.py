@@ -19,7 +19,7 @@ from evaluation.results import FoldResult, json_safe
 
 RIAD = "riad"
 # Order of the LoRIS deviation metrics in tables and summaries; unknown names follow.
-METHOD_ORDER = ("msgmsd", "dd", "gmsd", "ssim")
+METHOD_ORDER = ("msgmsd_c170", "msgmsd", "dd", "gmsd", "ssim")
 
 
 def ordered_methods(names: Sequence[str]) -> list[str]:

@@ -31,7 +31,7 @@ from evaluation.results import GROUND_TRUTH
 METRICS = ("i_auroc", "p_auroc", "dice_oracle", "dice_oracle_post", "dice_val", "precision", "map50", "map75")
 LEVEL = 0.95
 NO_PRIOR = "none"  # source of methods that use no location prior (RIAD)
-LORIS_MAPS = ("msgmsd", "dd", "gmsd", "ssim")
+LORIS_MAPS = ("msgmsd_c170", "msgmsd", "dd", "gmsd", "ssim")  # LoRIS-IB's score map first
 # Where a fold's weights come from: [seed, fold, WEIGHTS_STREAM]; an external set: [seed, EXTERNAL_STREAM].
 WEIGHTS_STREAM = 7
 EXTERNAL_STREAM = 99

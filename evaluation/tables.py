@@ -100,6 +100,7 @@ PAPER_TABLE2: dict[str, PaperRow] = {
 }
 METHOD_NAMES = {
     RIAD: "RIAD (ours, multi-mask baseline)",
+    "msgmsd_c170": "LoRIS-IB (MSGMSD, GMSD's c)",
     "msgmsd": "LoRIS+MSGMSD",
     "dd": "LoRIS+DD",
     "gmsd": "LoRIS+GMSD",

@@ -153,6 +153,7 @@ def bundle_doc(cfg: Config, policy: PriorPolicy, t: Thresholds) -> dict[str, Any
             "pooling": s.pooling,
             "region": s.region,
             "topk_fraction": s.topk_fraction,
+            "inset": s.inset,
             "validation": t.operating,
         },
         "segmentation": {
@@ -348,6 +349,7 @@ class Bundle:
             region=s["region"],
             topk_fraction=s["topk_fraction"],
             margin=float(d.get("mask_margin", 0.0)),
+            inset=float(s.get("inset", 0.0)),  # bundles made before the inset pool the whole box
         )
         g = d["segmentation"]
         heat = rec.maps[g["map"]]

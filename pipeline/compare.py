@@ -48,7 +48,7 @@ from scans.runtime import Stopwatch, resolve_device, set_threads
 
 LORIS = "loris"
 PEER_DIR = "compare"  # per fold: <method>.json (written last) and <method>.npz
-PEER_BUDGETS = {"quick": "quick", "default": "default", "paper": "paper"}  # profile -> the peers' named budget
+PEER_BUDGETS = {"quick": "quick", "default": "default", "faithful": "default", "paper": "paper"}  # profile -> the peers' named budget
 Reps = dict[str, np.ndarray]
 Scored = tuple[dict[str, float], Reps]  # one method's metrics and bootstrap replicates on one set
 
@@ -220,13 +220,16 @@ def peer_fold(task: FoldTask, fo: FoldOutput, job: PeerJob) -> MethodFold:
     watch = Stopwatch()
     with watch("predict"):
         # prior-guided peers score inside the ground-truth box (the upper baseline, as LoRIS's gt rows)
-        val_out, test_out = predict_peer(peer, val.images, val.boxes), predict_peer(peer, test.images, test.boxes)
+        # and pool as LoRIS pools (score.inset), so the table compares methods, not pooling rules
+        inset = task.cfg.score.inset
+        val_out = predict_peer(peer, val.images, val.boxes, inset=inset)
+        test_out = predict_peer(peer, test.images, test.boxes, inset=inset)
     validation = Validation(val, {name: val_out.maps}) if val_out.maps is not None else None
     metrics, reps = score_part(ev, name, test_out, test, validation, fold_weights(test.patients, seed, task.fold))
     external = []
     for ext in task.externals:  # one bootstrap draw per held-out set, shared by every fold's models
         with watch("predict"):
-            ext_out = predict_peer(peer, ext.images, ext.boxes)
+            ext_out = predict_peer(peer, ext.images, ext.boxes, inset=inset)
         external.append(score_part(ev, name, ext_out, ext, validation, fold_weights(ext.patients, seed, None)))
     threshold = metrics.get("dice_val_threshold")
     figure = figure_maps(test, test_out.maps, figure_ids(fo), threshold, ev.kernel)

@@ -116,9 +116,17 @@ def scored_set(
     return ScoredSet(estimates, reps)
 
 
-def reference_row(main: str, maps: Sequence[str]) -> str:
-    """The row every difference is taken against: LoRIS+MSGMSD (else LoRIS's first map) under ``main``."""
-    return f"{main}/{COMPARED_METHOD if COMPARED_METHOD in maps else maps[0]}"
+def reference_row(main: str, maps: Sequence[str], score_map: str = COMPARED_METHOD) -> str:
+    """The row every difference is taken against: the map that gives LoRIS's verdict (``bundle.score_map``),
+    else LoRIS+MSGMSD, else LoRIS's first map, under ``main``.
+
+    >>> reference_row("gt", ["msgmsd", "msgmsd_c170"], "msgmsd_c170"), reference_row("gt", ["dd"], "msgmsd_c170")
+    ('gt/msgmsd_c170', 'gt/dd')
+    """
+    for m in (score_map, COMPARED_METHOD):
+        if m in maps:
+            return f"{main}/{m}"
+    return f"{main}/{maps[0]}"
 
 
 def clustered(s: ScoredSet, main: str, ref: str) -> dict[str, Any]:
@@ -358,7 +366,7 @@ def summarise(
 ) -> dict[str, Any]:
     """The comparison's summary: rows of every evaluated set, intervals, differences, peers, provenance."""
     main, maps = p.main, list(p.cfg.maps)
-    ref = reference_row(main, maps)
+    ref = reference_row(main, maps, p.cfg.bundle.score_map)
     labels = {n: peer_label(n, _pretrained(n, per_fold)) for n in cs.peers}
     peers = [{n: (f[n].metrics, f[n].replicates) for n in cs.peers} for f in per_fold]
     test = scored_set([fo.result for fo in outputs], [fo.replicates for fo in outputs], peers, main)

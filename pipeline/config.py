@@ -30,7 +30,7 @@ import yaml
 
 # configs/ of the checkout, or of the installed wheel (pyproject.toml maps it to this package name)
 CONFIG_DIR = Path(str(resources.files("loris_configs")))
-PROFILES = ("quick", "default", "paper")  # the Literal of Config.profile
+PROFILES = ("quick", "default", "faithful", "paper")  # the Literal of Config.profile
 
 
 class ConfigError(ValueError):
@@ -102,6 +102,7 @@ class ScoreConfig:
     pooling: Literal["mean", "max", "topk"]
     region: Literal["image", "box"]
     topk_fraction: Annotated[float, Range(0.0, 1.0)]
+    inset: Annotated[float, Range(0.0, 0.25)]
 
 
 @dataclass(frozen=True)
@@ -155,7 +156,7 @@ class Config:
     score: ScoreConfig
     evaluation: EvaluationConfig
     bundle: BundleConfig
-    profile: Literal["quick", "default", "paper"]
+    profile: Literal["quick", "default", "faithful", "paper"]
     progress: bool = True  # display only: set by the CLI, not a config key
 
     def to_dict(self) -> dict[str, Any]:

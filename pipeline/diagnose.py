@@ -85,6 +85,21 @@ def fold_maps(cfg: Config, data: Data, fold: int, feature: FeatureDeviation) -> 
     }
 
 
+def peer_fold_maps(cfg: Config, data: Data, fold: int, name: str) -> dict[str, Any]:
+    """The registered peer ``name`` (``compare``'s cached model of the fold, ground-truth boxes) on the
+    fold's test part: its map under the key ``name``, for the same poolings as LoRIS's maps."""
+    from pipeline.compare import PEER_BUDGETS, fit_peer, peer_job
+    from pipeline.fold import FoldTask
+    from reconstruction.peers.prior_guided import predict_peer
+
+    task = FoldTask.plan(cfg, data, fold, Path("unused"))
+    peer, _ = fit_peer(peer_job(cfg, task, name, PEER_BUDGETS[cfg.profile]), data.arrays)
+    test = data.arrays.subset(task.test)
+    out = predict_peer(peer, test.images, test.boxes)
+    assert out.maps is not None, f"{name} has no anomaly map"
+    return {"maps": {name: out.maps}, "boxes": test.boxes, "labels": test.labels, "patients": list(test.patients)}
+
+
 def _clustered(scores: np.ndarray, labels: np.ndarray, patients: Sequence[str], seed: int) -> dict[str, float]:
     w = patient_weights(patients, 2000, np.random.default_rng(seed))
     iv = interval(image_auroc(scores, labels), weighted_auroc(scores, labels, w))
@@ -99,6 +114,9 @@ POOLINGS: dict[str, dict[str, Any]] = {
     "box-4px/mean": dict(region="box", pooling="mean", margin=-4),
     "box-6px/mean": dict(region="box", pooling="mean", margin=-6),
     "box-8px/mean": dict(region="box", pooling="mean", margin=-8),
+    "box-10px/mean": dict(region="box", pooling="mean", margin=-10),
+    "box-12px/mean": dict(region="box", pooling="mean", margin=-12),
+    "box-16px/mean": dict(region="box", pooling="mean", margin=-16),
     "box-4px/top25%": dict(region="box", pooling="topk", topk_fraction=0.25, margin=-4),
     "box/top10%": dict(region="box", pooling="topk", topk_fraction=0.10),
     "box/top25%": dict(region="box", pooling="topk", topk_fraction=0.25),
@@ -158,11 +176,16 @@ def ceiling(cfg: Config) -> dict[str, Any]:
     return _score_parts(cfg, [{**part, "patients": list(arr.patients)}], folds=[])
 
 
-def diagnose(cfg: Config, folds: Sequence[int]) -> dict[str, Any]:
-    """Every map x pooling row, pooled over ``folds``' test parts, with clustered intervals."""
+def diagnose(cfg: Config, folds: Sequence[int], peers: Sequence[str] = ()) -> dict[str, Any]:
+    """Every map x pooling row, pooled over ``folds``' test parts, with clustered intervals; ``peers``
+    (registered names, e.g. ``patchcore_box``) are pooled the same ways beside LoRIS's maps."""
     data = load_data(cfg)
     feature = FeatureDeviation()
-    return _score_parts(cfg, [fold_maps(cfg, data, k, feature) for k in folds], folds)
+    parts = [fold_maps(cfg, data, k, feature) for k in folds]
+    for name in peers:
+        for part, k in zip(parts, folds):
+            part["maps"][name] = peer_fold_maps(cfg, data, k, name)["maps"][name]
+    return _score_parts(cfg, parts, folds)
 
 
 def _score_parts(cfg: Config, parts: list[dict[str, Any]], folds: Sequence[int]) -> dict[str, Any]:
@@ -208,11 +231,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--profile", default="default")
     p.add_argument("--folds", default="0,1,2,3,4")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--peers", default="", help="comma-separated registered peers pooled beside LoRIS")
     p.add_argument("--ceiling", action="store_true", help="score every scan against its pocket-free twin instead")
     p.add_argument("--out", type=Path, required=True)
     a = p.parse_args(argv)
     cfg = replace(load_config(profile=a.profile, overrides=[f"seed={a.seed}", *a.set]), progress=False)
-    result = ceiling(cfg) if a.ceiling else diagnose(cfg, [int(k) for k in a.folds.split(",")])
+    result = (
+        ceiling(cfg)
+        if a.ceiling
+        else diagnose(cfg, [int(k) for k in a.folds.split(",")], [n for n in a.peers.split(",") if n])
+    )
     a.out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(a.out / "diagnosis.json", json.dumps(result, indent=1))
     atomic_write_text(a.out / "diagnosis.md", markdown(result))

@@ -109,6 +109,7 @@ def image_scores(
             region=region or score.region,
             topk_fraction=score.topk_fraction,
             margin=margin,
+            inset=score.inset,
         )
         for name, m in maps.items()
     }

@@ -66,6 +66,7 @@ class LorisGraph(nn.Module):
         region: str = "image",
         topk_fraction: float = 0.01,
         margin: float = 0.0,
+        inset: float = 0.0,
     ) -> None:
         super().__init__()
         if score_map not in maps:
@@ -75,7 +76,7 @@ class LorisGraph(nn.Module):
         self.unet = fold_batchnorm(unet).eval()
         self.maps, self.score_index = tuple(maps), list(maps).index(score_map)
         self.pooling, self.region = pooling, region
-        self.topk_fraction, self.margin = float(topk_fraction), float(margin)
+        self.topk_fraction, self.margin, self.inset = float(topk_fraction), float(margin), float(inset)
 
     def forward(self, images: Tensor, boxes: Tensor) -> tuple[Tensor, Tensor]:
         x = images * 2 - 1
@@ -88,7 +89,8 @@ class LorisGraph(nn.Module):
         b, h, w = m.shape
         flat = m.reshape(b, h * w)
         if self.region == "box":
-            sel = box_masks(boxes, h, w, self.margin, device=m.device)[:, 0].reshape(b, h * w)
+            pool_margin = self.margin - self.inset * min(h, w)
+            sel = box_masks(boxes, h, w, pool_margin, device=m.device)[:, 0].reshape(b, h * w)
             sel = sel | ~sel.any(dim=1, keepdim=True)  # no box: the whole image
         else:
             sel = torch.ones_like(flat, dtype=torch.bool)
@@ -292,6 +294,7 @@ def export_bundle(bundle_dir: Path, out: Path, detector: bool = True) -> dict[st
         region=s["region"],
         topk_fraction=float(s["topk_fraction"]),
         margin=float(doc.get("mask_margin", 0.0)),
+        inset=float(s.get("inset", 0.0)),
     )
     out.mkdir(parents=True, exist_ok=True)
     export_unet(unet, out / "unet.onnx", size)

@@ -4,6 +4,10 @@ Maps take ``original`` and ``reconstruction`` as ``[B, 1, H, W]`` tensors in [-1
 ``[B, 1, H, W]`` maps where larger means more anomalous:
 
 - ``msgmsd``: ``1 - GMS`` at 4 scales, bilinearly upsampled, averaged, 3x3 mean filter.
+- ``msgmsd_c170``: ``msgmsd`` with GMSD's stability constant (Xue et al. 2014, c = 170/255^2 for
+  Prewitt/3 gradients of [0, 1] images), i.e. :data:`GMS_C_GMSD` = 36 x the authors' c on our
+  unnormalised Prewitt gradients of [-1, 1] images. The authors' c is 36 times smaller, so flat
+  and black regions (the bone shadow, the pocket's inside) turn into speckle noise; LoRIS-IB's map.
 - ``gmsd``: ``1 - GMS`` at full scale, 3x3 mean filter.
 - ``ssim``: ``1 - SSIM`` with the standard local SSIM (11x11 Gaussian, sigma 1.5). The authors'
   code uses a Sobel-gradient variant of SSIM; we use the textbook definition so the map can be
@@ -16,7 +20,7 @@ Maps take ``original`` and ``reconstruction`` as ``[B, 1, H, W]`` tensors in [-1
 >>> import torch
 >>> x = torch.rand(1, 1, 32, 32) * 2 - 1
 >>> [float(anomaly_map(n, x, x).abs().max()) < 1e-5 for n in MAP_NAMES]
-[True, True, True, True, True]
+[True, True, True, True, True, True]
 """
 
 from __future__ import annotations
@@ -32,6 +36,9 @@ from torch import Tensor
 from reconstruction.losses import GMS_C, GMS_SCALES, gms_map, pyramid, ssim_map
 from reconstruction.masking import box_masks
 
+# GMSD's convention: the authors' c (0.0026, GMSD's 170/255^2 to 1%) rescaled to our gradients, which are
+# 3 (unnormalised Prewitt) x 2 ([-1, 1] range) = 6 times larger, so c grows 36-fold.
+GMS_C_GMSD = 36 * GMS_C
 MapFn = Callable[[Tensor, Tensor], Tensor]
 _MAPS: dict[str, MapFn] = {}
 
@@ -63,6 +70,12 @@ def msgmsd_map(original: Tensor, reconstruction: Tensor, scales: int = GMS_SCALE
         for i, (a, b) in enumerate(zip(pyramid(original, scales), pyramid(reconstruction, scales)))
     ]
     return _mean3x3(torch.stack(maps).mean(dim=0))
+
+
+@register_map("msgmsd_c170")
+def msgmsd_c170_map(original: Tensor, reconstruction: Tensor) -> Tensor:
+    """:func:`msgmsd_map` with GMSD's constant :data:`GMS_C_GMSD` (LoRIS-IB's score map)."""
+    return msgmsd_map(original, reconstruction, c=GMS_C_GMSD)
 
 
 @register_map("gmsd")
@@ -111,18 +124,24 @@ def image_score(
     region: Literal["image", "box"] = "image",
     topk_fraction: float = 0.01,
     margin: float = 0.0,
+    inset: float = 0.0,
 ) -> np.ndarray:
     """Image-level scores ``[B]`` (float64) from maps ``[B, H, W]`` or ``[B, 1, H, W]``.
 
     ``pooling``: mean (paper default), max (authors' code) or mean of the top ``topk_fraction``
     of the pixels; ``region``: the whole image (paper) or only the box pixels (``boxes`` [B, 4]
-    required; an image without a box, NaN row, falls back to the whole image).
+    required; an image without a box, NaN row, falls back to the whole image). The box grows by
+    ``margin`` pixels and shrinks by ``inset`` times the map's side on every edge (never below one
+    pixel): the inset leaves out the seam where the inpainting meets the scan.
 
     >>> m = np.zeros((2, 8, 8), np.float32); m[1, 2, 2] = 64
     >>> image_score(m).tolist(), image_score(m, pooling="max").tolist()
     ([0.0, 1.0], [0.0, 64.0])
     >>> image_score(m, np.array([[0, 0, 4, 4], [4, 4, 8, 8]]), region="box").tolist()
     [0.0, 0.0]
+    >>> edge = np.zeros((1, 8, 8), np.float32); edge[0, 0, 0] = 64  # a seam pixel on the box's edge
+    >>> [float(image_score(edge, np.array([[0, 0, 8, 8]]), region="box", inset=i)[0]) for i in (0, 0.25)]
+    [1.0, 0.0]
     """
     t = torch.as_tensor(np.asarray(maps) if isinstance(maps, np.ndarray) else maps.detach()).to(torch.float64).cpu()
     if t.dim() == 4:
@@ -131,7 +150,7 @@ def image_score(
     if region == "box":
         if boxes is None:
             raise ValueError("region='box' needs boxes")
-        sel = box_masks(boxes, h, w, margin)[:, 0]
+        sel = box_masks(boxes, h, w, margin - inset * min(h, w))[:, 0]
         sel = sel | ~sel.flatten(1).any(1).view(-1, 1, 1)  # no box: whole image
     elif region == "image":
         sel = torch.ones_like(t, dtype=torch.bool)

@@ -58,8 +58,11 @@ def uses_prior(name: str) -> bool:
     return bool(getattr(peer_spec(name).cls, "uses_prior", False))
 
 
-def in_box(maps: np.ndarray, boxes: np.ndarray, no_box: str = "image") -> tuple[np.ndarray, np.ndarray]:
-    """``maps`` ``[N, S, S]`` restricted to ``boxes`` ``[N, 4]`` (0 outside) and their in-box mean scores ``[N]``.
+def in_box(
+    maps: np.ndarray, boxes: np.ndarray, no_box: str = "image", inset: float = 0.0
+) -> tuple[np.ndarray, np.ndarray]:
+    """``maps`` ``[N, S, S]`` restricted to ``boxes`` ``[N, 4]`` (0 outside) and their in-box mean scores ``[N]``,
+    pooled as LoRIS pools (``inset``: :func:`reconstruction.deviation.image_score`).
 
     A NaN box keeps the whole map (``no_box="image"``) or zeroes it (``"zero"``).
 
@@ -78,7 +81,7 @@ def in_box(maps: np.ndarray, boxes: np.ndarray, no_box: str = "image") -> tuple[
     if no_box == "image":
         sel[missing] = True
     kept = np.where(sel, maps, np.float32(0)).astype(np.float32)
-    scores = image_score(kept, boxes, pooling="mean", region="box").astype(np.float32)
+    scores = image_score(kept, boxes, pooling="mean", region="box", inset=inset).astype(np.float32)
     return kept, scores
 
 
@@ -115,8 +118,11 @@ class PriorPeer(Peer):
         }
         return dict(self.record)
 
-    def predict(self, images: np.ndarray, batch_size: int = 16, *, boxes: np.ndarray | None = None) -> PeerOutput:
-        """Scores ``[N]`` and maps ``[N, S, S]`` inside ``boxes`` ``[N, 4]`` (x1, y1, x2, y2 in image pixels)."""
+    def predict(
+        self, images: np.ndarray, batch_size: int = 16, *, boxes: np.ndarray | None = None, inset: float = 0.0
+    ) -> PeerOutput:
+        """Scores ``[N]`` and maps ``[N, S, S]`` inside ``boxes`` ``[N, 4]`` (x1, y1, x2, y2 in image pixels),
+        the scores pooled inside each box shrunk by ``inset`` (the same rule as LoRIS's ``score.inset``)."""
         if boxes is None:
             raise ValueError(
                 f"{self.name} needs prior boxes: predict(images, boxes=[N, 4] x1, y1, x2, y2 in image pixels, "
@@ -128,7 +134,7 @@ class PriorPeer(Peer):
             raise ValueError(f"{self.name}: expected boxes [{n}, 4] for {n} images, got {b.shape}")
         out = super().predict(images, batch_size)
         assert out.maps is not None  # every prior peer gives maps
-        maps, scores = in_box(out.maps, b, str(self.options["no_box"]))
+        maps, scores = in_box(out.maps, b, str(self.options["no_box"]), inset)
         return PeerOutput(scores, maps)
 
     def _prior_fit_record(self, train: ScanArrays) -> dict[str, Any]:
@@ -149,13 +155,16 @@ class PadimBoxPeer(PriorPeer, PadimPeer):
     defaults = {**PadimPeer.defaults, "no_box": "image"}
 
 
-def predict_peer(peer: Peer, images: np.ndarray, boxes: np.ndarray | None = None, batch_size: int = 16) -> PeerOutput:
-    """``peer.predict(images)``, with ``boxes`` ``[N, 4]`` (image pixels) passed on to a prior peer.
+def predict_peer(
+    peer: Peer, images: np.ndarray, boxes: np.ndarray | None = None, batch_size: int = 16, inset: float = 0.0
+) -> PeerOutput:
+    """``peer.predict(images)``, with ``boxes`` ``[N, 4]`` (image pixels) and the pooling ``inset`` passed on
+    to a prior peer.
 
     Peers without the prior ignore ``boxes``; a prior peer without them raises.
     """
     if isinstance(peer, PriorPeer):
-        return peer.predict(images, batch_size, boxes=boxes)
+        return peer.predict(images, batch_size, boxes=boxes, inset=inset)
     return peer.predict(images, batch_size)
 
 

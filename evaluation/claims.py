@@ -97,7 +97,9 @@ def claim_lines(sets: Sequence[Set], sources: Sequence[str], labels: Labels) -> 
 
 def row_lines(sets: Sequence[Set], sources: Sequence[str]) -> list[str]:
     """Every row's pooled interval: GT methods, RIAD, controls, each detector's prior, detection."""
-    rows = [f"{GT}/{m}" for m in LORIS_MAPS] + [f"{NO_PRIOR}/{RIAD}"] + [f"{GT}/{c}" for c in CONTROLS]
+    present = {r for _, s in sets for r in s["clustered"].get("rows", {})}
+    rows = [f"{GT}/{m}" for m in LORIS_MAPS if f"{GT}/{m}" in present]  # runs made before a map existed
+    rows += [f"{NO_PRIOR}/{RIAD}"] + [f"{GT}/{c}" for c in CONTROLS]
     rows += [r for src in sources for r in (f"{src}/msgmsd", *(f"{src}/{c}" for c in CONTROLS))]
     rows += [f"{src}/detection" for src in sources]
     lines = []

@@ -65,14 +65,14 @@ def _cv_parsers(sub: Any) -> None:
     names = sources.names()
     run = sub.add_parser("run", help="cross-validate LoRIS with one prior source (Table 1)")
     run.add_argument("--detector", choices=names, default=sources.ground_truth())
-    run.add_argument("--folds", help="comma-separated fold indices, e.g. 0,2 (default: all)")
+    run.add_argument("--folds", type=_fold_list, help="comma-separated fold indices, e.g. 0,2 (default: all)")
     run.add_argument("--out", type=Path, help="run folder (default: runs/<command>-<detector>-<profile>-<time>)")
     _common(run)
     abl = sub.add_parser("ablate", help="ground-truth against predicted priors, sharing the U-Nets (Table 2)")
     abl.add_argument(
         "--detectors", default=",".join(names), help=f"comma-separated prior sources from {', '.join(names)}"
     )
-    abl.add_argument("--folds", help="comma-separated fold indices (default: all)")
+    abl.add_argument("--folds", type=_fold_list, help="comma-separated fold indices (default: all)")
     abl.add_argument("--out", type=Path)
     _common(abl)
     for p in (run, abl):
@@ -115,6 +115,25 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _unit_fraction(text: str) -> float:
+    """An argparse type: a number in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, not {text!r}") from None
+    if not 0 < value <= 1:  # NaN fails too
+        raise argparse.ArgumentTypeError(f"must be a number in (0, 1], not {text}")
+    return value
+
+
+def _fold_list(text: str) -> str:
+    """An argparse type: comma-separated fold indices (0 or more), kept as text for the config."""
+    parts = [p.strip() for p in text.split(",")]
+    if not parts or not all(p.isdigit() for p in parts):
+        raise argparse.ArgumentTypeError(f"expected comma-separated fold numbers such as 0,2, not {text!r}")
+    return ",".join(parts)
+
+
 def _frames(text: str) -> str | int:
     from pipeline.predict import parse_frames
 
@@ -154,8 +173,8 @@ def _train_parser(sub: Any) -> None:
     tr.add_argument("--out", type=Path, required=True, help="bundle folder to create")
     tr.add_argument(
         "--sensitivity",
-        type=float,
-        help="pick the score threshold reaching this validation sensitivity instead of Youden's J",
+        type=_unit_fraction,
+        help="pick the score threshold reaching this validation sensitivity (in (0, 1]) instead of Youden's J",
     )
     _common(tr)
 
@@ -295,6 +314,13 @@ def _aggregate_parser(sub: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from scans.runtime import CacheHomeError, check_cache_home
+
+    try:  # before anything imports torch: it creates its inductor cache in the LoRIS cache on import
+        check_cache_home()
+    except CacheHomeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     args = build_parser().parse_args(argv)
     try:
         return _dispatch(args)
@@ -338,6 +364,11 @@ def _train(args: argparse.Namespace) -> int:
         f"({doc['score']['operating_point']}: validation sensitivity {v['sensitivity']:.2f}, "
         f"specificity {v['specificity']:.2f}, I-AUROC {v['i_auroc']:.3f}); "
         f"segmentation threshold {doc['segmentation']['threshold']:.4g}"
+        + (
+            f"; UNFIT FOR USE: {len(doc['warnings'])} warning(s) above and in bundle.json"
+            if doc.get("warnings")
+            else ""
+        )
     )
     return 0
 
@@ -402,8 +433,10 @@ def _merge(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     from pipeline.onnx_export import export_bundle
+    from pipeline.predict import output_lock
 
-    info = export_bundle(args.model, args.out, detector=not args.no_detector)
+    with output_lock(args.out):  # one export at a time into a folder
+        info = export_bundle(args.model, args.out, detector=not args.no_detector)
     files = [v["file"] for v in (info["unet"], info["loris"], info["detector"]) if v.get("file")]
     note = info["detector"].get("note")
     print(f"exported {', '.join(files)} to {args.out} (export.json)" + (f"; detector: {note}" if note else ""))

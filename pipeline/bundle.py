@@ -6,8 +6,11 @@ The bundle folder holds ``bundle.json`` (thresholds, prior policy, config, versi
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import math
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -23,11 +26,11 @@ from detectors.prior import PriorPolicy
 from detectors.refine import RefinedDetector
 from evaluation.metrics import image_auroc, select_threshold
 from pipeline import sources
-from pipeline.config import Config
+from pipeline.config import IMAGE_SIZE, Config, known_maps
 from pipeline.data import Data, load_data
 from pipeline.evaluate import image_scores
 from pipeline.fit import fit_detector, fit_unet
-from pipeline.outputs import write_json
+from pipeline.outputs import RunDirError, run_lock, write_json
 from pipeline.priors import Expansion, fold_policy, predict_priors
 from pipeline.provenance import git_commit, package_versions
 from pipeline.run import distributed_session, main_first
@@ -38,6 +41,9 @@ from scans.records import ScanArrays
 from scans.runtime import resolve_device, set_threads
 
 BUNDLE_FORMAT = 1
+# Below these on the validation part a bundle is still written, with a warning on stderr and in bundle.json.
+MIN_VALIDATION_AUROC = 0.5
+MIN_VALIDATION_SENSITIVITY = 0.5
 
 
 def operating_threshold(
@@ -76,19 +82,56 @@ def train_bundle(cfg: Config, model_dir: Path) -> dict[str, Any]:
             "a deployable bundle needs a detector for new scans: use --detector " + " or ".join(sources.trainable())
         )
     model_dir = Path(model_dir)
-    if (model_dir / "bundle.json").exists():
-        raise FileExistsError(f"{model_dir} already holds a bundle; choose another --out")
+    check_bundle_out(model_dir)
     with distributed_session(cfg.device):  # a no-op without torchrun
-        set_threads(cfg.threads)
-        data = main_first(lambda: load_data(cfg))
-        tr, va = _validation_split(data, cfg.seed)
-        det, det_info = fit_detector(cfg, data, tr, va, model_dir / "work" / "detector")  # every rank
-        unet, unet_info = fit_unet(cfg, data, tr, va, "single")
-        if is_main():
-            _write_bundle(cfg, model_dir, data, (tr, va), (det, det_info), (unet, unet_info))
-        barrier()
-        doc = load_meta(model_dir / "bundle.json")
+        # rank 0 holds <out>/.lock while it trains and writes (as `run` does its run folder): a second
+        # `train --out` into the same folder refuses at once, before it loads, trains or writes anything
+        with run_lock(model_dir, check_bundle_out) if is_main() else contextlib.nullcontext():
+            set_threads(cfg.threads)
+            data = main_first(lambda: load_data(cfg))
+            tr, va = _validation_split(data, cfg.seed)
+            det, det_info = fit_detector(cfg, data, tr, va, model_dir / "work" / "detector")  # every rank
+            unet, unet_info = fit_unet(cfg, data, tr, va, "single")
+            if is_main():
+                _write_bundle(cfg, model_dir, data, (tr, va), (det, det_info), (unet, unet_info))
+            barrier()
+            doc = load_meta(model_dir / "bundle.json")
     return doc
+
+
+def check_bundle_out(out: Path) -> None:
+    """Refuse a ``train --out`` that is a file, already holds a bundle or is a run folder."""
+    if out.exists() and not out.is_dir():
+        raise RunDirError(f"--out {out} is an existing file, not a folder; choose another --out")
+    if (out / "bundle.json").exists():
+        raise FileExistsError(f"{out} already holds a bundle; choose another --out")
+    if (out / "config.yaml").is_file() or (out / "summary.json").exists():
+        raise RunDirError(f"{out} is a LoRIS run folder, not a bundle folder; choose another --out")
+
+
+def bundle_warnings(validation: dict[str, Any]) -> list[str]:
+    """Why a bundle is unfit for use, from its validation figures: an I-AUROC below chance or undefined,
+    or a sensitivity below one half at its operating point.
+
+    >>> bundle_warnings({"i_auroc": 0.9, "sensitivity": 0.8})
+    []
+    >>> len(bundle_warnings({"i_auroc": 0.119, "sensitivity": 0.0}))
+    2
+    """
+    out = []
+    auroc = float(validation.get("i_auroc", math.nan))
+    if not auroc >= MIN_VALIDATION_AUROC:  # NaN too: one class only, nothing was measured
+        out.append(
+            f"validation I-AUROC {auroc:.3f} is below {MIN_VALIDATION_AUROC} (chance): its scores do not rank "
+            f"distended scans above normal ones"
+        )
+    sensitivity = float(validation.get("sensitivity", math.nan))
+    if not sensitivity >= MIN_VALIDATION_SENSITIVITY:
+        out.append(
+            f"validation sensitivity {sensitivity:.2f} at the score threshold is below "
+            f"{MIN_VALIDATION_SENSITIVITY}: it would miss most distended scans"
+        )
+    return out
 
 
 def _write_bundle(
@@ -104,9 +147,17 @@ def _write_bundle(
     detector.save(model_dir / "detector")
     save_model(net, model_dir / "unet", meta={k: v for k, v in unet_info.items() if k != "cache"})
     doc = bundle_doc(cfg, policy, thresholds)
+    doc["warnings"] = bundle_warnings(thresholds.operating)
     doc["train"] = {"n_train": len(tr), "n_val": len(va), "detector": det_info, "unet": unet_info}
     doc.update(config=cfg.to_dict(), versions=package_versions(), commit=git_commit())
     write_json(model_dir / "bundle.json", doc)
+    if doc["warnings"]:
+        lines = "\n".join(f"WARNING:   - {w}" for w in doc["warnings"])
+        print(
+            f"WARNING: the bundle written to {model_dir} is unfit for use (bundle.json 'warnings'):\n{lines}\n"
+            f"WARNING: train with more data, epochs or another detector before deploying it",
+            file=sys.stderr,
+        )
 
 
 @dataclass(frozen=True)
@@ -169,6 +220,81 @@ def bundle_doc(cfg: Config, policy: PriorPolicy, t: Thresholds) -> dict[str, Any
             "expand_side": cfg.detector.expand_side,
         },
     }
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_bundle_doc(doc: dict[str, Any], path: Path | str, hint: str = "") -> None:
+    """Refuse a ``bundle.json`` whose values cannot work (a tampered or damaged file), naming the file,
+    the key and the value: non-finite thresholds, an ``image_size`` outside the config's range, unknown
+    or repeated anomaly maps, unknown pooling or region, a bad prior box.
+
+    >>> check_bundle_doc({"image_size": -5}, "m/bundle.json")
+    Traceback (most recent call last):
+    ...
+    ValueError: m/bundle.json: image_size is -5; expected an int in [16, 2048]
+    """
+    tail = f"; {hint}" if hint else ""
+
+    def bad(key: str, value: Any, expected: str) -> ValueError:
+        return ValueError(f"{path}: {key} is {value!r}; expected {expected}{tail}")
+
+    def get(key: str, default: Any = ...) -> Any:
+        node: Any = doc
+        for part in key.split("."):
+            if not isinstance(node, dict) or part not in node:
+                if default is not ...:
+                    return default
+                raise ValueError(f"{path}: missing entry {key}{tail}")
+            node = node[part]
+        return node
+
+    def number(key: str, low: float | None = None, high: float | None = None, default: Any = ...) -> None:
+        value = get(key, default)
+        ok = _number(value) and math.isfinite(value)
+        ok = ok and (low is None or value >= low) and (high is None or value <= high)
+        if not ok:
+            span = f" in [{low:g}, {high:g}]" if low is not None and high is not None else ""
+            span = span or (f" >= {low:g}" if low is not None else "")
+            raise bad(key, value, f"a finite number{span}")
+
+    def integer(key: str, low: int, high: int | None = None, default: Any = ...) -> None:
+        value = get(key, default)
+        if not (isinstance(value, int) and not isinstance(value, bool)) or value < low or (high and value > high):
+            raise bad(key, value, f"an int in [{low}, {high}]" if high else f"an int >= {low}")
+
+    def choice(key: str, options: tuple[str, ...], default: Any = ...) -> None:
+        value = get(key, default)
+        if value not in options:
+            raise bad(key, value, f"one of {', '.join(options)}")
+
+    integer("image_size", *IMAGE_SIZE)
+    integer("frame", 0, default=0)
+    number("mask_margin", 0.0, default=0.0)
+    known = known_maps()
+    maps = get("maps")
+    if not isinstance(maps, list) or not maps or len(set(map(str, maps))) != len(maps):
+        raise bad("maps", maps, f"a list of distinct anomaly maps from {', '.join(known)}")
+    for name in maps:
+        if name not in known:
+            raise bad("maps", name, f"an anomaly map from {', '.join(known)}")
+    for section in ("score", "segmentation"):
+        if get(f"{section}.map") not in maps:
+            raise bad(f"{section}.map", get(f"{section}.map"), f"one of the bundle's maps ({', '.join(maps)})")
+        number(f"{section}.threshold")
+    choice("score.pooling", ("mean", "max", "topk"))
+    choice("score.region", ("image", "box"))
+    number("score.topk_fraction", 0.0, 1.0)
+    number("score.inset", 0.0, 0.25, default=0.0)
+    integer("segmentation.kernel", 1)
+    number("prior.threshold", 0.0, 1.0)
+    box = get("prior.median_box")
+    if not isinstance(box, list) or len(box) != 4 or not all(_number(v) and math.isfinite(v) for v in box):
+        raise bad("prior.median_box", box, "four finite numbers [x1, y1, x2, y2]")
+    number("prior.expand_up", 0.0)
+    number("prior.expand_side", 0.0)
 
 
 def _tensors(module: Any) -> list[Any]:
@@ -242,6 +368,7 @@ class Bundle:
         doc = load_meta(path, hint=hint)
         if doc.get("format") != BUNDLE_FORMAT:
             raise ValueError(f"{path}: bundle format {doc.get('format')} is not supported (expected {BUNDLE_FORMAT})")
+        check_bundle_doc(doc, path, hint)  # before the models load, and before predict claims its --out
         dev = resolve_device(device)
         det_dir = directory / "detector"
         # A refined detector (base + box refiner) says so in refined.json beside the base's files.

@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from scans.distributed import barrier, broadcast_decision, is_distributed, is_main, rank
-from scans.runtime import cache_home
+from scans.io import atomic_write_text
+from scans.runtime import cache_home, runtime_info
 
 DONE = "DONE"
 T = TypeVar("T")
@@ -154,19 +155,32 @@ def fit_or_load(
     if not is_distributed():
         with lock(entry):
             hit = load_cached(entry, load)
-            model, info = hit if hit is not None else fit()
-        return model, {**info, "cached": hit is not None, "cache": str(entry)}
+            model, info = hit if hit is not None else _fit_recorded(entry, fit)
+        return model, {"trained_with": None, **info, "cached": hit is not None, "cache": str(entry)}
     with lock(entry) if is_main() else contextlib.nullcontext():
         hit = load_cached(entry, load) if is_main() else None
         cached = broadcast_decision(hit is not None)
         if is_main():
-            result = hit if hit is not None else fit()
+            result = hit if hit is not None else _fit_recorded(entry, fit)
         elif not cached and every_rank:
             fit()  # its collectives pair with rank 0's; the model itself comes from the cache below
         barrier()  # rank 0 has published the entry
         if not is_main():
             result = _load_published(entry, load)
-    return result[0], {**result[1], "cached": cached, "cache": str(entry)}
+    return result[0], {"trained_with": None, **result[1], "cached": cached, "cache": str(entry)}
+
+
+def _fit_recorded(entry: Path, fit: Callable[[], tuple[T, dict[str, Any]]]) -> tuple[T, dict[str, Any]]:
+    """``fit()``, with how it ran (:func:`scans.runtime.runtime_info`: world size, backend, torch threads)
+    added to its summary and to the entry's ``DONE``, so a run that reuses the model can say how it was
+    trained; the key is unchanged. Entries made before this record say ``trained_with: null``."""
+    trained_with = runtime_info()
+    model, info = fit()
+    info = {**info, "trained_with": trained_with}
+    done = entry / DONE
+    if is_main() and done.is_file():
+        atomic_write_text(done, json.dumps({**json.loads(done.read_text()), "trained_with": trained_with}, default=str))
+    return model, info
 
 
 def _load_published(entry: Path, load: Callable[[Path], T]) -> tuple[T, dict[str, Any]]:

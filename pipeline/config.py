@@ -18,6 +18,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
+import math
+import os
+import sys
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -31,6 +35,9 @@ import yaml
 # configs/ of the checkout, or of the installed wheel (pyproject.toml maps it to this package name)
 CONFIG_DIR = Path(str(resources.files("loris_configs")))
 PROFILES = ("quick", "default", "faithful", "paper")  # the Literal of Config.profile
+INT_MAX = 2**63 - 1  # what torch and numpy take as an integer setting
+SEED_MAX = 2**32 - 1  # numpy's legacy seeding takes at most 32 bits
+IMAGE_SIZE = (16, 2048)  # model size in pixels: the U-Net's depth needs 16; above 2048 nothing fits in memory
 
 
 class ConfigError(ValueError):
@@ -139,10 +146,10 @@ class Config:
     """The resolved configuration of one command; ``to_dict()`` is what runs save as ``config.yaml``."""
 
     data: str | None
-    image_size: Annotated[int, Range(8)]
+    image_size: Annotated[int, Range(*IMAGE_SIZE)]
     frame: Annotated[int, Range(0)]
     folds: Annotated[int, Range(2)]
-    seed: Annotated[int, Range(0)]
+    seed: Annotated[int, Range(0, SEED_MAX)]
     device: str
     threads: Annotated[int, Range(0)]
     cache_dir: str | None
@@ -177,11 +184,13 @@ def _plain(value: Any) -> Any:
 
 def _describe(tp: Any, rng: Range) -> str:
     """``an int >= 1``, ``a number in [0, 1]``, ``true or false``, ... for error messages."""
-    low, high = rng
-    name = {int: "an int", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
+    low, high = (None if v is None else int(v) if tp is int else v for v in rng)
+    name = {int: "an int", float: "a finite number", str: "a string", bool: "true or false"}.get(tp, str(tp))
     if low is not None and high is not None:
-        return f"{name} in [{low:g}, {high:g}]"
-    return f"{name} >= {low:g}" if low is not None else name
+        return f"{name} in [{low:g}, {high:g}]" if tp is float else f"{name} in [{low}, {high}]"
+    if low is not None:
+        return f"{name} >= {low:g}" if tp is float else f"{name} >= {low}"
+    return name
 
 
 def _scalar(tp: type, value: Any, key: str, rng: Range) -> Any:
@@ -192,6 +201,13 @@ def _scalar(tp: type, value: Any, key: str, rng: Range) -> Any:
         str: isinstance(value, str),
     }[tp]
     low, high = rng
+    if ok and tp is float:  # NaN passes every comparison and inf means nothing: finite numbers only
+        try:
+            ok = math.isfinite(float(value))
+        except OverflowError:  # an int too large for a float
+            ok = False
+    if ok and tp is int and high is None and value > INT_MAX:
+        raise ConfigError(f"{key}: {value} is too large (at most {INT_MAX})")
     if not ok or (low is not None and value < low) or (high is not None and value > high):
         raise ConfigError(f"{key}: expected {_describe(tp, rng)}, got {value!r}")
     return float(value) if tp is float else value
@@ -276,20 +292,89 @@ def parse_config(doc: Mapping[str, Any]) -> Config:
         raise ConfigError(f"device: must be one of auto|cpu|cuda (or cuda:N), got {cfg.device!r}")
     if cfg.phantom.distended > cfg.phantom.images:
         raise ConfigError(f"phantom.distended: expected at most phantom.images ({cfg.phantom.images})")
+    _check_meaning(cfg)
     return cfg
+
+
+def known_maps() -> tuple[str, ...]:
+    """The anomaly maps a config may name: :data:`reconstruction.deviation.MAP_NAMES` and any map
+    registered since (:func:`reconstruction.deviation.register_map`)."""
+    from reconstruction import deviation
+
+    return tuple(dict.fromkeys([*deviation.MAP_NAMES, *deviation._MAPS]))
+
+
+def _check_maps(key: str, names: Iterable[str]) -> None:
+    known = known_maps()
+    for name in names:
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            raise ConfigError(f"{key}: unknown anomaly map {name!r}; {hint}known: {', '.join(known)}")
+
+
+def _check_phantom(ph: PhantomConfig) -> None:
+    """What :func:`scans.phantom.generate_dataset` can render, refused before it starts."""
+    from scans.phantom import MIN_PATIENTS, SIZE_RANGE
+
+    low, high = SIZE_RANGE
+    if not low <= ph.size <= high:
+        raise ConfigError(f"phantom.size: expected an int in [{low}, {high}], got {ph.size}")
+    if not MIN_PATIENTS <= ph.patients <= ph.images:
+        raise ConfigError(
+            f"phantom.patients: expected an int in [{MIN_PATIENTS}, phantom.images ({ph.images})] (the phantom's "
+            f"5 patient-grouped folds with a validation part need {MIN_PATIENTS}), got {ph.patients}"
+        )
+
+
+def _check_meaning(cfg: Config) -> None:
+    """Values of the right type that still mean nothing: refused here, before anything loads or trains."""
+    if not cfg.maps:
+        raise ConfigError(f"maps: name at least one anomaly map (known: {', '.join(known_maps())})")
+    _check_maps("maps", cfg.maps)
+    twice = sorted({m for m in cfg.maps if cfg.maps.count(m) > 1})
+    if twice:
+        raise ConfigError(f"maps: {twice[0]!r} is listed more than once in {list(cfg.maps)}")
+    _check_maps("bundle.score_map", [cfg.bundle.score_map])
+    _check_maps("bundle.segment_map", [cfg.bundle.segment_map])
+    if not cfg.riad.ks:
+        raise ConfigError("riad.ks: name at least one grid cell size (e.g. [2, 4, 8, 16])")
+    bad = [k for k in cfg.riad.ks if k < 1]
+    if bad:
+        raise ConfigError(f"riad.ks: grid cell sizes must be 1 or more, got {bad[0]} in {list(cfg.riad.ks)}")
+    weights = cfg.unet.loss_weights
+    if any(w < 0 for w in weights) or sum(weights) <= 0:
+        raise ConfigError(
+            f"unet.loss_weights: the MSGMS, SSIM and L2 weights must be >= 0 with a positive sum, got {list(weights)}"
+        )
+    _check_phantom(cfg.phantom)
+    cores = os.cpu_count()
+    if cores and cfg.threads > cores:
+        print(
+            f"warning: threads={cfg.threads} is more than this machine's {cores} CPU core(s): torch will "
+            f"oversubscribe them and run slower (threads=0 uses every core; the numbers depend on the count)",
+            file=sys.stderr,
+        )
 
 
 # ----------------------------------------------------------------------------- merging
 
 
-def _merge(base: dict[str, Any], update: Mapping[str, Any], where: str, strict: bool = True) -> dict[str, Any]:
+def _merge(
+    base: dict[str, Any], update: Mapping[str, Any], where: str, strict: bool = True, prefix: str = ""
+) -> dict[str, Any]:
+    """``update`` over ``base``; ``where`` names the source (a file, ``--set ...``) and ``prefix`` the
+    dotted key of this level, so an unknown key is named in full once, with the closest known one."""
     out = copy.deepcopy(base)
     for key, value in update.items():
         if strict and key not in out:
-            raise ConfigError(f"{where}: unknown key '{key}' (known: {', '.join(sorted(out))})")
+            dotted, known = f"{prefix}{key}", [f"{prefix}{k}" for k in sorted(out)]
+            close = difflib.get_close_matches(dotted, known, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else f" (known: {', '.join(known)})"
+            raise ConfigError(f"{where}: unknown key '{dotted}'{hint}")
         if isinstance(out.get(key), dict) and isinstance(value, dict):
             # an empty mapping in the defaults is free-form (e.g. detector.options)
-            out[key] = _merge(out[key], value, f"{where}.{key}", strict and bool(out[key]))
+            out[key] = _merge(out[key], value, where, strict and bool(out[key]), f"{prefix}{key}.")
         else:
             out[key] = copy.deepcopy(value)
     return out

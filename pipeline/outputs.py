@@ -7,7 +7,7 @@ import contextlib
 import json
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,13 +37,14 @@ def check_out(out: Path) -> None:
 
 
 @contextlib.contextmanager
-def run_lock(out: Path) -> Iterator[Path]:
+def run_lock(out: Path, check: Callable[[Path], None] = check_out) -> Iterator[Path]:
     """Hold ``<out>/.lock`` while the block writes ``out``: a second process refuses at once, naming the
     holder's PID. The lock goes with the process, also when it is killed. When the run refused before
-    writing anything, the lock file is removed, and so is the folder if this call created it."""
+    writing anything, the lock file is removed, and so is the folder if this call created it. ``check``
+    refuses an unusable ``out`` first (run folders: :func:`check_out`; bundles: their own)."""
     from filelock import FileLock, Timeout
 
-    check_out(out)
+    check(out)
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     lock = FileLock(str(out / LOCK))

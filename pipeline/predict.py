@@ -23,7 +23,14 @@ One bad file never stops the batch: unsupported, unreadable or corrupt files, sy
 loops, broken links, special files and images over ``max_pixels`` (checked from the header,
 before decoding) go to ``errors.csv`` with the reason. Rows are appended and flushed per batch,
 images are written atomically, and a rerun skips what ``predictions.csv`` and ``errors.csv``
-already hold.
+already hold. The output folder is locked while a process writes it (:func:`output_lock`), and a rerun
+with another bundle, shard or setting is refused (:func:`check_resume`).
+
+File names in the CSVs (:func:`csv_name`, undone by :func:`decode_name`): a name that is not valid
+UTF-8 or that holds a backslash is written escaped (``\\\\`` for a backslash, ``\\xNN`` for each byte
+that is not UTF-8), and a cell that a spreadsheet would run as a formula (one starting with ``=``,
+``+``, ``-``, ``@``, a tab or a carriage return), or that starts with ``'``, gets a ``'`` in front
+(OWASP's advice for CSV injection): strip one leading ``'`` to get the text back.
 
 >>> parse_frames("all"), parse_frames("3"), parse_frames(None)
 ('all', 3, None)
@@ -33,17 +40,22 @@ already hold.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import errno
+import functools
 import hashlib
 import importlib
 import io
 import json
 import locale
 import os
+import re
 import shutil
 import stat
 import sys
+import threading
+import time
 import warnings
 from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -132,6 +144,69 @@ def shard_of(rel: str, n: int) -> int:
     """The shard (0 to ``n - 1``) of a file: the SHA-256 of its path relative to the input folder, modulo
     ``n``, the same on every machine and Python run."""
     return int.from_bytes(hashlib.sha256(os.fsencode(rel)).digest()[:8], "big") % n
+
+
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")  # what a spreadsheet may run as a formula (OWASP)
+_ESCAPE = re.compile(r"\\(\\|x[0-9a-fA-F]{2})")
+
+
+def safe_cell(text: str) -> str:
+    """``text`` as a CSV cell that a spreadsheet shows as text and never runs: a cell starting with
+    ``=``, ``+``, ``-``, ``@``, a tab or a carriage return (OWASP, "CSV Injection"), or with ``'``,
+    gets a ``'`` in front, so stripping one leading ``'`` from a cell that has one gives the text
+    back. Characters no text file can hold (lone surrogates) are written as ``\\udcNN``.
+
+    >>> safe_cell("=1+1"), safe_cell("'a"), safe_cell("a=b"), safe_cell("-x")
+    ("'=1+1", "''a", 'a=b', "'-x")
+    """
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return "'" + text if text.startswith((*FORMULA_START, "'")) else text
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a file name that is not UTF-8: os.fsdecode gave surrogates
+        return False
+    return True
+
+
+def csv_name(rel: str) -> str:
+    """The ``file`` cell of a path relative to the input folder; :func:`decode_name` undoes it.
+
+    A name that is valid UTF-8 and holds no backslash is written as it is; any other is escaped: a
+    backslash as ``\\\\`` and each byte that is not UTF-8 as ``\\xNN``. Then :func:`safe_cell`
+    (a ``'`` in front of a cell a spreadsheet would run). No two paths give one cell.
+
+    >>> csv_name("a/b.png"), csv_name("=x.png"), csv_name(os.fsdecode(b"bad\\xff.png")), csv_name("a\\\\b")
+    ('a/b.png', "'=x.png", 'bad\\\\xff.png', 'a\\\\\\\\b')
+    """
+    if "\\" in rel or not _is_utf8(rel):
+        raw = rel.replace("\\", "\\\\").encode(sys.getfilesystemencoding(), "surrogateescape")
+        rel = raw.decode("utf-8", "backslashreplace")
+    return safe_cell(rel)
+
+
+def decode_name(cell: str) -> str:
+    """The path relative to the input folder that :func:`csv_name` wrote as the ``file`` cell ``cell``
+    (a ``str`` that :mod:`os` and :class:`~pathlib.Path` take; for a name that is not UTF-8 it holds
+    the bytes as surrogates, as :func:`os.fsdecode` gives them).
+
+    >>> [decode_name(csv_name(n)) for n in ("a.png", "'=x", "-1", "a\\\\xff")]
+    ['a.png', "'=x", '-1', 'a\\\\xff']
+    >>> os.fsencode(decode_name("bad\\\\xff.png"))
+    b'bad\\xff.png'
+    """
+    name = cell[1:] if cell.startswith("'") else cell
+    if "\\" not in name:
+        return name
+    raw, pos = bytearray(), 0
+    for m in _ESCAPE.finditer(name):
+        raw += name[pos : m.start()].encode("utf-8")
+        raw += b"\\" if m[1] == "\\" else bytes([int(m[1][1:], 16)])
+        pos = m.end()
+    raw += name[pos:].encode("utf-8")
+    return os.fsdecode(bytes(raw))
 
 
 def check_paths(folder: Path, out: Path) -> None:
@@ -240,7 +315,7 @@ def _stem(folder: Path, path: Path, frame: int | None = None) -> str:
     """A flat, unique output name for an input file (and frame), safe inside the output folder."""
     rel = path.relative_to(folder).as_posix()
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in rel.replace("/", "__"))
-    digest = hashlib.sha1(rel.encode()).hexdigest()[:6]
+    digest = hashlib.sha1(os.fsencode(rel)).hexdigest()[:6]  # the name's bytes, UTF-8 or not
     return f"{safe[:100]}-{digest}" + (f"-f{frame}" if frame is not None else "")
 
 
@@ -255,17 +330,31 @@ def _drop_torn_tail(path: Path) -> None:
 
 
 def _read_rows(path: Path, fields: list[str]) -> list[dict[str, str]]:
-    """The rows of an output CSV from an earlier run; refuses one written with other columns."""
+    """The rows of an output CSV from an earlier run, less a half row a killed run left at its end;
+    refuses a file that is not text, not CSV or has other columns, naming it."""
     if not path.is_file() or path.stat().st_size == 0:
         return []
-    with open(path, newline="") as fh:
-        reader = csv.DictReader(fh)
-        if reader.fieldnames != fields:
-            raise ValueError(
-                f"{path} has the columns of another predict version ({', '.join(reader.fieldnames or [])}): "
-                "choose a new --out"
-            )
-        return list(reader)
+    data = path.read_bytes()
+    end = len(data) if data.endswith(b"\n") else data.rfind(b"\n") + 1
+    encoding = locale.getpreferredencoding(False)
+    try:
+        reader = csv.DictReader(io.StringIO(data[:end].decode(encoding), newline=""))
+        header, rows = reader.fieldnames, list(reader)
+    except UnicodeDecodeError as exc:
+        raise ValueError(
+            f"{path} is not a LoRIS {path.name}: byte {exc.start} (0x{data[exc.start]:02x}) is not {encoding} text; "
+            "choose a new --out, or move that file away"
+        ) from None
+    except csv.Error as exc:
+        raise ValueError(
+            f"{path} is not a LoRIS {path.name} ({exc}): choose a new --out, or move that file away"
+        ) from None
+    if header != fields:
+        raise ValueError(
+            f"{path} is not a LoRIS {path.name} of this version (its columns: {', '.join(header or [])[:200]}): "
+            "choose a new --out"
+        )
+    return rows
 
 
 class _CsvAppender:
@@ -358,7 +447,13 @@ class _Batch:
 
 
 def _error(rel: str, reason: str, frame: int | str = "", uid: str | None = None) -> dict[str, Any]:
-    return {"file": rel, "frame": frame, "sop_instance_uid": uid or "", "reason": reason}
+    """An ``errors.csv`` row; ``rel`` is the path relative to the input folder (see :func:`csv_name`)."""
+    return {
+        "file": csv_name(rel),
+        "frame": frame,
+        "sop_instance_uid": safe_cell(uid or ""),
+        "reason": safe_cell(reason),
+    }
 
 
 def _reason(exc: Exception) -> str:
@@ -399,8 +494,9 @@ def _work(
     """Every frame still to process, or an error row for a file that cannot be expanded into frames."""
     for p in files:
         rel = p.relative_to(folder).as_posix()
+        cell = csv_name(rel)  # how predictions.csv and errors.csv name it
         known = _known_frame(p, opts.frames, default_frame)
-        if (rel, "") in done or (known is not None and (rel, str(known)) in done):
+        if (cell, "") in done or (known is not None and (cell, str(known)) in done):
             continue  # finished by an earlier run: not even its header is read again
         if not is_supported(p):
             yield _error(rel, f"unsupported file type '{p.suffix or '(none)'}'")
@@ -412,7 +508,7 @@ def _work(
             yield _error(rel, _reason(exc))
             continue
         for f in frames:
-            if (rel, str(f)) not in done:
+            if (cell, str(f)) not in done:
                 yield _Item(p, rel, f)
 
 
@@ -466,8 +562,41 @@ def _as_is(sample: Any) -> Any:
     return sample
 
 
-def _init_worker(_: int) -> None:
+PR_SET_PDEATHSIG = 1  # prctl(2)
+
+
+def die_with_parent(parent: int) -> None:
+    """End this process when ``parent`` (the process that started it) dies, even by ``kill -9``.
+
+    On Linux the kernel sends SIGKILL (``prctl(PR_SET_PDEATHSIG)``); elsewhere a daemon thread
+    watches the parent's PID once a second. A parent already gone ends it at once.
+    """
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            armed = libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) == 0
+        except (OSError, AttributeError):
+            armed = False
+        if armed:
+            if os.getppid() != parent:  # it died before the request was made
+                os._exit(1)
+            return
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="loris-parent-watch", daemon=True).start()
+
+
+def _init_worker(_: int, parent: int | None = None) -> None:
     cv2.setNumThreads(0)  # a forked OpenCV thread pool can deadlock; one image per worker needs none
+    if parent is not None:
+        die_with_parent(parent)  # a killed predict leaves no decoding process behind
 
 
 def default_workers() -> int:
@@ -495,7 +624,7 @@ def _read_stream(
         num_workers=workers,
         prefetch_factor=prefetch,
         collate_fn=_as_is,
-        worker_init_fn=_init_worker,
+        worker_init_fn=functools.partial(_init_worker, parent=os.getpid()),
     )
     yield from loader
 
@@ -603,16 +732,16 @@ def _write_outputs(
         w, h = rr.original_size
         rows.append(
             {
-                "file": item.rel,
+                "file": csv_name(item.rel),
                 "frame": item.frame,
-                "sop_instance_uid": rr.sop_instance_uid or "",
+                "sop_instance_uid": safe_cell(rr.sop_instance_uid or ""),
                 "score": f"{score:.6g}",
                 "verdict": "distended" if score >= bundle.score_threshold else "not distended",
                 "threshold": f"{bundle.score_threshold:.6g}",
                 **{k: f"{v:.1f}" for k, v in zip(("box_x1", "box_y1", "box_x2", "box_y2"), m.box)},
                 "box_source": source,
                 "box_confidence": f"{result.confidences[i]:.4f}",
-                "mask_rle": encode_mask(m.mask)["counts"],
+                "mask_rle": safe_cell(encode_mask(m.mask)["counts"]),  # a run of 13 starts it with '='
                 "overlay": ov_rel,
                 "width": w,
                 "height": h,
@@ -633,16 +762,18 @@ def decode_mask(row: Mapping[str, Any]) -> np.ndarray:
     ('41202', True)
     """
     h, w = int(row["height"]), int(row["width"])
-    return decode_segmentation({"size": [h, w], "counts": str(row["mask_rle"])}, h, w)
+    counts = str(row["mask_rle"]).removeprefix("'")  # the quote safe_cell puts before a leading '='
+    return decode_segmentation({"size": [h, w], "counts": counts}, h, w)
 
 
 def _done(out: Path) -> set[tuple[str, str]]:
-    """``(file, frame)`` keys an earlier run finished; ``(file, "")`` for a file refused as a whole."""
+    """``(file, frame)`` keys an earlier run finished (``file`` as :func:`csv_name` writes it);
+    ``(file, "")`` for a file refused as a whole. Both CSVs are checked before a torn row is cut."""
     pred_csv, err_csv = confined(out, "predictions.csv"), confined(out, "errors.csv")
-    _drop_torn_tail(pred_csv)
+    rows = _read_rows(pred_csv, PRED_FIELDS) + _read_rows(err_csv, ERR_FIELDS)
+    _drop_torn_tail(pred_csv)  # both are ours: the next append starts on a fresh line
     _drop_torn_tail(err_csv)
-    done = {(r["file"], r["frame"]) for r in _read_rows(pred_csv, PRED_FIELDS)}
-    return done | {(r["file"], r["frame"]) for r in _read_rows(err_csv, ERR_FIELDS)}
+    return {(r["file"], r["frame"]) for r in rows}
 
 
 def _predict_batch(
@@ -721,8 +852,9 @@ class _Plan:
     total: int | None
 
 
-def _plan(folder: Path, out: Path, recursive: bool, opts: ReadOptions, default_frame: int, shard: Shard) -> _Plan:
-    done = _done(out)
+def _plan(
+    folder: Path, recursive: bool, opts: ReadOptions, default_frame: int, shard: Shard, done: set[tuple[str, str]]
+) -> _Plan:
     files, problems = list_inputs(folder, recursive)
     k, n = shard
     if n > 1:  # this run's share of the folder: the files (and unreadable entries) whose path hash is k mod n
@@ -839,32 +971,105 @@ def _shard_text(shard: dict[str, Any]) -> str:
 
 
 def read_manifest(folder: Path) -> dict[str, Any]:
-    """The ``predict.json`` of an output folder; refuses a folder without one."""
+    """The ``predict.json`` of an output folder; refuses a folder without one, or a damaged one, naming it."""
     path = Path(folder) / MANIFEST
     if not path.is_file():
         raise FileNotFoundError(f"{folder}: no {MANIFEST} (not a predict output folder, or one from an older version)")
-    doc = json.loads(path.read_text())
+    try:
+        doc = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path} is not a LoRIS {MANIFEST} ({exc})") from None
     if not isinstance(doc, dict) or doc.get("format") != 1 or "bundle" not in doc or "shard" not in doc:
         raise ValueError(f"{path}: not a predict manifest of this version")
     return doc
 
 
-def _claim(out: Path, manifest: dict[str, Any]) -> None:
-    """Write ``out/predict.json``; an ``out`` begun by another bundle or for another shard is refused."""
+# the settings that change what a row means, and the option that sets each: a resume must keep them
+SETTINGS = {
+    "--crop": ("read", "crop"),
+    "--region": ("read", "region"),
+    "--frames": ("read", "frames"),
+    "--overlays": ("overlays",),
+    "--dicom-out": ("dicom_out",),
+}
+_ABSENT = object()
+
+
+def _setting(doc: Mapping[str, Any], keys: tuple[str, ...]) -> Any:
+    value: Any = doc
+    for k in keys:
+        if not isinstance(value, Mapping) or k not in value:
+            return _ABSENT  # a manifest from before the setting was recorded
+        value = value[k]
+    return sorted(value) if isinstance(value, list) else value
+
+
+def _show(option: str, value: Any) -> str:
+    if option == "--overlays":
+        return f"{option} on" if value else f"no {option}"
+    if option == "--dicom-out":
+        return f"{option} {','.join(value)}" if value else f"no {option}"
+    return f"no {option}" if value is None else f"{option} {value}"
+
+
+def _settings_differ(old: Mapping[str, Any], new: Mapping[str, Any]) -> str | None:
+    """The first setting two manifests differ in, as ``"--crop regions, not --crop auto"``; None when none."""
+    for option, keys in SETTINGS.items():
+        a, b = _setting(old, keys), _setting(new, keys)
+        if a is not _ABSENT and b is not _ABSENT and a != b:
+            return f"{_show(option, a)}, not {_show(option, b)}"
+    return None
+
+
+def check_resume(out: Path, manifest: dict[str, Any]) -> set[tuple[str, str]]:
+    """Refuse to continue ``out`` unless it was begun with this bundle, shard and settings (its
+    ``predict.json``); returns the ``(file, frame)`` keys already done. Results without a
+    ``predict.json`` are refused too, as are CSVs that are not LoRIS's. Nothing is written but the
+    cut of a half row a killed run left."""
     path = confined(out, MANIFEST)
-    if path.is_file():
-        old = read_manifest(out)
-        if old["bundle"] != manifest["bundle"]:
+    if not path.is_file():
+        found = [n for n in ("predictions.csv", "errors.csv") if confined(out, n).exists()]
+        if found:
             raise ValueError(
-                f"--out {out} holds the results of {_describe(old['bundle'])}, not of this bundle "
-                f"({_describe(manifest['bundle'])}): choose a new --out"
+                f"--out {out} holds {' and '.join(found)} but no {MANIFEST}, so the bundle and settings that "
+                f"made them cannot be checked: restore its {MANIFEST}, or choose a new --out"
             )
-        if old["shard"] != manifest["shard"]:
-            raise ValueError(
-                f"--out {out} holds shard {_shard_text(old['shard'])}, not {_shard_text(manifest['shard'])}: "
-                "choose a new --out"
-            )
-    atomic_write_text(path, json.dumps(manifest, indent=1) + "\n")
+        return set()
+    old = read_manifest(out)
+    if old["bundle"] != manifest["bundle"]:
+        raise ValueError(
+            f"--out {out} holds the results of {_describe(old['bundle'])}, not of this bundle "
+            f"({_describe(manifest['bundle'])}): choose a new --out"
+        )
+    if old["shard"] != manifest["shard"]:
+        raise ValueError(
+            f"--out {out} holds shard {_shard_text(old['shard'])}, not {_shard_text(manifest['shard'])}: "
+            "choose a new --out"
+        )
+    differ = _settings_differ(old, manifest)
+    if differ:
+        raise ValueError(
+            f"--out {out} was begun with {differ} ({path}): rerun with its settings to resume it, or choose a new --out"
+        )
+    return _done(out)
+
+
+def _check_folder(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is an existing file, not a folder; choose another --out")
+
+
+@contextlib.contextmanager
+def output_lock(out: Path) -> Iterator[Path]:
+    """Hold ``<out>/.lock`` while the block writes ``out`` (``predict``, ``merge``, ``export``): a
+    second process refuses at once (naming the holder's PID) before it writes anything, and the lock
+    goes with the process, also when it is killed. The run folders' lock
+    (:func:`pipeline.outputs.run_lock`), without its check that ``out`` holds a run: when the block
+    wrote nothing, the lock file is removed, and so is ``out`` if this call created it."""
+    from pipeline.outputs import run_lock
+
+    with run_lock(Path(out), check=_check_folder) as locked:
+        yield locked
 
 
 def _load_bundle(bundle_dir: Path, device: str, runtime: str) -> Bundle:
@@ -919,18 +1124,31 @@ def predict_folder(
         raise ValueError(f"workers must be 0 or more and prefetch 1 or more, not {n_workers} and {prefetch}")
     if runtime not in RUNTIMES:
         raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, not {runtime!r}")
-    bundle = _load_bundle(Path(bundle_dir), device, runtime)  # a damaged bundle is named before any work starts
-    outputs = Outputs(overlays, tuple(dicom_out))
-    job = Job(
-        Path(bundle_dir), device, folder, out, opts, outputs, batch_size, progress, bundle, n_workers, prefetch, runtime
-    )
-    out.mkdir(parents=True, exist_ok=True)
-    _claim(out, _manifest(job, bundle, part))
-    plan = _plan(folder, out, recursive, opts, bundle.frame, part)
-    del bundle  # the job holds it, so an engine that does not need it can let it go
-    watch = Stopwatch()
-    sink = engine(job, plan, watch)
-    return _finish(out, sink, watch.seconds.get("predict", 0.0), plan.n_done, review)
+    with output_lock(out):  # one process at a time writes out
+        bundle = _load_bundle(Path(bundle_dir), device, runtime)  # a damaged bundle is named before any work
+        outputs = Outputs(overlays, tuple(dicom_out))
+        job = Job(
+            Path(bundle_dir),
+            device,
+            folder,
+            out,
+            opts,
+            outputs,
+            batch_size,
+            progress,
+            bundle,
+            n_workers,
+            prefetch,
+            runtime,
+        )
+        manifest = _manifest(job, bundle, part)
+        done = check_resume(out, manifest)  # refused before anything is written
+        atomic_write_text(confined(out, MANIFEST), json.dumps(manifest, indent=1) + "\n")
+        plan = _plan(folder, recursive, opts, bundle.frame, part, done)
+        del bundle  # the job holds it, so an engine that does not need it can let it go
+        watch = Stopwatch()
+        sink = engine(job, plan, watch)
+        return _finish(out, sink, watch.seconds.get("predict", 0.0), plan.n_done, review)
 
 
 def _ends_cleanly(path: Path) -> bool:
@@ -964,6 +1182,11 @@ def _check_shards(folders: list[Path], docs: list[dict[str, Any]]) -> dict[int, 
             raise ValueError(
                 f"merge: {f} was made with {_describe(d['bundle'])} and {folders[0]} with "
                 f"{_describe(first['bundle'])}: merge only the folders of one bundle"
+            )
+        differ = _settings_differ(d, first)
+        if differ:
+            raise ValueError(
+                f"merge: {f} was made with {differ} as {folders[0]} was: merge the shards of one predict command"
             )
         if d["shard"]["n"] != n:
             raise ValueError(
@@ -1034,12 +1257,39 @@ def merge_outputs(folders: Sequence[Path], out: Path, move: bool = False, review
         raise ValueError("merge: name at least one predict output folder")
     for f in folders:
         check_paths(f, out)
+    with output_lock(out), _shards_idle(folders):
+        return _merge(folders, out, move, review)
+
+
+@contextlib.contextmanager
+def _shards_idle(folders: list[Path]) -> Iterator[None]:
+    """Hold the lock of every shard folder that has one, so none is merged while a ``predict`` writes it."""
+    from filelock import FileLock, Timeout
+
+    from pipeline.outputs import LOCK
+
+    with contextlib.ExitStack() as stack:
+        for f in folders:
+            if not (f / LOCK).is_file():
+                continue
+            lock = FileLock(str(f / LOCK))
+            try:
+                lock.acquire(timeout=0)
+            except Timeout:
+                raise ValueError(f"merge: {f} is being written by a running predict; wait for it to finish") from None
+            except OSError:
+                continue  # a read-only folder: no predict can be writing it
+            stack.callback(lock.release)
+        yield
+
+
+def _merge(folders: list[Path], out: Path, move: bool, review: bool) -> dict[str, Any]:
+    """:func:`merge_outputs` once ``out`` is locked."""
     if any(confined(out, n).exists() for n in ("predictions.csv", "errors.csv", MANIFEST)):
         raise ValueError(f"--out {out} already holds predict results: choose a new --out")
     docs = [read_manifest(f) for f in folders]
     owner = _check_shards(folders, docs)
     preds, errors = _gather(folders)
-    out.mkdir(parents=True, exist_ok=True)
     brought, missing = _bring(preds, out, move)
     atomic_write_text(confined(out, "predictions.csv"), _csv_text([r for _, r in preds], PRED_FIELDS))
     atomic_write_text(confined(out, "errors.csv"), _csv_text(errors, ERR_FIELDS))

@@ -9,7 +9,10 @@ themselves (atomically); the driver appends the CSV rows as batches come back, s
 resumes as the local engine does. Ray's actors are the parallel readers here, so the local engine's
 ``workers`` do not apply. Without ``address`` Ray runs on this
 machine, with its session files under the LoRIS cache (``ray/``), or, when that path is too long
-for Ray's sockets, in a temporary folder removed after the run.
+for Ray's sockets, in a temporary folder removed after the run; that local Ray makes no network call:
+no dashboard, usage statistics off (``RAY_USAGE_STATS_ENABLED=0`` unless set otherwise), bound to
+the loopback address. Paths travel as bytes (:func:`os.fsencode`), so names that are not UTF-8 reach
+the actors intact.
 Needs the ``ray`` extra (``pip install 'ray[data]'``); the import is deferred so the rest of the
 package works without it (docs/design.md, "Outputs for clinicians and PACS").
 """
@@ -50,7 +53,11 @@ class BundleActor:
         self.folder, self.out, self.opts, self.outputs = Path(folder), Path(out), opts, outputs
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        items = [_Item(Path(p), str(r), int(f)) for p, r, f in zip(batch["path"], batch["rel"], batch["frame"])]
+        # paths come as bytes (os.fsencode), so a name that is not UTF-8 crosses Arrow intact
+        items = [
+            _Item(Path(os.fsdecode(bytes(p))), os.fsdecode(bytes(r)), int(f))
+            for p, r, f in zip(batch["path"], batch["rel"], batch["frame"])
+        ]
         rows, errors = process_batch(self.bundle, self.folder, self.out, items, self.opts, self.outputs)
         return {
             "kind": np.array(["row"] * len(rows) + ["error"] * len(errors), dtype=object),
@@ -59,6 +66,15 @@ class BundleActor:
 
 
 _SOCKET_ROOM = 40  # Ray's socket paths add ~65 characters to its temp folder, and AF_UNIX allows 107
+LOOPBACK = "127.0.0.1"
+
+
+def _offline_env() -> None:
+    """What keeps Ray (this driver and the processes it starts, which inherit the environment) off the
+    network: no usage statistics (whose reporter asks cloud metadata servers which cloud it is on),
+    and a cluster of this machine only, with no token written into ``~/.ray``. A user's own setting wins."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 
 def _start_ray(address: str | None, threads: int) -> tuple[bool, Path | None]:
@@ -68,6 +84,7 @@ def _start_ray(address: str | None, threads: int) -> tuple[bool, Path | None]:
 
     if ray.is_initialized():
         return False, None
+    _offline_env()
     if address:
         ray.init(address=address, log_to_driver=False, configure_logging=False)
         return True, None
@@ -77,13 +94,12 @@ def _start_ray(address: str | None, threads: int) -> tuple[bool, Path | None]:
     if len(str(temp)) > _SOCKET_ROOM:  # too long for Ray's sockets: a short folder, removed after the run
         temp = scratch = Path(tempfile.mkdtemp(prefix="loris-ray-"))
     temp.mkdir(parents=True, exist_ok=True)
-    # a cluster of this machine only, bound to loopback: no token written into ~/.ray
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     ray.init(
         num_cpus=max(threads, 1),
-        include_dashboard=False,
+        include_dashboard=False,  # no dashboard: it runs the usage reporter and serves HTTP
         log_to_driver=False,
         configure_logging=False,
+        _node_ip_address=LOOPBACK,  # not the address found by routing towards a public one
         _temp_dir=str(temp),
     )
     return True, scratch
@@ -136,7 +152,9 @@ class RayEngine:
         import ray
 
         ray.data.DataContext.get_current().enable_progress_bars = False
-        ds = ray.data.from_items([{"path": str(i.path), "rel": i.rel, "frame": i.frame} for i in items])
+        ds = ray.data.from_items(
+            [{"path": os.fsencode(i.path), "rel": os.fsencode(i.rel), "frame": i.frame} for i in items]
+        )
         kwargs = {
             "bundle_dir": str(job.bundle_dir),
             "device": job.device,

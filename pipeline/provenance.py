@@ -65,13 +65,17 @@ def git_commit() -> str:
 
 
 def machine() -> dict[str, Any]:
+    """The platform, CPU count, how this process computes (world size, distributed backend, torch
+    threads: :func:`scans.runtime.runtime_info`) and the GPU."""
     import os
 
     import torch
 
+    from scans.runtime import runtime_info
+
     return {
         "platform": platform.platform(),
         "cpus": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
+        **runtime_info(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }

@@ -47,7 +47,7 @@ from pipeline.outputs import (
 from pipeline.provenance import package_versions
 from scans.distributed import barrier, broadcast_decision, init_from_env, is_main, shutdown
 from scans.records import ScanArrays
-from scans.runtime import Stopwatch, set_threads
+from scans.runtime import Stopwatch, runtime_info, set_threads
 
 NO_DETECTION = {"precision": None, "map50": None, "map75": None}
 # How long a rank may wait in a collective, e.g. while rank 0 evaluates a fold or trains YOLOv5u alone.
@@ -227,8 +227,29 @@ def _lead(cfg: Config, out: Path, detector_names: Sequence[str], command: str) -
         # total_s is this invocation's wall time; folds resumed from disk kept their stage times.
         summary["timing"] = {"total_s": watch.seconds["total"], "resumed_folds": resumed, **_timing(outputs)}
         summary["fold_info"] = [fo.info for fo in outputs]
+        summary["runtime"] = runtime_info()  # this invocation's world size, backend and torch threads
+        summary["reused_models"] = reused_models(outputs)
         report(p, outputs, summary)
     return summary
+
+
+def reused_models(outputs: Sequence[FoldOutput]) -> list[dict[str, Any]]:
+    """Every model a fold took from the cache, with how it was trained (``trained_with``: world size,
+    backend and torch threads; null for entries made before LoRIS recorded it).
+
+    >>> fo = FoldOutput(FoldResult(fold=2), [], {}, {"unet": {"cached": True, "cache": "c/u", "trained_with": None}})
+    >>> reused_models([fo])
+    [{'fold': 2, 'model': 'unet', 'cache': 'c/u', 'trained_with': None}]
+    """
+    out = []
+    for fo in outputs:
+        for name, info in fo.info.items():
+            refiner = info.get("refiner") if isinstance(info, dict) else None
+            for model, part in ((name, info), (f"{name}/refiner", refiner)):
+                if isinstance(part, dict) and part.get("cached"):
+                    used = {"cache": part.get("cache"), "trained_with": part.get("trained_with")}
+                    out.append({"fold": fo.result.fold, "model": model, **used})
+    return out
 
 
 # ----------------------------------------------------------------------------- aggregate

@@ -65,24 +65,29 @@ def main(argv: list[str] | None = None) -> int:
         return _import(args)
 
     if args.command == "phantom":
-        from scans.phantom import generate_dataset, write_twins
+        from scans.phantom import check_arguments, generate_dataset, write_twins
 
-        if args.twins and (args.out / "annotations.json").is_file():
-            print(f"wrote {write_twins(args.out, args.seed)}")
-            out = args.out
-        else:
-            out = generate_dataset(
-                args.out,
-                n_images=args.images,
-                n_distended=args.distended,
-                n_patients=args.patients,
-                size=args.size,
-                seed=args.seed,
-                null=args.null,
-                appearance=args.appearance,
-                twins=args.twins,
-            )
-            print(f"wrote {out}")
+        try:  # a bad option or --out is named, without a traceback, before anything renders
+            if args.twins and (args.out / "annotations.json").is_file():
+                print(f"wrote {write_twins(args.out, args.seed)}")
+                out = args.out
+            else:
+                check_arguments(args.images, args.distended, args.patients, args.size, args.seed)
+                out = generate_dataset(
+                    args.out,
+                    n_images=args.images,
+                    n_distended=args.distended,
+                    n_patients=args.patients,
+                    size=args.size,
+                    seed=args.seed,
+                    null=args.null,
+                    appearance=args.appearance,
+                    twins=args.twins,
+                )
+                print(f"wrote {out}")
+        except (ValueError, OSError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
         args.dir = out
     problems = check_dataset(args.dir)
     if problems:

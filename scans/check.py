@@ -165,6 +165,7 @@ def check_dataset(root: Path | str, read_images: bool = True) -> list[Problem]:
         problems.append(Problem(str(ann_path), f"no category named '{CATEGORY}' with an integer id"))
 
     images: dict[int, dict[str, Any]] = {}
+    by_file: dict[Any, list[dict[str, Any]]] = {}  # one image file (its resolved path or inode) -> its entries
     id_counts = Counter(img.get("id") for img in doc["images"] if isinstance(img, dict) and _is_int(img.get("id")))
     for n, img in enumerate(doc["images"]):
         if not isinstance(img, dict):
@@ -184,6 +185,7 @@ def check_dataset(root: Path | str, read_images: bool = True) -> list[Problem]:
             problems.append(Problem(where, f"duplicate image id {img['id']}"))
             continue
         images[img["id"]] = img
+        by_file.setdefault(_file_key(root / img["file_name"]), []).append(img)
         if read_images:
             try:
                 arr = read_image(root / img["file_name"])
@@ -235,8 +237,40 @@ def check_dataset(root: Path | str, read_images: bool = True) -> list[Problem]:
             problems.append(
                 Problem(str(root / img["file_name"]), f"image has {per_image[image_id]} recess boxes; expected one")
             )
+    problems.extend(_duplicate_files(root, by_file))
     _check_splits(root, images, problems)
     return problems
+
+
+def _file_key(path: Path) -> Any:
+    """What makes two entries one image file: its inode (hard links, symlinks), else its resolved path."""
+    try:
+        st = path.stat()
+        return ("inode", st.st_dev, st.st_ino)
+    except OSError:
+        return ("path", str(path.resolve()))
+
+
+def _duplicate_files(root: Path, by_file: dict[Any, list[dict[str, Any]]]) -> list[Problem]:
+    """One problem per image file listed more than once: a scan counted twice, and, under two patients,
+    on both sides of a patient-grouped split."""
+    out = []
+    for entries in by_file.values():
+        if len(entries) < 2:
+            continue
+        listed = ", ".join(
+            f"image {_short(e['id'])} as {e['file_name']!r} (patient {e['patient_id']}, "
+            f"{'distended' if e['distended'] is True else 'normal'})"
+            for e in entries
+        )
+        reason = f"the same image file is listed {len(entries)} times in annotations.json: {listed}"
+        patients = list(dict.fromkeys(str(e["patient_id"]) for e in entries))
+        if len(patients) > 1:
+            reason += f"; one file under {len(patients)} patients ({', '.join(patients)}) leaks across patient folds"
+        if len({e["distended"] is True for e in entries}) > 1:
+            reason += "; it is labelled both distended and normal"
+        out.append(Problem(str(root / entries[0]["file_name"]), reason))
+    return out
 
 
 def summary_line(root: Path | str) -> str:

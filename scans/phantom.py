@@ -750,6 +750,50 @@ def dataset_geometry(
     return patient, distended, geoms
 
 
+# What generate_dataset accepts: a rendered side of 32 to 2048 pixels (2048 px images take 4 MB each as PNG
+# and far more while rendering), enough patients for its 5 patient-grouped folds with a validation part.
+SIZE_RANGE = (32, 2048)
+MIN_PATIENTS = 6
+SEED_MAX = 2**32 - 1
+
+
+def check_arguments(n_images: int, n_distended: int, n_patients: int, size: int, seed: int = 0) -> None:
+    """Refuse a phantom that cannot be made, before anything renders; each message names the parameter
+    and its ``python -m scans phantom`` option.
+
+    >>> check_arguments(10, 12, 6, 64)
+    Traceback (most recent call last):
+    ...
+    ValueError: n_distended (--distended) must be in [0, 10] (at most the number of images), got 12
+    """
+
+    def whole(value: object) -> bool:
+        return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+    named = {"n_images": n_images, "n_distended": n_distended, "n_patients": n_patients, "size": size, "seed": seed}
+    for name, value in named.items():
+        if not whole(value):
+            raise ValueError(f"{name} (--{name.removeprefix('n_')}) must be a whole number, got {value!r}")
+    if n_images < MIN_PATIENTS:
+        raise ValueError(
+            f"n_images (--images) must be {MIN_PATIENTS} or more (one per patient at least), got {n_images}"
+        )
+    if not MIN_PATIENTS <= n_patients <= n_images:
+        raise ValueError(
+            f"n_patients (--patients) must be in [{MIN_PATIENTS}, {n_images}] (5 patient-grouped folds with a "
+            f"validation part need {MIN_PATIENTS}; at most one patient per image), got {n_patients}"
+        )
+    if not 0 <= n_distended <= n_images:
+        raise ValueError(
+            f"n_distended (--distended) must be in [0, {n_images}] (at most the number of images), got {n_distended}"
+        )
+    low, high = SIZE_RANGE
+    if not low <= size <= high:
+        raise ValueError(f"size (--size) must be in [{low}, {high}] pixels, got {size}")
+    if not 0 <= seed <= SEED_MAX:
+        raise ValueError(f"seed (--seed) must be in [0, {SEED_MAX}], got {seed}")
+
+
 def _check_out(out: Path) -> None:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"{out} already exists and is not empty; choose another --out or remove it")
@@ -786,12 +830,7 @@ def generate_dataset(
     ['annotations.json', 'images', 'splits.json']
     """
     out = Path(out)
-    if not 0 <= n_distended <= n_images:
-        raise ValueError(f"n_distended must be in [0, {n_images}], got {n_distended}")
-    if not 1 <= n_patients <= n_images:
-        raise ValueError(f"n_patients must be in [1, n_images={n_images}], got {n_patients}")
-    if size < 32:
-        raise ValueError(f"size must be at least 32, got {size}")
+    check_arguments(n_images, n_distended, n_patients, size, seed)
     _check_appearance(appearance)
     _check_out(out)
     with building_folder(out, "tmp") as tmp:

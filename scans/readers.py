@@ -4,7 +4,9 @@ Every reader returns a 2-D float32 grayscale array in [0, 1]. Integer raster ima
 by the maximum of their bit depth (255 for 8 bit, 65535 for 16 bit), so intensities stay
 comparable across files of one bit depth. DICOM goes through the display pipeline (Modality LUT,
 VOI LUT or window, MONOCHROME1 inversion; see :mod:`scans.dicom`). Colour images are converted to
-luma (ITU-R BT.601, as OpenCV does).
+luma (ITU-R BT.601, as OpenCV does). Each page of a multi-page TIFF is a frame, as each frame of a
+cine DICOM is. A JPEG is turned as its EXIF Orientation says, as viewers and annotation tools show
+it (:func:`apply_orientation`; :attr:`ReadResult.orientation` records it).
 
 Two entry points:
 
@@ -35,6 +37,8 @@ import cv2
 import numpy as np
 
 RASTER_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
+TIFF_SUFFIXES = {".tif", ".tiff"}  # may hold several pages: each page is a frame
+JPEG_SUFFIXES = {".jpg", ".jpeg"}  # may carry an EXIF orientation: applied on read
 DICOM_SUFFIXES = {".dcm", ".dicom"}
 SUPPORTED_SUFFIXES = RASTER_SUFFIXES | DICOM_SUFFIXES
 
@@ -109,15 +113,145 @@ def to_unit_gray(
     return np.ascontiguousarray(np.clip(out, 0.0, 1.0), dtype=np.float32)
 
 
-def read_raster(path: Path) -> np.ndarray:
-    """PNG, JPEG, BMP or TIFF, 8 or 16 bit, gray or colour."""
+def _tiff_orientation(tiff: bytes) -> int:
+    """The Orientation tag (0x0112) of IFD0 of a TIFF-structured block (an EXIF payload); 1 when absent."""
+    order: Literal["little", "big"]
+    if tiff[:2] == b"II":
+        order = "little"
+    elif tiff[:2] == b"MM":
+        order = "big"
+    else:
+        return 1
+
+    def num(at: int, size: int) -> int:
+        return int.from_bytes(tiff[at : at + size], order)
+
+    if len(tiff) < 8 or num(2, 2) != 42:
+        return 1
+    ifd = num(4, 4)
+    if ifd + 2 > len(tiff):
+        return 1
+    for k in range(num(ifd, 2)):
+        entry = ifd + 2 + 12 * k
+        if entry + 12 > len(tiff):
+            break
+        if num(entry, 2) == 0x0112:
+            kind = num(entry + 2, 2)  # SHORT (3), as EXIF says; LONG (4) from some writers
+            value = num(entry + 8, 2) if kind == 3 else num(entry + 8, 4) if kind == 4 else 1
+            return value if 1 <= value <= 8 else 1
+    return 1
+
+
+def jpeg_orientation(data: bytes) -> int:
+    """The EXIF Orientation (1 to 8) of JPEG bytes: 1 (as stored) when there is none or it is unreadable.
+
+    >>> jpeg_orientation(b"\xff\xd8\xff\xd9")
+    1
+    """
+    if data[:2] != b"\xff\xd8":
+        return 1
+    i = 2
+    while i + 4 <= len(data):
+        if data[i] != 0xFF:
+            return 1
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker in (0xD9, 0xDA):  # end of image, start of scan: no metadata after this
+            return 1
+        if 0xD0 <= marker <= 0xD7 or marker == 0x01:  # markers without a length
+            i += 2
+            continue
+        length = int.from_bytes(data[i + 2 : i + 4], "big")
+        if length < 2:
+            return 1
+        segment = data[i + 4 : i + 2 + length]
+        if marker == 0xE1 and segment[:6] == b"Exif\x00\x00":
+            return _tiff_orientation(segment[6:])
+        i += 2 + length
+    return 1
+
+
+def apply_orientation(arr: np.ndarray, orientation: int) -> np.ndarray:
+    """The stored pixels ``arr`` (``[h, w]`` or ``[h, w, c]``) as displayed under EXIF ``orientation``
+    (1: as stored; 2: mirrored; 3: rotated 180; 4: flipped; 5: transposed; 6: rotated 90 clockwise;
+    7: transversed; 8: rotated 90 counter-clockwise), as OpenCV's colour decode and viewers show them.
+
+    >>> apply_orientation(np.array([[1, 2], [3, 4]]), 6).tolist()
+    [[3, 1], [4, 2]]
+    """
+    if orientation == 2:
+        arr = arr[:, ::-1]
+    elif orientation == 3:
+        arr = arr[::-1, ::-1]
+    elif orientation == 4:
+        arr = arr[::-1]
+    elif orientation == 5:
+        arr = np.swapaxes(arr, 0, 1)
+    elif orientation == 6:
+        arr = np.rot90(arr, k=-1)
+    elif orientation == 7:
+        arr = np.rot90(arr, k=-1)[::-1]
+    elif orientation == 8:
+        arr = np.rot90(arr, k=1)
+    return np.ascontiguousarray(arr)
+
+
+def tiff_page_count(path: Path) -> int:
+    """Pages of a TIFF (each a frame), counted by OpenCV from its directory chain without decoding pixels.
+
+    Raises:
+        ReadError: when OpenCV cannot read the file.
+    """
+    n = int(cv2.imcount(str(path), cv2.IMREAD_UNCHANGED))
+    if n < 1:
+        raise ReadError(path, "not a decodable TIFF image (corrupt or wrong format)")
+    return n
+
+
+def _decode_page(data: np.ndarray, page: int) -> np.ndarray | None:
+    """Page ``page`` of the TIFF bytes ``data`` (decoding that page alone where OpenCV can)."""
+    try:
+        ok, mats = cv2.imdecodemulti(data, cv2.IMREAD_UNCHANGED, None, (page, page + 1))
+    except (cv2.error, TypeError):  # an OpenCV without page ranges: decode them all
+        ok, mats = cv2.imdecodemulti(data, cv2.IMREAD_UNCHANGED)
+        mats = mats[page : page + 1] if ok else mats
+    return mats[0] if ok and len(mats) >= 1 else None
+
+
+def decode_raster(path: Path, frame: int = 0) -> tuple[np.ndarray, int]:
+    """``(grey [0, 1] image, EXIF orientation applied)`` of a PNG, JPEG, BMP or TIFF (page ``frame``):
+    JPEGs are turned as their EXIF Orientation says (1: as stored)."""
     data = np.fromfile(path, dtype=np.uint8)  # imdecode avoids cv2.imread's silent None on odd paths
     if data.size == 0:
         raise ReadError(path, "file is empty")
-    arr = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+    if frame and path.suffix.lower() in TIFF_SUFFIXES:
+        arr = _decode_page(data, frame)
+    else:
+        arr = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)  # UNCHANGED keeps 16 bit, and ignores EXIF
     if arr is None:
         raise ReadError(path, "not a decodable PNG/JPEG/BMP/TIFF image (corrupt or wrong format)")
-    return to_unit_gray(arr, path)
+    orientation = jpeg_orientation(data.tobytes()) if path.suffix.lower() in JPEG_SUFFIXES else 1
+    return to_unit_gray(apply_orientation(arr, orientation), path), orientation
+
+
+def read_raster(path: Path, frame: int = 0) -> np.ndarray:
+    """PNG, JPEG, BMP or TIFF, 8 or 16 bit, gray or colour; page ``frame`` of a multi-page TIFF; a JPEG
+    turned by its EXIF orientation."""
+    return decode_raster(path, frame)[0]
+
+
+def _raster_frame(path: Path, frame: int, strict: bool) -> tuple[int, int]:
+    """``(page to read, page count)`` for ``frame`` of a raster file: multi-page TIFFs have one frame per
+    page; other files one. A frame past the end of a multi-page file is a :class:`ReadError`; for a
+    single-image file too when ``strict``, else that image is read (``read_image``'s rule, as before)."""
+    n = tiff_page_count(path) if frame and path.suffix.lower() in TIFF_SUFFIXES else 1
+    if 0 <= frame < n:
+        return frame, n
+    if n > 1 or strict or frame < 0:
+        raise ReadError(path, f"frame {frame} requested but the file has {n} frame(s)")
+    return 0, n
 
 
 def read_dicom(path: Path, frame: int = 0) -> np.ndarray:
@@ -140,7 +274,7 @@ def read_image(path: Path | str, frame: int = 0) -> np.ndarray:
         return read_dicom(path, frame)
     if path.suffix.lower() not in RASTER_SUFFIXES:
         raise ReadError(path, f"unsupported file type '{path.suffix or '(none)'}'")
-    return read_raster(path)
+    return read_raster(path, _raster_frame(path, frame, strict=False)[0])
 
 
 @dataclass(frozen=True)
@@ -154,6 +288,8 @@ class ReadResult:
         frame: the frame read; frame_count: frames in the file (1 for raster images).
         sop_instance_uid: DICOM SOP Instance UID (a row key), None for raster images.
         crop_source: ``"none"``, ``"region N"`` (index in the Sequence of Ultrasound Regions) or ``"auto"``.
+        orientation: the EXIF Orientation applied to a JPEG's stored pixels (1: none; see
+            :func:`apply_orientation`); ``crop`` and ``original_size`` are in the turned image's pixels.
     """
 
     image: np.ndarray
@@ -163,6 +299,7 @@ class ReadResult:
     frame_count: int
     sop_instance_uid: str | None
     crop_source: str
+    orientation: int = 1
 
     @property
     def cropped(self) -> bool:
@@ -246,7 +383,8 @@ def find_bmode_box(image: np.ndarray, threshold: float = 0.05, min_fraction: flo
 
 
 def count_frames(path: Path | str) -> int:
-    """Frames in a file: NumberOfFrames for DICOM (read from the header), 1 for raster images."""
+    """Frames in a file: NumberOfFrames for DICOM (read from the header), the pages of a TIFF, 1 for
+    other raster images."""
     path = Path(path)
     if not path.is_file():
         raise ReadError(path, "file not found")
@@ -254,6 +392,8 @@ def count_frames(path: Path | str) -> int:
         from scans.dicom import dicom_frame_count
 
         return dicom_frame_count(path)
+    if path.suffix.lower() in TIFF_SUFFIXES:
+        return tiff_page_count(path)
     return 1
 
 
@@ -295,6 +435,7 @@ def read_scan(path: Path | str, frame: int = 0, crop: CropMode = "regions", regi
     uid = None
     box: Crop | None = None
     source = "none"
+    orientation = 1
     if is_dicom(path):
         from scans.dicom import choose_region, read_dicom_frame
 
@@ -305,11 +446,14 @@ def read_scan(path: Path | str, frame: int = 0, crop: CropMode = "regions", regi
             if chosen is not None:
                 box, source = chosen.box, f"region {chosen.index}"
     else:
-        if frame != 0:
-            raise ReadError(path, f"frame {frame} requested but the file has 1 frame(s)")
+        if path.suffix.lower() not in RASTER_SUFFIXES:
+            raise ReadError(path, f"unsupported file type '{path.suffix or '(none)'}'")
+        page, n_frames = _raster_frame(path, frame, strict=True)
         if region is not None:
             raise ReadError(path, f"ultrasound region {region} requested but only DICOM files have regions")
-        image, n_frames = read_image(path), 1
+        if n_frames == 1 and path.suffix.lower() in TIFF_SUFFIXES:
+            n_frames = tiff_page_count(path)  # frame 0 of a TIFF: its page count is reported too
+        image, orientation = decode_raster(path, page)
     h, w = image.shape
     if box is None and crop == "auto":
         box = find_bmode_box(image)
@@ -327,6 +471,7 @@ def read_scan(path: Path | str, frame: int = 0, crop: CropMode = "regions", regi
         frame_count=n_frames,
         sop_instance_uid=uid,
         crop_source=source,
+        orientation=orientation,
     )
 
 

@@ -78,6 +78,65 @@ def cache_home(override: Path | str | None = None) -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "loris"
 
 
+def cache_home_source() -> str:
+    """What chose :func:`cache_home`: ``LORIS_CACHE``, ``XDG_CACHE_HOME`` or ``HOME``.
+
+    >>> cache_home_source() in ("LORIS_CACHE", "XDG_CACHE_HOME", "HOME")
+    True
+    """
+    if os.environ.get("LORIS_CACHE"):
+        return "LORIS_CACHE"
+    return "XDG_CACHE_HOME" if os.environ.get("XDG_CACHE_HOME") else "HOME"
+
+
+class CacheHomeError(RuntimeError):
+    """The LoRIS cache folder cannot be used; the message names it and the variable that chose it."""
+
+
+def check_cache_home(override: Path | str | None = None) -> Path:
+    """The cache folder (:func:`cache_home`), created when missing and checked writable by writing a file
+    in it; else :class:`CacheHomeError` naming the folder and the environment variable that chose it,
+    before any command trains or writes (torch's inductor cache, the phantom and the models live there).
+
+    >>> import tempfile
+    >>> check_cache_home(Path(tempfile.mkdtemp()) / "loris").is_dir()
+    True
+    """
+    import tempfile
+
+    path = cache_home(override)
+    chosen = "the cache_dir setting" if override else f"${cache_home_source()}"
+    fix = "point LORIS_CACHE at a writable folder (e.g. export LORIS_CACHE=/tmp/loris-cache)"
+    if path.exists() and not path.is_dir():
+        raise CacheHomeError(f"LoRIS cache {path} (from {chosen}) is a file, not a folder; {fix}")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-check-"):
+            pass
+    except OSError as exc:
+        reason = exc.strerror or exc.__class__.__name__
+        raise CacheHomeError(f"LoRIS cache {path} (from {chosen}) is not a writable folder ({reason}); {fix}") from None
+    return path
+
+
+def runtime_info() -> dict[str, Any]:
+    """How this process computes: the torchrun world size, the distributed backend (None in one
+    process) and torch's CPU thread count (float reductions, hence numbers, depend on it).
+
+    >>> sorted(runtime_info())
+    ['distributed_backend', 'torch_threads', 'world_size']
+    """
+    import torch
+    import torch.distributed as dist
+
+    joined = dist.is_available() and dist.is_initialized()
+    return {
+        "world_size": dist.get_world_size() if joined else 1,
+        "distributed_backend": str(dist.get_backend()) if joined else None,
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
 def median_seconds(fn: Callable[[], Any], repeats: int = 3, warmup: int = 1) -> float:
     """Median wall time of ``fn()`` over ``repeats`` calls after ``warmup`` untimed ones (the first
     calls allocate and pick kernels)."""

@@ -23,6 +23,13 @@ TINY_PHANTOM = [
 ]
 
 
+def pinned_environment() -> tuple[str, str]:
+    """What floating-point results depend on besides the code: torch's version and the CPU kernels it runs."""
+    import torch
+
+    return torch.__version__.split("+")[0], torch.backends.cpu.get_cpu_capability()
+
+
 def set_args(overrides: list[str]) -> list[str]:
     """Config overrides as CLI arguments: ``["a=1"]`` -> ``["--set", "a=1"]``."""
     return [a for s in overrides for a in ("--set", s)]

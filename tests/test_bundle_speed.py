@@ -76,6 +76,7 @@ def _expected(b: Bundle, images: np.ndarray) -> tuple[np.ndarray, np.ndarray, np
         region=s["region"],
         topk_fraction=s["topk_fraction"],
         margin=float(d["mask_margin"]),
+        inset=float(s["inset"]),
     )
     heat = rec.maps[g["map"]]
     return scores, heat, segment(heat, float(g["threshold"]), kernel=int(g["kernel"]))

@@ -79,7 +79,7 @@ def test_score_region_box_pools_over_the_masked_margin() -> None:
     from pipeline.evaluate import image_scores
     from reconstruction.deviation import image_score
 
-    cfg = load_config(None, "quick", ["score.region=box", "unet.mask_margin=3"])
+    cfg = load_config(None, "quick", ["score.region=box", "score.inset=0", "unet.mask_margin=3"])
     maps = np.zeros((1, 32, 32), np.float32)
     maps[0, 5, 5] = 1.0  # just outside the box, inside its 3-px margin
     boxes = np.array([[7.0, 7.0, 20.0, 20.0]])

@@ -159,3 +159,15 @@ def test_draem_box_trains_on_the_training_boxes(data: dict[str, ScanArrays]) -> 
     np.testing.assert_array_equal(
         twin.predict(test.images, boxes=test.boxes).scores, peer.predict(test.images, boxes=test.boxes).scores
     )
+
+
+def test_in_box_pools_with_the_same_inset_as_loris() -> None:
+    from reconstruction.deviation import image_score
+    from reconstruction.peers.prior_guided import in_box
+
+    maps = np.zeros((1, 16, 16), np.float32)
+    maps[0, 0, :] = 5.0  # the box's top edge: a seam, left out by the inset
+    box = np.array([[0.0, 0.0, 16.0, 16.0]])
+    assert in_box(maps, box)[1][0] > 0
+    assert in_box(maps, box, inset=1 / 16)[1][0] == 0.0
+    assert in_box(maps, box, inset=1 / 16)[1][0] == image_score(maps, box, region="box", inset=1 / 16)[0]

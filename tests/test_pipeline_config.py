@@ -189,3 +189,16 @@ def test_config_is_typed_and_saved_as_plain_yaml() -> None:
     from pipeline.config import parse_config
 
     assert parse_config(doc) == cfg  # the saved config reads back to the same settings
+
+
+def test_default_is_loris_ib_and_faithful_keeps_the_papers_scoring() -> None:
+    from pipeline.config import load_config
+
+    ib = load_config(profile="default")
+    assert (ib.score.region, ib.score.inset, ib.bundle.score_map) == ("box", 0.0625, "msgmsd_c170")
+    assert "msgmsd_c170" in ib.maps and "msgmsd" in ib.maps
+    for profile in ("faithful", "paper"):
+        cfg = load_config(profile=profile)
+        assert (cfg.score.region, cfg.score.inset, cfg.bundle.score_map) == ("image", 0.0, "msgmsd")
+    faithful = load_config(profile="faithful")
+    assert (faithful.unet, faithful.image_size) == (ib.unet, ib.image_size)  # same U-Nets, other scoring

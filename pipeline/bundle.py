@@ -222,8 +222,14 @@ def bundle_doc(cfg: Config, policy: PriorPolicy, t: Thresholds) -> dict[str, Any
     }
 
 
-def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+def _finite(value: Any) -> bool:
+    """A JSON number (not a boolean) that is finite as a float."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:  # an int too large for a float
+        return False
 
 
 def check_bundle_doc(doc: dict[str, Any], path: Path | str, hint: str = "") -> None:
@@ -253,8 +259,7 @@ def check_bundle_doc(doc: dict[str, Any], path: Path | str, hint: str = "") -> N
 
     def number(key: str, low: float | None = None, high: float | None = None, default: Any = ...) -> None:
         value = get(key, default)
-        ok = _number(value) and math.isfinite(value)
-        ok = ok and (low is None or value >= low) and (high is None or value <= high)
+        ok = _finite(value) and (low is None or value >= low) and (high is None or value <= high)
         if not ok:
             span = f" in [{low:g}, {high:g}]" if low is not None and high is not None else ""
             span = span or (f" >= {low:g}" if low is not None else "")
@@ -291,7 +296,7 @@ def check_bundle_doc(doc: dict[str, Any], path: Path | str, hint: str = "") -> N
     integer("segmentation.kernel", 1)
     number("prior.threshold", 0.0, 1.0)
     box = get("prior.median_box")
-    if not isinstance(box, list) or len(box) != 4 or not all(_number(v) and math.isfinite(v) for v in box):
+    if not isinstance(box, list) or len(box) != 4 or not all(_finite(v) for v in box):
         raise bad("prior.median_box", box, "four finite numbers [x1, y1, x2, y2]")
     number("prior.expand_up", 0.0)
     number("prior.expand_side", 0.0)

@@ -48,7 +48,8 @@ from scans.runtime import Stopwatch, resolve_device, set_threads
 
 LORIS = "loris"
 PEER_DIR = "compare"  # per fold: <method>.json (written last) and <method>.npz
-PEER_BUDGETS = {"quick": "quick", "default": "default", "faithful": "default", "paper": "paper"}  # profile -> the peers' named budget
+# profile -> the peers' named budget
+PEER_BUDGETS = {"quick": "quick", "default": "default", "faithful": "default", "paper": "paper"}
 Reps = dict[str, np.ndarray]
 Scored = tuple[dict[str, float], Reps]  # one method's metrics and bootstrap replicates on one set
 

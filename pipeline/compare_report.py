@@ -181,7 +181,10 @@ def table_rows(
     """Table 1's rows: LoRIS's maps, RIAD, each peer, then the prior-only controls of LoRIS's source."""
     ref, rows = cl["reference"], []
     present = {k for e in s.estimates for k in e}
-    loris = ordered_methods([k.split("/", 1)[1] for k in present if k.split("/")[0] == main])
+    # a detector's detection metrics sit under its name too: a row of its own, not a LoRIS map
+    loris = ordered_methods(
+        [k.split("/", 1)[1] for k in present if k.split("/")[0] == main and k != f"{main}/detection"]
+    )
     plan: list[tuple[str, str, str, str]] = [
         (METHOD_NAMES.get(m, f"LoRIS+{m.upper()}"), "LoRIS", f"{main}/{m}", m) for m in loris if m not in CONTROLS
     ]

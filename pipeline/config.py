@@ -185,7 +185,7 @@ def _plain(value: Any) -> Any:
 def _describe(tp: Any, rng: Range) -> str:
     """``an int >= 1``, ``a number in [0, 1]``, ``true or false``, ... for error messages."""
     low, high = (None if v is None else int(v) if tp is int else v for v in rng)
-    name = {int: "an int", float: "a finite number", str: "a string", bool: "true or false"}.get(tp, str(tp))
+    name = {int: "an int", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
     if low is not None and high is not None:
         return f"{name} in [{low:g}, {high:g}]" if tp is float else f"{name} in [{low}, {high}]"
     if low is not None:
@@ -203,9 +203,13 @@ def _scalar(tp: type, value: Any, key: str, rng: Range) -> Any:
     low, high = rng
     if ok and tp is float:  # NaN passes every comparison and inf means nothing: finite numbers only
         try:
-            ok = math.isfinite(float(value))
+            finite = math.isfinite(float(value))
         except OverflowError:  # an int too large for a float
-            ok = False
+            finite = False
+        if not finite:
+            raise ConfigError(
+                f"{key}: expected {_describe(tp, rng).replace('a number', 'a finite number')}, got {value!r}"
+            )
     if ok and tp is int and high is None and value > INT_MAX:
         raise ConfigError(f"{key}: {value} is too large (at most {INT_MAX})")
     if not ok or (low is not None and value < low) or (high is not None and value > high):

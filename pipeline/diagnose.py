@@ -199,9 +199,7 @@ def _score_parts(cfg: Config, parts: list[dict[str, Any]], folds: Sequence[int])
         maps = np.concatenate([p["maps"][name] for p in parts])
         shares[name] = decomposition(maps, boxes, labels)
         for pool, kw in POOLINGS.items():
-            scores = np.concatenate(
-                [image_score(p["maps"][name], p["boxes"], **kw) for p in parts]  # type: ignore[arg-type]
-            )
+            scores = np.concatenate([image_score(p["maps"][name], p["boxes"], **kw) for p in parts])
             rows[f"{name} {pool}"] = _clustered(scores, labels, patients, cfg.seed)
     return {"seed": cfg.seed, "folds": list(folds), "n": int(len(labels)), "rows": rows, "shares": shares}
 

@@ -26,7 +26,7 @@ Maps take ``original`` and ``reconstruction`` as ``[B, 1, H, W]`` tensors in [-1
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal
+from typing import Literal, TypeVar
 
 import numpy as np
 import torch
@@ -40,14 +40,15 @@ from reconstruction.masking import box_masks
 # 3 (unnormalised Prewitt) x 2 ([-1, 1] range) = 6 times larger, so c grows 36-fold.
 GMS_C_GMSD = 36 * GMS_C
 MapFn = Callable[[Tensor, Tensor], Tensor]
+M = TypeVar("M", bound=Callable[..., Tensor])  # a map function, keeping its own keyword arguments
 _MAPS: dict[str, MapFn] = {}
 
 
-def register_map(name: str) -> Callable[[MapFn], MapFn]:
+def register_map(name: str) -> Callable[[M], M]:
     """Make an anomaly map ``fn(original, reconstruction) -> [B, 1, H, W]`` known by ``name`` to the config
     (``maps``), inference and the reports."""
 
-    def wrap(fn: MapFn) -> MapFn:
+    def wrap(fn: M) -> M:
         _MAPS[name] = fn
         return fn
 

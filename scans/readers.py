@@ -145,7 +145,7 @@ def _tiff_orientation(tiff: bytes) -> int:
 def jpeg_orientation(data: bytes) -> int:
     """The EXIF Orientation (1 to 8) of JPEG bytes: 1 (as stored) when there is none or it is unreadable.
 
-    >>> jpeg_orientation(b"\xff\xd8\xff\xd9")
+    >>> jpeg_orientation(bytes.fromhex("ffd8ffd9"))
     1
     """
     if data[:2] != b"\xff\xd8":

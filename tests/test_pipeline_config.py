@@ -24,7 +24,7 @@ def test_override_order_highest_last(tmp_path: Path) -> None:
 
 
 def test_unknown_keys_and_profiles_are_refused(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="unknown key 'epochz'"):
+    with pytest.raises(ConfigError, match="unknown key 'unet.epochz'"):
         load_config(None, "default", ["unet.epochz=3"])
     with pytest.raises(ConfigError, match="unknown profile"):
         load_config(None, "huge")

@@ -1006,18 +1006,18 @@ def _setting(doc: Mapping[str, Any], keys: tuple[str, ...]) -> Any:
 
 def _show(option: str, value: Any) -> str:
     if option == "--overlays":
-        return f"{option} on" if value else f"no {option}"
+        return option if value else f"no {option}"
     if option == "--dicom-out":
         return f"{option} {','.join(value)}" if value else f"no {option}"
     return f"no {option}" if value is None else f"{option} {value}"
 
 
-def _settings_differ(old: Mapping[str, Any], new: Mapping[str, Any]) -> str | None:
-    """The first setting two manifests differ in, as ``"--crop regions, not --crop auto"``; None when none."""
+def _settings_differ(old: Mapping[str, Any], new: Mapping[str, Any]) -> tuple[str, str] | None:
+    """The first setting two manifests differ in, as ``("--crop regions", "--crop auto")``; None when none."""
     for option, keys in SETTINGS.items():
         a, b = _setting(old, keys), _setting(new, keys)
         if a is not _ABSENT and b is not _ABSENT and a != b:
-            return f"{_show(option, a)}, not {_show(option, b)}"
+            return _show(option, a), _show(option, b)
     return None
 
 
@@ -1049,7 +1049,8 @@ def check_resume(out: Path, manifest: dict[str, Any]) -> set[tuple[str, str]]:
     differ = _settings_differ(old, manifest)
     if differ:
         raise ValueError(
-            f"--out {out} was begun with {differ} ({path}): rerun with its settings to resume it, or choose a new --out"
+            f"--out {out} was begun with {differ[0]} and this run has {differ[1]} (see {path}): "
+            f"rerun with {differ[0]} to resume it, or choose a new --out"
         )
     return _done(out)
 
@@ -1186,7 +1187,8 @@ def _check_shards(folders: list[Path], docs: list[dict[str, Any]]) -> dict[int, 
         differ = _settings_differ(d, first)
         if differ:
             raise ValueError(
-                f"merge: {f} was made with {differ} as {folders[0]} was: merge the shards of one predict command"
+                f"merge: {f} was made with {differ[0]} and {folders[0]} with {differ[1]}: "
+                "merge the shards of one predict command"
             )
         if d["shard"]["n"] != n:
             raise ValueError(

@@ -9,9 +9,8 @@ themselves (atomically); the driver appends the CSV rows as batches come back, s
 resumes as the local engine does. Ray's actors are the parallel readers here, so the local engine's
 ``workers`` do not apply. Without ``address`` Ray runs on this
 machine, with its session files under the LoRIS cache (``ray/``), or, when that path is too long
-for Ray's sockets, in a temporary folder removed after the run; that local Ray makes no network call:
-no dashboard, usage statistics off (``RAY_USAGE_STATS_ENABLED=0`` unless set otherwise), bound to
-the loopback address. Paths travel as bytes (:func:`os.fsencode`), so names that are not UTF-8 reach
+for Ray's sockets, in a temporary folder removed after the run; that local Ray makes no network call
+(:func:`_start_ray`). Paths travel as bytes (:func:`os.fsencode`), so names that are not UTF-8 reach
 the actors intact.
 Needs the ``ray`` extra (``pip install 'ray[data]'``); the import is deferred so the rest of the
 package works without it (docs/design.md, "Outputs for clinicians and PACS").
@@ -19,10 +18,13 @@ package works without it (docs/design.md, "Outputs for clinicians and PACS").
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import sys
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,25 +68,56 @@ class BundleActor:
 
 
 _SOCKET_ROOM = 40  # Ray's socket paths add ~65 characters to its temp folder, and AF_UNIX allows 107
-LOOPBACK = "127.0.0.1"
+# Ray's switch for a cluster of one machine (its default on Windows and macOS): read on import, it makes
+# every Ray process use the loopback address, not the one found by routing towards a public address
+_LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 
-def _offline_env() -> None:
-    """What keeps Ray (this driver and the processes it starts, which inherit the environment) off the
-    network: no usage statistics (whose reporter asks cloud metadata servers which cloud it is on),
-    and a cluster of this machine only, with no token written into ``~/.ray``. A user's own setting wins."""
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+@contextlib.contextmanager
+def _environ(values: dict[str, str]) -> Iterator[None]:
+    """``os.environ`` updated with ``values`` for the block (the processes it starts inherit them)."""
+    before = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _ray_home(temp: Path) -> Path:
+    """The ``HOME`` of the Ray processes this driver starts (not of the actors, which keep the user's).
+
+    Ray's API server runs even without the dashboard, and on start it asks the cloud metadata
+    servers (169.254.169.254, metadata.google.internal) which cloud it is on, usage statistics on
+    or off, unless ``~/ray_bootstrap_config.yaml`` (an autoscaler cluster's config) exists: here it
+    does, and is empty, so nothing is asked and nothing of Ray's is written into the user's home.
+    """
+    home = temp / "home"
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "ray_bootstrap_config.yaml").write_text("{}\n")
+    return home
 
 
 def _start_ray(address: str | None, threads: int) -> tuple[bool, Path | None]:
     """Start (or join) Ray; returns whether this call started it (and so must shut it down), and a
-    temporary folder to remove afterwards, if one had to be made."""
-    import ray
+    temporary folder to remove afterwards, if one had to be made.
+
+    A Ray started here makes no network call: no dashboard, no usage statistics
+    (``RAY_USAGE_STATS_ENABLED=0`` unless set otherwise) and so no report, no cloud metadata probe
+    (:func:`_ray_home`), every process on the loopback address, and no token written into ``~/.ray``.
+    Joining a cluster at ``address``, this driver reports no usage statistics either.
+    """
+    first = address is None and "ray" not in sys.modules and _LOOPBACK_ENV not in os.environ
+    with _environ({_LOOPBACK_ENV: "0"} if first else {}):  # read once, when Ray is imported
+        import ray
 
     if ray.is_initialized():
         return False, None
-    _offline_env()
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if address:
         ray.init(address=address, log_to_driver=False, configure_logging=False)
         return True, None
@@ -94,14 +127,24 @@ def _start_ray(address: str | None, threads: int) -> tuple[bool, Path | None]:
     if len(str(temp)) > _SOCKET_ROOM:  # too long for Ray's sockets: a short folder, removed after the run
         temp = scratch = Path(tempfile.mkdtemp(prefix="loris-ray-"))
     temp.mkdir(parents=True, exist_ok=True)
-    ray.init(
-        num_cpus=max(threads, 1),
-        include_dashboard=False,  # no dashboard: it runs the usage reporter and serves HTTP
-        log_to_driver=False,
-        configure_logging=False,
-        _node_ip_address=LOOPBACK,  # not the address found by routing towards a public one
-        _temp_dir=str(temp),
-    )
+    try:
+        from ray._private import ray_constants
+
+        cluster = bool(getattr(ray_constants, "ENABLE_RAY_CLUSTER", True))
+    except ImportError:
+        cluster = True
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a cluster of this machine only: no token in ~/.ray
+    home = os.environ.get("HOME")
+    # Ray's processes must agree with this driver, which read the loopback switch when it imported Ray
+    with _environ({"HOME": str(_ray_home(temp)), _LOOPBACK_ENV: "1" if cluster else "0"}):
+        ray.init(
+            num_cpus=max(threads, 1),
+            include_dashboard=False,
+            log_to_driver=False,
+            configure_logging=False,
+            runtime_env={"env_vars": {"HOME": home}} if home else None,  # the actors keep the user's home
+            _temp_dir=str(temp),
+        )
     return True, scratch
 
 

@@ -30,6 +30,7 @@ over folds is the replicate-wise mean. For an external set scored by every fold'
 (True, True)
 
 For anomaly maps, :func:`replicates` returns all five metrics' replicates of one method at once.
+For a calibrated probability of distension, :func:`weighted_ece` gives the replicates of its ECE.
 Replicates in which a class has no weight (no distended patient drawn) are NaN and left out of
 the interval, which therefore conditions on both classes being present, as the estimate does.
 """
@@ -42,6 +43,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from evaluation.metrics import ECE_BINS, calibration_bins
 from scans.morphology import close_open
 
 N_BOOT = 2000
@@ -120,6 +122,29 @@ def _auc_from_bins(pos: np.ndarray, neg: np.ndarray) -> np.ndarray:
     ok = (n_pos > 0) & (n_neg > 0)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(ok, num / np.where(ok, n_pos * n_neg, 1.0), np.nan)
+
+
+def weighted_ece(probs: np.ndarray, labels: np.ndarray, w: np.ndarray, n_bins: int = ECE_BINS) -> np.ndarray:
+    """``[B]`` expected calibration error of probabilities under image weights ``w`` ``[B, N]``.
+
+    :func:`evaluation.metrics.expected_calibration_error` with every image counted ``w[b, n]`` times in
+    replicate ``b`` (same equal-width bins): ``sum_k |sum_{n in k} w (p - y)| / sum_n w``. NaN where the
+    total weight is zero; a replicate without a distended (or normal) image is still defined.
+    Weights of ones give the unweighted ECE.
+
+    >>> p, y = np.array([0.1, 0.1, 0.9, 0.9]), np.array([0, 0, 1, 1])
+    >>> [round(v, 6) for v in weighted_ece(p, y, np.array([[1.0, 1, 1, 1], [2, 0, 0, 0]])).tolist()]
+    [0.1, 0.1]
+    """
+    p, bins = calibration_bins(probs, labels, n_bins)
+    gap = p - np.asarray(labels, dtype=np.float64).ravel()
+    w = _weights(w, p.size)
+    onehot = np.zeros((p.size, n_bins))
+    onehot[np.arange(p.size), bins] = 1.0
+    per_bin = np.abs((w * gap) @ onehot)  # [B, n_bins]: |weighted sum of p - y| in each bin
+    total = w.sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(total > 0, per_bin.sum(1) / np.where(total > 0, total, 1.0), np.nan)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Image- and pixel-level metrics for anomaly maps: AUROCs, three Dice scores, aggregation.
+"""Image- and pixel-level metrics for anomaly maps: AUROCs, three Dice scores, calibration, aggregation.
 
 Inputs are plain arrays: ``maps`` ``[N, H, W]`` float anomaly maps (higher = more anomalous),
 ``masks`` ``[N, H, W]`` bool ground truth (all-False for normal images), ``scores`` ``[N]``
@@ -12,6 +12,9 @@ Three Dice scores, never to be confused:
   3x3), applied to the test fold, pooled over test pixels after the same post-processing.
 * :func:`dice_per_image` -- mean per-image Dice over distended test images at the
   ``dice_val`` threshold, after post-processing.
+
+:func:`expected_calibration_error` measures a probability of distension (``predict``'s ``probability``
+column) against the labels.
 
 >>> rng = np.random.default_rng(0)
 >>> masks = np.zeros((4, 16, 16), bool); masks[2:, 4:10, 4:10] = True
@@ -77,6 +80,55 @@ def image_auroc(scores: np.ndarray, labels: np.ndarray) -> float:
     if not np.all(np.isfinite(scores)):
         raise ValueError("image scores contain NaN or inf")
     return float(roc_auc_score(labels, scores))
+
+
+ECE_BINS = 10
+
+
+def calibration_bins(probs: np.ndarray, labels: np.ndarray, n_bins: int = ECE_BINS) -> tuple[np.ndarray, np.ndarray]:
+    """Checked ``[N]`` float64 probabilities and ``[N]`` int bin indices of ``n_bins`` equal-width bins of
+    [0, 1]: bin ``k`` is ``[k / n_bins, (k + 1) / n_bins)``, the last one closed (1.0 falls in it).
+
+    Raises ValueError for no images, lengths that differ, probabilities outside [0, 1] or NaN (a scan without
+    a calibrated probability must be left out by the caller), labels other than 0 and 1, or ``n_bins < 1``.
+
+    >>> calibration_bins(np.array([0.0, 0.05, 0.1, 0.95, 1.0]), np.array([0, 0, 0, 1, 1]))[1].tolist()
+    [0, 0, 1, 9, 9]
+    """
+    p = np.asarray(probs, dtype=np.float64).ravel()
+    y = np.asarray(labels).ravel()
+    if p.shape != y.shape:
+        raise ValueError(f"probabilities {p.shape} and labels {y.shape} differ in length")
+    if p.size == 0:
+        raise ValueError("no probabilities to calibrate against")
+    if n_bins < 1:
+        raise ValueError(f"n_bins must be 1 or more, not {n_bins}")
+    if not np.all((p >= 0.0) & (p <= 1.0)):  # NaN fails both
+        raise ValueError("probabilities must be finite and in [0, 1]")
+    if not np.all((y == 0) | (y == 1)):
+        raise ValueError(f"labels must be 0 or 1; they hold {np.unique(y).tolist()}")
+    return p, np.minimum((p * n_bins).astype(np.int64), n_bins - 1)
+
+
+def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, n_bins: int = ECE_BINS) -> float:
+    """Expected calibration error of predicted probabilities of distension against labels (1 distended).
+
+    The standard definition (Naeini et al. 2015; Guo et al. 2017) with ``n_bins`` equal-width bins of
+    [0, 1] (:func:`calibration_bins`): ``ECE = sum_b (n_b / N) * |mean(probs in b) - mean(labels in b)|``,
+    empty bins contributing nothing. 0 is perfect calibration; its most is 1.
+
+    >>> round(expected_calibration_error(np.array([0.1, 0.1, 0.9, 0.9]), np.array([0, 0, 1, 1])), 6)
+    0.1
+    >>> expected_calibration_error(np.array([0.25, 0.25, 0.25, 0.25]), np.array([0, 1, 0, 0]))
+    0.0
+    >>> expected_calibration_error(np.array([0.95, 0.95]), np.array([0, 0]))
+    0.95
+    """
+    p, b = calibration_bins(probs, labels, n_bins)
+    y = np.asarray(labels, dtype=np.float64).ravel()
+    count = np.bincount(b, minlength=n_bins)
+    gap = np.abs(np.bincount(b, p, minlength=n_bins) - np.bincount(b, y, minlength=n_bins))  # n_b * |mean p - mean y|
+    return float(gap.sum() / count.sum())
 
 
 def pixel_auroc(

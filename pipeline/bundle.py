@@ -1,7 +1,11 @@
 """A deployable LoRIS model: detector + U-Net + thresholds chosen on validation (``train``/``predict``).
 
-The bundle folder holds ``bundle.json`` (thresholds, prior policy, config, versions),
-``detector/`` and ``unet/``. Nothing in it is a pickle: weights load with ``weights_only=True``.
+The bundle folder holds ``bundle.json`` (thresholds, the score's calibration, prior policy, config,
+versions), ``detector/`` and ``unet/``. Nothing in it is a pickle: weights load with ``weights_only=True``.
+
+The verdict is the image score against ``score.threshold``; ``calibration`` (:func:`fit_calibration`,
+fitted on the same validation part) turns the score into the probability of distension that
+``predict`` writes beside it (:func:`calibrate`).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from sklearn.metrics import roc_curve
 from detectors.base import Detector, detector_class
 from detectors.prior import PriorPolicy
 from detectors.refine import RefinedDetector
-from evaluation.metrics import image_auroc, select_threshold
+from evaluation.metrics import expected_calibration_error, image_auroc, select_threshold
 from pipeline import sources
 from pipeline.config import IMAGE_SIZE, Config, known_maps
 from pipeline.data import Data, load_data
@@ -64,6 +68,82 @@ def operating_threshold(
         raise ValueError(f"bundle.operating_point must be youden or sensitivity, not {point!r}")
     t = float(thr[i]) if np.isfinite(thr[i]) else float(np.max(scores))
     return t, {"sensitivity": float(tpr[i]), "specificity": float(1 - fpr[i])}
+
+
+CALIBRATION_METHODS = ("platt", "none")  # "none": the validation part could not fit one (one class only)
+
+
+def fit_calibration(scores: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
+    """Platt scaling of the image score on the validation part: bundle.json's ``calibration``.
+
+    The probability of distension of a scan with image score ``score`` is::
+
+        p = 1 / (1 + exp(-(a * score + b)))
+
+    with ``a >= 0`` and ``b`` from a logistic regression of the labels on the standardised scores
+    (scikit-learn, unpenalised), mapped back to raw score units. Platt's (1999) targets stand in for the
+    labels, ``(n_distended + 1) / (n_distended + 2)`` and ``1 / (n_normal + 2)``, so a validation part
+    with few distended scans, or scores that separate the classes, still gives finite ``a`` and ``b``.
+    Monotone: where the fit would make the probability fall as the score rises (scores ranking normal
+    scans above distended ones), ``a`` is 0 and every scan gets the validation prevalence (pulled
+    towards one half by those targets). Returns
+    ``{"method": "platt", "a", "b", "n", "n_distended", "ece_validation"}`` (``ece_validation``: the
+    :func:`~evaluation.metrics.expected_calibration_error` of the fitted probabilities on those same
+    scans, an in-sample figure), or ``{"method": "none", "reason", "n", "n_distended"}`` when the part
+    lacks a class: no probability is invented then.
+
+    >>> c = fit_calibration(np.array([0.1, 0.2, 0.3, 0.6, 0.7, 0.9]), np.array([0, 0, 1, 0, 1, 1]))
+    >>> c["method"], c["a"] > 0, c["n"], c["n_distended"]
+    ('platt', True, 6, 3)
+    >>> fit_calibration(np.array([0.1, 0.2]), np.array([0, 0]))["method"]
+    'none'
+    """
+    from sklearn.linear_model import LogisticRegression
+
+    s = np.asarray(scores, dtype=np.float64).ravel()
+    y = np.asarray(labels).astype(np.int64).ravel()
+    if s.shape != y.shape:
+        raise ValueError(f"scores {s.shape} and labels {y.shape} differ in length")
+    if not np.all(np.isfinite(s)):
+        raise ValueError("image scores contain NaN or inf")
+    n, n_pos = int(s.size), int(y.sum())
+    counts = {"n": n, "n_distended": n_pos}
+    if n_pos == 0 or n_pos == n:
+        kind = "no distended" if n_pos == 0 else "no normal"
+        return {"method": "none", "reason": f"the validation part has {kind} scan", **counts}
+    target = np.where(y == 1, (n_pos + 1) / (n_pos + 2), 1 / (n - n_pos + 2))
+    a, b = 0.0, float(np.log(target.mean() / (1 - target.mean())))  # the prevalence, for a flat score
+    mean, std = float(s.mean()), float(s.std())
+    if std > 0:
+        z = (s - mean) / std
+        # each scan twice, as distended with weight t and as normal with weight 1 - t: the soft targets
+        fit = LogisticRegression(C=np.inf, tol=1e-10, max_iter=10_000)
+        fit.fit(np.r_[z, z][:, None], np.r_[np.ones(n), np.zeros(n)], sample_weight=np.r_[target, 1 - target])
+        slope, intercept = float(fit.coef_[0, 0]), float(fit.intercept_[0])
+        if slope > 0:
+            a, b = slope / std, intercept - slope * mean / std
+    doc = {"method": "platt", "a": a, "b": b, **counts}
+    ece = expected_calibration_error(calibrate(s, doc), y)
+    return {**doc, "ece_validation": ece}
+
+
+def calibrate(scores: np.ndarray, calibration: dict[str, Any] | None) -> np.ndarray:
+    """``[N]`` probabilities of distension for image scores by bundle.json's ``calibration``
+    (:func:`fit_calibration`): ``1 / (1 + exp(-(a * score + b)))`` for Platt scaling, NaN for every scan
+    when there is none (a bundle made before calibration, or a validation part with one class). Both
+    engines (:class:`Bundle` and ``pipeline.onnx_bundle.OnnxBundle``) call it.
+
+    >>> calibrate(np.array([-1.0, 0.0, 1.0]), {"method": "platt", "a": 2.0, "b": 0.0}).round(3).tolist()
+    [0.119, 0.5, 0.881]
+    >>> calibrate(np.array([0.3]), None).tolist()
+    [nan]
+    """
+    s = np.asarray(scores, dtype=np.float64)
+    if not calibration or calibration.get("method") != "platt":
+        return np.full(s.shape, np.nan)
+    from scipy.special import expit  # 1 / (1 + exp(-x)), without overflow for large |x|
+
+    return np.asarray(expit(float(calibration["a"]) * s + float(calibration["b"])), dtype=np.float64)
 
 
 def _validation_split(data: Data, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -148,6 +228,13 @@ def _write_bundle(
     save_model(net, model_dir / "unet", meta={k: v for k, v in unet_info.items() if k != "cache"})
     doc = bundle_doc(cfg, policy, thresholds)
     doc["warnings"] = bundle_warnings(thresholds.operating)
+    cal = thresholds.calibration
+    if cal is not None and cal.get("method") != "platt":
+        print(
+            f"WARNING: no calibration in the bundle written to {model_dir}: {cal.get('reason')}; "
+            "predict leaves predictions.csv's probability column empty",
+            file=sys.stderr,
+        )
     doc["train"] = {"n_train": len(tr), "n_val": len(va), "detector": det_info, "unet": unet_info}
     doc.update(config=cfg.to_dict(), versions=package_versions(), commit=git_commit())
     write_json(model_dir / "bundle.json", doc)
@@ -168,6 +255,7 @@ class Thresholds:
     operating: dict[str, float]  # validation sensitivity, specificity, I-AUROC and counts
     segmentation: float
     dice: float
+    calibration: dict[str, Any] | None = None  # fit_calibration's; None: bundle.json has no calibration
 
 
 def _thresholds(cfg: Config, det: Detector, unet: Any, policy: PriorPolicy, val: ScanArrays) -> Thresholds:
@@ -184,12 +272,13 @@ def _thresholds(cfg: Config, det: Detector, unet: Any, policy: PriorPolicy, val:
     thr, op = operating_threshold(scores, val.labels, b.operating_point, b.sensitivity)
     seg = select_threshold(rv.maps[b.segment_map], val.masks, kernel=cfg.evaluation.postprocess_kernel)
     validation = {**op, "i_auroc": image_auroc(scores, val.labels), "n": len(val), "n_distended": int(val.labels.sum())}
-    return Thresholds(thr, validation, seg.threshold, seg.dice)
+    return Thresholds(thr, validation, seg.threshold, seg.dice, fit_calibration(scores, val.labels))
 
 
 def bundle_doc(cfg: Config, policy: PriorPolicy, t: Thresholds) -> dict[str, Any]:
     """``bundle.json`` without its training record and provenance."""
     b, s = cfg.bundle, cfg.score
+    calibration = {} if t.calibration is None else {"calibration": dict(t.calibration)}
     return {
         "format": BUNDLE_FORMAT,
         "detector": cfg.detector.name,
@@ -207,6 +296,7 @@ def bundle_doc(cfg: Config, policy: PriorPolicy, t: Thresholds) -> dict[str, Any
             "inset": s.inset,
             "validation": t.operating,
         },
+        **calibration,
         "segmentation": {
             "map": b.segment_map,
             "threshold": t.segmentation,
@@ -235,7 +325,9 @@ def _finite(value: Any) -> bool:
 def check_bundle_doc(doc: dict[str, Any], path: Path | str, hint: str = "") -> None:
     """Refuse a ``bundle.json`` whose values cannot work (a tampered or damaged file), naming the file,
     the key and the value: non-finite thresholds, an ``image_size`` outside the config's range, unknown
-    or repeated anomaly maps, unknown pooling or region, a bad prior box.
+    or repeated anomaly maps, unknown pooling or region, a bad prior box, a ``calibration`` (optional:
+    bundles made before it have none) of an unknown method or, for Platt scaling, with a non-finite
+    ``b`` or an ``a`` that is negative (a probability falling as the score rises) or not finite.
 
     >>> check_bundle_doc({"image_size": -5}, "m/bundle.json")
     Traceback (most recent call last):
@@ -300,6 +392,14 @@ def check_bundle_doc(doc: dict[str, Any], path: Path | str, hint: str = "") -> N
         raise bad("prior.median_box", box, "four finite numbers [x1, y1, x2, y2]")
     number("prior.expand_up", 0.0)
     number("prior.expand_side", 0.0)
+    if "calibration" in doc:
+        cal = doc["calibration"]
+        if not isinstance(cal, dict):
+            raise bad("calibration", cal, "an object with a method")
+        choice("calibration.method", CALIBRATION_METHODS)
+        if cal["method"] == "platt":
+            number("calibration.a", 0.0)
+            number("calibration.b")
 
 
 def _tensors(module: Any) -> list[Any]:
@@ -315,12 +415,14 @@ class BundleOutput:
     confidences: np.ndarray
     masks: np.ndarray  # [N, S, S] bool
     heat: np.ndarray  # [N, S, S] the segmentation map
+    probabilities: np.ndarray  # [N] calibrated probability of distension (calibrate); NaN without a calibration
 
     @staticmethod
     def concatenate(parts: list[BundleOutput]) -> BundleOutput:
         """The outputs of consecutive parts of a batch as one.
 
-        >>> o = BundleOutput(np.zeros(1), np.zeros((1, 4)), ["a"], np.zeros(1), np.zeros((1, 2, 2), bool), np.zeros(1))
+        >>> z = np.zeros(1)
+        >>> o = BundleOutput(z, np.zeros((1, 4)), ["a"], z, np.zeros((1, 2, 2), bool), np.zeros((1, 2, 2)), z)
         >>> BundleOutput.concatenate([o, o]).sources
         ['a', 'a']
         """
@@ -329,7 +431,9 @@ class BundleOutput:
             return np.concatenate([getattr(p, name) for p in parts])
 
         sources = [s for p in parts for s in p.sources]
-        return BundleOutput(cat("scores"), cat("boxes"), sources, cat("confidences"), cat("masks"), cat("heat"))
+        fields = ("boxes", "confidences", "masks", "heat", "probabilities")
+        boxes, confidences, masks, heat, probabilities = (cat(f) for f in fields)
+        return BundleOutput(cat("scores"), boxes, sources, confidences, masks, heat, probabilities)
 
 
 def _one_torch_thread() -> None:
@@ -351,6 +455,8 @@ class Bundle:
         self.image_size = int(doc["image_size"])
         self.frame = int(doc.get("frame", 0))
         self.score_threshold = float(doc["score"]["threshold"])
+        # the score's calibration (fit_calibration), None in a bundle made before it
+        self.calibration: dict[str, Any] | None = doc.get("calibration")
         p = doc["prior"]
         x1, y1, x2, y2 = (float(v) for v in p["median_box"])
         self.policy = PriorPolicy(float(p["threshold"]), (x1, y1, x2, y2))
@@ -390,9 +496,22 @@ class Bundle:
             raise ValueError(f"{det_dir}: the bundle's detector cannot be loaded ({exc}); {hint}") from None
         unet, _ = load_model(directory / "unet", map_location=dev, hint=hint)
         try:
-            return cls(doc, detector, unet, dev)
+            bundle = cls(doc, detector, unet, dev)
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"{path}: missing or malformed entry ({exc.__class__.__name__}: {exc}); {hint}") from None
+        cal = bundle.calibration
+        if not cal or cal.get("method") != "platt":
+            why = cal.get("reason", "none was fitted") if cal else "it was made before bundles were calibrated"
+            print(
+                f"WARNING: the bundle {directory} has no calibration of its score ({why}): "
+                "predictions.csv's probability column is left empty; the verdicts are unchanged",
+                file=sys.stderr,
+            )
+        return bundle
+
+    def probabilities(self, scores: np.ndarray) -> np.ndarray:
+        """``[N]`` calibrated probabilities of distension for image scores (:func:`calibrate`; NaN without one)."""
+        return calibrate(scores, self.calibration)
 
     def _inference_unet(self) -> Any:
         """The U-Net as :func:`reconstruction.infer.reconstruct` runs it (BatchNorm folded, channels-last),
@@ -421,7 +540,7 @@ class Bundle:
         return self._pool[1]
 
     def process(self, images: np.ndarray) -> BundleOutput:
-        """Detect, reconstruct, score and segment a ``[N, S, S]`` batch in [0, 1].
+        """Detect, reconstruct, score, calibrate (:func:`calibrate`) and segment a ``[N, S, S]`` batch in [0, 1].
 
         On CPU the batch is split into :attr:`parts` run at once; each image's numbers do not depend on
         the split (boxes to float32 rounding).
@@ -486,4 +605,4 @@ class Bundle:
         g = d["segmentation"]
         heat = rec.maps[g["map"]]
         masks = segment(heat, float(g["threshold"]), kernel=int(g["kernel"]))
-        return BundleOutput(scores, pri.boxes, pri.sources, pri.confidences, masks, heat)
+        return BundleOutput(scores, pri.boxes, pri.sources, pri.confidences, masks, heat, self.probabilities(scores))

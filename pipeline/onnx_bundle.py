@@ -171,7 +171,7 @@ class OnnxBundle(Bundle):
         self.model_name = f"{self.model_name}-onnx"
 
     def process(self, images: np.ndarray) -> BundleOutput:
-        """Detect, reconstruct, score and segment a ``[N, S, S]`` batch in [0, 1] (as :meth:`Bundle.process`)."""
+        """Detect, reconstruct, score, calibrate and segment a ``[N, S, S]`` batch in [0, 1] (as ``Bundle.process``)."""
         from reconstruction.segment import segment
 
         n = len(images)
@@ -192,7 +192,8 @@ class OnnxBundle(Bundle):
         heat = np.ascontiguousarray(all_maps[:, list(d["maps"]).index(g["map"])])
         masks = segment(heat, float(g["threshold"]), kernel=int(g["kernel"]))
         score = np.concatenate(scores).astype(np.float64) if scores else np.zeros(0)
-        return BundleOutput(score, pri.boxes, pri.sources, pri.confidences, masks, heat)
+        # the same calibration as Bundle.process, applied to the graph's scores
+        return BundleOutput(score, pri.boxes, pri.sources, pri.confidences, masks, heat, self.probabilities(score))
 
 
 def export_graphs(bundle_dir: Path, doc: dict[str, Any], threads: int | None = None, device: str = "cpu") -> OnnxGraphs:

@@ -6,9 +6,11 @@ also finds the region from the pixels; ``"none"`` never crops), the model runs o
 the box and mask are mapped back to the scan's own pixels. Cine files give one frame
 (``frames="first"``, a frame number) or one row per frame (``"all"``).
 
-It writes ``predictions.csv`` (keyed by file path and frame, with the SOP Instance UID, the crop
-and the mask as a COCO compressed RLE string in ``mask_rle``, in the scan's own pixels, read back
-with :func:`decode_mask`; no mask images are written), ``errors.csv``, ``predict.json`` (the
+It writes ``predictions.csv`` (keyed by file path and frame, with the SOP Instance UID, the image
+``score``, its calibrated ``probability`` of distension (the bundle's ``calibration``, fitted on its
+validation part; empty for a bundle without one), the ``verdict`` (``score`` against ``threshold``),
+the crop and the mask as a COCO compressed RLE string in ``mask_rle``, in the scan's own pixels, read
+back with :func:`decode_mask`; no mask images are written), ``errors.csv``, ``predict.json`` (the
 bundle and shard that made the folder) and the review page (:mod:`pipeline.review`);
 ``overlays=True`` adds ``overlays/<name>.png`` (else the ``overlay`` column is empty), and
 ``dicom_out`` SEG/SR/SC objects under ``dicom/`` (:mod:`pipeline.dicom_out`). No patient tag
@@ -92,6 +94,7 @@ PRED_FIELDS = [
     "frame",
     "sop_instance_uid",
     "score",
+    "probability",
     "verdict",
     "threshold",
     "box_x1",
@@ -736,6 +739,7 @@ def _write_outputs(
                 "frame": item.frame,
                 "sop_instance_uid": safe_cell(rr.sop_instance_uid or ""),
                 "score": f"{score:.6g}",
+                "probability": _probability_cell(float(result.probabilities[i])),
                 "verdict": "distended" if score >= bundle.score_threshold else "not distended",
                 "threshold": f"{bundle.score_threshold:.6g}",
                 **{k: f"{v:.1f}" for k, v in zip(("box_x1", "box_y1", "box_x2", "box_y2"), m.box)},
@@ -750,6 +754,15 @@ def _write_outputs(
             }
         )
     return rows, errors
+
+
+def _probability_cell(p: float) -> str:
+    """The ``probability`` cell: four decimals, or empty when the bundle has no calibration (NaN).
+
+    >>> _probability_cell(0.123456), _probability_cell(float("nan"))
+    ('0.1235', '')
+    """
+    return f"{p:.4f}" if np.isfinite(p) else ""
 
 
 def decode_mask(row: Mapping[str, Any]) -> np.ndarray:

@@ -59,9 +59,9 @@ GOLDEN = Path(__file__).parent / "golden" / "quick_summary.json"
 def _golden_figures(summary: dict) -> dict[str, float]:
     recon = summary["reconstruction"]
     out = {f"{m}/{k}": v["mean"] for m, per in recon.items() for k, v in per.items() if isinstance(v, dict)}
-    det = summary.get("detection") or {}
-    out.update({f"detection/{k}": det[k] for k in ("precision", "map50", "map75") if k in det})
-    return {k: round(float(v), 6) for k, v in sorted(out.items())}
+    det = {k: v["mean"] for k, v in (summary.get("detection") or {}).items() if isinstance(v, dict)}
+    out.update({f"detection/{k}": det[k] for k in ("precision", "map50", "map75") if det.get(k) is not None})
+    return {k: round(float(v), 6) for k, v in sorted(out.items()) if v is not None}
 
 
 def _assert_golden(summary: dict, detector: str) -> None:

@@ -311,6 +311,11 @@ def _aggregate_parser(sub: Any) -> None:
         "runs", type=Path, nargs="+", metavar="RUN_DIR", help="finished run folders, one or more folds each"
     )
     ag.add_argument("--out", type=Path, required=True, help="folder for the tables, summary and report")
+    ag.add_argument(
+        "--mixed-runtime",
+        action="store_true",
+        help="pool runs made with different world sizes, backends or thread counts (refused by default)",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -465,7 +470,7 @@ def _compare(args: argparse.Namespace) -> int:
 def _aggregate(args: argparse.Namespace) -> int:
     from pipeline.run import aggregate_runs
 
-    _print_summary(aggregate_runs(args.runs, args.out), args.out)
+    _print_summary(aggregate_runs(args.runs, args.out, args.mixed_runtime), args.out)
     return 0
 
 

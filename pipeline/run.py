@@ -420,6 +420,7 @@ class FinishedRun:
     folds: list[int]
     splits: str
     total_s: float
+    runtime: dict[str, Any] | None = None  # world size, backend, threads (None: a run made before they were kept)
 
     @classmethod
     def read(cls, path: Path) -> FinishedRun:
@@ -432,14 +433,19 @@ class FinishedRun:
         if missing:
             raise RunDirError(f"{path}: folds {missing} have no fold.json; rerun it to finish them")
         splits = (path / "splits.json").read_text()
-        return cls(path, config, [int(f) for f in summary["folds"]], splits, float(summary["timing"]["total_s"]))
+        folds, total = [int(f) for f in summary["folds"]], float(summary["timing"]["total_s"])
+        return cls(path, config, folds, splits, total, summary.get("runtime"))
 
 
-def _same_inputs(runs: Sequence[FinishedRun]) -> None:
-    """Refuse runs made with different configs, data or splits, or that share a fold."""
+def _same_inputs(runs: Sequence[FinishedRun], mixed_runtime: bool = False) -> None:
+    """Refuse runs made with different configs, data or splits, or that share a fold; and, unless
+    ``mixed_runtime``, runs computed with another world size, backend or thread count (the numbers
+    depend on them)."""
     first, seen = runs[0], {f: runs[0].path for f in runs[0].folds}
     for run in runs[1:]:
         diff = _differences(first.config, run.config)
+        if not mixed_runtime and run.runtime != first.runtime:
+            diff.append(f"runtime {run.runtime} against {first.runtime} (--mixed-runtime pools them anyway)")
         if run.splits != first.splits:
             diff.append("splits.json (the folds themselves)")
         if diff:
@@ -453,7 +459,7 @@ def _same_inputs(runs: Sequence[FinishedRun]) -> None:
             seen[f] = run.path
 
 
-def aggregate_runs(run_dirs: Sequence[Path], out: Path) -> dict[str, Any]:
+def aggregate_runs(run_dirs: Sequence[Path], out: Path, mixed_runtime: bool = False) -> dict[str, Any]:
     """Tables, summary and report in ``out`` from finished fold-parallel runs (``run --folds k --out
     RUN_k`` each, sharing the model cache); returns the summary. Runs made with different configs
     (``run_folds`` aside), data or splits are refused, naming what differs; the data must be unchanged
@@ -461,7 +467,7 @@ def aggregate_runs(run_dirs: Sequence[Path], out: Path) -> dict[str, Any]:
     if not run_dirs:
         raise ValueError("aggregate: name at least one finished run folder")
     runs = [FinishedRun.read(Path(d)) for d in run_dirs]
-    _same_inputs(runs)
+    _same_inputs(runs, mixed_runtime)
     saved = runs[0].config
     fold_ids = sorted(f for run in runs for f in run.folds)
     doc = {k: v for k, v in saved.items() if k != "run"} | {"run_folds": fold_ids}

@@ -120,3 +120,17 @@ def test_aggregate_refuses_folds_of_other_configs_or_data(
     with pytest.raises(RunDirError, match="not a finished LoRIS run"):
         aggregate_runs([runs.dirs[0], unfinished], tmp_path / "out")
     assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+def test_aggregate_refuses_runs_of_another_runtime_unless_told(runs: SimpleNamespace, tmp_path: Path) -> None:
+    from pipeline.run import FinishedRun, _same_inputs
+
+    other = tmp_path / "two-procs"
+    shutil.copytree(runs.dirs[1], other)
+    summary = json.loads((other / "summary.json").read_text())
+    summary["runtime"] = {**summary["runtime"], "world_size": 2, "distributed_backend": "gloo"}
+    (other / "summary.json").write_text(json.dumps(summary))
+    with pytest.raises(RunDirError, match="runtime .*world_size.: 2"):
+        aggregate_runs([runs.dirs[0], other], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    _same_inputs([FinishedRun.read(runs.dirs[0]), FinishedRun.read(other)], mixed_runtime=True)  # told: pooled

@@ -27,6 +27,7 @@ import torch
 with warnings.catch_warnings():  # anomalib 2.7 warns about its own deprecated timm/dinov2 imports
     warnings.simplefilter("ignore", FutureWarning)
     from anomalib.data.utils.generators.perlin import PerlinAnomalyGenerator
+    from anomalib.models.components.dimensionality_reduction import SparseRandomProjection
     from anomalib.models.components.feature_extractors import TimmFeatureExtractor
     from anomalib.models.image.cflow import torch_model as cflow_tm
     from anomalib.models.image.cflow.utils import get_logp, positional_encoding_2d
@@ -104,6 +105,56 @@ class _MemoryBankPeer(_BackbonePeer):
 
 
 # ---- PatchCore -------------------------------------------------------------------------------------
+_CHUNK_ELEMENTS = 1 << 20  # float32 elements of the per-step difference buffer (4 MiB)
+
+
+def k_center_greedy(embedding: Tensor, sampling_ratio: float, chunk_rows: int | None = None) -> Tensor:
+    """Coreset indices ``[int(n * sampling_ratio)]`` (int64) by k-center greedy: anomalib 2.7's ``KCenterGreedy``
+    (same sparse random projection, eps 0.9, same random draws, same distances, first index on ties), so the
+    same picks under the same seeds, but on buffers allocated once.
+
+    anomalib allocates a fresh ``n x k`` difference (``features - center``) at every step. When that is just
+    under glibc's 32 MiB mmap ceiling (29440 patches x 254 projected dimensions = 29.9 MB: a 240-image
+    phantom fold) the blocks come from the heap once the dynamic mmap threshold has risen, and the small
+    allocations between steps split each freed block, so every step took a new one: resident memory grew
+    by gigabytes until the kernel killed the run. Here the difference goes, chunk by chunk of
+    ``chunk_rows`` rows (default: 4 MiB), into one preallocated buffer and the distances into preallocated
+    vectors, so a step allocates nothing but tensor views; no autograd graph is built.
+    """
+    with torch.no_grad():
+        bank = embedding.detach()
+        n = int(bank.shape[0])
+        size = int(n * sampling_ratio)
+        if size <= 0:
+            raise ValueError(f"coreset size must be positive: {n} patches x coreset ratio {sampling_ratio}")
+        if bank.ndim == 2:
+            features = SparseRandomProjection(eps=0.9).fit(bank).transform(bank)
+        else:
+            features = bank.reshape(n, -1)
+        features = features.contiguous()
+        k = int(features.shape[1])
+        rows = max(1, min(n, chunk_rows or _CHUNK_ELEMENTS // max(k, 1)))
+        diff = features.new_empty(rows, k)
+        dist = features.new_empty(n)
+        min_dist = torch.full_like(dist, float("inf"))
+        center = features.new_empty(1, k)
+        best = features.new_empty(1)
+        idx = torch.randint(high=n, size=(1,), device=features.device)  # anomalib's random first center
+        selected = torch.empty(size, dtype=torch.long, device=features.device)
+        selected[0:1] = idx
+        for i in range(1, size):
+            torch.index_select(features, 0, idx, out=center)
+            for s in range(0, n, rows):
+                e = min(s + rows, n)
+                torch.sub(features[s:e], center, out=diff[: e - s])
+                torch.linalg.vector_norm(diff[: e - s], 2, dim=1, out=dist[s:e])
+            torch.minimum(min_dist, dist, out=min_dist)
+            torch.max(min_dist, 0, keepdim=True, out=(best, idx))
+            min_dist.index_fill_(0, idx, 0.0)  # a chosen center is never picked again
+            selected[i : i + 1] = idx
+        return selected
+
+
 @register_peer("patchcore", display="PatchCore", source="anomalib", pretrained=True, reference="Roth et al. 2022 [24]")
 class PatchCorePeer(_MemoryBankPeer):
     """Memory bank of backbone patch features, coreset-subsampled; score = reweighted nearest-neighbour distance."""
@@ -117,13 +168,17 @@ class PatchCorePeer(_MemoryBankPeer):
         )
 
     def _fit_bank(self) -> dict:
+        """anomalib's ``PatchcoreModel.subsample_embedding`` with :func:`k_center_greedy` as the sampler."""
         net = self.net
         assert isinstance(net, PatchcoreModel)
-        n_patches = sum(int(e.shape[0]) for e in cast(list[Tensor], net.embedding_store))
-        with warnings.catch_warnings():  # anomalib's deprecation notice fires even without the old argument
-            warnings.simplefilter("ignore", DeprecationWarning)
-            net.subsample_embedding(float(self.options["coreset_ratio"]))
-        return {"epochs": 1, "patches": int(n_patches), "memory_bank": int(net.memory_bank.shape[0])}
+        store = cast(list[Tensor], net.embedding_store)
+        if not store:
+            raise ValueError("patchcore: no patch features stored; cannot select a coreset")
+        bank = torch.vstack(store).detach().to(torch.float32).contiguous()
+        store.clear()
+        idx = k_center_greedy(bank, float(self.options["coreset_ratio"]))
+        net.memory_bank = bank.index_select(0, idx)
+        return {"epochs": 1, "patches": int(bank.shape[0]), "memory_bank": int(net.memory_bank.shape[0])}
 
 
 # ---- PaDiM -----------------------------------------------------------------------------------------

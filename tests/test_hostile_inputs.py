@@ -539,14 +539,3 @@ def test_cache_home_check_passes_a_usable_folder(tmp_path: Path, monkeypatch: py
     monkeypatch.setenv("LORIS_CACHE", str(tmp_path / "new" / "cache"))
     assert check_cache_home() == tmp_path / "new" / "cache" and _files(tmp_path / "new") == {"cache"}
     shutil.rmtree(tmp_path / "new")
-
-
-def test_export_refuses_a_tampered_bundle(tmp_path: Path) -> None:
-    from pipeline.onnx_export import export_bundle
-
-    bundle = tmp_path / "model"
-    bundle.mkdir()
-    (bundle / "bundle.json").write_text('{"image_size": -5}')
-    with pytest.raises(ValueError, match=r"bundle.json: image_size is -5"):
-        export_bundle(bundle, tmp_path / "onnx")
-    assert not (tmp_path / "onnx").exists()

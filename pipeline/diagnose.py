@@ -27,22 +27,12 @@ from evaluation.metrics import image_auroc
 from pipeline.config import Config, load_config
 from pipeline.data import Data, load_data
 from pipeline.fit import fit_unet
-from reconstruction.deviation import image_score
+from reconstruction.deviation import GMS_C_GMSD, anomaly_map, gmsd_map, image_score
 from reconstruction.infer import reconstruct
-from reconstruction.losses import GMS_C
 from reconstruction.masking import box_masks
 from scans.io import atomic_write_text
 
-# GMSD's convention (Xue et al. 2014): Prewitt/3 on [0, 1] images with c = 170/255^2. Our gradients are
-# unnormalised Prewitt on [-1, 1], 3 * 2 = 6 times larger, so the same c is 36 times smaller here.
-GMS_C_GMSD = GMS_C * 36
 FEATURE_LAYERS = (1, 2)  # EfficientNet-Lite0 stages at strides 4 and 8: texture, not semantics
-
-
-def _gms_variant(name: str, x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-    from reconstruction.deviation import gmsd_map, msgmsd_map
-
-    return (msgmsd_map if name == "msgmsd" else gmsd_map)(x, r, c=GMS_C_GMSD)
 
 
 class FeatureDeviation:
@@ -147,12 +137,12 @@ def decomposition(maps: np.ndarray, boxes: np.ndarray, labels: np.ndarray) -> di
 
 def all_maps(images: np.ndarray, recon: np.ndarray, feature: FeatureDeviation) -> dict[str, np.ndarray]:
     """Every map (plain and variant) of ``images`` against ``recon``, both ``[N, H, W]`` in [0, 1]."""
-    from reconstruction.deviation import anomaly_map
-
     x = torch.from_numpy(images)[:, None] * 2 - 1
     r = torch.from_numpy(recon)[:, None] * 2 - 1
     fns: dict[str, Any] = {n: (lambda a, b, n=n: anomaly_map(n, a, b)) for n in ("msgmsd", "gmsd", "ssim", "dd", "l2")}
-    fns.update({f"{n}_c36": (lambda a, b, n=n: _gms_variant(n, a, b)) for n in ("msgmsd", "gmsd")})
+    # "c36": GMSD's constant (reconstruction.deviation.GMS_C_GMSD); msgmsd's is the registered LoRIS-IB map
+    fns["msgmsd_c36"] = lambda a, b: anomaly_map("msgmsd_c170", a, b)
+    fns["gmsd_c36"] = lambda a, b: gmsd_map(a, b, c=GMS_C_GMSD)
     fns["feature"] = feature
     with torch.inference_mode():
         return {

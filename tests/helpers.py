@@ -134,16 +134,30 @@ def make_dataset(root: Path, n_patients: int = 8, per_patient: int = 3, size: in
     return scans
 
 
-def train_quick_bundle(tmp_path_factory: Any) -> tuple[Path, Path]:
-    """A bundle trained with the quick profile on a tiny phantom (YOLOv5u without the refiner), and the
-    cache folder holding that phantom's PNGs: ``(bundle_dir, cache)``."""
-    import pytest
+def toy_box_scans(n: int, size: int, seed: int = 0) -> ScanArrays:
+    """Noise images, each with one bright flat rectangle (a recess-like box) and its box."""
+    rng = np.random.default_rng(seed)
+    images = (rng.random((n, size, size)) * 0.3).astype(np.float32)
+    boxes = np.zeros((n, 4), np.float32)
+    for i in range(n):
+        w, h = rng.integers(size // 3, size // 2), rng.integers(size // 10, size // 5)
+        x, y = rng.integers(0, size - w), rng.integers(0, size - h)
+        images[i, y : y + h, x : x + w] += 0.6
+        boxes[i] = (x, y, x + w, y + h)
+    return ScanArrays(
+        images=images.clip(0, 1),
+        boxes=boxes,
+        masks=np.zeros((n, size, size), bool),
+        labels=np.zeros(n, np.int64),
+        ids=np.arange(n),
+        patients=[f"p{i}" for i in range(n)],
+        scale=np.ones((n, 2), np.float32),
+    )
 
-    from pipeline.__main__ import main
 
-    cache = tmp_path_factory.mktemp("loris-cache")
-    root = tmp_path_factory.mktemp("bundle")
-    sets = [
+def quick_bundle_sets(cache: Path) -> list[str]:
+    """``--set`` overrides of a bundle trained in seconds: a tiny phantom, YOLOv5u one epoch, no refiner."""
+    return [
         "phantom.images=32",
         "phantom.distended=10",
         "phantom.patients=10",
@@ -155,6 +169,18 @@ def train_quick_bundle(tmp_path_factory: Any) -> tuple[Path, Path]:
         "detector.refine=false",
         "detector.options={epochs: 1, imgsz: 64, batch: 8}",
     ]
+
+
+def train_quick_bundle(tmp_path_factory: Any) -> tuple[Path, Path]:
+    """A bundle trained with the quick profile on a tiny phantom (YOLOv5u without the refiner), and the
+    cache folder holding that phantom's PNGs: ``(bundle_dir, cache)``."""
+    import pytest
+
+    from pipeline.__main__ import main
+
+    cache = tmp_path_factory.mktemp("loris-cache")
+    root = tmp_path_factory.mktemp("bundle")
+    sets = quick_bundle_sets(cache)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("LORIS_CACHE", str(cache))
         args = ["train", "--detector", "yolov5", "--profile", "quick", "--out", str(root / "m"), "--no-progress"]

@@ -15,6 +15,7 @@ import torch
 from detectors import build_detector
 from detectors.codetr import CoDetrDetector, load_config, mmcv_ext  # installs the mmcv._ext stand-in first
 from scans.records import ScanArrays
+from tests.helpers import toy_box_scans
 
 # Hard imports, no importorskip: LoRIS installs mmcv-lite and mmdet, and mmcv.ops imports on it through
 # the stand-in, so a missing or broken install fails these tests instead of skipping them.
@@ -65,27 +66,6 @@ EXPECTED_KEYS = {
 AUX_PREFIXES = ("loss_rpn", "rcnn.", "atss.", "pos_rcnn.", "pos_atss.")
 
 
-def _toy(n: int, size: int, seed: int = 0) -> ScanArrays:
-    """Noise images, each with one bright flat rectangle (a recess-like box) and its box."""
-    rng = np.random.default_rng(seed)
-    images = (rng.random((n, size, size)) * 0.3).astype(np.float32)
-    boxes = np.zeros((n, 4), np.float32)
-    for i in range(n):
-        w, h = rng.integers(size // 3, size // 2), rng.integers(size // 10, size // 5)
-        x, y = rng.integers(0, size - w), rng.integers(0, size - h)
-        images[i, y : y + h, x : x + w] += 0.6
-        boxes[i] = (x, y, x + w, y + h)
-    return ScanArrays(
-        images=images.clip(0, 1),
-        boxes=boxes,
-        masks=np.zeros((n, size, size), bool),
-        labels=np.zeros(n, np.int64),
-        ids=np.arange(n),
-        patients=[f"p{i}" for i in range(n)],
-        scale=np.ones((n, 2), np.float32),
-    )
-
-
 def _detector(image_size: int = 128, **train: object) -> CoDetrDetector:
     cfg = load_config(CONFIG)
     cfg["train"] = {**cfg["train"], "num_threads": None, "max_minutes": None, **train}
@@ -111,7 +91,7 @@ def _finite(v: object) -> bool:
 def test_one_step_produces_finite_losses_for_every_branch() -> None:
     torch.manual_seed(0)
     det = _detector()
-    x, samples = _batch(det, _toy(2, 128))
+    x, samples = _batch(det, toy_box_scans(2, 128))
     det.model.train()
     losses = det.model.loss(x, samples)
     missing = EXPECTED_KEYS - set(losses)
@@ -129,7 +109,7 @@ def test_aux_heads_off_is_plain_dino() -> None:
     cfg = load_config(CONFIG)
     det = build_detector("codetr", **{**cfg, "aux_heads": False})
     assert not det.model.with_aux and det.model.rpn_head is None and det.model.atss_head is None
-    x, samples = _batch(det, _toy(2, 128))
+    x, samples = _batch(det, toy_box_scans(2, 128))
     det.model.train()
     losses = det.model.loss(x, samples)
     assert {"loss_cls", "dn_loss_cls", "enc_loss_cls"} <= set(losses)
@@ -139,7 +119,7 @@ def test_aux_heads_off_is_plain_dino() -> None:
 def test_a_few_steps_on_one_batch_reduce_the_loss() -> None:
     torch.manual_seed(0)
     det = _detector(image_size=64)  # 64 px keeps full Co-DINO steps cheap
-    x, samples = _batch(det, _toy(2, 64, seed=1))
+    x, samples = _batch(det, toy_box_scans(2, 64, seed=1))
     model = det.model
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -158,7 +138,7 @@ def test_a_few_steps_on_one_batch_reduce_the_loss() -> None:
 def test_predict_returns_at_most_n_boxes_inside_the_image() -> None:
     det = _detector()
     size = 96  # not the model size: boxes must come back in the caller's pixels
-    dets = det.predict(_toy(3, size).images)
+    dets = det.predict(toy_box_scans(3, size).images)
     assert len(dets) == 3
     for d in dets:
         assert 0 < len(d) <= det.max_detections
@@ -169,7 +149,7 @@ def test_predict_returns_at_most_n_boxes_inside_the_image() -> None:
 
 def test_fit_save_load_predict_identical(tmp_path: Path) -> None:
     det = _detector(epochs=1, batch_size=4, warmup_iters=1, val_interval=1)
-    data = _toy(8, 128, seed=2)
+    data = toy_box_scans(8, 128, seed=2)
     summary = det.fit(data, data.subset([0, 1]), tmp_path / "work")
     assert summary["iterations"] == 2 and (tmp_path / "work" / "train_log.jsonl").is_file()
     det.save(tmp_path / "ckpt")
@@ -296,7 +276,7 @@ def test_fused_backbone_matches_and_follows_weight_changes() -> None:
         if isinstance(mod, torch.nn.BatchNorm2d):
             mod.running_mean.uniform_(-0.2, 0.2)
             mod.running_var.uniform_(0.5, 2.0)
-    x = det._inputs(_toy(2, 128).images)
+    x = det._inputs(toy_box_scans(2, 128).images)
 
     def check() -> None:
         with torch.enable_grad():
@@ -321,7 +301,7 @@ def test_predict_with_fast_paths_equals_mmcv_paths() -> None:
             mod.running_mean.uniform_(-0.2, 0.2)
             mod.running_var.uniform_(0.5, 2.0)
     det.model.eval()
-    x = det._inputs(_toy(4, 128, seed=3).images)
+    x = det._inputs(toy_box_scans(4, 128, seed=3).images)
     with torch.enable_grad():
         reference = det.model.predict(x, det._samples(None, 4), rescale=False)
     with torch.no_grad():

@@ -30,8 +30,8 @@ import torch
 from detectors import build_detector
 from detectors.codetr import CoDetrDetector, load_config, mmcv_ext  # installs the mmcv._ext stand-in first
 from detectors.codetr.native_ops import CPU_NATIVE
-from scans.records import ScanArrays
 from scans.runtime import torch_threads
+from tests.helpers import pinned_environment, toy_box_scans
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = ROOT / "configs" / "detectors" / "codetr_quick.py"
@@ -66,31 +66,6 @@ PINNED_SCORES: list[list[float]] = [
 ]
 
 
-def _environment() -> tuple[str, str]:
-    return torch.__version__.split("+")[0], torch.backends.cpu.get_cpu_capability()
-
-
-def _toy(n: int, size: int, seed: int) -> ScanArrays:
-    """Noise images, each with one bright flat rectangle (a recess-like box) and its box."""
-    rng = np.random.default_rng(seed)
-    images = (rng.random((n, size, size)) * 0.3).astype(np.float32)
-    boxes = np.zeros((n, 4), np.float32)
-    for i in range(n):
-        w, h = rng.integers(size // 3, size // 2), rng.integers(size // 10, size // 5)
-        x, y = rng.integers(0, size - w), rng.integers(0, size - h)
-        images[i, y : y + h, x : x + w] += 0.6
-        boxes[i] = (x, y, x + w, y + h)
-    return ScanArrays(
-        images=images.clip(0, 1),
-        boxes=boxes,
-        masks=np.zeros((n, size, size), bool),
-        labels=np.zeros(n, np.int64),
-        ids=np.arange(n),
-        patients=[f"p{i}" for i in range(n)],
-        scale=np.ones((n, 2), np.float32),
-    )
-
-
 def state_digest(model: torch.nn.Module) -> tuple[str, int]:
     """sha256 of every state_dict tensor in key order as float32 bytes, and their total element count."""
     h = hashlib.sha256()
@@ -109,7 +84,7 @@ def fit_quick(workdir: Path) -> dict[str, Any]:
     assert cfg["train"]["epochs"] == 5 and cfg["train"]["val_interval"] == 1 and cfg["train"]["max_minutes"] is None
     cfg["image_size"] = 64
     cfg["train"] = {**cfg["train"], "batch_size": 4, "warmup_iters": 4, "seed": 0, "num_threads": THREADS}
-    data = _toy(16, 64, seed=7)
+    data = toy_box_scans(16, 64, seed=7)
     with torch_threads(THREADS):
         det: CoDetrDetector = build_detector("codetr", **cfg)  # type: ignore[assignment]
         summary = det.fit(data, data.subset([0, 1, 2, 3]), workdir)
@@ -132,7 +107,7 @@ def test_quick_codetr_fit_and_predictions_are_pinned(tmp_path: Path) -> None:
     boxes, scores = np.asarray(PINNED_BOXES), np.asarray(PINNED_SCORES)
     assert got["boxes"].shape == boxes.shape == (3, 3, 4) and got["scores"].shape == scores.shape == (3, 3)
     printed = _pins(got)
-    if _environment() == PINNED_ON:
+    if pinned_environment() == PINNED_ON:
         assert (got["digest"], got["numel"]) == (PINNED_DIGEST, PINNED_NUMEL), printed
         np.testing.assert_allclose(got["boxes"], boxes, rtol=0, atol=1e-5, err_msg=printed)
         np.testing.assert_allclose(got["scores"], scores, rtol=0, atol=1e-5, err_msg=printed)
@@ -150,7 +125,7 @@ def _pins(got: dict[str, Any]) -> str:
 
     return "\n".join(
         [
-            f"PINNED_ON = {_environment()!r}",
+            f"PINNED_ON = {pinned_environment()!r}",
             f'PINNED_DIGEST = "{got["digest"]}"',
             f"PINNED_NUMEL = {got['numel']}",
             f"PINNED_BOXES: list[list[list[float]]] = {nested(got['boxes'])}",

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import TINY_PHANTOM, set_args
+from tests.helpers import TINY_PHANTOM, quick_bundle_sets, set_args
 
 REPO = Path(__file__).resolve().parent.parent
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
@@ -174,16 +174,7 @@ def test_installed_wheel_runs_trains_and_predicts_outside_the_checkout(venv: Pat
             # train: the tiny phantom of tests/helpers.train_quick_bundle (YOLOv5u, one epoch, no refiner);
             # `gt` is not trainable (a bundle needs a detector)
             cache = tmp_path / "train-cache"
-            sets = [
-                "phantom.images=32",
-                "phantom.distended=10",
-                "phantom.patients=10",
-                "phantom.size=64",
-                "image_size=64",
-                f"cache_dir={cache / 'models'}",
-                "detector.refine=false",
-                "detector.options={epochs: 1, imgsz: 64, batch: 8}",
-            ]
+            sets = quick_bundle_sets(cache)
             model = tmp_path / "model"
             train = [str(loris), "train", "--detector", "yolov5", "--profile", "quick", "--out", str(model)]
             _run([*train, *set_args(sets), *common], cwd=tmp_path, env=_env(cache))

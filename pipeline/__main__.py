@@ -265,6 +265,11 @@ def _bench_parser(sub: Any) -> None:
     be.add_argument("--out", type=Path, help="write the measurements as JSON here")
     be.add_argument("--quick", action="store_true", help="fewer repeats (for smoke tests)")
     be.add_argument("--model", type=Path, help="a bundle from `train`: also measure end-to-end predict images/s")
+    be.add_argument(
+        "--peers",
+        help="Table 1 peers to fit and run on a small phantom: comma-separated names, `table1` (all but the "
+        "*_box variants), `all` or `none` (default: the single-pass memory-bank peers, cheap on a CPU)",
+    )
 
 
 def _export_parser(sub: Any) -> None:
@@ -449,10 +454,13 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from pipeline.bench import run_bench
+    from pipeline.bench import parse_peers, run_bench, table_lines
 
-    text = json.dumps(run_bench(quick=args.quick, model=args.model), indent=1)
+    peers = parse_peers(args.peers)  # refuse a bad peer name before the long measurements
+    res = run_bench(quick=args.quick, model=args.model, peers=peers)
+    text = json.dumps(res, indent=1)
     print(text)
+    print("\n".join(table_lines(res)), file=sys.stderr)  # stdout stays the JSON alone
     if args.out:
         from scans.io import atomic_write_text
 

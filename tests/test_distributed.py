@@ -21,6 +21,7 @@ import torch
 from scans import distributed, training
 from scans.training import Budget, EarlyStopping, streams
 from tests.helpers import random_scans
+from tests.network_guard import guarded_env
 
 ROOT = Path(__file__).resolve().parents[1]
 # Two ranks each see half of a batch: BatchNorm normalises with the statistics of that half, not of
@@ -170,7 +171,7 @@ def _free_port() -> int:
 
 
 def _torchrun(out: Path, worker: str = "unet", nproc: int = 2) -> None:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "MASTER_ADDR": "127.0.0.1", "OMP_NUM_THREADS": "1"}
+    env = guarded_env({**os.environ, "PYTHONPATH": str(ROOT), "MASTER_ADDR": "127.0.0.1", "OMP_NUM_THREADS": "1"})
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", f"--nproc-per-node={nproc}"]
     cmd += ["--master-addr", "127.0.0.1", "--master-port", str(_free_port()), __file__, worker, str(out)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import TINY_PHANTOM, quick_bundle_sets, set_args
+from tests.network_guard import guarded_env
 
 REPO = Path(__file__).resolve().parent.parent
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
@@ -132,7 +133,7 @@ def venv(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _env(cache: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP")}
     env.update(LORIS_CACHE=str(cache), YOLO_CONFIG_DIR=str(cache / "ultralytics"), YOLO_OFFLINE="1", MPLBACKEND="Agg")
-    return env
+    return guarded_env(env)
 
 
 def _run(cmd: list[str], cwd: Path, env: dict[str, str] | None = None) -> str:

@@ -19,6 +19,7 @@ import torch
 from pipeline import cache, fit
 from pipeline.cache import CacheScope, fit_or_load, publish
 from tests.helpers import random_scans
+from tests.network_guard import guarded_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -169,7 +170,7 @@ TINY = [
 
 
 def _run(launcher: list[str], data: Path, out: Path, models: Path, detector: str = "gt", *sets: str) -> dict[str, Any]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "MASTER_ADDR": "127.0.0.1", "OMP_NUM_THREADS": "1"}
+    env = guarded_env({**os.environ, "PYTHONPATH": str(ROOT), "MASTER_ADDR": "127.0.0.1", "OMP_NUM_THREADS": "1"})
     env["LORIS_CACHE"] = str(models.parent)
     args = ["-m", "pipeline", "run", "--profile", "quick", "--detector", detector, "--no-progress"]
     args += ["--data", str(data), "--out", str(out)]

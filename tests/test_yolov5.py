@@ -18,6 +18,7 @@ from detectors.yolo_format import box_to_yolo_line, write_dataset, yolo_line_to_
 from detectors.yolov5 import YoloV5Detector
 from scans.io import CheckpointError
 from scans.records import ScanArrays
+from tests.network_guard import guarded_env
 
 
 def _synthetic(n: int, size: int, seed: int) -> ScanArrays:
@@ -214,6 +215,7 @@ def test_fit_and_predict_write_only_under_out_and_the_cache(tmp_path: Path) -> N
     keep = ("PATH", "LANG", "LC_ALL", "OMP_NUM_THREADS")
     env = {k: v for k, v in os.environ.items() if k in keep}
     env.update(HOME=str(home), TMPDIR=str(tmp), LORIS_CACHE=str(cache), PYTHONDONTWRITEBYTECODE="1")
+    env = guarded_env(env)
 
     def run(*args: str) -> subprocess.Popen[str]:
         cmd = [sys.executable, str(script), *args]

@@ -1,4 +1,5 @@
-"""Report figures with matplotlib's Agg backend: overlays, ROC curves, score distributions.
+"""Report figures with matplotlib's Agg backend: overlays, ROC curves, score distributions, ``compare``'s
+maps and segmentations of every method.
 
 Only bundled DejaVu fonts are used and nothing is downloaded. Each ``*_figure`` returns PNG
 bytes so the report can both write the file and embed it.
@@ -16,6 +17,7 @@ import os
 import shutil
 import sys
 import tempfile
+import textwrap
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -106,10 +108,10 @@ def _png(fig: Figure) -> bytes:
     return buf.getvalue()
 
 
-def _contour(ax: Axes, mask: np.ndarray, color: str) -> None:
+def _contour(ax: Axes, mask: np.ndarray, color: str, width: float = 1.0) -> None:
     # contour() warns on constant input, so draw only masks with an edge
     if mask.any() and not mask.all():
-        ax.contour(mask.astype(np.float32), levels=[0.5], colors=color, linewidths=1.0)
+        ax.contour(mask.astype(np.float32), levels=[0.5], colors=color, linewidths=width)
 
 
 def overlay_figure(examples: Sequence[Example]) -> bytes:
@@ -182,4 +184,33 @@ def score_distribution_figure(scores: Mapping[str, tuple[Sequence[float], Sequen
             ax.legend(fontsize=7)
     axes[0, 0].set_ylabel("images")
     fig.tight_layout()
+    return _png(fig)
+
+
+Panel = tuple[str, dict[int, tuple[np.ndarray, np.ndarray]]]  # (column title, {scan id: (map, segmentation)})
+
+
+def comparison_figure(scans: Sequence[Example], panels: Sequence[Panel]) -> bytes:
+    """Per scan two rows (maps, segmentations), one column per method after the scan itself; PNG bytes."""
+    fig, axes = plt.subplots(2 * len(scans), 1 + len(panels), figsize=(1.6 * (1 + len(panels)), 3.3 * len(scans)))
+    axes = np.asarray(axes).reshape(2 * len(scans), 1 + len(panels))
+    for r, ex in enumerate(scans):
+        top, bottom = axes[2 * r], axes[2 * r + 1]
+        top[0].imshow(ex.image, cmap="gray", vmin=0, vmax=1)
+        top[0].set_ylabel(f"id {ex.id}\n{ex.case.split(' ')[0]}", fontsize=7)
+        bottom[0].imshow(ex.image, cmap="gray", vmin=0, vmax=1)
+        _contour(bottom[0], np.asarray(ex.gt_mask, bool), "lime", 0.8)
+        for c, (title, maps) in enumerate(panels, start=1):
+            amap, seg = maps.get(int(ex.id), (np.zeros_like(ex.image), np.zeros(ex.image.shape, bool)))
+            top[c].imshow(amap, cmap="jet")
+            bottom[c].imshow(ex.image, cmap="gray", vmin=0, vmax=1)
+            _contour(bottom[c], np.asarray(ex.gt_mask, bool), "lime", 0.8)
+            _contour(bottom[c], np.asarray(seg, bool), "red", 0.8)
+            if r == 0:
+                top[c].set_title(textwrap.fill(title, 18), fontsize=7)
+    axes[0, 0].set_title("scan", fontsize=7)
+    for ax in axes.ravel():
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle("maps (top) and segmentations (bottom; green: ground truth, red: val threshold)", fontsize=8)
     return _png(fig)

@@ -8,7 +8,10 @@ same cached U-Nets, priors and scoring), so their rows equal ``run``'s. Each pee
 (:func:`fit_peer`). Every method is scored by the project's metric code on the same test scans with the
 same patient-cluster bootstrap weights (:func:`evaluation.intervals.fold_weights`), so its paired
 differences against LoRIS+MSGMSD are replicate-wise. A method's fold result is saved as soon as it is
-done (``folds/<k>/compare/<method>.json`` last), so a killed comparison resumes.
+done (``folds/<k>/compare/<method>.json`` last), so a killed comparison resumes, and a finished one takes
+more methods in place (``compare --methods <new> --out <its folder>``, same settings: :func:`added_settings`).
+Every prior-guided row also appears under the other pooling rule, and rows with validation scores carry
+their calibration error, all rescored from scores computed once (:mod:`evaluation.rescoring`).
 
 >>> parse_methods("patchcore, RIAD")
 ['loris', 'patchcore', 'riad']
@@ -21,6 +24,7 @@ ValueError: unknown method(s) nope; choose from loris, riad, cflow, draem, ...
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -28,18 +32,21 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 
 from evaluation.aggregate import RIAD, json_safe
 from evaluation.bootstrap import weighted_auroc
 from evaluation.intervals import NO_PRIOR, fold_weights, row_replicates
 from evaluation.metrics import image_auroc
+from evaluation.rescoring import SCORE, VAL_SCORE, auroc_row, ece_row, kept_rows, pooled_row, split_pooled
+from pipeline.bundle import calibrate, fit_calibration
 from pipeline.cache import cache_lock, cache_root, load_cached, publish
 from pipeline.config import Config
 from pipeline.evaluate import EvalSettings, Validation, method_metrics
 from pipeline.fit import fit_unet, scope
 from pipeline.fold import FoldOutput, FoldTask, Progress
-from pipeline.outputs import default_run_dir, run_lock, write_json
-from pipeline.run import RunPlan, plan, run_folds
+from pipeline.outputs import RunDirError, adding_to, default_run_dir, run_config, run_lock, write_json
+from pipeline.run import RunPlan, _differences, plan, run_folds
 from reconstruction.peers import PEERS, Budget, Peer, PeerOutput, build_peer, load_peer, peer_spec
 from reconstruction.peers.prior_guided import predict_peer
 from scans.io import atomic_write
@@ -48,10 +55,12 @@ from scans.runtime import Stopwatch, resolve_device, set_threads
 
 LORIS = "loris"
 PEER_DIR = "compare"  # per fold: <method>.json (written last) and <method>.npz
+SAVED_AS = "rows=2"  # in a saved method's key: results saved before its ECE and pooling rows are redone
 # profile -> the peers' named budget
 PEER_BUDGETS = {"quick": "quick", "default": "default", "faithful": "default", "paper": "paper"}
 Reps = dict[str, np.ndarray]
 Scored = tuple[dict[str, float], Reps]  # one method's metrics and bootstrap replicates on one set
+Rows = dict[str, dict[str, float]]  # {row: metrics} of rows beside a method's own (e.g. another pooling rule)
 
 
 def method_choices() -> list[str]:
@@ -91,7 +100,8 @@ class Settings:
 @dataclass
 class MethodFold:
     """One method on one fold: test metrics and replicates, each held-out set's, the figure's maps
-    (``{scan id: (map, segmentation)}``) and its fit and predict record."""
+    (``{scan id: (map, segmentation)}``), its fit and predict record, and the rows it adds beside its own
+    (``extra``, ``external_extra``: ``{row: metrics}``, their replicates among the method's)."""
 
     name: str
     metrics: dict[str, float]
@@ -99,6 +109,8 @@ class MethodFold:
     external: list[Scored] = field(default_factory=list)
     figure: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
+    extra: Rows = field(default_factory=dict)
+    external_extra: list[Rows] = field(default_factory=list)
 
 
 # ----------------------------------------------------------------------------- peers: fit and cache
@@ -195,6 +207,82 @@ def score_part(
     return m, row_replicates(NO_PRIOR, name, m, out.scores, arrays.labels, out.maps, arrays.masks, w, ev.kernel)
 
 
+def probabilities(val_scores: np.ndarray, val_labels: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """``scores`` as probabilities of distension by the bundle's Platt scaling fitted on the validation
+    scores (:func:`pipeline.bundle.fit_calibration`); NaN where none can be fitted."""
+    if not np.all(np.isfinite(val_scores)):
+        return np.full(np.shape(scores), np.nan)
+    return calibrate(scores, fit_calibration(val_scores, val_labels))
+
+
+def rescored(
+    src: str, per_image: Mapping[str, np.ndarray], val_labels: np.ndarray, labels: np.ndarray, w: np.ndarray
+) -> tuple[Rows, Reps]:
+    """From the per-image scores a fold kept (:func:`pipeline.evaluate.per_image_scores`): each of ``src``'s
+    rows' ECE, and the I-AUROC of its rows under the other pooling rule, with replicates under ``w``."""
+    rows: Rows = {}
+    reps: Reps = {}
+    for row in kept_rows(per_image, src):
+        scores, val = per_image[f"{row}/{SCORE}"], per_image.get(f"{row}/{VAL_SCORE}")
+        metrics, r = auroc_row(row, scores, labels, w) if split_pooled(row)[1] else ({}, {})
+        if val is not None:
+            ece, er = ece_row(row, probabilities(val, val_labels, scores), labels, w)
+            metrics, r = {**metrics, **ece}, {**r, **er}
+        rows[row] = metrics
+        reps.update(r)
+    return rows, reps
+
+
+def loris_fold(p: RunPlan, fold: int, fo: FoldOutput) -> MethodFold:
+    """LoRIS's rows under the other pooling rule and every LoRIS row's ECE on one fold and each held-out set,
+    rescored from the scores the fold kept: no inference (none from a fold made before they were kept)."""
+    f, arr, seed = p.data.folds[fold], p.data.arrays, p.cfg.seed
+    val, test = p.data.index(f.val), p.data.index(f.test)
+    patients = np.asarray(arr.patients)
+    w = fold_weights(patients[test], seed, fold)
+    rows, reps = rescored(p.main, fo.replicates, arr.labels[val], arr.labels[test], w)
+    ext = [
+        rescored(p.main, e.replicates, arr.labels[val], x.labels, fold_weights(x.patients, seed, None))
+        for e, x in zip(fo.external, p.externals)
+    ]
+    return MethodFold(LORIS, {}, reps, [({}, r) for _, r in ext], extra=rows, external_extra=[m for m, _ in ext])
+
+
+def peer_rows(
+    name: str, out: PeerOutput, val_out: PeerOutput, labels: np.ndarray, val_labels: np.ndarray, w: np.ndarray
+) -> tuple[Rows, Reps]:
+    """The peer's ECE (row ``none/<name>``) and, for a prior peer, its row under the other pooling rule
+    (``none/<name>@image``: its full map's whole-image mean) with I-AUROC and ECE."""
+    own = f"{NO_PRIOR}/{name}"
+    ece, reps = ece_row(own, probabilities(val_out.scores, val_labels, out.scores), labels, w)
+    rows: Rows = {own: ece}
+    whole, val_whole = (getattr(o, "image_scores", None) for o in (out, val_out))
+    if whole is not None and val_whole is not None:
+        row = f"{NO_PRIOR}/{pooled_row(name, 'image')}"
+        auroc, ar = auroc_row(row, whole, labels, w)
+        ece, er = ece_row(row, probabilities(val_whole, val_labels, whole), labels, w)
+        rows[row] = {**auroc, **ece}
+        reps.update({**ar, **er})
+    return rows, reps
+
+
+def score_set(
+    ev: EvalSettings,
+    name: str,
+    out: PeerOutput,
+    arrays: ScanArrays,
+    validation: Validation | None,
+    val: tuple[PeerOutput, np.ndarray],
+    w: np.ndarray,
+) -> tuple[Scored, Rows]:
+    """:func:`score_part` with the peer's ECE, and its extra rows (:func:`peer_rows`); ``val``: the peer's
+    output on the validation part and that part's labels."""
+    metrics, reps = score_part(ev, name, out, arrays, validation, w)
+    rows, more = peer_rows(name, out, val[0], arrays.labels, val[1], w)
+    metrics.update(rows.pop(f"{NO_PRIOR}/{name}"))
+    return (metrics, {**reps, **more}), rows
+
+
 def figure_ids(fo: FoldOutput) -> list[int]:
     """The fold's distended figure cases (best, median, worst by LoRIS's per-image Dice), the scans every
     method shows in the comparison figure."""
@@ -226,17 +314,21 @@ def peer_fold(task: FoldTask, fo: FoldOutput, job: PeerJob) -> MethodFold:
         val_out = predict_peer(peer, val.images, val.boxes, inset=inset)
         test_out = predict_peer(peer, test.images, test.boxes, inset=inset)
     validation = Validation(val, {name: val_out.maps}) if val_out.maps is not None else None
-    metrics, reps = score_part(ev, name, test_out, test, validation, fold_weights(test.patients, seed, task.fold))
-    external = []
+    w = fold_weights(test.patients, seed, task.fold)
+    (metrics, reps), extra = score_set(ev, name, test_out, test, validation, (val_out, val.labels), w)
+    external, external_extra = [], []
     for ext in task.externals:  # one bootstrap draw per held-out set, shared by every fold's models
         with watch("predict"):
             ext_out = predict_peer(peer, ext.images, ext.boxes, inset=inset)
-        external.append(score_part(ev, name, ext_out, ext, validation, fold_weights(ext.patients, seed, None)))
+        w = fold_weights(ext.patients, seed, None)
+        scored, rows = score_set(ev, name, ext_out, ext, validation, (val_out, val.labels), w)
+        external.append(scored)
+        external_extra.append(rows)
     threshold = metrics.get("dice_val_threshold")
     figure = figure_maps(test, test_out.maps, figure_ids(fo), threshold, ev.kernel)
     n_images = len(val) + len(test) + sum(len(e) for e in task.externals)
     info = {"fit": fit_info, "predict_s": watch.seconds["predict"], "predict_images": n_images}
-    return MethodFold(name, metrics, reps, external, figure, info)
+    return MethodFold(name, metrics, reps, external, figure, info, extra, external_extra)
 
 
 def riad_figure(task: FoldTask, fo: FoldOutput) -> MethodFold:
@@ -284,6 +376,8 @@ def save_method(fdir: Path, mf: MethodFold, key: str) -> None:
         "external": [m for m, _ in mf.external],
         "figure": sorted(mf.figure),
         "info": mf.info,
+        "extra": mf.extra,
+        "external_extra": mf.external_extra,
     }
     write_json(fdir / f"{mf.name}.json", json_safe(doc))
 
@@ -309,28 +403,38 @@ def load_method(fdir: Path, name: str, key: str) -> MethodFold | None:
             part.setdefault(prefix, {})[rest.replace("|", "/")] = v
     figure = {int(i): (arrays[f"figure|{i}|map"], arrays[f"figure|{i}|seg"]) for i in doc["figure"]}
     external = [(_floats(m), part.get(f"external-{i}", {})) for i, m in enumerate(doc["external"])]
-    return MethodFold(name, _floats(doc["metrics"]), part.get("test", {}), external, figure, doc["info"])
+    extra, ext_extra = _rows(doc.get("extra", {})), [_rows(r) for r in doc.get("external_extra", [])]
+    return MethodFold(
+        name, _floats(doc["metrics"]), part.get("test", {}), external, figure, doc["info"], extra, ext_extra
+    )
+
+
+def _rows(d: Mapping[str, Mapping[str, Any]]) -> Rows:
+    return {row: _floats(m) for row, m in d.items()}
 
 
 # ----------------------------------------------------------------------------- the folds
 
 
 def compare_fold(p: RunPlan, cs: Settings, fold: int, fo: FoldOutput, bar: Progress) -> dict[str, MethodFold]:
-    """Every peer of ``cs`` (and RIAD's figure maps) on one fold, each resumed when already saved."""
+    """Every peer of ``cs`` (and RIAD's figure maps) on one fold, each resumed when already saved, and LoRIS's
+    rescored rows (:func:`loris_fold`)."""
     fdir = p.out / "folds" / str(fold)
     task = FoldTask.plan(p.cfg, p.data, fold, fdir, p.externals)
     out: dict[str, MethodFold] = {}
     n_ext = len(p.externals)
+    riad_key = f"riad-figure|{','.join(map(str, figure_ids(fo)))}"
     for name in ([RIAD] if RIAD in cs.methods else []) + cs.peers:
         bar.stage(fold, name)
         job = peer_job(p.cfg, task, name, cs.budget, cs.options.get(name)) if name != RIAD else None
-        key = f"{job.entry.name}|external={n_ext}" if job else f"riad-figure|{','.join(map(str, figure_ids(fo)))}"
+        key = f"{job.entry.name}|external={n_ext}|{SAVED_AS}" if job else riad_key
         mf = load_method(fdir / PEER_DIR, name, key)
         if mf is None:
             mf = peer_fold(task, fo, job) if job else riad_figure(task, fo)
             save_method(fdir / PEER_DIR, mf, key)
         out[name] = mf
         bar.done()
+    out[LORIS] = loris_fold(p, fold, fo)  # rescored from the fold's kept scores, not saved: it costs no inference
     return out
 
 
@@ -338,6 +442,61 @@ def _check_options(cs: Settings) -> None:
     stray = sorted(set(cs.options) - set(cs.peers))
     if stray:
         raise ValueError(f"peer options given for {', '.join(stray)}, which are not among the methods {cs.methods}")
+
+
+def finished_settings(out: Path) -> dict[str, Any] | None:
+    """``compare.json`` of the finished comparison in ``out``; None when ``out`` holds no finished run. The
+    finished run of another command is refused: ``compare`` adds methods to its own folders only."""
+    if not (out / "summary.json").is_file():
+        return None
+    command = json.loads((out / "summary.json").read_text()).get("command")
+    if command != "compare" or not (out / "compare.json").is_file():
+        raise RunDirError(
+            f"{out} already holds a finished run (summary.json) that is not a comparison; choose another --out"
+        )
+    return dict(json.loads((out / "compare.json").read_text()))
+
+
+def added_settings(out: Path, saved: Mapping[str, Any], cs: Settings, cfg: Config) -> Settings:
+    """``cs`` added to the finished comparison in ``out`` (``saved``: its ``compare.json``): its methods, then
+    the new ones. Refused, naming what differs, when the config (data, folds, budgets, scoring...), the
+    peers' budget or the options of a method already there differ, or when RIAD is new (it trains inside
+    LoRIS's folds, which are finished)."""
+    now = cs.to_dict()
+    old_config = {k: v for k, v in yaml.safe_load((out / "config.yaml").read_text()).items() if k != "run"}
+    made = replace(cfg, riad=replace(cfg.riad, enabled=RIAD in saved["methods"]))  # RIAD as the folds had it
+    diff = _differences(old_config, {k: v for k, v in run_config(made).items() if k != "run"})
+    if saved["budget"] != now["budget"]:
+        diff.append(f"the peers' budget ({saved['budget']!r} vs {now['budget']!r})")
+    old_options = saved.get("options", {})
+    diff += [
+        f"options of {m} ({old_options.get(m, {})!r} vs {now['options'][m]!r})"
+        for m in saved["methods"]
+        if m in now["options"] and now["options"][m] != old_options.get(m, {})
+    ]
+    if RIAD in cs.methods and RIAD not in saved["methods"]:
+        diff.append("riad: it trains inside LoRIS's folds, which are finished")
+    if diff:
+        raise RunDirError(
+            f"{out} holds a finished comparison made otherwise, so methods cannot be added to it: "
+            f"{'; '.join(diff)}; use the same settings, or another --out"
+        )
+    methods = parse_methods([*saved["methods"], *cs.methods])
+    return Settings(methods, cs.budget, {**old_options, **now["options"]})
+
+
+def compare_plan(cfg: Config, out: Path, adding: bool) -> RunPlan:
+    """:func:`pipeline.run.plan` of the comparison; when ``adding`` to a finished one, a refusal there means
+    that the data's content changed since (the config was checked before)."""
+    try:
+        return plan(cfg, out, [cfg.detector.name], "compare")
+    except RunDirError as exc:
+        if not adding:
+            raise
+        raise RunDirError(
+            f"{out}: the data or a held-out set changed since this comparison was made (their content "
+            f"differs), so methods cannot be added to it; use another --out"
+        ) from exc
 
 
 def execute_compare(
@@ -348,30 +507,37 @@ def execute_compare(
     budget: str | Budget | None = None,
     options: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """Run (or resume) the comparison into ``out`` and write every output; returns the summary.
+    """Run, resume or add to the comparison in ``out`` and write every output; returns the summary.
 
     LoRIS's prior source is ``cfg.detector.name``; RIAD trains only when asked for. ``budget`` (default:
-    named like the profile) and ``options`` (``{peer: {option: value}}``) set the peers."""
+    named like the profile) and ``options`` (``{peer: {option: value}}``) set the peers. On a finished
+    comparison made with the same settings the new methods are added (the others are read back from its
+    folders) and every table is written again with all of them (:func:`added_settings`)."""
     from pipeline.compare_report import summarise, write_outputs
 
-    names = parse_methods(methods)
-    cs = Settings(names, budget or PEER_BUDGETS[cfg.profile], dict(options or {}))
+    out = Path(out)
+    cs = Settings(parse_methods(methods), budget or PEER_BUDGETS[cfg.profile], dict(options or {}))
+    saved = finished_settings(out)
+    if saved is not None:
+        cs = added_settings(out, saved, cs, cfg)
     _check_options(cs)
-    cfg = replace(cfg, riad=replace(cfg.riad, enabled=RIAD in names))
+    cfg = replace(cfg, riad=replace(cfg.riad, enabled=RIAD in cs.methods))
     watch = Stopwatch()
-    with run_lock(Path(out)):
+    with adding_to(out) if saved is not None else contextlib.nullcontext(out), run_lock(out):
         with watch("total"):
             set_threads(cfg.threads)
-            p = plan(cfg, Path(out), [cfg.detector.name], "compare")
+            p = compare_plan(cfg, out, saved is not None)
             write_json(p.out / "compare.json", json_safe(cs.to_dict()))
             outputs, resumed = run_folds(p)
-            bar = Progress(len(p.fold_ids), len(cs.peers) + int(RIAD in names), cfg.progress)
+            bar = Progress(len(p.fold_ids), len(cs.peers) + int(RIAD in cs.methods), cfg.progress)
             try:
                 per_fold = [compare_fold(p, cs, f, fo, bar) for f, fo in zip(p.fold_ids, outputs)]
             finally:
                 bar.close()
         summary = summarise(p, cs, outputs, per_fold)
         summary["timing"] = {"total_s": watch.seconds["total"], "resumed_folds": resumed, **summary["timing"]}
+        if saved is not None:
+            summary["added_methods"] = [m for m in cs.methods if m not in saved["methods"]]
         write_outputs(p, cs, outputs, per_fold, summary)
     return summary
 

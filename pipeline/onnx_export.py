@@ -273,16 +273,29 @@ def bundle_digest(bundle_dir: Path) -> str:
     return h.hexdigest()[:20]
 
 
+def _checked_doc(bundle_dir: Path, hint: str) -> dict[str, Any]:
+    """A bundle's ``bundle.json``, checked as :meth:`pipeline.bundle.Bundle.load` checks it, so a
+    tampered bundle is refused before anything is exported (the export would run nowhere)."""
+    from pipeline.bundle import BUNDLE_FORMAT, check_bundle_doc
+
+    path = bundle_dir / "bundle.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{bundle_dir}: not a LoRIS bundle (no bundle.json); create one with `train`")
+    doc = load_meta(path, hint=hint)
+    if doc.get("format") != BUNDLE_FORMAT:
+        raise ValueError(f"{path}: bundle format {doc.get('format')} is not supported (expected {BUNDLE_FORMAT})")
+    check_bundle_doc(doc, path, hint)
+    return doc
+
+
 def export_bundle(bundle_dir: Path, out: Path, detector: bool = True) -> dict[str, Any]:
     """Export a bundle's U-Net, its LoRIS graph and detector into ``out``; returns ``export.json``
     (``bundle_digest``: :func:`bundle_digest` of the bundle exported, so a stale export is recognised)."""
     from reconstruction.checkpoint import load_model
 
     bundle_dir, out = Path(bundle_dir), Path(out)
-    if not (bundle_dir / "bundle.json").is_file():
-        raise FileNotFoundError(f"{bundle_dir}: not a LoRIS bundle (no bundle.json); create one with `train`")
     hint = f"the bundle {bundle_dir} is damaged: restore it or train a new one with `train`"
-    doc = load_meta(bundle_dir / "bundle.json", hint=hint)
+    doc = _checked_doc(bundle_dir, hint)
     size = int(doc["image_size"])
     unet, _ = load_model(bundle_dir / "unet", map_location="cpu", hint=hint)
     s = doc["score"]

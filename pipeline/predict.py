@@ -10,7 +10,8 @@ It writes ``predictions.csv`` (keyed by file path and frame, with the SOP Instan
 ``score``, its calibrated ``probability`` of distension (the bundle's ``calibration``, fitted on its
 validation part; empty for a bundle without one), the ``verdict`` (``score`` against ``threshold``),
 the crop and the mask as a COCO compressed RLE string in ``mask_rle``, in the scan's own pixels, read
-back with :func:`decode_mask`; no mask images are written), ``errors.csv``, ``predict.json`` (the
+back with :func:`decode_mask`; no mask images are written; ``orientation``, the EXIF Orientation a JPEG's
+pixels were turned by before anything else, 1 when none), ``errors.csv``, ``predict.json`` (the
 bundle and shard that made the folder) and the review page (:mod:`pipeline.review`);
 ``overlays=True`` adds ``overlays/<name>.png`` (else the ``overlay`` column is empty), and
 ``dicom_out`` SEG/SR/SC objects under ``dicom/`` (:mod:`pipeline.dicom_out`). No patient tag
@@ -74,6 +75,7 @@ from scans.coco import decode_segmentation, encode_mask
 from scans.io import atomic_write_text, confined, write_png
 from scans.readers import (
     CROP_MODES,
+    TIFF_SUFFIXES,
     Crop,
     CropMode,
     ReadError,
@@ -109,6 +111,7 @@ PRED_FIELDS = [
     "height",
     *CROP_FIELDS,
     "dicom",
+    "orientation",  # the EXIF Orientation applied to the stored pixels before anything else (1: none)
 ]
 ERR_FIELDS = ["file", "frame", "sop_instance_uid", "reason"]
 FrameSpec = str | int | None
@@ -481,13 +484,13 @@ def _frames(path: Path, frames: FrameSpec, default_frame: int) -> list[int]:
 
 
 def _known_frame(path: Path, frames: FrameSpec, default_frame: int) -> int | None:
-    """The one frame ``frames`` selects in ``path`` when it is known without reading the header."""
-    if not is_dicom(path):
-        return 0
+    """The one frame ``frames`` selects in ``path`` when it is known without reading the header; None
+    for ``"all"`` of a file that may hold several (a DICOM or a TIFF), so a resume checks each frame."""
+    dicom = is_dicom(path)
     if frames is None:
-        return default_frame
-    if frames == "first":
-        return 0
+        return default_frame if dicom else 0
+    if frames == "first" or not (dicom or path.suffix.lower() in TIFF_SUFFIXES):
+        return 0  # other raster files hold one frame
     return frames if isinstance(frames, int) else None
 
 
@@ -732,28 +735,31 @@ def _write_outputs(
                 dicom = _dicom_out(item, stem, out, bundle, m, score, source, outputs.dicom)
             except Exception as exc:  # a source DICOM that cannot be referenced must not stop the batch
                 errors.append(_error(item.rel, f"dicom-out: {_reason(exc)}", item.frame, rr.sop_instance_uid))
-        w, h = rr.original_size
-        rows.append(
-            {
-                "file": csv_name(item.rel),
-                "frame": item.frame,
-                "sop_instance_uid": safe_cell(rr.sop_instance_uid or ""),
-                "score": f"{score:.6g}",
-                "probability": _probability_cell(float(result.probabilities[i])),
-                "verdict": "distended" if score >= bundle.score_threshold else "not distended",
-                "threshold": f"{bundle.score_threshold:.6g}",
-                **{k: f"{v:.1f}" for k, v in zip(("box_x1", "box_y1", "box_x2", "box_y2"), m.box)},
-                "box_source": source,
-                "box_confidence": f"{result.confidences[i]:.4f}",
-                "mask_rle": safe_cell(encode_mask(m.mask)["counts"]),  # a run of 13 starts it with '='
-                "overlay": ov_rel,
-                "width": w,
-                "height": h,
-                **dict(zip(CROP_FIELDS, (*rr.crop, rr.crop_source))),
-                "dicom": dicom,
-            }
-        )
+        rows.append(_row(item, rr, m, bundle.score_threshold, result, i) | {"overlay": ov_rel, "dicom": dicom})
     return rows, errors
+
+
+def _row(item: _Item, rr: ReadResult, m: _Mapped, threshold: float, result: BundleOutput, i: int) -> dict[str, Any]:
+    """The ``predictions.csv`` row of frame ``i`` of a batch, less its ``overlay`` and ``dicom`` cells."""
+    score = float(result.scores[i])
+    w, h = rr.original_size
+    return {
+        "file": csv_name(item.rel),
+        "frame": item.frame,
+        "sop_instance_uid": safe_cell(rr.sop_instance_uid or ""),
+        "score": f"{score:.6g}",
+        "probability": _probability_cell(float(result.probabilities[i])),
+        "verdict": "distended" if score >= threshold else "not distended",
+        "threshold": f"{threshold:.6g}",
+        **{k: f"{v:.1f}" for k, v in zip(("box_x1", "box_y1", "box_x2", "box_y2"), m.box)},
+        "box_source": result.sources[i],
+        "box_confidence": f"{result.confidences[i]:.4f}",
+        "mask_rle": safe_cell(encode_mask(m.mask)["counts"]),  # a run of 13 starts it with '='
+        "width": w,
+        "height": h,
+        **dict(zip(CROP_FIELDS, (*rr.crop, rr.crop_source))),
+        "orientation": rr.orientation,
+    }
 
 
 def _probability_cell(p: float) -> str:
@@ -1127,33 +1133,14 @@ def predict_folder(
     ``prefetch``: the local engine's decoding processes and frames read ahead by each; ``runtime``:
     ``torch`` (:meth:`Bundle.load`) or ``onnxruntime`` (``pipeline.onnx_bundle.load_onnx_bundle``).
     """
-    folder, out = Path(folder), Path(out)
+    bundle_dir, folder, out = Path(bundle_dir), Path(folder), Path(out)
     opts = _validate(folder, out, batch_size, read or ReadOptions(), dicom_out)
-    part = parse_shard(shard) if isinstance(shard, str) else shard
-    part = part or (0, 1)
-    if not 0 <= part[0] < part[1]:
-        raise ValueError(f"shard {part[0]}/{part[1]}: K/N needs 0 <= K < N")
-    n_workers = default_workers() if workers is None else workers
-    if n_workers < 0 or prefetch < 1:
-        raise ValueError(f"workers must be 0 or more and prefetch 1 or more, not {n_workers} and {prefetch}")
-    if runtime not in RUNTIMES:
-        raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, not {runtime!r}")
+    part, n_workers = _run_options(shard, workers, prefetch, runtime)
     with output_lock(out):  # one process at a time writes out
-        bundle = _load_bundle(Path(bundle_dir), device, runtime)  # a damaged bundle is named before any work
+        bundle = _load_bundle(bundle_dir, device, runtime)  # a damaged bundle is named before any work
         outputs = Outputs(overlays, tuple(dicom_out))
         job = Job(
-            Path(bundle_dir),
-            device,
-            folder,
-            out,
-            opts,
-            outputs,
-            batch_size,
-            progress,
-            bundle,
-            n_workers,
-            prefetch,
-            runtime,
+            bundle_dir, device, folder, out, opts, outputs, batch_size, progress, bundle, n_workers, prefetch, runtime
         )
         manifest = _manifest(job, bundle, part)
         done = check_resume(out, manifest)  # refused before anything is written
@@ -1163,6 +1150,20 @@ def predict_folder(
         watch = Stopwatch()
         sink = engine(job, plan, watch)
         return _finish(out, sink, watch.seconds.get("predict", 0.0), plan.n_done, review)
+
+
+def _run_options(shard: Shard | str | None, workers: int | None, prefetch: int, runtime: str) -> tuple[Shard, int]:
+    """``predict_folder``'s shard (``(0, 1)``: the whole folder) and decoding processes, checked with its
+    prefetch and runtime."""
+    part = (parse_shard(shard) if isinstance(shard, str) else shard) or (0, 1)
+    if not 0 <= part[0] < part[1]:
+        raise ValueError(f"shard {part[0]}/{part[1]}: K/N needs 0 <= K < N")
+    n_workers = default_workers() if workers is None else workers
+    if n_workers < 0 or prefetch < 1:
+        raise ValueError(f"workers must be 0 or more and prefetch 1 or more, not {n_workers} and {prefetch}")
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, not {runtime!r}")
+    return part, n_workers
 
 
 def _ends_cleanly(path: Path) -> bool:

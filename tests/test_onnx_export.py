@@ -77,7 +77,8 @@ def test_graph_score_matches_image_score(pooling: str, region: str) -> None:
 
 
 def _bundle(root: Path) -> Path:
-    """A bundle folder with a tiny U-Net and an untrained YOLOv5u (the files ``train`` writes)."""
+    """A bundle folder with a tiny U-Net and an untrained YOLOv5u (the files ``train`` writes), and a
+    ``bundle.json`` with every entry ``train`` writes and export checks (the prior too: predict needs it)."""
     from detectors.yolov5 import YoloV5Detector
 
     save_model(_unet(), root / "unet")
@@ -90,6 +91,7 @@ def _bundle(root: Path) -> Path:
         "mask_margin": 1.0,
         "score": {"map": "msgmsd", "threshold": 0.1, "pooling": "topk", "region": "box", "topk_fraction": 0.05},
         "segmentation": {"map": "dd", "threshold": 0.1, "kernel": 3},
+        "prior": {"threshold": 0.05, "median_box": [8.0, 16.0, 56.0, 32.0], "expand_up": 0.25, "expand_side": 0.1},
     }
     (root / "bundle.json").write_text(json.dumps(doc))
     return root

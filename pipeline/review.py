@@ -1,13 +1,15 @@
 """A review page for a ``predict`` output folder: one self-contained ``index.html``, sorted by score.
 
 The page lists every scan of ``predictions.csv`` (highest score first) with its verdict at the
-bundle's threshold, score, box source and overlay thumbnail, plus the unreadable files of
-``errors.csv``. Thumbnails are relative links to the PNGs ``predict`` wrote (nothing is
-re-encoded); a scan without an overlay (``predict`` writes them only with ``--overlays``) gets a
-short placeholder. Only the current page's images are in the document, so a folder of thousands
-of scans opens at once. It works offline: no external scripts, styles or fonts. Rows carry only
-the file path (and the SOP Instance UID or frame when ``predict`` wrote them), never patient tags
-or the mask RLE (docs/design.md, "Outputs for clinicians and PACS").
+bundle's threshold, score, calibrated probability of distension (a whole percentage, "<1%" and
+">99%" at the ends, empty without a calibration or for a cell that is not a number in [0, 1]), box
+source and overlay thumbnail, plus the unreadable files of ``errors.csv``. Thumbnails are relative
+links to the PNGs ``predict`` wrote (nothing is re-encoded); a scan without an overlay
+(``predict`` writes them only with ``--overlays``) gets a short placeholder. Only the current
+page's images are in the document, so a folder of thousands of scans opens at once. It works
+offline: no external scripts, styles or fonts. Rows carry only the file path (and the SOP Instance
+UID or frame when ``predict`` wrote them), never patient tags or the mask RLE (docs/design.md,
+"Outputs for clinicians and PACS").
 
 Keys: ``j``/``↓`` next scan, ``k``/``↑`` previous, ``→``/``←`` next/previous page, ``Enter``
 enlarges the selected overlay, ``f`` cycles the filter (all, distended, errors), ``s`` the sort.
@@ -29,7 +31,9 @@ import csv
 import html
 import json
 import math
+import re
 from collections import Counter
+from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import quote
@@ -42,6 +46,7 @@ ROW_FIELDS = (
     "sop_instance_uid",
     "frame",
     "score",
+    "probability",
     "verdict",
     "threshold",
     "box_source",
@@ -80,11 +85,33 @@ def _score(row: dict[str, str]) -> float:
     return v
 
 
+# A plain decimal as predict writes it (an exponent allowed): no sign, nan, inf, underscores or formulas.
+_DECIMAL = re.compile(r"([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
+
+
+def _percent(cell: str | None) -> str:
+    """The ``probability`` cell as a whole percentage, or '' when it is not a plain number in [0, 1].
+
+    >>> [_percent(c) for c in ("0.004", "0.5", "0.8749", "0.996", "1", "", "nan", "1.7", "=1/2", "+0.5")]
+    ['<1%', '50%', '87%', '>99%', '>99%', '', '', '', '', '']
+    """
+    text = (cell or "").strip()
+    if not _DECIMAL.fullmatch(text):
+        return ""
+    p = Decimal(text)
+    if p > 1:
+        return ""
+    pct = int((p * 100).quantize(Decimal(1), rounding=ROUND_HALF_UP))
+    # a calibrated probability is never certain: the ends say so rather than "0%" or "100%"
+    return "<1%" if pct < 1 else ">99%" if pct > 99 else f"{pct}%"
+
+
 def load_rows(out: Path) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
     """Scan rows sorted by score (highest first, unscored last) and error rows, whitelisted columns only.
 
     A row has no ``overlay`` key when ``predict`` wrote none, and ``overlay == ""`` when the one
-    named is missing or outside ``out``.
+    named is missing or outside ``out``. ``probability`` is the display text of :func:`_percent`,
+    absent when the cell is empty, missing (older folders) or not a number in [0, 1].
     """
     out = Path(out)
     rows: list[dict[str, Any]] = []
@@ -98,6 +125,8 @@ def load_rows(out: Path) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
         row["score"] = None if math.isnan(s) else s
         if "overlay" in row:
             row["overlay"] = _link(out, row["overlay"])
+        if pct := _percent(row.pop("probability", None)):
+            row["probability"] = pct
         rows.append(row)
     rows.sort(key=lambda r: (r["score"] is None, -(r["score"] or 0.0), r.get("file", "")))
     errors = [{k: r[k] for k in ERROR_FIELDS if r.get(k)} for r in _read_csv(out / "errors.csv")]
@@ -169,12 +198,14 @@ const D = JSON.parse(document.getElementById("data").textContent);
 const S = {filter: "all", sort: "score-desc", page: 0, sel: 0};
 const $ = (id) => document.getElementById(id);
 const byName = new Intl.Collator("en", {numeric: true});
+const TIPS = {probability: "calibrated probability of distension (empty: the bundle has no calibration)"};
 function cell(tr, text, cls) {
   const td = tr.insertCell(); td.textContent = text; if (cls) td.className = cls; return td;
 }
 function note(td, text) {
   const s = document.createElement("span"); s.className = "noimg"; s.textContent = text; td.appendChild(s);
 }
+function label(v) { return typeof v === "string" ? v : ""; }
 function fmt(v) { return v === null || v === undefined ? "" : Number(v).toPrecision(4); }
 function options(id) { return Array.from($(id).options).map((o) => o.value); }
 function readHash() {
@@ -218,8 +249,10 @@ function render() {
   head.textContent = ""; body.textContent = "";
   const hr = head.insertRow();
   const cols = S.filter === "errors" ? ["#", "file", "reason"]
-    : ["#", "overlay", "file", "score", "threshold", "verdict", "box source"];
-  for (const c of cols) { const th = document.createElement("th"); th.textContent = c; hr.appendChild(th); }
+    : ["#", "overlay", "file", "score", "probability", "threshold", "verdict", "box source"];
+  for (const c of cols) {
+    const th = document.createElement("th"); th.textContent = c; if (TIPS[c]) th.title = TIPS[c]; hr.appendChild(th);
+  }
   view.forEach((x, i) => {
     const tr = body.insertRow();
     tr.dataset.i = i; tr.dataset.file = x.file || "";
@@ -234,7 +267,7 @@ function render() {
     const f = cell(tr, x.file || "");
     if (x.sop_instance_uid) f.title = "SOP Instance UID " + x.sop_instance_uid;
     if (x.frame) f.textContent += " [frame " + x.frame + "]";
-    cell(tr, fmt(x.score), "num"); cell(tr, fmt(x.threshold), "num");
+    cell(tr, fmt(x.score), "num"); cell(tr, label(x.probability), "num"); cell(tr, fmt(x.threshold), "num");
     cell(tr, x.verdict || "", x.verdict === "distended" ? "distended" : "ok");
     cell(tr, (x.box_source || "") + (x.box_confidence ? " (" + fmt(x.box_confidence) + ")" : ""));
     tr.addEventListener("click", () => { S.sel = i; render(); });

@@ -34,10 +34,26 @@ FIELDS = [
     "patient_name",
 ]
 RLE = '{"size": [8, 8], "counts": "PPYo0"}'
+# probability cells and what the page shows: tampered or odd values show nothing rather than a number
+PROBS = {
+    "0.004": "<1%",
+    "0.5": "50%",
+    "0.996": ">99%",
+    "0.8749": "87%",
+    "": "",
+    "nan": "",
+    "1.7": "",
+    "+0.5": "",
+    '=HYPERLINK("http://x.example","0.9")': "",
+}
 
 
-def _folder(out: Path, n: int = 7, overlays: bool = True) -> list[dict[str, str]]:
-    """A synthetic predict output folder: rows, overlays (every third row without one), one error."""
+def _folder(out: Path, n: int = 7, overlays: bool = True, probs: bool = False) -> list[dict[str, str]]:
+    """A synthetic predict output folder: rows, overlays (every third row without one), one error.
+
+    Without ``probs`` there is no probability column (folders older than calibration); with it, row
+    ``i`` has the ``i``-th cell of :data:`PROBS` (cyclically).
+    """
     rng = np.random.default_rng(0)
     rows = []
     for i in range(n):
@@ -60,9 +76,12 @@ def _folder(out: Path, n: int = 7, overlays: bool = True) -> list[dict[str, str]
                 "patient_name": "Doe^Jane",  # a column predict never writes: must not reach the page
             }
         )
+        if probs:
+            rows[-1]["probability"] = list(PROBS)[i % len(PROBS)]
     rows.append({**rows[1], "file": "evil.png", "score": "0.01", "overlay": "../outside.png"})
+    fields = [*FIELDS[:3], "probability", *FIELDS[3:]] if probs else FIELDS
     with open(out / "predictions.csv", "w", newline="") as fh:
-        w = csv.DictWriter(fh, FIELDS)
+        w = csv.DictWriter(fh, fields)
         w.writeheader()
         w.writerows(rows)
     (out / "errors.csv").write_text("file,reason\nbroken.dcm,no pixel data\n")
@@ -97,6 +116,7 @@ def test_review_page(tmp_path: Path) -> None:
         else:
             assert not r["overlay"].startswith(("/", "http")) and "%20" in r["overlay"]
             assert (tmp_path / r["overlay"].replace("%20", " ")).is_file()
+    assert all("probability" not in r for r in data["rows"])  # an older folder: no column, no values
     assert "Doe^Jane" not in page and "patient_name" not in page
     assert "mask_rle" not in page and "PPYo0" not in page
     assert not re.search(r"(src|href)\s*=\s*[\"']?(https?:)?//|@import|url\(|@font-face", page)
@@ -104,6 +124,18 @@ def test_review_page(tmp_path: Path) -> None:
     # thumbnails are links to the PNGs predict wrote: nothing re-encoded, nothing else written
     assert {p: p.read_bytes() for p in tmp_path.rglob("*.png")} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["errors.csv", "index.html", "overlays", "predictions.csv"]
+
+
+def test_review_probability(tmp_path: Path) -> None:
+    _folder(tmp_path, n=len(PROBS), probs=True)
+    page = write_review(tmp_path).read_text()
+    data = _data(page)
+    shown = {r["file"]: r.get("probability") for r in data["rows"]}
+    for i, (cell, text) in enumerate(PROBS.items()):
+        assert shown[f"sub/scan {i}-abc.dcm"] == (text or None), cell
+    assert shown["evil.png"] == PROBS[list(PROBS)[1]]
+    assert "HYPERLINK" not in page and "1.7" not in page  # odd cells do not reach the page at all
+    assert '"score", "probability", "threshold"' in page  # the column, next to the score
 
 
 def test_review_escapes_script_breakers(tmp_path: Path) -> None:
@@ -174,15 +206,18 @@ def console_problems(stderr: str) -> list[str]:
 
 
 class _Dom(HTMLParser):
-    """The table rows, thumbnails, placeholders and ``<html>`` attributes of a dumped DOM."""
+    """The table rows (attributes and cell texts), header, thumbnails, placeholders and ``<html>`` attributes."""
 
     def __init__(self, text: str) -> None:
         super().__init__()
         self.rows: list[dict[str, str | None]] = []
+        self.cells: list[list[str]] = []  # per row of ``rows``: the text of each cell
+        self.head: list[str] = []
         self.imgs: list[str] = []
         self.notes: list[str] = []
         self.root: dict[str, str | None] = {}
         self._in_note = False
+        self._text: list[str] | None = None  # the cell being read
         self.feed(text)
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
@@ -191,14 +226,28 @@ class _Dom(HTMLParser):
             self.root = a
         elif tag == "tr" and "data-file" in a:
             self.rows.append(a)
+            self.cells.append([])
         elif tag == "img" and a.get("class") == "thumb":
             self.imgs.append(a.get("src") or "")
+        elif tag == "th" or (tag == "td" and self.rows):
+            self._text = []
         self._in_note = tag == "span" and a.get("class") == "noimg"
 
+    def handle_endtag(self, tag: str) -> None:
+        if tag in ("td", "th") and self._text is not None:
+            (self.head if tag == "th" else self.cells[-1]).append("".join(self._text))
+            self._text = None
+
     def handle_data(self, data: str) -> None:
+        if self._text is not None:
+            self._text.append(data)
         if self._in_note:
             self.notes.append(data)
             self._in_note = False
+
+    def column(self, name: str) -> list[str]:
+        """The text of column ``name`` in each row."""
+        return [cells[self.head.index(name)] for cells in self.cells]
 
 
 def _natural(name: str) -> list[object]:
@@ -208,7 +257,7 @@ def _natural(name: str) -> list[object]:
 @needs_chromium
 def test_review_in_chromium(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    rows = _folder(out, n=12)
+    rows = _folder(out, n=12, probs=True)
     page = write_review(out, page_size=5).as_uri()
     home = tmp_path / "chromium"
 
@@ -217,6 +266,8 @@ def test_review_in_chromium(tmp_path: Path) -> None:
     d = _Dom(dom)
     by_score = sorted(rows, key=lambda r: -float(r["score"]))
     assert [r["data-file"] for r in d.rows] == [r["file"] for r in by_score[:5]]  # one page, highest first
+    assert d.head == ["#", "overlay", "file", "score", "probability", "threshold", "verdict", "box source"]
+    assert d.column("probability") == [PROBS[r["probability"]] for r in by_score[:5]]
     assert [float(r["data-score"] or "nan") for r in d.rows] == [float(r["score"]) for r in by_score[:5]]
     with_overlay = [r for r in by_score[:5] if r["overlay"]]
     assert len(d.imgs) == len(with_overlay) and d.notes.count("overlay not readable") == 0
@@ -225,8 +276,14 @@ def test_review_in_chromium(tmp_path: Path) -> None:
 
     dom, err = chromium(home, page + "#sort=file&page=3", "--dump-dom")
     assert console_problems(err) == []
-    by_file = sorted((r["file"] for r in rows), key=_natural)  # "scan 10" after "scan 9"
-    assert [r["data-file"] for r in _Dom(dom).rows] == by_file[10:]
+    by_file = sorted(rows, key=lambda r: _natural(r["file"]))  # "scan 10" after "scan 9"
+    assert [r["data-file"] for r in _Dom(dom).rows] == [r["file"] for r in by_file[10:]]
+    assert _Dom(dom).column("probability") == [PROBS[r["probability"]] for r in by_file[10:]]
+    for p in (1, 2):  # with page 3 above, every row: every cell of PROBS (scans 0 to 8 by file)
+        dom, err = chromium(home, page + f"#sort=file&page={p}", "--dump-dom")
+        assert console_problems(err) == []
+        want = by_file[5 * (p - 1) : 5 * p]
+        assert _Dom(dom).column("probability") == [PROBS[r["probability"]] for r in want]
     dom, _ = chromium(home, page + "#filter=errors", "--dump-dom")
     assert [r["data-file"] for r in _Dom(dom).rows] == ["broken.dcm"]
 
@@ -237,6 +294,17 @@ def test_review_in_chromium(tmp_path: Path) -> None:
     assert img is not None and img.shape[:2] == (900, 1280)
     assert len(np.unique(img.reshape(-1, 3), axis=0)) > 20  # text, thumbnails and rules, not a blank page
     assert sorted(p.name for p in out.iterdir()) == ["errors.csv", "index.html", "overlays", "predictions.csv"]
+
+
+@needs_chromium
+def test_review_in_chromium_without_probability(tmp_path: Path) -> None:
+    """A folder older than calibration (no probability column): the page works, its cells are empty."""
+    _folder(tmp_path / "out", n=3)
+    dom, err = chromium(tmp_path / "chromium", write_review(tmp_path / "out").as_uri(), "--dump-dom")
+    assert console_problems(err) == []
+    d = _Dom(dom)
+    assert len(d.rows) == 4 and "probability" in d.head and d.column("probability") == [""] * 4
+    assert all(re.fullmatch(r"0\.\d+", s) for s in d.column("score"))  # the neighbours still render
 
 
 @needs_chromium

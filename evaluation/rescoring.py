@@ -52,7 +52,10 @@ POOLING_NOTE = (
 ECE_NOTE = (
     "ECE: expected calibration error (10 equal-width bins) of the probability of distension on the test "
     "scans, Platt scaling of the row's image score fitted on the fold's validation part (as the bundle's "
-    "calibration); lower is better. '-': no calibration (a validation part of one class) or no scores kept."
+    "calibration); lower is better. '-': no calibration (a validation part of one class) or no scores kept. "
+    "The binned ECE is biased upward on small samples, and a resample (patients drawn with repeats) is "
+    "noisier still, so the point can sit below its percentile interval: read the interval as the spread "
+    "of the binned estimate, not as a bound on the true calibration error."
 )
 
 

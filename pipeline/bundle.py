@@ -73,6 +73,25 @@ def operating_threshold(
 CALIBRATION_METHODS = ("platt", "none")  # "none": the validation part could not fit one (one class only)
 
 
+def _platt(s: np.ndarray, target: np.ndarray) -> tuple[float, float]:
+    """``(a, b)`` of the unpenalised logistic fit of the soft ``target`` on ``s``, in raw score units;
+    ``a`` is 0 (the prevalence alone) for a flat score or a fit that would fall as the score rises."""
+    from sklearn.linear_model import LogisticRegression
+
+    n = s.size
+    a, b = 0.0, float(np.log(target.mean() / (1 - target.mean())))
+    mean, std = float(s.mean()), float(s.std())
+    if std > 0:
+        z = (s - mean) / std
+        # each scan twice, as distended with weight t and as normal with weight 1 - t: the soft targets
+        fit = LogisticRegression(C=np.inf, tol=1e-10, max_iter=10_000)
+        fit.fit(np.r_[z, z][:, None], np.r_[np.ones(n), np.zeros(n)], sample_weight=np.r_[target, 1 - target])
+        slope, intercept = float(fit.coef_[0, 0]), float(fit.intercept_[0])
+        if slope > 0:
+            a, b = slope / std, intercept - slope * mean / std
+    return a, b
+
+
 def fit_calibration(scores: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
     """Platt scaling of the image score on the validation part: bundle.json's ``calibration``.
 
@@ -98,8 +117,6 @@ def fit_calibration(scores: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
     >>> fit_calibration(np.array([0.1, 0.2]), np.array([0, 0]))["method"]
     'none'
     """
-    from sklearn.linear_model import LogisticRegression
-
     s = np.asarray(scores, dtype=np.float64).ravel()
     y = np.asarray(labels).astype(np.int64).ravel()
     if s.shape != y.shape:
@@ -112,16 +129,7 @@ def fit_calibration(scores: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
         kind = "no distended" if n_pos == 0 else "no normal"
         return {"method": "none", "reason": f"the validation part has {kind} scan", **counts}
     target = np.where(y == 1, (n_pos + 1) / (n_pos + 2), 1 / (n - n_pos + 2))
-    a, b = 0.0, float(np.log(target.mean() / (1 - target.mean())))  # the prevalence, for a flat score
-    mean, std = float(s.mean()), float(s.std())
-    if std > 0:
-        z = (s - mean) / std
-        # each scan twice, as distended with weight t and as normal with weight 1 - t: the soft targets
-        fit = LogisticRegression(C=np.inf, tol=1e-10, max_iter=10_000)
-        fit.fit(np.r_[z, z][:, None], np.r_[np.ones(n), np.zeros(n)], sample_weight=np.r_[target, 1 - target])
-        slope, intercept = float(fit.coef_[0, 0]), float(fit.intercept_[0])
-        if slope > 0:
-            a, b = slope / std, intercept - slope * mean / std
+    a, b = _platt(s, target)
     doc = {"method": "platt", "a": a, "b": b, **counts}
     ece = expected_calibration_error(calibrate(s, doc), y)
     return {**doc, "ece_validation": ece}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Generator, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -71,3 +72,15 @@ class _StrictSkips:
 def pytest_configure(config: pytest.Config) -> None:
     if os.environ.get("CI", "").lower() == "true" and not config.pluginmanager.has_plugin("loris-strict-skips"):
         config.pluginmanager.register(_StrictSkips(), "loris-strict-skips")
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model cache of the module's own, so its tests reuse each other's models and no one else's."""
+    return tmp_path_factory.mktemp("loris-cache")
+
+
+@pytest.fixture
+def module_cache_env(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``LORIS_CACHE`` pointed at :func:`cache` (use with ``pytestmark = pytest.mark.usefixtures(...)``)."""
+    monkeypatch.setenv("LORIS_CACHE", str(cache))

@@ -123,14 +123,7 @@ def test_rescored_rows_equal_a_direct_computation() -> None:
 # --- compare end to end ------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("loris-pooling-cache")
-
-
-@pytest.fixture(autouse=True)
-def _cache_env(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("LORIS_CACHE", str(cache))
+pytestmark = pytest.mark.usefixtures("module_cache_env")
 
 
 def tiny(cache: Path, *more: str) -> Config:

@@ -25,14 +25,7 @@ LORIS_IB = "LoRIS-IB (MSGMSD, GMSD's c)"  # the verdict's map: every difference 
 LORIS_ROWS = [LORIS_IB, "LoRIS+MSGMSD", "LoRIS+DD", "LoRIS+GMSD", "LoRIS+SSIM"]
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("loris-compare-cache")
-
-
-@pytest.fixture(autouse=True)
-def _cache_env(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("LORIS_CACHE", str(cache))
+pytestmark = pytest.mark.usefixtures("module_cache_env")
 
 
 def tiny(cache: Path) -> Config:

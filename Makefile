@@ -13,8 +13,10 @@ lint: install
 	.venv/bin/ruff format --check .
 	.venv/bin/mypy
 
+# Two workers, one per core on the 2-core CI machine; each test file stays on one worker (module fixtures).
+TEST_WORKERS ?= 2
 test: lint
-	.venv/bin/python -m pytest -q
+	.venv/bin/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 test-all: install
 	.venv/bin/python -m pytest -q -m ""

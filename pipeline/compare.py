@@ -25,8 +25,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -39,16 +40,18 @@ from evaluation.bootstrap import weighted_auroc
 from evaluation.intervals import NO_PRIOR, fold_weights, row_replicates
 from evaluation.metrics import image_auroc
 from evaluation.rescoring import SCORE, VAL_SCORE, auroc_row, ece_row, kept_rows, pooled_row, split_pooled
+from pipeline import sources
 from pipeline.bundle import calibrate, fit_calibration
 from pipeline.cache import cache_lock, cache_root, load_cached, publish
 from pipeline.config import Config
 from pipeline.evaluate import EvalSettings, Validation, method_metrics
-from pipeline.fit import fit_unet, scope
+from pipeline.fit import fit_detector, fit_unet, scope
 from pipeline.fold import FoldOutput, FoldTask, Progress
 from pipeline.outputs import RunDirError, adding_to, default_run_dir, run_config, run_lock, write_json
+from pipeline.priors import fold_policy, predict_priors
 from pipeline.run import RunPlan, _differences, plan, run_folds
 from reconstruction.peers import PEERS, Budget, Peer, PeerOutput, build_peer, load_peer, peer_spec
-from reconstruction.peers.prior_guided import predict_peer
+from reconstruction.peers.prior_guided import PriorPeer, predict_peer
 from scans.io import atomic_write
 from scans.records import ScanArrays
 from scans.runtime import Stopwatch, resolve_device, set_threads
@@ -301,25 +304,56 @@ def figure_maps(
     return {i: (maps[pos[i]], segment(maps[pos[i]], threshold, kernel=kernel)) for i in ids if i in pos}
 
 
-def peer_fold(task: FoldTask, fo: FoldOutput, job: PeerJob) -> MethodFold:
-    """Fit (or load) the job's peer and score it on the fold's test part and on every held-out set."""
+@dataclass(frozen=True)
+class FoldBoxes:
+    """The boxes a fold's prior-guided peers score in: on the validation and test parts, and per held-out set."""
+
+    val: np.ndarray | None
+    test: np.ndarray | None
+    external: list[np.ndarray | None]
+
+    @classmethod
+    def none(cls, n_external: int) -> FoldBoxes:
+        """No boxes, for peers without the prior."""
+        return cls(None, None, [None] * n_external)
+
+    @classmethod
+    def of(cls, task: FoldTask) -> FoldBoxes:
+        """The priors of the run's source (``detector.name``) as LoRIS's rows got them: the annotated boxes
+        for ground truth, else the fold's detector (from the cache) under the fold's policy and expansion."""
+        cfg, arr = task.cfg, task.data.arrays
+        val, test = arr.subset(task.val), arr.subset(task.test)
+        if sources.is_ground_truth(cfg.detector.name):
+            return cls(val.boxes, test.boxes, [e.boxes for e in task.externals])
+        det, _ = fit_detector(cfg, task.data, task.train, task.val, task.out / cfg.detector.name)
+        policy = fold_policy(arr, task.train, cfg.detector.threshold, cfg.detector.train_classes)
+        val_b, test_b, *ext = (
+            predict_priors(det, a, policy, task.ev.expansion).boxes for a in (val, test, *task.externals)
+        )
+        return cls(val_b, test_b, list(ext))
+
+
+def peer_fold(task: FoldTask, fo: FoldOutput, job: PeerJob, boxes: Callable[[], FoldBoxes]) -> MethodFold:
+    """Fit (or load) the job's peer and score it on the fold's test part and on every held-out set; a
+    prior-guided peer in ``boxes()``, the run's priors."""
     arr, ev, seed, name = task.data.arrays, task.ev, task.cfg.seed, job.peer.name
     peer, fit_info = fit_peer(job, arr)
     val, test = arr.subset(task.val), arr.subset(task.test)
+    where = boxes() if isinstance(peer, PriorPeer) else FoldBoxes.none(len(task.externals))
     watch = Stopwatch()
     with watch("predict"):
-        # prior-guided peers score inside the ground-truth box (the upper baseline, as LoRIS's gt rows)
-        # and pool as LoRIS pools (score.inset), so the table compares methods, not pooling rules
+        # prior-guided peers score in the boxes LoRIS's rows got and pool as LoRIS pools (score.inset),
+        # so the table compares methods, not priors or pooling rules
         inset = task.cfg.score.inset
-        val_out = predict_peer(peer, val.images, val.boxes, inset=inset)
-        test_out = predict_peer(peer, test.images, test.boxes, inset=inset)
+        val_out = predict_peer(peer, val.images, where.val, inset=inset)
+        test_out = predict_peer(peer, test.images, where.test, inset=inset)
     validation = Validation(val, {name: val_out.maps}) if val_out.maps is not None else None
     w = fold_weights(test.patients, seed, task.fold)
     (metrics, reps), extra = score_set(ev, name, test_out, test, validation, (val_out, val.labels), w)
     external, external_extra = [], []
-    for ext in task.externals:  # one bootstrap draw per held-out set, shared by every fold's models
+    for i, ext in enumerate(task.externals):  # one bootstrap draw per held-out set, shared by every fold's models
         with watch("predict"):
-            ext_out = predict_peer(peer, ext.images, ext.boxes, inset=inset)
+            ext_out = predict_peer(peer, ext.images, where.external[i], inset=inset)
         w = fold_weights(ext.patients, seed, None)
         scored, rows = score_set(ev, name, ext_out, ext, validation, (val_out, val.labels), w)
         external.append(scored)
@@ -424,13 +458,16 @@ def compare_fold(p: RunPlan, cs: Settings, fold: int, fo: FoldOutput, bar: Progr
     out: dict[str, MethodFold] = {}
     n_ext = len(p.externals)
     riad_key = f"riad-figure|{','.join(map(str, figure_ids(fo)))}"
+    # a detector's priors are predicted once per fold, and only if a prior-guided peer still needs scoring
+    boxes = functools.cache(lambda: FoldBoxes.of(task))
+    prior = "" if sources.is_ground_truth(p.main) else f"|prior={p.main}"
     for name in ([RIAD] if RIAD in cs.methods else []) + cs.peers:
         bar.stage(fold, name)
         job = peer_job(p.cfg, task, name, cs.budget, cs.options.get(name)) if name != RIAD else None
-        key = f"{job.entry.name}|external={n_ext}|{SAVED_AS}" if job else riad_key
+        key = f"{job.entry.name}{prior}|external={n_ext}|{SAVED_AS}" if job else riad_key
         mf = load_method(fdir / PEER_DIR, name, key)
         if mf is None:
-            mf = peer_fold(task, fo, job) if job else riad_figure(task, fo)
+            mf = peer_fold(task, fo, job, boxes) if job else riad_figure(task, fo)
             save_method(fdir / PEER_DIR, mf, key)
         out[name] = mf
         bar.done()

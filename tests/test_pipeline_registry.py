@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -83,3 +84,34 @@ def test_a_registered_detector_runs_through_the_quick_profile(
     rows = list(csv.DictReader(open(out / "per_image.csv")))
     assert {r["prior_source"] for r in rows} == {toy, "gt"}
     assert "Central box" in (out / "table1.md").read_text() + (out / "table2.md").read_text()
+
+
+def test_compare_scores_prior_guided_peers_in_the_registered_detectors_boxes(
+    toy: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pipeline import compare
+    from pipeline.config import load_config
+    from scans.phantom import generate_dataset
+
+    monkeypatch.setenv("LORIS_CACHE", str(tmp_path / "cache"))
+    held_out = tmp_path / "held-out"
+    generate_dataset(held_out, n_images=12, n_distended=4, n_patients=6, size=64, seed=11, progress=False)
+    sets = [*TINY_PHANTOM, "unet.epochs=1", "run_folds=[0]", "riad.enabled=false", "evaluation.figures=false"]
+    sets += ["detector.refine=false", f"evaluation.external={held_out}", f"cache_dir={tmp_path / 'models'}"]
+    cfg = load_config(profile="quick", overrides=sets)
+    cfg = replace(cfg, detector=replace(cfg.detector, name=toy), progress=False)
+    seen: list[tuple[int, np.ndarray | None]] = []
+    real = compare.predict_peer
+
+    def spy(peer: Any, images: np.ndarray, boxes: np.ndarray | None = None, **kw: Any) -> Any:
+        seen.append((len(images), None if boxes is None else np.array(boxes)))
+        return real(peer, images, boxes, **kw)
+
+    monkeypatch.setattr(compare, "predict_peer", spy)
+    summary = compare.execute_compare(cfg, tmp_path / "cmp", "loris,patchcore_box")
+    s = cfg.image_size
+    assert len(seen) == 3  # validation, test, the held-out set: each in the toy's central box, none in the truth
+    for n, boxes in seen:
+        assert boxes is not None and boxes.shape == (n, 4)
+        np.testing.assert_allclose(boxes, np.tile([s / 4, s / 4, 3 * s / 4, 3 * s / 4], (n, 1)))
+    assert summary["detector"] == toy

@@ -13,10 +13,11 @@ lint: install
 	.venv/bin/ruff format --check .
 	.venv/bin/mypy
 
-# Two workers, one per core on the 2-core CI machine; each test file stays on one worker (module fixtures).
+# Two workers, one per core on the 2-core CI machine; each test file stays on one worker (module fixtures),
+# the longest files first (tests/conftest.py, LONGEST_FIRST).
 TEST_WORKERS ?= 2
 test: lint
-	.venv/bin/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+	.venv/bin/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 test-all: install
 	.venv/bin/python -m pytest -q -m ""

@@ -69,6 +69,27 @@ class _StrictSkips:
         return report
 
 
+# Under pytest-xdist (`make test`, --no-loadscope-reorder) the longest files start first, so that no worker is
+# left running one of them alone at the end; their order is that of their durations (pytest --durations).
+LONGEST_FIRST = (
+    "test_pipeline_e2e.py",
+    "test_hostile_corpus.py",
+    "test_pipeline_predict.py",
+    "test_determinism.py",
+    "test_packaging.py",
+    "test_peers.py",
+    "test_pipeline_compare.py",
+    "test_yolov5.py",
+    "test_pipeline_aggregate.py",
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if "PYTEST_XDIST_WORKER" in os.environ:  # every worker sorts alike, as xdist requires
+        rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+        items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
+
+
 def pytest_configure(config: pytest.Config) -> None:
     if os.environ.get("CI", "").lower() == "true" and not config.pluginmanager.has_plugin("loris-strict-skips"):
         config.pluginmanager.register(_StrictSkips(), "loris-strict-skips")

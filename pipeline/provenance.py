@@ -64,9 +64,26 @@ def git_commit() -> str:
         return "unknown (not a git checkout)"
 
 
+def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The CPU's model name (timings depend on it more than on the core count), or ``platform.processor()``
+    where ``cpuinfo`` has none (not Linux).
+
+    >>> isinstance(cpu_model(), str)
+    True
+    """
+    try:
+        for line in cpuinfo.read_text(errors="replace").splitlines():
+            key, sep, value = line.partition(":")
+            if sep and key.strip() == "model name" and value.strip():
+                return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
 def machine() -> dict[str, Any]:
-    """The platform, CPU count, how this process computes (world size, distributed backend, torch
-    threads: :func:`scans.runtime.runtime_info`) and the GPU."""
+    """The platform, CPU model and count, how this process computes (world size, distributed backend,
+    torch threads: :func:`scans.runtime.runtime_info`) and the GPU."""
     import os
 
     import torch
@@ -75,6 +92,7 @@ def machine() -> dict[str, Any]:
 
     return {
         "platform": platform.platform(),
+        "cpu_model": cpu_model(),
         "cpus": os.cpu_count(),
         **runtime_info(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,

@@ -3,6 +3,7 @@ earlier block's; every stage and every requested Table 1 peer gets its peak RSS 
 
 from __future__ import annotations
 
+import platform
 import sys
 import time
 from typing import Any
@@ -116,3 +117,13 @@ def test_every_stage_reports_memory(monkeypatch: pytest.MonkeyPatch) -> None:
     ):
         assert label in table
     assert bench.run_bench(quick=True, peers=[])["peers"] == {}
+
+
+def test_machine_names_the_cpu_model(tmp_path: Any) -> None:
+    from pipeline.provenance import cpu_model, machine
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nvendor_id\t: X\nmodel name\t: Some CPU @ 2.0GHz\n\nprocessor\t: 1\n")
+    assert cpu_model(info) == "Some CPU @ 2.0GHz"
+    assert cpu_model(tmp_path / "missing") == (platform.processor() or "unknown")
+    assert machine()["cpu_model"] == cpu_model()  # in every run's machine.json and in bench's output

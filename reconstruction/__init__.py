@@ -2,7 +2,7 @@
 
 Public API (the pipeline calls these):
 
-- :class:`UNet`, :class:`UNetConfig` (``UNetConfig.profile("cpu" | "paper" | "tiny")``)
+- :class:`UNet`, :class:`UNetConfig` (``UNetConfig.profile("cpu" | "wide" | "paper" | "tiny")``)
 - :func:`train_unet` with :class:`TrainConfig` -> :class:`TrainResult`
 - :func:`reconstruct` / :func:`riad_reconstruct` -> :class:`Reconstruction`
 - :func:`anomaly_map`, :func:`image_score`, :func:`segment`

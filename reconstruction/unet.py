@@ -27,6 +27,7 @@ from torch import Tensor, nn
 _PROFILES: dict[str, dict[str, int]] = {
     "paper": {"base": 64, "depth": 4, "max_mult": 8},
     "cpu": {"base": 16, "depth": 4, "max_mult": 8},
+    "wide": {"base": 32, "depth": 4, "max_mult": 8},  # the budget curve's second width (issue 25)
     "tiny": {"base": 8, "depth": 3, "max_mult": 4},
 }
 
@@ -51,7 +52,8 @@ class UNetConfig:
 
     @staticmethod
     def profile(name: str) -> UNetConfig:
-        """A named profile: ``"paper"`` (64, ~28.8 M params), ``"cpu"`` (16) or ``"tiny"`` (8, depth 3)."""
+        """A named profile by base width: ``"paper"`` 64 (~28.8 M params), ``"wide"`` 32, ``"cpu"`` 16, ``"tiny"``
+        8 (depth 3)."""
         if name not in _PROFILES:
             raise ValueError(f"unknown U-Net profile {name!r}; choose from {sorted(_PROFILES)}")
         return UNetConfig(**_PROFILES[name])

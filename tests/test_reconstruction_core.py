@@ -28,9 +28,10 @@ def test_paper_profile_matches_paper_size() -> None:
     net = UNet(UNetConfig.profile("paper"))
     assert UNetConfig.profile("paper").widths() == (64, 128, 256, 512, 512)
     assert abs(count_parameters(net) / 1e6 - 28.8) < 0.2
+    assert UNetConfig.profile("wide").widths() == (32, 64, 128, 256, 256)  # the budget curve's second width
 
 
-@pytest.mark.parametrize("name", ["tiny", "cpu"])
+@pytest.mark.parametrize("name", ["tiny", "cpu", "wide"])
 def test_unet_shape_and_range(name: str) -> None:
     net = UNet(UNetConfig.profile(name)).eval()
     with torch.no_grad():

@@ -78,7 +78,8 @@ NOTES = (
     "minus every row.",
     "Every method trains on the same patient-grouped folds: the unsupervised ones on the normal training "
     "scans only, the supervised Multi-task on both classes. Peers score the whole image (no location "
-    "prior); methods without a map (GANomaly, Multi-task) have I-AUROC only.",
+    "prior), those 'in prior box' in the boxes LoRIS's rows get (the annotations, or the run's detector's); "
+    "methods without a map (GANomaly, Multi-task) have I-AUROC only.",
     "'own implementation': written for this project from the method's paper, not anomalib's; "
     "'random init': no ImageNet weights (trained from scratch).",
     "Dice (oracle): threshold tuned on the test fold itself (the paper's); Dice (val): threshold chosen "

@@ -49,4 +49,6 @@ def translate(listing: str) -> str:
 
 
 if __name__ == "__main__":
-    print(translate(sys.stdin.read()))
+    out = translate(sys.stdin.read())
+    if out:  # no configuration: no line at all, not an empty argument
+        print(out)

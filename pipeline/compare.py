@@ -27,6 +27,7 @@ import argparse
 import contextlib
 import functools
 import json
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -319,13 +320,21 @@ class FoldBoxes:
 
     @classmethod
     def of(cls, task: FoldTask) -> FoldBoxes:
-        """The priors of the run's source (``detector.name``) as LoRIS's rows got them: the annotated boxes
-        for ground truth, else the fold's detector (from the cache) under the fold's policy and expansion."""
-        cfg, arr = task.cfg, task.data.arrays
+        """The priors of the run's source (``detector.name``) as LoRIS's rows got them, through the same
+        :func:`predict_priors`: the annotated boxes for ground truth, else the fold's detector (from the cache),
+        each under the fold's policy and expansion."""
+        cfg, arr, name = task.cfg, task.data.arrays, task.cfg.detector.name
         val, test = arr.subset(task.val), arr.subset(task.test)
-        if sources.is_ground_truth(cfg.detector.name):
-            return cls(val.boxes, test.boxes, [e.boxes for e in task.externals])
-        det, _ = fit_detector(cfg, task.data, task.train, task.val, task.out / cfg.detector.name)
+        if sources.is_ground_truth(name):
+            det = sources.instance(name)
+        else:
+            det, info = fit_detector(cfg, task.data, task.train, task.val, task.out / name)
+            if not info.get("cached", True):  # a deterministic fit, but an expensive one, and worth knowing
+                print(
+                    f"WARNING: fold {task.fold}: the {name} detector was not in the model cache and was trained "
+                    "again for the prior-guided peers' boxes",
+                    file=sys.stderr,
+                )
         policy = fold_policy(arr, task.train, cfg.detector.threshold, cfg.detector.train_classes)
         val_b, test_b, *ext = (
             predict_priors(det, a, policy, task.ev.expansion).boxes for a in (val, test, *task.externals)
@@ -460,11 +469,14 @@ def compare_fold(p: RunPlan, cs: Settings, fold: int, fo: FoldOutput, bar: Progr
     riad_key = f"riad-figure|{','.join(map(str, figure_ids(fo)))}"
     # a detector's priors are predicted once per fold, and only if a prior-guided peer still needs scoring
     boxes = functools.cache(lambda: FoldBoxes.of(task))
-    prior = "" if sources.is_ground_truth(p.main) else f"|prior={p.main}"
+    ex = p.cfg.detector
+    prior = "" if sources.is_ground_truth(p.main) else f"|prior={p.main}"  # ground truth: keys as before
+    prior += f"|expand={ex.expand_up},{ex.expand_side}" if ex.expand_up or ex.expand_side else ""
     for name in ([RIAD] if RIAD in cs.methods else []) + cs.peers:
         bar.stage(fold, name)
         job = peer_job(p.cfg, task, name, cs.budget, cs.options.get(name)) if name != RIAD else None
-        key = f"{job.entry.name}{prior}|external={n_ext}|{SAVED_AS}" if job else riad_key
+        where = prior if job and isinstance(job.peer, PriorPeer) else ""
+        key = f"{job.entry.name}{where}|external={n_ext}|{SAVED_AS}" if job else riad_key
         mf = load_method(fdir / PEER_DIR, name, key)
         if mf is None:
             mf = peer_fold(task, fo, job, boxes) if job else riad_figure(task, fo)

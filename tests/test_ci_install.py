@@ -75,6 +75,13 @@ def test_no_configuration_gives_no_arguments() -> None:
     assert _translate("") == []
 
 
+def test_no_configuration_prints_nothing_not_an_empty_argument() -> None:
+    proc = subprocess.run(
+        [sys.executable, str(REPO / ".ci" / "uv_args.py")], input="", capture_output=True, text=True, check=True
+    )
+    assert proc.stdout == ""
+
+
 def test_the_script_reads_pip_config_list_on_stdin() -> None:
     proc = subprocess.run(
         [sys.executable, str(REPO / ".ci" / "uv_args.py")],

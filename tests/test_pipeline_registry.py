@@ -100,18 +100,25 @@ def test_compare_scores_prior_guided_peers_in_the_registered_detectors_boxes(
     sets += ["detector.refine=false", f"evaluation.external={held_out}", f"cache_dir={tmp_path / 'models'}"]
     cfg = load_config(profile="quick", overrides=sets)
     cfg = replace(cfg, detector=replace(cfg.detector, name=toy), progress=False)
-    seen: list[tuple[int, np.ndarray | None]] = []
+    seen: list[tuple[str, int, np.ndarray | None]] = []
     real = compare.predict_peer
 
     def spy(peer: Any, images: np.ndarray, boxes: np.ndarray | None = None, **kw: Any) -> Any:
-        seen.append((len(images), None if boxes is None else np.array(boxes)))
+        seen.append((peer.name, len(images), None if boxes is None else np.array(boxes)))
         return real(peer, images, boxes, **kw)
 
     monkeypatch.setattr(compare, "predict_peer", spy)
-    summary = compare.execute_compare(cfg, tmp_path / "cmp", "loris,patchcore_box")
+    summary = compare.execute_compare(cfg, tmp_path / "cmp", "loris,patchcore_box,padim")
     s = cfg.image_size
-    assert len(seen) == 3  # validation, test, the held-out set: each in the toy's central box, none in the truth
-    for n, boxes in seen:
+    in_box = [(n, b) for name, n, b in seen if name == "patchcore_box"]
+    assert len(in_box) == 3  # validation, test, the held-out set: each in the toy's central box, none in the truth
+    for n, boxes in in_box:
         assert boxes is not None and boxes.shape == (n, 4)
         np.testing.assert_allclose(boxes, np.tile([s / 4, s / 4, 3 * s / 4, 3 * s / 4], (n, 1)))
+    assert [b for name, _, b in seen if name == "padim"] == [None] * 3  # the whole-image peer gets no boxes
+    saved = {
+        m: json.loads((tmp_path / "cmp" / "folds" / "0" / "compare" / f"{m}.json").read_text())["key"]
+        for m in ("padim", "patchcore_box")
+    }
+    assert f"|prior={toy}|" in saved["patchcore_box"] and "|prior=" not in saved["padim"]  # only box peers rescore
     assert summary["detector"] == toy

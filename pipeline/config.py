@@ -88,6 +88,7 @@ class UNetSettings:
     batch_size: Annotated[int, Range(1)]
     mask_margin: Annotated[float, Range(0.0)]
     loss_weights: tuple[float, float, float]
+    box_weight: Annotated[float, Range(0.0)]
     max_minutes: Annotated[float, Range(0.0)]
 
 

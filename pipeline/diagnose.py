@@ -6,7 +6,10 @@ Run on the development seed only (choices may use it; seeds 0, 1 and 2 never)::
 
     python -m pipeline.diagnose --seed 100 --out runs/diagnose-100
 
-Writes ``diagnosis.json`` and ``diagnosis.md`` (a row per map, region and pooling) under ``--out``.
+Writes ``diagnosis.json``, ``diagnosis.md`` (a row per map, region and pooling) and ``scores.npz``
+(every row's per-image scores) under ``--out``. ``--members K`` averages the maps of K U-Nets trained
+from different seeds (a seed ensemble); ``--baseline DIR`` adds each row's paired difference against
+the same row of an earlier diagnosis of the same folds (clustered interval, the same replicates).
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from pipeline.fit import fit_unet
 from reconstruction.deviation import GMS_C_GMSD, anomaly_map, gmsd_map, image_score
 from reconstruction.infer import reconstruct
 from reconstruction.masking import box_masks
-from scans.io import atomic_write_text
+from scans.io import atomic_write, atomic_write_text
 
 FEATURE_LAYERS = (1, 2)  # EfficientNet-Lite0 stages at strides 4 and 8: texture, not semantics
 
@@ -60,15 +63,19 @@ class FeatureDeviation:
         return torch.stack(maps).mean(0)
 
 
-def fold_maps(cfg: Config, data: Data, fold: int, feature: FeatureDeviation) -> dict[str, Any]:
-    """The fold's test part: every map (plain and variant), boxes, labels and patients."""
+def fold_maps(cfg: Config, data: Data, fold: int, feature: FeatureDeviation, members: int = 1) -> dict[str, Any]:
+    """The fold's test part: every map (plain and variant; the mean over ``members`` seed-ensemble
+    U-Nets), boxes, labels and patients."""
     f = data.folds[fold]
     train, val, test = data.index(f.train), data.index(f.val), data.index(f.test)
-    unet, _ = fit_unet(cfg, data, train, val, "single")
     arr = data.arrays.subset(test)
-    rec = reconstruct(unet, arr.images, arr.boxes, maps=(), device=cfg.device)
+    runs = []
+    for k in range(members):
+        unet, _ = fit_unet(cfg, data, train, val, "single", member=k)
+        recon = reconstruct(unet, arr.images, arr.boxes, maps=(), device=cfg.device).recon
+        runs.append(all_maps(arr.images, recon, feature))
     return {
-        "maps": all_maps(arr.images, rec.recon, feature),
+        "maps": {n: np.mean([m[n] for m in runs], axis=0) for n in runs[0]},
         "boxes": arr.boxes,
         "labels": arr.labels,
         "patients": list(arr.patients),
@@ -94,6 +101,27 @@ def _clustered(scores: np.ndarray, labels: np.ndarray, patients: Sequence[str], 
     w = patient_weights(patients, 2000, np.random.default_rng(seed))
     iv = interval(image_auroc(scores, labels), weighted_auroc(scores, labels, w))
     return {"estimate": iv.estimate, "low": iv.low, "high": iv.high}
+
+
+def paired(
+    scores: np.ndarray, base: np.ndarray, labels: np.ndarray, patients: Sequence[str], seed: int
+) -> dict[str, float]:
+    """I-AUROC of ``scores`` minus that of ``base`` on the same images, with one patient-clustered
+    bootstrap for both (the same replicates), as in ``compare``'s differences."""
+    w = patient_weights(patients, 2000, np.random.default_rng(seed))
+    diff = weighted_auroc(scores, labels, w) - weighted_auroc(base, labels, w)
+    iv = interval(image_auroc(scores, labels) - image_auroc(base, labels), diff)
+    return {"estimate": iv.estimate, "low": iv.low, "high": iv.high}
+
+
+def against(result: dict[str, Any], scores: dict[str, np.ndarray], baseline: Path) -> dict[str, Any]:
+    """Every row's paired difference against the same row of the diagnosis saved in ``baseline``."""
+    with np.load(baseline / "scores.npz", allow_pickle=False) as b:
+        base = {k: b[k] for k in b.files}
+    if not (np.array_equal(base["labels"], scores["labels"]) and np.array_equal(base["patients"], scores["patients"])):
+        raise SystemExit(f"{baseline}: another data set or other folds than this diagnosis; no pairing")
+    rows = [k for k in result["rows"] if k in base and k not in ("labels", "patients")]
+    return {k: paired(scores[k], base[k], scores["labels"], list(scores["patients"]), result["seed"]) for k in rows}
 
 
 POOLINGS: dict[str, dict[str, Any]] = {
@@ -166,32 +194,41 @@ def ceiling(cfg: Config) -> dict[str, Any]:
     return _score_parts(cfg, [{**part, "patients": list(arr.patients)}], folds=[])
 
 
-def diagnose(cfg: Config, folds: Sequence[int], peers: Sequence[str] = ()) -> dict[str, Any]:
+def diagnose(
+    cfg: Config, folds: Sequence[int], peers: Sequence[str] = (), members: int = 1
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Every map x pooling row, pooled over ``folds``' test parts, with clustered intervals; ``peers``
     (registered names, e.g. ``patchcore_box``) are pooled the same ways beside LoRIS's maps."""
     data = load_data(cfg)
     feature = FeatureDeviation()
-    parts = [fold_maps(cfg, data, k, feature) for k in folds]
+    parts = [fold_maps(cfg, data, k, feature, members) for k in folds]
     for name in peers:
         for part, k in zip(parts, folds):
             part["maps"][name] = peer_fold_maps(cfg, data, k, name)["maps"][name]
     return _score_parts(cfg, parts, folds)
 
 
-def _score_parts(cfg: Config, parts: list[dict[str, Any]], folds: Sequence[int]) -> dict[str, Any]:
+def _score_parts(
+    cfg: Config, parts: list[dict[str, Any]], folds: Sequence[int]
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """The result (rows with intervals, shares) and every row's per-image scores beside labels and patients."""
     labels = np.concatenate([p["labels"] for p in parts])
     patients = [q for p in parts for q in p["patients"]]
     boxes = np.concatenate([p["boxes"] for p in parts])
-    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-    rows: dict[str, Any] = {"control: box area": _clustered(area, labels, patients, cfg.seed)}
+    scores = {"labels": labels, "patients": np.asarray(patients, dtype=str)}
+    scores["control: box area"] = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
     shares: dict[str, Any] = {}
     for name in parts[0]["maps"]:
-        maps = np.concatenate([p["maps"][name] for p in parts])
-        shares[name] = decomposition(maps, boxes, labels)
+        shares[name] = decomposition(np.concatenate([p["maps"][name] for p in parts]), boxes, labels)
         for pool, kw in POOLINGS.items():
-            scores = np.concatenate([image_score(p["maps"][name], p["boxes"], **kw) for p in parts])
-            rows[f"{name} {pool}"] = _clustered(scores, labels, patients, cfg.seed)
-    return {"seed": cfg.seed, "folds": list(folds), "n": int(len(labels)), "rows": rows, "shares": shares}
+            scores[f"{name} {pool}"] = np.concatenate([image_score(p["maps"][name], p["boxes"], **kw) for p in parts])
+    rows = {k: _clustered(v, labels, patients, cfg.seed) for k, v in scores.items() if k not in ("labels", "patients")}
+    return {"seed": cfg.seed, "folds": list(folds), "n": int(len(labels)), "rows": rows, "shares": shares}, scores
+
+
+def _savez(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    with open(path, "wb") as fh:  # a file object: np.savez would append ".npz" to a temporary name
+        np.savez(fh, **arrays)
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -210,6 +247,11 @@ def markdown(result: dict[str, Any]) -> str:
             f"| {name} | {s['box']:.2f} | {s['below']:.2f} | {s['rest']:.2f} "
             f"| {s['rho_area_image']:+.2f} | {s['rho_area_box']:+.2f} |"
         )
+    if result.get("against"):
+        lines += ["", f"Paired against {result['baseline']} (same images, same replicates), I-AUROC points:", ""]
+        lines += ["| map / region / pooling | difference [95% clustered CI] |", "|---|---|"]
+        for key, r in sorted(result["against"].items(), key=lambda kv: -kv[1]["estimate"]):
+            lines.append(f"| {key} | {100 * r['estimate']:+.1f} [{100 * r['low']:+.1f}, {100 * r['high']:+.1f}] |")
     return "\n".join(lines) + "\n"
 
 
@@ -221,15 +263,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--peers", default="", help="comma-separated registered peers pooled beside LoRIS")
     p.add_argument("--ceiling", action="store_true", help="score every scan against its pocket-free twin instead")
+    p.add_argument("--members", type=int, default=1, help="average the maps of this many seed-ensemble U-Nets")
+    p.add_argument("--baseline", type=Path, help="an earlier diagnosis folder: add paired differences against it")
     p.add_argument("--out", type=Path, required=True)
     a = p.parse_args(argv)
     cfg = replace(load_config(profile=a.profile, overrides=[f"seed={a.seed}", *a.set]), progress=False)
-    result = (
-        ceiling(cfg)
-        if a.ceiling
-        else diagnose(cfg, [int(k) for k in a.folds.split(",")], [n for n in a.peers.split(",") if n])
-    )
+    folds, peers = [int(k) for k in a.folds.split(",")], [n for n in a.peers.split(",") if n]
+    result, scores = ceiling(cfg) if a.ceiling else diagnose(cfg, folds, peers, max(1, a.members))
+    if a.baseline is not None:
+        result.update(baseline=str(a.baseline), against=against(result, scores, a.baseline))
     a.out.mkdir(parents=True, exist_ok=True)
+    atomic_write(a.out / "scores.npz", lambda tmp: _savez(tmp, scores))
     atomic_write_text(a.out / "diagnosis.json", json.dumps(result, indent=1))
     atomic_write_text(a.out / "diagnosis.md", markdown(result))
     print(markdown(result))

@@ -244,7 +244,8 @@ def fit_refiner(
 
 
 def train_config(unet: UNetSettings, riad: RiadConfig, mode: Mode, seed: int, device: str, progress: bool) -> Any:
-    """The :class:`reconstruction.train.TrainConfig` of the LoRIS U-Net (``mode="single"``) or RIAD."""
+    """The :class:`reconstruction.train.TrainConfig` of the LoRIS U-Net (``mode="single"``) or RIAD (whose
+    random masks already weigh every pixel alike, so ``box_weight`` is the single mask's only)."""
     from reconstruction.train import TrainConfig
     from reconstruction.unet import UNetConfig
 
@@ -260,6 +261,7 @@ def train_config(unet: UNetSettings, riad: RiadConfig, mode: Mode, seed: int, de
         ssim_weight=unet.loss_weights[1],
         l2_weight=unet.loss_weights[2],
         mask_margin=unet.mask_margin,
+        box_weight=unet.box_weight if mode == "single" else 1.0,
         riad_ks=riad.ks,
         seed=seed,
         device=resolve_device(device),
@@ -268,38 +270,44 @@ def train_config(unet: UNetSettings, riad: RiadConfig, mode: Mode, seed: int, de
     )
 
 
-def _train_config(cfg: Config, mode: Mode) -> Any:
-    return train_config(cfg.unet, cfg.riad, mode, cfg.seed, cfg.device, cfg.progress)
+MEMBER_SEED_STRIDE = 1_000_003  # a prime: member k's training seed, seed + k * stride, meets no run seed
 
 
-def unet_cache_dir(cfg: Config, where: CacheScope, mode: Mode) -> Path:
+def _train_config(cfg: Config, mode: Mode, member: int = 0) -> Any:
+    seed = cfg.seed + member * MEMBER_SEED_STRIDE
+    return train_config(cfg.unet, cfg.riad, mode, seed, cfg.device, cfg.progress)
+
+
+def unet_cache_dir(cfg: Config, where: CacheScope, mode: Mode, member: int = 0) -> Path:
     """Cache folder keyed by everything a trained U-Net depends on: data, fold, config, seed.
 
     The training config in the key holds the budget (``epochs``, ``patience``) and the opt-in
     time cap, so a U-Net trained under another budget is never reused as this one; a killed
     training resumes from ``<entry>/work`` of the same key."""
-    tc = {k: v for k, v in _train_config(cfg, mode).to_dict().items() if k not in ("progress", "device")}
+    tc = {k: v for k, v in _train_config(cfg, mode, member).to_dict().items() if k not in ("progress", "device")}
     tc = legacy_names(tc, _UNET_KEY_NAMES)
     expand = [cfg.detector.expand_up, cfg.detector.expand_side]
     return where.entry(cache_root(cfg.cache_dir), f"unet-{mode}", train_cfg=tc, expand=expand)
 
 
 def fit_unet(
-    cfg: Config, data: Data, train_idx: np.ndarray, val_idx: np.ndarray, mode: Mode = "single"
+    cfg: Config, data: Data, train_idx: np.ndarray, val_idx: np.ndarray, mode: Mode = "single", member: int = 0
 ) -> tuple[Any, dict[str, Any]]:
     """A trained U-Net for this fold: from the cache when present, else trained and cached.
 
     Trains on normal scans with ground-truth boxes (expanded by the prior rule, so the mask
-    geometry matches inference). A killed training resumes from its last checkpoint.
+    geometry matches inference). A killed training resumes from its last checkpoint. ``member``
+    k > 0 trains the same U-Net from another seed (a seed ensemble's k-th member; data and folds
+    unchanged).
     """
     from reconstruction.checkpoint import load_model
 
     arr = data.arrays
     train_idx = train_idx[arr.labels[train_idx] == 0]
     val_idx = val_idx[arr.labels[val_idx] == 0]
-    entry = unet_cache_dir(cfg, scope(data, cfg.image_size, cfg.frame, train_idx, val_idx), mode)
+    entry = unet_cache_dir(cfg, scope(data, cfg.image_size, cfg.frame, train_idx, val_idx), mode, member)
     expansion = Expansion(cfg.detector.expand_up, cfg.detector.expand_side)
-    tc = _train_config(cfg, mode)
+    tc = _train_config(cfg, mode, member)
     return fit_or_load(
         entry,
         lambda e: load_model(e, map_location=tc.device)[0],

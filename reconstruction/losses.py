@@ -133,15 +133,26 @@ def pyramid(x: Tensor, scales: int = GMS_SCALES) -> list[Tensor]:
     return out
 
 
-def msgms_loss(x: Tensor, y: Tensor, scales: int = GMS_SCALES, c: float = GMS_C) -> Tensor:
-    """Mean over scales of ``mean(1 - GMS)``.
+def weighted_mean(v: Tensor, w: Tensor | None) -> Tensor:
+    """``mean(v)``, or the ``w``-weighted mean when a pixel weight ``w`` (broadcast to ``v``) is given."""
+    if w is None:
+        return v.mean()
+    w = w.expand_as(v)
+    return (v * w).sum() / w.sum()
+
+
+def msgms_loss(
+    x: Tensor, y: Tensor, scales: int = GMS_SCALES, c: float = GMS_C, weight: Tensor | None = None
+) -> Tensor:
+    """Mean over scales of ``mean(1 - GMS)`` (``weight``-weighted, pooled down the pyramid, when given).
 
     >>> x = torch.rand(1, 1, 32, 32, requires_grad=True)
     >>> msgms_loss(x, torch.rand(1, 1, 32, 32)).backward(); x.grad is not None
     True
     """
-    losses = [(1 - gms_map(a, b, c)).mean() for a, b in zip(pyramid(x, scales), pyramid(y, scales))]
-    return torch.stack(losses).mean()
+    ws = pyramid(weight, scales) if weight is not None else [None] * scales
+    pairs = zip(pyramid(x, scales), pyramid(y, scales), ws)
+    return torch.stack([weighted_mean(1 - gms_map(a, b, c), w) for a, b, w in pairs]).mean()
 
 
 def gaussian_window(
@@ -188,14 +199,14 @@ def ssim_map(
     return ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
 
 
-def ssim_loss(x: Tensor, y: Tensor, data_range: float = DATA_RANGE) -> Tensor:
-    """``1 - mean(SSIM map)``."""
-    return 1 - ssim_map(x, y, data_range).mean()
+def ssim_loss(x: Tensor, y: Tensor, data_range: float = DATA_RANGE, weight: Tensor | None = None) -> Tensor:
+    """``1 - mean(SSIM map)`` (``weight``-weighted when given)."""
+    return 1 - weighted_mean(ssim_map(x, y, data_range), weight)
 
 
-def l2_loss(x: Tensor, y: Tensor) -> Tensor:
-    """Mean squared error."""
-    return F.mse_loss(x, y)
+def l2_loss(x: Tensor, y: Tensor, weight: Tensor | None = None) -> Tensor:
+    """Mean squared error (``weight``-weighted when given)."""
+    return F.mse_loss(x, y) if weight is None else weighted_mean((x - y).pow(2), weight)
 
 
 @dataclass(frozen=True)
@@ -208,17 +219,20 @@ class LossWeights:
 
 
 def reconstruction_loss(
-    recon: Tensor, target: Tensor, weights: LossWeights = LossWeights()
+    recon: Tensor, target: Tensor, weights: LossWeights = LossWeights(), pixel_weight: Tensor | None = None
 ) -> tuple[Tensor, dict[str, float]]:
     """``w_l2 L2 + w_ssim L_SSIM + w_msgms L_MSGMS`` over the whole image; returns the total and each part.
+
+    ``pixel_weight`` (``[B, 1, H, W]``, e.g. heavier inside the masked box) turns each term's mean
+    into a weighted mean; None keeps the paper's plain means.
 
     >>> x = torch.rand(2, 1, 32, 32) * 2 - 1
     >>> total, parts = reconstruction_loss(x, x); sorted(parts)
     ['l2', 'msgms', 'ssim', 'total']
     """
-    l2 = l2_loss(recon, target)
-    ss = ssim_loss(recon, target)
-    ms = msgms_loss(recon, target)
+    l2 = l2_loss(recon, target, weight=pixel_weight)
+    ss = ssim_loss(recon, target, weight=pixel_weight)
+    ms = msgms_loss(recon, target, weight=pixel_weight)
     total = weights.l2 * l2 + weights.ssim * ss + weights.msgms * ms
     parts = {
         "l2": float(l2.detach()),

@@ -102,6 +102,7 @@ class TrainConfig:
     ssim_weight: float = 1.0
     msgms_weight: float = 1.0
     mask_margin: float = 0.0
+    box_weight: float = 1.0  # loss weight of the masked box's pixels against the rest (paper: 1)
     riad_ks: tuple[int, ...] = (2, 4, 8, 16)
     riad_n_masks: int = 3
     seed: int = 0
@@ -114,6 +115,10 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["riad_ks"] = list(self.riad_ks)
+        if self.box_weight == 1.0:  # the paper's loss: left out, so cache keys made before the option hold
+            del d["box_weight"]
+        if d["unet"].get("encoder", "none") == "none":  # likewise the U-Net without a pretrained encoder
+            d["unet"].pop("encoder", None)
         return d
 
     @property
@@ -155,12 +160,15 @@ def _riad_draw(shape: torch.Size, cfg: TrainConfig, gen: torch.Generator, device
 
 def _step_inputs(
     model: nn.Module, x: Tensor, boxes: np.ndarray, cfg: TrainConfig, gen: torch.Generator, masks: Tensor | None = None
-) -> Tensor:
-    """Reconstruction of a batch under the run's masking scheme (RIAD ``masks`` drawn from ``gen`` unless given)."""
+) -> tuple[Tensor, Tensor | None]:
+    """Reconstruction of a batch under the run's masking scheme (RIAD ``masks`` drawn from ``gen`` unless given),
+    and the loss's pixel weight: ``box_weight`` inside the single mask, 1 outside (None when the paper's 1)."""
     if cfg.mode == "single":
-        return model(apply_single_mask(x, boxes, cfg.mask_margin)[0])
+        masked, m = apply_single_mask(x, boxes, cfg.mask_margin)
+        weight = None if cfg.box_weight == 1.0 else 1 + (cfg.box_weight - 1) * m.to(x.dtype)
+        return model(masked), weight
     m = _riad_draw(x.shape, cfg, gen, x.device) if masks is None else masks
-    return compose_riad(model(apply_riad_masks(x, m)), m)
+    return compose_riad(model(apply_riad_masks(x, m)), m), None
 
 
 def evaluate_loss(
@@ -188,9 +196,8 @@ def evaluate_loss(
             if split and i % world_size() != rank():
                 continue
             x = images[s : s + cfg.eval_batch_size].to(device)
-            _, parts = reconstruction_loss(
-                _step_inputs(model, x, boxes[s : s + cfg.eval_batch_size], cfg, gen, masks), x, cfg.loss_weights
-            )
+            recon, weight = _step_inputs(model, x, boxes[s : s + cfg.eval_batch_size], cfg, gen, masks)
+            _, parts = reconstruction_loss(recon, x, cfg.loss_weights, weight)
             total += parts["total"] * x.shape[0]
             n += x.shape[0]
     if split:
@@ -314,7 +321,8 @@ def _train_epoch(run: _Run, net: nn.Module, xt: Tensor, bt: np.ndarray, cfg: Tra
         if count == 0:  # a short last batch can leave a rank none: it steps on zero-weighted scans
             idx = batch
         x = xt[idx.to(xt.device)]
-        loss, parts = reconstruction_loss(_step_inputs(net, x, bt[idx.numpy()], cfg, run.gen), x, cfg.loss_weights)
+        recon, weight = _step_inputs(net, x, bt[idx.numpy()], cfg, run.gen)
+        loss, parts = reconstruction_loss(recon, x, cfg.loss_weights, weight)
         if is_distributed():
             loss = loss * scale  # DDP's mean over ranks becomes the mean over the global batch
         run.opt.zero_grad(set_to_none=True)

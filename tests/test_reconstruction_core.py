@@ -116,6 +116,27 @@ def test_loss_weights_apply() -> None:
     assert abs(float(t) - (2 * p["l2"] + 0.5 * p["msgms"])) < 1e-5
 
 
+def test_pixel_weight_of_ones_is_the_plain_loss_and_a_heavier_box_counts_its_error_more() -> None:
+    x = _images()
+    err = torch.zeros_like(x)
+    err[..., 8:24, 8:24] = 0.5  # the error sits inside the "box" only
+    y = (x + err).clamp(-1, 1)
+    plain, _ = reconstruction_loss(y, x)
+    ones, _ = reconstruction_loss(y, x, pixel_weight=torch.ones_like(x[:, :1]))
+    assert abs(float(plain) - float(ones)) < 1e-5
+    w = torch.ones_like(x[:, :1])
+    w[..., 8:24, 8:24] = 4.0
+    heavy, parts = reconstruction_loss(y, x, pixel_weight=w)
+    assert float(heavy) > 1.5 * float(plain) and parts["l2"] > 0
+
+
+def test_train_config_keeps_its_cache_dict_without_the_new_defaults() -> None:
+    from reconstruction.train import TrainConfig
+
+    assert "box_weight" not in TrainConfig().to_dict() and "encoder" not in TrainConfig().to_dict()["unet"]
+    assert TrainConfig(box_weight=4.0).to_dict()["box_weight"] == 4.0
+
+
 # --- anomaly maps ----------------------------------------------------------------------------
 
 

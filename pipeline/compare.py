@@ -48,7 +48,7 @@ from pipeline.config import Config
 from pipeline.evaluate import EvalSettings, Validation, method_metrics
 from pipeline.fit import fit_detector, fit_unet, scope
 from pipeline.fold import FoldOutput, FoldTask, Progress
-from pipeline.outputs import RunDirError, adding_to, default_run_dir, run_config, run_lock, write_json
+from pipeline.outputs import RunDirError, adding_to, backfill, default_run_dir, run_config, run_lock, write_json
 from pipeline.priors import fold_policy, predict_priors
 from pipeline.run import RunPlan, _differences, plan, run_folds
 from reconstruction.peers import PEERS, Budget, Peer, PeerOutput, build_peer, load_peer, peer_spec
@@ -512,7 +512,7 @@ def added_settings(out: Path, saved: Mapping[str, Any], cs: Settings, cfg: Confi
     peers' budget or the options of a method already there differ, or when RIAD is new (it trains inside
     LoRIS's folds, which are finished)."""
     now = cs.to_dict()
-    old_config = {k: v for k, v in yaml.safe_load((out / "config.yaml").read_text()).items() if k != "run"}
+    old_config = {k: v for k, v in backfill(yaml.safe_load((out / "config.yaml").read_text())).items() if k != "run"}
     made = replace(cfg, riad=replace(cfg.riad, enabled=RIAD in saved["methods"]))  # RIAD as the folds had it
     diff = _differences(old_config, {k: v for k, v in run_config(made).items() if k != "run"})
     if saved["budget"] != now["budget"]:

@@ -4,6 +4,7 @@ files, and keeping third-party caches out of HOME."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import os
 import time
@@ -92,6 +93,28 @@ def run_config(cfg: Config, identity: dict[str, Any] | None = None) -> dict[str,
     return {k: v for k, v in cfg.to_dict().items() if k != "progress"} | {"run": identity or {}}
 
 
+# Settings added after run folders were saved, at the value that reproduces those runs: a folder made
+# before a setting existed still matches a config that leaves it at this value.
+ADDED_SETTINGS: dict[str, Any] = {"unet.box_weight": 1.0}
+
+
+def backfill(saved: dict[str, Any]) -> dict[str, Any]:
+    """A saved config with every :data:`ADDED_SETTINGS` it lacks filled in (a copy).
+
+    >>> backfill({"unet": {"epochs": 3}})["unet"]
+    {'epochs': 3, 'box_weight': 1.0}
+    """
+    out = copy.deepcopy(saved)
+    for dotted, value in ADDED_SETTINGS.items():
+        *parents, leaf = dotted.split(".")
+        node = out
+        for p in parents:
+            node = node.get(p) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.setdefault(leaf, value)
+    return out
+
+
 def prepare_run_dir(out: Path, cfg: Config, identity: dict[str, Any] | None = None) -> Path:
     """Create ``out``, or continue the unfinished run in it. A finished run (``summary.json`` present)
     is never overwritten.
@@ -105,7 +128,7 @@ def prepare_run_dir(out: Path, cfg: Config, identity: dict[str, Any] | None = No
     old = out / "config.yaml"
     if old.is_file():
         # compared as values: 0 and 0.0 are one setting, whichever way a YAML file spelled it
-        if yaml.safe_load(old.read_text()) != resolved:
+        if backfill(yaml.safe_load(old.read_text())) != resolved:
             raise RunDirError(
                 f"{out} holds an unfinished run with a different config; cannot continue it "
                 f"(compare {old}); choose another --out"

@@ -38,6 +38,7 @@ from pipeline.data import Data, external_fingerprint, load_data, load_externals
 from pipeline.fold import FoldOutput, FoldTask, Progress, load_fold, run_fold, save_fold, stages_per_fold
 from pipeline.outputs import (
     RunDirError,
+    backfill,
     check_out,
     prepare_run_dir,
     run_config,
@@ -144,7 +145,7 @@ def distributed_session(device: str) -> Iterator[None]:
 
 
 def _unchanged(saved: dict[str, Any], now: dict[str, Any]) -> None:
-    a, b = ({k: v for k, v in d.items() if k != "run_folds"} for d in (saved, now))
+    a, b = ({k: v for k, v in d.items() if k != "run_folds"} for d in (backfill(saved), now))
     diff = _differences(a, b)
     if diff:
         raise RunDirError(f"the config or data changed since these folds were made: {'; '.join(diff)}")

@@ -52,6 +52,19 @@ def test_finished_run_is_never_overwritten(tmp_path: Path) -> None:
         prepare_run_dir(out, cfg)
 
 
+def test_a_run_saved_before_a_setting_existed_resumes_at_its_reproducing_value(tmp_path: Path) -> None:
+    import yaml
+
+    cfg = load_config(None, "quick")
+    out = prepare_run_dir(tmp_path / "run", cfg)
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    del saved["unet"]["box_weight"]  # as a run made before the option wrote it
+    (out / "config.yaml").write_text(yaml.safe_dump(saved))
+    prepare_run_dir(out, cfg)  # the paper's weight: the same run, resumes
+    with pytest.raises(RunDirError, match="different config"):
+        prepare_run_dir(out, load_config(None, "quick", ["unet.box_weight=4"]))
+
+
 def test_foreign_folder_is_not_used(tmp_path: Path) -> None:
     (tmp_path / "mine.txt").write_text("precious")
     with pytest.raises(RunDirError, match="not a LoRIS run"):

@@ -105,6 +105,23 @@ def row_interval(
     return {"pooled": _as_dict(pool), "per_fold": [_as_dict(p) for p in per]}
 
 
+def _paired(
+    estimates: Sequence[Mapping[str, Mapping[str, float]]],
+    reps: Sequence[Mapping[str, np.ndarray]],
+    a: str,
+    b: str,
+    metric: str,
+) -> tuple[list[float], list[np.ndarray]] | None:
+    """Per fold, the estimate and the replicates of ``a - b``; None when a fold lacks either row."""
+    ka, kb = f"{a}/{metric}", f"{b}/{metric}"
+    if not reps or any(ka not in r or kb not in r for r in reps):
+        return None
+    if any(metric not in e.get(a, {}) or metric not in e.get(b, {}) for e in estimates):
+        return None
+    ests = [float(e[a][metric]) - float(e[b][metric]) for e in estimates]
+    return ests, [r[ka].astype(np.float64) - r[kb].astype(np.float64) for r in reps]
+
+
 def difference(
     estimates: Sequence[Mapping[str, Mapping[str, float]]],
     reps: Sequence[Mapping[str, np.ndarray]],
@@ -114,16 +131,46 @@ def difference(
     level: float = LEVEL,
 ) -> dict[str, Any] | None:
     """Paired difference ``a - b`` of one metric: pooled over folds and per fold; None when absent."""
-    ka, kb = f"{a}/{metric}", f"{b}/{metric}"
-    if not reps or any(ka not in r or kb not in r for r in reps):
+    got = _paired(estimates, reps, a, b, metric)
+    if got is None:
         return None
-    if any(metric not in e.get(a, {}) or metric not in e.get(b, {}) for e in estimates):
-        return None
-    ests = [float(e[a][metric]) - float(e[b][metric]) for e in estimates]
-    diffs = [r[ka].astype(np.float64) - r[kb].astype(np.float64) for r in reps]
+    ests, diffs = got
     per = [interval(v, d, level) for v, d in zip(ests, diffs)]
     pool = interval(float(np.mean(ests)), pooled(diffs), level)
     return {"a": a, "b": b, "metric": metric, "pooled": _as_dict(pool), "per_fold": [_as_dict(p) for p in per]}
+
+
+def difference_over_sets(
+    sets: Sequence[tuple[Sequence[Mapping[str, Mapping[str, float]]], Sequence[Mapping[str, np.ndarray]]]],
+    a: str,
+    b: str,
+    metric: str,
+    level: float = LEVEL,
+) -> dict[str, Any] | None:
+    """Paired difference ``a - b`` averaged over independent evaluated sets (``(estimates, reps)`` each: the
+    test folds, held-out phantoms), with a stratified patient-cluster bootstrap: each set resamples its own
+    patients. Every set draws its replicates from the same seeds, so set ``s``'s replicates are put in a
+    fixed random order before they are averaged; that makes the sets' draws independent. None when a set
+    lacks either row.
+
+    >>> e = [{"a": {"m": 0.9}, "b": {"m": 0.8}}]
+    >>> r = [{"a/m": np.linspace(0.8, 1.0, 50), "b/m": np.full(50, 0.8)}]
+    >>> d = difference_over_sets([(e, r), (e, r)], "a", "b", "m")
+    >>> round(d["pooled"]["estimate"], 3), d["pooled"]["low"] > 0, len(d["per_set"])
+    (0.1, True, 2)
+    """
+    got = [_paired(e, r, a, b, metric) for e, r in sets]
+    if not got or any(g is None for g in got):
+        return None
+    rng = np.random.default_rng(0)
+    ests, per_set, reps = [], [], []
+    for i, (e, d) in enumerate(g for g in got if g is not None):
+        rep = pooled(d)
+        ests.append(float(np.mean(e)))
+        per_set.append(_as_dict(interval(ests[-1], rep, level)))
+        reps.append(rep if i == 0 else rep[rng.permutation(rep.size)])
+    pool = interval(float(np.mean(ests)), np.mean(reps, axis=0), level)
+    return {"a": a, "b": b, "metric": metric, "pooled": _as_dict(pool), "per_set": per_set}
 
 
 def best_control(estimates: Sequence[Mapping[str, Mapping[str, float]]], src: str) -> str | None:

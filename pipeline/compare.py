@@ -548,6 +548,17 @@ def compare_plan(cfg: Config, out: Path, adding: bool) -> RunPlan:
         ) from exc
 
 
+def pool_paths(cfg: Config, pool: Sequence[str | Path]) -> list[str]:
+    """The held-out paths of ``cfg`` that ``pool`` names (compared resolved); refused for one not held out."""
+    held = {str(Path(x).resolve()): x for x in cfg.evaluation.external_paths}
+    missing = [str(x) for x in pool if str(Path(x).resolve()) not in held]
+    if missing:
+        raise ValueError(
+            f"--pool-with {', '.join(missing)}: not a held-out set of this comparison (give it to --external)"
+        )
+    return [held[str(Path(x).resolve())] for x in pool]
+
+
 def execute_compare(
     cfg: Config,
     out: Path,
@@ -555,16 +566,20 @@ def execute_compare(
     *,
     budget: str | Budget | None = None,
     options: Mapping[str, Mapping[str, Any]] | None = None,
+    pool: Sequence[str | Path] = (),
 ) -> dict[str, Any]:
     """Run, resume or add to the comparison in ``out`` and write every output; returns the summary.
 
     LoRIS's prior source is ``cfg.detector.name``; RIAD trains only when asked for. ``budget`` (default:
     named like the profile) and ``options`` (``{peer: {option: value}}``) set the peers. On a finished
     comparison made with the same settings the new methods are added (the others are read back from its
-    folders) and every table is written again with all of them (:func:`added_settings`)."""
+    folders) and every table is written again with all of them (:func:`added_settings`). ``pool`` names
+    held-out sets (among ``cfg.evaluation.external_paths``) whose differences are pooled with the test folds'.
+    """
     from pipeline.compare_report import summarise, write_outputs
 
     out = Path(out)
+    pooled_with = pool_paths(cfg, pool)
     cs = Settings(parse_methods(methods), budget or PEER_BUDGETS[cfg.profile], dict(options or {}))
     saved = finished_settings(out)
     if saved is not None:
@@ -583,7 +598,7 @@ def execute_compare(
                 per_fold = [compare_fold(p, cs, f, fo, bar) for f, fo in zip(p.fold_ids, outputs)]
             finally:
                 bar.close()
-        summary = summarise(p, cs, outputs, per_fold)
+        summary = summarise(p, cs, outputs, per_fold, pooled_with)
         summary["timing"] = {"total_s": watch.seconds["total"], "resumed_folds": resumed, **summary["timing"]}
         if saved is not None:
             summary["added_methods"] = [m for m in cs.methods if m not in saved["methods"]]
@@ -615,6 +630,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="append",
         help="held-out dataset folder: every fold's models also score all of it; repeatable",
     )
+    parser.add_argument(
+        "--pool-with",
+        type=Path,
+        action="append",
+        default=[],
+        help="a held-out set (also given to --external) whose paired I-AUROC differences are pooled with the "
+        "test folds' in pooled.md (stratified patient-cluster interval); repeatable",
+    )
 
 
 def cli(args: argparse.Namespace, cfg: Config) -> int:
@@ -623,6 +646,6 @@ def cli(args: argparse.Namespace, cfg: Config) -> int:
 
     methods = parse_methods(args.methods)
     out = Path(args.out) if args.out else default_run_dir(cfg, "compare")
-    summary = execute_compare(cfg, out, methods)
+    summary = execute_compare(cfg, out, methods, pool=args.pool_with)
     print("\n".join(summary_lines(summary, out)))
     return 0

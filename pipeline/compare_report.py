@@ -29,7 +29,14 @@ from evaluation.aggregate import RIAD, json_safe, ordered_methods
 from evaluation.comparison import COMPARED_METHOD
 from evaluation.controls import CONTROL_NAMES, CONTROLS
 from evaluation.figures import Example, Panel, comparison_figure, select_cases
-from evaluation.intervals import METRICS, NO_PRIOR, clustered_summary, find_difference, fold_estimates
+from evaluation.intervals import (
+    METRICS,
+    NO_PRIOR,
+    clustered_summary,
+    difference_over_sets,
+    find_difference,
+    fold_estimates,
+)
 from evaluation.metrics import aggregate
 from evaluation.rescoring import (
     ECE_COLUMN,
@@ -355,10 +362,48 @@ def _set_summary(s: ScoredSet, main: str, ref: str, cs: Settings, labels: Mappin
     return {"table1": table_rows(s, cl, main, cs.methods, labels, paper), "clustered": cl}
 
 
+def pooled_sets(sets: Sequence[ScoredSet], names: Sequence[str], main: str, ref: str) -> dict[str, Any]:
+    """``ref`` minus every other row of Table 1 (I-AUROC), averaged over ``sets`` (the test folds first, then
+    the held-out sets named with ``--pool-with``) with a stratified patient-cluster interval."""
+    rows = sorted(
+        {k for e in sets[0].estimates for k in e if k != ref and k.split("/")[0] in (main, NO_PRIOR)}
+        - {k for k in sets[0].estimates[0] if k.endswith("/detection")}
+    )
+    pairs = [(s.estimates, s.replicates) for s in sets]
+    diffs = [difference_over_sets(pairs, ref, row, "i_auroc") for row in rows]
+    return {"sets": list(names), "differences": [d for d in diffs if d is not None]}
+
+
+def pooled_markdown(pool: Mapping[str, Any]) -> str:
+    """``pooled.md``: each difference over the pooled sets, then per set (I-AUROC points)."""
+    names = pool["sets"]
+    lines = [
+        "# Paired I-AUROC differences pooled over evaluated sets (row A minus row B)",
+        "",
+        "Sets: " + "; ".join(names) + ". Each set resamples its own patients (a stratified patient-cluster "
+        "bootstrap); the pooled figure is the mean of the sets' differences.",
+        "",
+        "| A | B | pooled Δ (pts) [95% CI] | " + " | ".join(names) + " |",
+        "|---|---|---|" + "---|" * len(names),
+    ]
+    for d in pool["differences"]:
+        cells = [
+            f"{100 * x['estimate']:+.1f} [{100 * x['low']:+.1f}, {100 * x['high']:+.1f}]"
+            for x in [d["pooled"], *d["per_set"]]
+        ]
+        lines.append(f"| {d['a']} | {d['b']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def summarise(
-    p: RunPlan, cs: Settings, outputs: Sequence[FoldOutput], per_fold: Sequence[Mapping[str, MethodFold]]
+    p: RunPlan,
+    cs: Settings,
+    outputs: Sequence[FoldOutput],
+    per_fold: Sequence[Mapping[str, MethodFold]],
+    pool: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """The comparison's summary: rows of every evaluated set, intervals, differences, peers, provenance."""
+    """The comparison's summary: rows of every evaluated set, intervals, differences, peers, provenance;
+    with ``pool`` (held-out paths among ``--external``), the differences pooled over the test folds and them."""
     main, maps = p.main, list(p.cfg.maps)
     ref = reference_row(main, maps, p.cfg.bundle.score_map)
     labels = {n: peer_label(n, _pretrained(n, per_fold)) for n in cs.peers}
@@ -383,6 +428,7 @@ def summarise(
         "versions": versions(),
         "commit": git_commit(),
     }
+    sets = [("test folds", test)]
     for i, path in enumerate(p.cfg.evaluation.external_paths):
         ext = scored_set(
             [fo.external[i].result for fo in outputs],
@@ -393,6 +439,10 @@ def summarise(
         where = external_dirs(p.out, p.cfg.evaluation.external_paths)[i]
         entry = {"data": path, "report": str(where.relative_to(p.out)), "images": len(p.externals[i])}
         summary["external"].append(entry | _set_summary(ext, main, ref, cs, labels, paper=False))
+        if path in pool:
+            sets.append((str(where.relative_to(p.out)), ext))
+    if len(sets) > 1:
+        summary["pooled"] = pooled_sets([s for _, s in sets], [n for n, _ in sets], main, ref)
     return summary
 
 
@@ -459,6 +509,9 @@ def write_outputs(
         atomic_write_text(where / "report.html", render_html(doc | {"data": ext["data"]}, None, files))
         atomic_write_text(where / "summary.json", json.dumps(json_safe(doc), indent=1))
     files = write_tables(p.out, summary["table1"], p.main, summary["clustered"])
+    if "pooled" in summary:
+        atomic_write_text(p.out / "pooled.md", pooled_markdown(summary["pooled"]))
+        files.append("pooled.md")
     png = None
     scans = figure_scans(outputs) if p.cfg.evaluation.figures else []
     if scans:

@@ -2,7 +2,10 @@
 
 Only tensors and plain data are written, so loading uses ``torch.load(weights_only=True)``
 (:func:`scans.io.load_weights`): a missing, corrupt or tampered file raises
-:class:`scans.io.CheckpointError` naming it (``docs/design.md``).
+:class:`scans.io.CheckpointError` naming it (``docs/design.md``). ``model.json`` holds
+``UNetConfig.to_dict()``, which leaves ``encoder`` out when it is ``"none"``: files saved before the
+option existed load as ``"none"``, and such models save byte-identically. A pretrained-encoder U-Net
+loads without its ImageNet weights package: the saved state holds the fine-tuned encoder.
 
 >>> import tempfile, torch
 >>> from reconstruction.unet import UNet, UNetConfig
@@ -49,7 +52,8 @@ def load_model(
     d = Path(directory)
     cfg = load_meta(d / CONFIG, hint=hint)
     try:
-        model = UNet(UNetConfig.from_dict(cfg["unet"]))
+        # the saved state replaces any pretrained encoder weights, so they are not loaded (nor needed) here
+        model = UNet(UNetConfig.from_dict(cfg["unet"]), pretrained=False)
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:
         raise CheckpointError.about(d / CONFIG, f"is not a U-Net config ({type(exc).__name__}: {exc})", hint) from None
     load_weights(model, d / WEIGHTS, map_location=map_location, hint=hint)

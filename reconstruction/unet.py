@@ -6,6 +6,11 @@ with 4x4 stride-2 transposed convs, concatenation of the encoder skip and two 3x
 a 3x3 conv + tanh produces the image. Widths double per stage from ``base`` and are capped at
 ``base * max_mult`` (paper: 64-128-256-512-512, about 28.8 M parameters).
 
+``encoder="efficientnet_lite0"`` (profile ``"lite0"``) swaps the stride-2 stages for the ImageNet-pretrained
+EfficientNet-Lite0 feature net (:mod:`reconstruction.encoders`, strides 2-32, so ``depth`` is 5); the
+decoder upsamples bilinearly, concatenates the encoder skip (the full-resolution skip is the stem's)
+and applies two 3x3 conv+BN+ReLU with the widths of ``widths()``.
+
 >>> import torch
 >>> net = UNet(UNetConfig.profile("tiny")).eval()
 >>> y = net(torch.zeros(2, 1, 64, 64))
@@ -22,13 +27,17 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from reconstruction.encoders import ENCODERS, LITE0_CHANNELS, LITE0_DEPTH, gray_to_rgb, lite0_encoder
+
 # Named width/depth profiles. "cpu" trades width for speed on a CPU (reconstruction/benchmark.py
 # measures it): base 16 keeps the paper's depth and layout at ~1/16 of the paper model's FLOPs.
-_PROFILES: dict[str, dict[str, int]] = {
+_PROFILES: dict[str, dict[str, int | str]] = {
     "paper": {"base": 64, "depth": 4, "max_mult": 8},
     "cpu": {"base": 16, "depth": 4, "max_mult": 8},
     "wide": {"base": 32, "depth": 4, "max_mult": 8},  # the budget curve's second width (issue 25)
     "tiny": {"base": 8, "depth": 3, "max_mult": 4},
+    # ImageNet-pretrained EfficientNet-Lite0 encoder; decoder widths 16-32-64-128-128 keep it CPU-cheap
+    "lite0": {"base": 16, "depth": LITE0_DEPTH, "max_mult": 8, "encoder": "efficientnet_lite0"},
 }
 
 
@@ -38,10 +47,13 @@ class UNetConfig:
 
     ``base`` is the stem width; stage ``i`` has ``min(base * 2**i, base * max_mult)`` channels;
     ``depth`` is the number of stride-2 downsamplings (input sides must be divisible by
-    ``2**depth``).
+    ``2**depth``). ``encoder`` is ``"none"`` (the authors' encoder above) or ``"efficientnet_lite0"``
+    (pretrained; needs ``depth`` 5 and one input channel).
 
     >>> UNetConfig.profile("paper").widths()
     (64, 128, 256, 512, 512)
+    >>> "encoder" in UNetConfig.profile("cpu").to_dict(), UNetConfig.profile("lite0").to_dict()["encoder"]
+    (False, 'efficientnet_lite0')
     """
 
     base: int = 16
@@ -49,24 +61,37 @@ class UNetConfig:
     max_mult: int = 8
     in_channels: int = 1
     out_channels: int = 1
+    encoder: str = "none"
+
+    def __post_init__(self) -> None:
+        if self.encoder not in ENCODERS:
+            raise ValueError(f"unknown U-Net encoder {self.encoder!r}; choose from {list(ENCODERS)}")
+        if self.encoder != "none" and (self.depth != LITE0_DEPTH or self.in_channels != 1):
+            raise ValueError(f"encoder {self.encoder!r} needs depth {LITE0_DEPTH} and in_channels 1")
 
     @staticmethod
     def profile(name: str) -> UNetConfig:
         """A named profile by base width: ``"paper"`` 64 (~28.8 M params), ``"wide"`` 32, ``"cpu"`` 16, ``"tiny"``
-        8 (depth 3)."""
+        8 (depth 3); ``"lite0"``: the pretrained EfficientNet-Lite0 encoder with a base-16 decoder."""
         if name not in _PROFILES:
             raise ValueError(f"unknown U-Net profile {name!r}; choose from {sorted(_PROFILES)}")
-        return UNetConfig(**_PROFILES[name])
+        return UNetConfig.from_dict(_PROFILES[name])
 
     def widths(self) -> tuple[int, ...]:
         return tuple(min(self.base * 2**i, self.base * self.max_mult) for i in range(self.depth + 1))
 
-    def to_dict(self) -> dict[str, int]:
-        return asdict(self)
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        if d["encoder"] == "none":  # left out so configs and checkpoints saved before the option stay byte-identical
+            del d["encoder"]
+        return d
 
     @staticmethod
     def from_dict(d: dict[str, Any]) -> UNetConfig:
-        return replace(UNetConfig(), **{k: int(v) for k, v in d.items() if k in UNetConfig.__dataclass_fields__})
+        """The config of ``to_dict`` (or of a dict saved before ``encoder`` existed: ``"none"``)."""
+        fields = UNetConfig.__dataclass_fields__
+        kept: dict[str, Any] = {k: str(v) if k == "encoder" else int(v) for k, v in d.items() if k in fields}
+        return replace(UNetConfig(), **kept)
 
 
 def _cbr(cin: int, cout: int, k: int = 3, stride: int = 1) -> list[nn.Module]:
@@ -89,19 +114,42 @@ class _Up(nn.Module):
         return self.conv(torch.cat([self.up(x), skip], dim=1))
 
 
-class UNet(nn.Module):
-    """Inpainting U-Net; ``forward(x[B, C, H, W] in [-1, 1]) -> [B, C, H, W] in [-1, 1]``."""
+class _UpCat(nn.Module):
+    """The pretrained variant's decoder stage: bilinear x2 upsampling, concat skip, 2x (3x3 conv + BN + ReLU)."""
 
-    def __init__(self, config: UNetConfig | None = None) -> None:
+    def __init__(self, cin: int, cskip: int, cout: int) -> None:
+        super().__init__()
+        self.up = nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False)
+        self.conv = nn.Sequential(*_cbr(cin + cskip, cout), *_cbr(cout, cout))
+
+    def forward(self, x: Tensor, skip: Tensor) -> Tensor:
+        return self.conv(torch.cat([self.up(x), skip], dim=1))
+
+
+class UNet(nn.Module):
+    """Inpainting U-Net; ``forward(x[B, C, H, W] in [-1, 1]) -> [B, C, H, W] in [-1, 1]``.
+
+    With a pretrained ``config.encoder``, ``pretrained=False`` skips loading its ImageNet weights (for a
+    model whose state is loaded next, e.g. from a checkpoint); it is ignored for ``encoder="none"``.
+    """
+
+    def __init__(self, config: UNetConfig | None = None, pretrained: bool = True) -> None:
         super().__init__()
         self.config = config or UNetConfig.profile("cpu")
         w = self.config.widths()
         self.stem = nn.Sequential(*_cbr(self.config.in_channels, w[0]))
-        self.down = nn.ModuleList(
-            nn.Sequential(*_cbr(w[i], w[i + 1], k=4, stride=2), *_cbr(w[i + 1], w[i + 1]))
-            for i in range(self.config.depth)
-        )
-        self.up = nn.ModuleList(_Up(w[i + 1], w[i]) for i in reversed(range(self.config.depth)))
+        if self.config.encoder == "none":
+            self.down = nn.ModuleList(
+                nn.Sequential(*_cbr(w[i], w[i + 1], k=4, stride=2), *_cbr(w[i + 1], w[i + 1]))
+                for i in range(self.config.depth)
+            )
+            self.up = nn.ModuleList(_Up(w[i + 1], w[i]) for i in reversed(range(self.config.depth)))
+        else:
+            self.encoder = lite0_encoder(pretrained)
+            # stage i (stride 2**i) joins the deeper stage's output and the skip at its stride (stem at 1)
+            skip = (w[0], *LITE0_CHANNELS[:-1])
+            cin = (*w[1:LITE0_DEPTH], LITE0_CHANNELS[-1])
+            self.up = nn.ModuleList(_UpCat(cin[i], skip[i], w[i]) for i in reversed(range(LITE0_DEPTH)))
         self.head = nn.Conv2d(w[0], self.config.out_channels, 3, 1, 1)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -109,8 +157,11 @@ class UNet(nn.Module):
         if x.shape[-1] % m or x.shape[-2] % m:
             raise ValueError(f"input sides {tuple(x.shape[-2:])} must be divisible by {m}")
         skips = [self.stem(x)]
-        for block in self.down:
-            skips.append(block(skips[-1]))
+        if self.config.encoder == "none":
+            for block in self.down:
+                skips.append(block(skips[-1]))
+        else:
+            skips.extend(self.encoder(gray_to_rgb(x)))
         h = skips.pop()
         for block in self.up:
             h = block(h, skips.pop())

@@ -229,6 +229,23 @@ def test_adding_a_method_trains_only_it(compared: Path, cache: Path, monkeypatch
     assert json.loads((compared / "compare.json").read_text())["methods"] == summary["methods"]
 
 
+def test_differences_pooled_with_a_held_out_set(compared: Path, cache: Path) -> None:
+    from evaluation.intervals import find_difference
+
+    with pytest.raises(ValueError, match="not a held-out set"):
+        execute_compare(tiny(cache), compared, "patchcore_box", pool=[cache / "elsewhere"])
+    summary = execute_compare(tiny(cache), compared, "patchcore_box", pool=[cache / "held-out"])
+    ref, peer = summary["reference"], "none/patchcore_box"
+    assert summary["pooled"]["sets"] == ["test folds", summary["external"][0]["report"]]
+    d = next(x for x in summary["pooled"]["differences"] if x["a"] == ref and x["b"] == peer)
+    test = find_difference(summary["clustered"], ref, peer, "i_auroc")["pooled"]
+    ext = find_difference(summary["external"][0]["clustered"], ref, peer, "i_auroc")["pooled"]
+    assert d["pooled"]["estimate"] == pytest.approx((test["estimate"] + ext["estimate"]) / 2, abs=1e-12)
+    assert [s["estimate"] for s in d["per_set"]] == pytest.approx([test["estimate"], ext["estimate"]], abs=1e-12)
+    assert d["per_set"][1]["low"] == pytest.approx(ext["low"], abs=1e-9)  # reordered replicates, same interval
+    assert f"| {ref} | {peer} |" in (compared / "pooled.md").read_text()
+
+
 def test_adding_with_other_settings_is_refused(compared: Path, cache: Path) -> None:
     stamp = (compared / "summary.json").stat().st_mtime_ns
     with pytest.raises(RunDirError, match=r"unet\.epochs \(1 vs 2\)"):

@@ -13,12 +13,6 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-os.environ.setdefault("YOLO_OFFLINE", "1")  # before anything imports ultralytics
-os.environ.setdefault("MPLBACKEND", "Agg")
-# Idle OpenMP workers sleep instead of spinning: on a busy 2-core machine spinning made
-# 2-thread U-Net training ~10x slower than 1 thread (measured); set before torch loads OpenMP.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 if TYPE_CHECKING:
     from pipeline.config import Config
 
@@ -60,11 +54,11 @@ def _config(args: argparse.Namespace, detector: str) -> Config:
 
 def _cv_parsers(sub: Any) -> None:
     """``run`` and ``ablate``: choices and defaults from the detector registry."""
-    from pipeline import sources
+    from pipeline import registry
 
-    names = sources.names()
+    names = registry.names()
     run = sub.add_parser("run", help="cross-validate LoRIS with one prior source (Table 1)")
-    run.add_argument("--detector", choices=names, default=sources.ground_truth())
+    run.add_argument("--detector", choices=names, default=registry.ground_truth())
     run.add_argument("--folds", type=_fold_list, help="comma-separated fold indices, e.g. 0,2 (default: all)")
     run.add_argument("--out", type=Path, help="run folder (default: runs/<command>-<detector>-<profile>-<time>)")
     _common(run)
@@ -135,7 +129,7 @@ def _fold_list(text: str) -> str:
 
 
 def _frames(text: str) -> str | int:
-    from pipeline.predict import parse_frames
+    from pipeline.serve.predict.driver import parse_frames
 
     try:
         value = parse_frames(text)
@@ -146,7 +140,7 @@ def _frames(text: str) -> str | int:
 
 
 def _shard(text: str) -> tuple[int, int]:
-    from pipeline.predict import parse_shard
+    from pipeline.serve.predict.driver import parse_shard
 
     try:
         return parse_shard(text)
@@ -155,7 +149,7 @@ def _shard(text: str) -> tuple[int, int]:
 
 
 def _dicom_kinds(text: str) -> tuple[str, ...]:
-    from pipeline.dicom_out import KINDS
+    from pipeline.serve.dicom_out import KINDS
 
     kinds = tuple(dict.fromkeys(k.strip().lower() for k in text.split(",") if k.strip()))
     bad = [k for k in kinds if k not in KINDS]
@@ -165,9 +159,9 @@ def _dicom_kinds(text: str) -> tuple[str, ...]:
 
 
 def _train_parser(sub: Any) -> None:
-    from pipeline import sources
+    from pipeline import registry
 
-    trainable = sources.trainable()
+    trainable = registry.trainable()
     tr = sub.add_parser("train", help="train one deployable bundle on all the data")
     tr.add_argument("--detector", choices=trainable, default=trainable[0], help=f"default: {trainable[0]}")
     tr.add_argument("--out", type=Path, required=True, help="bundle folder to create")
@@ -287,7 +281,7 @@ def _model_parsers(sub: Any) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``loris`` command line; detector choices come from the registry (:mod:`pipeline.sources`)."""
+    """The ``loris`` command line; detector choices come from the registry (:mod:`pipeline.registry`)."""
     parser = argparse.ArgumentParser(
         prog="loris",
         description="LoRIS: localized reconstruction-by-inpainting for knee recess distension in ultrasound",
@@ -302,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _compare_parser(sub: Any) -> None:
     """``compare``: LoRIS beside RIAD and the Table 1 peers on the same folds."""
-    from pipeline.compare import add_arguments
+    from pipeline.experiment.compare import add_arguments
 
     cmp = sub.add_parser("compare", help="LoRIS, RIAD and the Table 1 peers on the same folds (Table 1 in full)")
     add_arguments(cmp)  # --methods, --detector, --folds, --out, --external
@@ -324,10 +318,10 @@ def _aggregate_parser(sub: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from scans.runtime import CacheHomeError, check_cache_home
+    from runtime.env import CacheHomeError, setup_environment
 
-    try:  # before anything imports torch: it creates its inductor cache in the LoRIS cache on import
-        check_cache_home()
+    try:  # before anything imports torch, matplotlib or ultralytics: they read these variables when loaded
+        setup_environment(check_cache=True, cli_defaults=True)
     except CacheHomeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -345,8 +339,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _cross_validate(args: argparse.Namespace) -> int:
-    from pipeline.outputs import default_run_dir
-    from pipeline.run import execute
+    from pipeline.experiment.run import execute
+    from pipeline.run_dirs import default_run_dir
 
     names = [args.detector] if args.command == "run" else [d.strip() for d in args.detectors.split(",") if d.strip()]
     if not names:
@@ -354,7 +348,7 @@ def _cross_validate(args: argparse.Namespace) -> int:
     cfg = _config(args, names[0])
     out = Path(args.out) if args.out else default_run_dir(cfg, args.command)
     summary = execute(cfg, out, names, command=args.command)
-    from scans.distributed import is_main
+    from runtime.distributed import is_main
 
     if is_main():  # under torchrun every rank returns the summary; one prints it
         _print_summary(summary, out)
@@ -362,8 +356,8 @@ def _cross_validate(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from pipeline.bundle import train_bundle
-    from scans.distributed import is_main
+    from pipeline.serve.bundle import train_bundle
+    from runtime.distributed import is_main
 
     doc = train_bundle(_config(args, args.detector), args.out)
     if not is_main():
@@ -386,7 +380,7 @@ def _train(args: argparse.Namespace) -> int:
 def _predict(args: argparse.Namespace) -> int:
     import time
 
-    from pipeline.predict import ReadOptions
+    from pipeline.serve.predict.driver import ReadOptions
 
     out = args.out or Path("runs") / f"predict-{time.strftime('%Y%m%d-%H%M%S')}"
     read = ReadOptions(
@@ -411,10 +405,10 @@ def _predict(args: argparse.Namespace) -> int:
 
         if not all(importlib.util.find_spec(m) for m in ("ray", "pyarrow")):
             raise RuntimeError("--engine ray needs Ray Data: pip install 'ray[data]'")
-        from pipeline.predict_ray import RayEngine
+        from pipeline.serve.predict.ray_engine import RayEngine
 
         common["engine"] = RayEngine(args.actors, address=args.ray_address)
-    from pipeline.predict import predict_folder
+    from pipeline.serve.predict.driver import predict_folder
 
     stats = predict_folder(args.model, args.input, out, **common)
     outputs = ["predictions.csv (masks as mask_rle)", "errors.csv", "predict.json"]
@@ -426,7 +420,7 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _merge(args: argparse.Namespace) -> int:
-    from pipeline.predict import merge_outputs
+    from pipeline.serve.predict.driver import merge_outputs
 
     info = merge_outputs(args.shards, args.out, move=args.move)
     n, have, lacking = info["n"], info["shards"], info["missing_shards"]
@@ -442,8 +436,8 @@ def _merge(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from pipeline.onnx_export import export_bundle
-    from pipeline.predict import output_lock
+    from pipeline.serve.onnx_export import export_bundle
+    from pipeline.serve.predict.driver import output_lock
 
     with output_lock(args.out):  # one export at a time into a folder
         info = export_bundle(args.model, args.out, detector=not args.no_detector)
@@ -454,7 +448,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from pipeline.bench import parse_peers, run_bench, table_lines
+    from pipeline.bench.suite import parse_peers, run_bench, table_lines
 
     peers = parse_peers(args.peers)  # refuse a bad peer name before the long measurements
     res = run_bench(quick=args.quick, model=args.model, peers=peers)
@@ -462,21 +456,21 @@ def _bench(args: argparse.Namespace) -> int:
     print(text)
     print("\n".join(table_lines(res)), file=sys.stderr)  # stdout stays the JSON alone
     if args.out:
-        from scans.io import atomic_write_text
+        from runtime.io import atomic_write_text
 
         atomic_write_text(args.out, text)
     return 0
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from pipeline.compare import cli, parse_methods
+    from pipeline.experiment.compare import cli, parse_methods
 
     parse_methods(args.methods)  # refuse a bad method name before anything loads
     return cli(args, _config(args, args.detector))
 
 
 def _aggregate(args: argparse.Namespace) -> int:
-    from pipeline.run import aggregate_runs
+    from pipeline.experiment.aggregate import aggregate_runs
 
     _print_summary(aggregate_runs(args.runs, args.out, args.mixed_runtime), args.out)
     return 0
@@ -532,9 +526,9 @@ def _difference_lines(summary: dict[str, Any]) -> list[str]:
     """The clustered differences a reader checks first: vs the best prior-only control, vs ground truth."""
     from evaluation.controls import CONTROL_NAMES
     from evaluation.intervals import find_difference
-    from pipeline import sources
+    from pipeline import registry
 
-    cl, gt, lines = summary.get("clustered", {}), sources.ground_truth(), []
+    cl, gt, lines = summary.get("clustered", {}), registry.ground_truth(), []
     for src, ctrl in cl.get("best_control", {}).items():
         d = find_difference(cl, f"{src}/msgmsd", ctrl, "i_auroc")
         if d:

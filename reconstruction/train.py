@@ -6,7 +6,7 @@ code used the last batch only); the best weights are kept. With a ``workdir`` th
 ``torch.load(weights_only=True)``) and resumes from it, and writes the best model to
 ``workdir/best`` (see :mod:`reconstruction.checkpoint`).
 
-Under ``torchrun`` (after :func:`scans.distributed.init_from_env`) the loop trains one model with
+Under ``torchrun`` (after :func:`runtime.distributed.init_from_env`) the loop trains one model with
 ``DistributedDataParallel``: ``batch_size`` stays the global batch, each rank takes its strided
 share of every global batch of the one shared permutation, validation batches are split between
 ranks and their loss all-reduced, rank 0 decides when to stop, and only rank 0 writes. The
@@ -40,7 +40,8 @@ from reconstruction.checkpoint import save_model
 from reconstruction.losses import LossWeights, reconstruction_loss
 from reconstruction.masking import apply_riad_masks, apply_single_mask, compose_riad, riad_masks
 from reconstruction.unet import UNet, UNetConfig
-from scans.distributed import (
+from runtime.device import resolve_device
+from runtime.distributed import (
     all_reduce_mean,
     barrier,
     is_distributed,
@@ -52,10 +53,9 @@ from scans.distributed import (
     world_size,
     wrap,
 )
-from scans.io import atomic_write, load_state
+from runtime.io import atomic_write, load_state
+from runtime.training import Budget, EarlyStopping, streams, training_scope
 from scans.records import DISTENDED, ScanArrays
-from scans.runtime import resolve_device
-from scans.training import Budget, EarlyStopping, streams, training_scope
 
 LAST = "last.pt"
 BEST_DIR = "best"
@@ -86,7 +86,7 @@ class TrainConfig:
     same config and seed give the same model on any machine. ``max_minutes`` is an opt-in
     safety valve, off by default (None): it stops before an epoch that would overrun it
     (estimated from the previous epoch; at least one epoch always runs), so when it binds the
-    result depends on the machine's speed and load (see :class:`scans.training.Budget`). ``mode="riad"`` trains
+    result depends on the machine's speed and load (see :class:`runtime.training.Budget`). ``mode="riad"`` trains
     the same network with RIAD's disjoint grid masks (one cell size from ``riad_ks`` per batch).
     ``batch_size`` is the global batch: with N processes each takes about ``batch_size / N`` of it.
     """

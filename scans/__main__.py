@@ -9,6 +9,9 @@ from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
+    from runtime.env import setup_environment
+
+    setup_environment()
     parser = argparse.ArgumentParser(prog="python -m scans", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     chk = sub.add_parser("check", help="validate a dataset folder and list every problem")

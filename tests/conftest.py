@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from runtime.env import setup_environment
+
 # Under CI=true a skipped test fails (the CI machine installs everything the suite needs), except these,
 # each skipped on purpose; the key is the node id, parameters stripped. Deselection (-m 'not slow') is no skip.
 CI_ALLOWED_SKIPS = {
@@ -15,8 +17,10 @@ CI_ALLOWED_SKIPS = {
     "tests/test_scans_dicom.py::test_jpeg_lossless_process14_equals_rle": "pylibjpeg-libjpeg is GPL-3.0, opt-in",
 }
 
-# as `python -m pipeline` does: spinning OpenMP threads starve the other process on a shared 2-core machine
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# as `python -m pipeline` does (runtime.env.setup_environment): the LoRIS cache for torch's and matplotlib's
+# caches, ultralytics offline, matplotlib's Agg backend, and passive OpenMP waiting (spinning OpenMP threads
+# starve the other process on a shared 2-core machine)
+setup_environment(cli_defaults=True)
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-import pipeline.bench as bench
-from scans.runtime import PeakRSS
+import pipeline.bench.suite as bench
+from runtime.timing import PeakRSS
 
 MB200 = 200 * 1000 * 1000
 MIB200 = MB200 / 2**20
@@ -90,12 +90,12 @@ def test_peer_names_come_from_the_registry() -> None:
 
 def test_every_stage_reports_memory(monkeypatch: pytest.MonkeyPatch) -> None:
     """run_bench with the measurements stubbed: each stage's entry carries its peak RSS beside its speed."""
-    import reconstruction.benchmark
-    from pipeline import sources
+    import pipeline.bench.unet
+    from pipeline import registry
 
     monkeypatch.setattr(bench, "phantom_speed", lambda **_: 10.0)
-    monkeypatch.setattr(reconstruction.benchmark, "run_benchmark", lambda **_: {"matmul_gflops": 5.0})
-    monkeypatch.setattr(sources, "trainable", lambda: ["fake"])
+    monkeypatch.setattr(pipeline.bench.unet, "run_benchmark", lambda **_: {"matmul_gflops": 5.0})
+    monkeypatch.setattr(registry, "trainable", lambda: ["fake"])
     monkeypatch.setattr(bench, "detector_speed", lambda name, **_: 20.0)
     monkeypatch.setattr(bench, "refiner_speed", lambda **_: 30.0)
     fake_peer = {"fit_seconds": 1.0, "fit_steps": None, "images_per_s": 4.0}

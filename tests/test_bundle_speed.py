@@ -15,13 +15,13 @@ import torch
 from detectors.base import Detections, Detector
 from detectors.prior import PriorPolicy
 from detectors.refine import BoxRefiner, context_regions
-from pipeline.bundle import Bundle, Thresholds, bundle_doc
 from pipeline.config import load_config
+from pipeline.serve.bundle import Bundle, Thresholds, bundle_doc
 from reconstruction.deviation import image_score
 from reconstruction.infer import reconstruct
 from reconstruction.segment import segment
 from reconstruction.unet import UNet, UNetConfig
-from scans.runtime import torch_threads
+from runtime.device import torch_threads
 
 SIZE = 32
 
@@ -187,7 +187,7 @@ def test_refiner_fast_path_equals_the_plain_network_and_follows_weight_changes()
 
 def test_flop_count_sees_the_split_batch() -> None:
     """bench's FLOP count: process() runs its parts in worker threads the counter cannot see."""
-    from pipeline.bench import process_flops
+    from pipeline.bench.suite import process_flops
 
     b = _bundle()
     b.parts = 2

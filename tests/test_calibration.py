@@ -16,8 +16,9 @@ import pytest
 from evaluation.bootstrap import patient_weights, weighted_ece
 from evaluation.metrics import expected_calibration_error
 from pipeline.__main__ import main
-from pipeline.bundle import Bundle, calibrate, check_bundle_doc, fit_calibration
-from pipeline.predict import PRED_FIELDS
+from pipeline.serve.bundle import Bundle, check_bundle_doc
+from pipeline.serve.predict.driver import PRED_FIELDS
+from pipeline.shared.calibration import calibrate, fit_calibration
 from tests.helpers import train_quick_bundle
 
 
@@ -90,8 +91,8 @@ def test_bundle_doc_check_validates_the_calibration(tmp_path: Path) -> None:
 def _minimal_doc() -> dict[str, object]:
     """A valid bundle.json without calibration, from the code that writes one."""
     from detectors.prior import PriorPolicy
-    from pipeline.bundle import Thresholds, bundle_doc
     from pipeline.config import load_config
+    from pipeline.serve.bundle import Thresholds, bundle_doc
 
     cfg = load_config(None, "quick", ["image_size=32"])
     return bundle_doc(cfg, PriorPolicy(0.05, (4.0, 8.0, 28.0, 16.0)), Thresholds(0.1, {}, 0.05, 0.0))
@@ -207,7 +208,7 @@ def test_onnxruntime_gives_the_same_probabilities(
 ) -> None:
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnx")
-    from pipeline.onnx_bundle import load_onnx_bundle
+    from pipeline.serve.onnx_bundle import load_onnx_bundle
 
     monkeypatch.setenv("LORIS_CACHE", str(tmp_path / "cache"))  # the export goes to this test's cache
     bundle, folder = trained

@@ -30,7 +30,7 @@ import torch
 from detectors import build_detector
 from detectors.codetr import CoDetrDetector, load_config, mmcv_ext  # installs the mmcv._ext stand-in first
 from detectors.codetr.native_ops import CPU_NATIVE
-from scans.runtime import torch_threads
+from runtime.device import torch_threads
 from tests.helpers import pinned_environment, toy_box_scans
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -15,12 +15,12 @@ import pytest
 from evaluation.bootstrap import weighted_auroc, weighted_ece
 from evaluation.intervals import fold_weights
 from evaluation.metrics import expected_calibration_error, image_auroc
-from pipeline.bundle import calibrate, fit_calibration
-from pipeline.compare import execute_compare, rescored
 from pipeline.config import Config, ScoreConfig, load_config
-from pipeline.evaluate import EvalSettings, Validation, per_image_scores
-from pipeline.outputs import RunDirError
-from pipeline.priors import Expansion
+from pipeline.experiment.compare import execute_compare, rescored
+from pipeline.experiment.fold_eval import EvalSettings, Validation, per_image_scores
+from pipeline.run_dirs import RunDirError
+from pipeline.shared.calibration import calibrate, fit_calibration
+from pipeline.shared.priors import Expansion
 from reconstruction.peers import Peer, PeerOutput
 from reconstruction.peers.prior_guided import PriorPeer
 from tests.helpers import TINY_PHANTOM
@@ -152,7 +152,7 @@ def _rows(path: Path) -> dict[str, dict[str, Any]]:
 
 
 def _labels(cfg: Config) -> tuple[np.ndarray, np.ndarray]:
-    from pipeline.data import load_data
+    from pipeline.shared.data import load_data
 
     data = load_data(cfg)
     fold = data.folds[0]

@@ -23,7 +23,7 @@ from pydicom.uid import (  # noqa: E402
     generate_uid,
 )
 
-from pipeline.dicom_out import PATIENT_STUDY_KEPT, Prediction, derived_uid, write_dicom_outputs  # noqa: E402
+from pipeline.serve.dicom_out import PATIENT_STUDY_KEPT, Prediction, derived_uid, write_dicom_outputs  # noqa: E402
 
 ROWS, COLS = 48, 64
 PHI_DROPPED = ("PatientAge", "PatientWeight", "PatientComments", "OtherPatientNames", "StudyDescription")

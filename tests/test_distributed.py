@@ -1,4 +1,4 @@
-"""Multi-process training (scans.distributed): no-ops in one process, shards of one permutation,
+"""Multi-process training (runtime.distributed): no-ops in one process, shards of one permutation,
 and two gloo processes under torchrun that train one U-Net (and one box refiner) together.
 
 Run as a script, this file is the torchrun worker of the slow tests.
@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 import torch
 
-from scans import distributed, training
-from scans.training import Budget, EarlyStopping, streams
+from runtime import distributed, training
+from runtime.training import Budget, EarlyStopping, streams
 from tests.helpers import random_scans
 from tests.network_guard import guarded_env
 

@@ -76,7 +76,7 @@ def test_difference_is_paired_replicate_wise() -> None:
 
 def test_score_region_box_pools_over_the_masked_margin() -> None:
     from pipeline.config import load_config
-    from pipeline.evaluate import image_scores
+    from pipeline.shared.scoring import image_scores
     from reconstruction.deviation import image_score
 
     cfg = load_config(None, "quick", ["score.region=box", "score.inset=0", "unet.mask_margin=3"])

@@ -19,7 +19,7 @@ from evaluation.detection import (
     top1_precision,
     write_coco_results,
 )
-from scans.io import atomic_write_text
+from runtime.io import atomic_write_text
 
 SIZE = (64, 64)
 

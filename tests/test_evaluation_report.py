@@ -227,6 +227,7 @@ def test_figures_keep_matplotlib_out_of_home(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("MPLCONFIGDIR", "XDG_CONFIG_HOME", "XDG_CACHE_HOME")}
     env.update(HOME=str(home), TMPDIR=str(tmp), LORIS_CACHE=str(cache))
     code = (
+        "from runtime.env import setup_environment; setup_environment()\n"
         "import os, evaluation.figures as f, matplotlib\n"
         "assert f.score_distribution_figure({'m': ([0.1, 0.9], [0, 1])})[:4] == b'\\x89PNG'\n"
         "print(matplotlib.get_cachedir()); print(os.environ.get('MPLCONFIGDIR'))\n"

@@ -44,11 +44,11 @@ from filelock import FileLock
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import scans.io
-from pipeline import predict
-from pipeline.__main__ import main  # first: it sets OMP_WAIT_POLICY before torch loads
+import runtime.io
+from pipeline.__main__ import main  # the environment (OMP_WAIT_POLICY) is set by tests/conftest.py
 from pipeline.config import ConfigError, load_config
-from pipeline.predict import FORMULA_START, PRED_FIELDS, csv_name, decode_mask, decode_name, safe_cell
+from pipeline.serve.predict import driver as predict
+from pipeline.serve.predict.driver import FORMULA_START, PRED_FIELDS, csv_name, decode_mask, decode_name, safe_cell
 from scans.__main__ import main as scans_main
 from scans.coco import encode_mask
 from tests.helpers import make_dataset, train_quick_bundle
@@ -56,7 +56,7 @@ from tests.network_guard import guarded_env
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("pipeline", "scans", "detectors", "reconstruction", "evaluation", "configs")
+PACKAGES = ("pipeline", "runtime", "scans", "detectors", "reconstruction", "evaluation", "configs")
 # One fold of a tiny phantom; RIAD and figures off: these cases are about inputs, not metrics.
 QUICK = [
     *("--profile", "quick", "--no-progress", "--folds", "0"),
@@ -167,7 +167,8 @@ def _one_line_error(capsys: pytest.CaptureFixture[str]) -> str:
 
 def _no_data(monkeypatch: pytest.MonkeyPatch) -> None:
     """``train`` and ``run`` fail the test, at once, if they get as far as loading data."""
-    from pipeline import bundle, run
+    from pipeline.experiment import run
+    from pipeline.serve import bundle
 
     def no_data(cfg: Any) -> Any:
         raise AssertionError("data loaded: the command was not refused before it started")
@@ -179,7 +180,7 @@ def _no_data(monkeypatch: pytest.MonkeyPatch) -> None:
 def _bundle_json(root: Path, **changes: Any) -> Path:
     """A bundle folder holding only a valid ``bundle.json`` (then ``changes``, dotted keys)."""
     from detectors.prior import PriorPolicy
-    from pipeline.bundle import Thresholds, bundle_doc
+    from pipeline.serve.bundle import Thresholds, bundle_doc
 
     cfg = load_config(None, "quick", ["image_size=64"])
     doc = bundle_doc(cfg, PriorPolicy(0.05, (8.0, 16.0, 56.0, 32.0)), Thresholds(0.2, {}, 0.1, 0.5))
@@ -326,7 +327,7 @@ def _start_ckpt_message(root: Path) -> Job:
     root.mkdir(parents=True)
     path = root / "weights.pt"
     path.write_bytes(b"PK\x03\x04 truncated")
-    code = f"from scans.io import load_state\nload_state({str(path)!r})"
+    code = f"from runtime.io import load_state\nload_state({str(path)!r})"
     job = _spawn(root / "log", [sys.executable, "-c", code], cwd=ROOT)
     job.ctx = {"path": path}
     return job
@@ -756,7 +757,7 @@ def test_a_second_run_into_a_locked_folder_refuses_naming_the_holder(
 ) -> None:
     out = tmp_path / "out"
     holder = _holder(
-        "import sys, time; from pathlib import Path; from pipeline.outputs import run_lock\n"
+        "import sys, time; from pathlib import Path; from pipeline.run_dirs import run_lock\n"
         f"with run_lock(Path({str(out)!r})):\n    print('held', flush=True); time.sleep(60)"
     )
     try:
@@ -1059,7 +1060,7 @@ class _FillingFile:
 
 
 def _inject(mp: pytest.MonkeyPatch, disk: FullDisk) -> None:
-    real_open, real_atomic = builtins.open, scans.io.atomic_write
+    real_open, real_atomic = builtins.open, runtime.io.atomic_write
 
     def filling_open(file: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
         fh = real_open(file, mode, *args, **kwargs)
@@ -1075,7 +1076,7 @@ def _inject(mp: pytest.MonkeyPatch, disk: FullDisk) -> None:
         real_atomic(path, write)
 
     mp.setattr(predict, "open", filling_open, raising=False)  # the CSV appenders' open
-    mp.setattr(scans.io, "atomic_write_bytes", filling_bytes)  # write_png's writer
+    mp.setattr(runtime.io, "atomic_write_bytes", filling_bytes)  # write_png's writer
 
 
 def _assert_not_torn(out: Path) -> list[dict[str, str]]:
@@ -1175,7 +1176,7 @@ def _blocks() -> np.ndarray:
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
     """A bundle folder (its bundle.json) and an untrained tiny bundle that stands in for it: one fixed box."""
     from detectors.base import Detections, Detector
-    from pipeline.bundle import Bundle
+    from pipeline.serve.bundle import Bundle
     from reconstruction.unet import UNet, UNetConfig
 
     root = tmp_path_factory.mktemp("tiny") / "model"
@@ -1303,7 +1304,7 @@ def test_the_orientation_applied_is_a_column_of_predictions_csv(case: str, tmp_p
 
 @cases("28.7-untampered-passes")
 def test_an_untampered_bundle_json_passes_the_check(case: str, tmp_path: Path) -> None:
-    from pipeline.bundle import check_bundle_doc
+    from pipeline.serve.bundle import check_bundle_doc
 
     path = _bundle_json(tmp_path / "model") / "bundle.json"
     check_bundle_doc(json.loads(path.read_text()), path)
@@ -1315,7 +1316,7 @@ def test_an_unfit_bundle_is_written_with_warnings(
 ) -> None:
     import reconstruction.checkpoint
     from detectors.prior import PriorPolicy
-    from pipeline import bundle
+    from pipeline.serve import bundle
 
     validation = {"i_auroc": 0.9 if good else 0.119, "sensitivity": 0.8 if good else 0.0, "specificity": 1.0}
     monkeypatch.setattr(bundle, "fold_policy", lambda *a: PriorPolicy(0.05, (8.0, 16.0, 56.0, 32.0)))
@@ -1463,7 +1464,7 @@ def annotated(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str,
 def test_mutated_annotations_give_named_problems_never_a_traceback(
     case: str, annotated: tuple[Path, dict[str, Any], Path], edits: list[tuple[str, Any]]
 ) -> None:
-    from pipeline.data import DataError, validate
+    from pipeline.shared.data import DataError, validate
     from scans.check import Problem, check_dataset
     from scans.dataset import load_dataset
 
@@ -1496,7 +1497,7 @@ UNPARSABLE = ["", "{", "[]", "null", '"x"', "NaN", '{"images": [null, 1, "a"]}',
 def test_unparsable_or_wrongly_shaped_files_are_named(
     case: str, annotated: tuple[Path, dict[str, Any], Path], text: str
 ) -> None:
-    from pipeline.data import DataError, validate
+    from pipeline.shared.data import DataError, validate
     from scans.check import Problem, check_dataset
 
     root, valid, _ = annotated
@@ -1545,13 +1546,13 @@ def _list_file(tmp: Path) -> Path:
 
 def _state(make: Callable[[Path], Path]) -> Callable[[Path], Callable[[], Any]]:
     """``load_state`` of the file that ``make`` writes."""
-    return lambda tmp: lambda: scans.io.load_state(make(tmp))
+    return lambda tmp: lambda: runtime.io.load_state(make(tmp))
 
 
 def _meta(text: str | None) -> Callable[[Path], Callable[[], Any]]:
     """``load_meta`` of a ``model.json`` holding ``text`` (None: no file)."""
     return lambda tmp: (
-        lambda: scans.io.load_meta(tmp / "model.json" if text is None else _write(tmp / "model.json", text))
+        lambda: runtime.io.load_meta(tmp / "model.json" if text is None else _write(tmp / "model.json", text))
     )
 
 
@@ -1578,7 +1579,7 @@ CHECKPOINTS: dict[str, tuple[Callable[[Path], Callable[[], Any]], str]] = {
     "a-folder": (_state(lambda t: t), "cannot be read"),
     "a-list": (_state(_list_file), r"list\.pt: holds a list, not a dict"),
     "wrong-shapes": (
-        lambda t: lambda: scans.io.load_weights(torch.nn.Linear(4, 2), _good(t)),
+        lambda t: lambda: runtime.io.load_weights(torch.nn.Linear(4, 2), _good(t)),
         r"good\.pt: does not fit the model",
     ),
     "meta-missing": (_meta(None), r"model\.json: not found"),
@@ -1597,7 +1598,7 @@ CHECKPOINTS: dict[str, tuple[Callable[[Path], Callable[[], Any]], str]] = {
 def test_a_damaged_checkpoint_is_one_error_naming_the_file(case: str, tmp_path: Path) -> None:
     build, message = CHECKPOINTS[case.removeprefix("18.3-checkpoint-")]
     call = build(tmp_path)
-    with pytest.raises(scans.io.CheckpointError, match=message):
+    with pytest.raises(runtime.io.CheckpointError, match=message):
         call()
 
 
@@ -1605,9 +1606,9 @@ def test_a_damaged_checkpoint_is_one_error_naming_the_file(case: str, tmp_path: 
 def test_good_checkpoints_load(case: str, tmp_path: Path) -> None:
     from reconstruction.checkpoint import load_model
 
-    state = scans.io.load_state(_good(tmp_path))
+    state = runtime.io.load_state(_good(tmp_path))
     assert set(state) == {"weight", "bias"} and state["weight"].shape == (2, 3)
-    scans.io.load_weights(torch.nn.Linear(3, 2), tmp_path / "good.pt")
+    runtime.io.load_weights(torch.nn.Linear(3, 2), tmp_path / "good.pt")
     load_model(_unet_dir(tmp_path, lambda m: None))
 
 
@@ -1632,8 +1633,8 @@ def test_code_running_pickle_does_not_run(case: str, tmp_path: Path, form: str) 
         path.write_bytes(pickle.dumps(payload))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a refused file raises the error alone, no torch warning
-        with pytest.raises(scans.io.CheckpointError, match=r"model\.pt: ") as err:
-            scans.io.load_state(path, hint="delete the cache entry X to retrain")
+        with pytest.raises(runtime.io.CheckpointError, match=r"model\.pt: ") as err:
+            runtime.io.load_state(path, hint="delete the cache entry X to retrain")
     assert not marker.exists()  # the payload never ran
     assert str(err.value).endswith("; delete the cache entry X to retrain")
     if form == "torch.save":
@@ -1650,7 +1651,7 @@ def test_message_has_no_traceback(case: str, background: dict[str, Job]) -> None
     rc, _, err = job.wait(120)
     assert rc == 1
     last = err.strip().splitlines()[-1]
-    assert last.startswith("scans.io.CheckpointError: ") and str(job.ctx["path"]) in last
+    assert last.startswith("runtime.io.CheckpointError: ") and str(job.ctx["path"]) in last
     assert "PytorchStreamReader" not in err and "During handling" not in err
 
 
@@ -1750,7 +1751,7 @@ def test_a_loris_cache_that_is_a_file_is_named_at_start_up(case: str, background
 
 @cases("28.14-usable-cache-passes")
 def test_cache_home_check_passes_a_usable_folder(case: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from scans.runtime import check_cache_home
+    from runtime.env import check_cache_home
 
     monkeypatch.setenv("LORIS_CACHE", str(tmp_path / "new" / "cache"))
     assert check_cache_home() == tmp_path / "new" / "cache" and _files(tmp_path / "new") == {"cache"}
@@ -1759,7 +1760,7 @@ def test_cache_home_check_passes_a_usable_folder(case: str, tmp_path: Path, monk
 
 @cases("28.18-cache-records-how-trained")
 def test_the_cache_records_how_a_model_was_trained_and_reports_it_on_reuse(case: str, tmp_path: Path) -> None:
-    from pipeline.cache import cached_info, fit_or_load, publish
+    from pipeline.shared.cache import cached_info, fit_or_load, publish
 
     entry = tmp_path / "unet-single-1"
 
@@ -1790,9 +1791,10 @@ def test_summary_json_records_world_size_backend_threads_and_reused_models(
     case: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from evaluation.results import FoldResult
-    from pipeline import provenance, run
-    from pipeline.fold import FoldOutput
-    from pipeline.outputs import write_json
+    from pipeline import provenance
+    from pipeline.experiment import run
+    from pipeline.experiment.fold import FoldOutput
+    from pipeline.run_dirs import write_json
 
     trained = {"world_size": 2, "distributed_backend": "gloo", "torch_threads": 4}
     info = {
@@ -1841,7 +1843,7 @@ class _FakeRay:
 def test_local_ray_is_started_without_dashboard_usage_stats_or_metadata_probe(
     case: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    from pipeline.predict_ray import _start_ray
+    from pipeline.serve.predict.ray_engine import _start_ray
 
     fake = _FakeRay()
     monkeypatch.setitem(sys.modules, "ray", fake)
@@ -1865,8 +1867,8 @@ def test_local_ray_is_started_without_dashboard_usage_stats_or_metadata_probe(
 
 @cases("28.4-ray-actor-non-utf8-names")
 def test_ray_actors_get_names_that_are_not_utf8(case: str, model: Path, scan: np.ndarray, tmp_path: Path) -> None:
-    from pipeline.predict import Outputs, ReadOptions
-    from pipeline.predict_ray import BundleActor
+    from pipeline.serve.predict.driver import Outputs, ReadOptions
+    from pipeline.serve.predict.ray_engine import BundleActor
 
     folder = _scans(tmp_path / "in", scan, n=1)
     bad = bytes(folder) + b"/=bad\xff.png"

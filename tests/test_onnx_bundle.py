@@ -15,9 +15,9 @@ from PIL import Image
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
 
-from pipeline import onnx_bundle  # noqa: E402
-from pipeline.bundle import Bundle  # noqa: E402
-from pipeline.onnx_bundle import OnnxBundle, OrtModule, export_graphs, load_onnx_bundle, onnx_detector  # noqa: E402
+from pipeline.serve import onnx_bundle  # noqa: E402
+from pipeline.serve.bundle import Bundle  # noqa: E402
+from pipeline.serve.onnx_bundle import OnnxBundle, OrtModule, export_graphs, load_onnx_bundle, onnx_detector  # noqa: E402
 from tests.helpers import train_quick_bundle  # noqa: E402
 
 

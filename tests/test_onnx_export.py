@@ -12,7 +12,7 @@ import torch
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
-from pipeline.onnx_export import (  # noqa: E402
+from pipeline.serve.onnx_export import (  # noqa: E402
     LorisGraph,
     bundle_digest,
     export_bundle,

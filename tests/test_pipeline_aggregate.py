@@ -1,5 +1,5 @@
 """Fold-parallel runs (issue 19): two processes each run one fold into their own folder, sharing the
-model cache, then :func:`pipeline.run.aggregate_runs` reports them as one run, and refuses folds made
+model cache, then :func:`pipeline.experiment.aggregate.aggregate_runs` reports them as one run, and refuses folds made
 with different configs or data."""
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import pytest
 import yaml
 
 from pipeline.__main__ import main
-from pipeline.outputs import RunDirError
-from pipeline.run import aggregate_runs
+from pipeline.experiment.aggregate import aggregate_runs
+from pipeline.run_dirs import RunDirError
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -123,7 +123,7 @@ def test_aggregate_refuses_folds_of_other_configs_or_data(
 
 
 def test_aggregate_refuses_runs_of_another_runtime_unless_told(runs: SimpleNamespace, tmp_path: Path) -> None:
-    from pipeline.run import FinishedRun, _same_inputs
+    from pipeline.experiment.aggregate import FinishedRun, _same_inputs
 
     other = tmp_path / "two-procs"
     shutil.copytree(runs.dirs[1], other)

@@ -12,9 +12,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from pipeline import fit
-from pipeline.cache import CacheScope, cache_lock, cache_root, cached_info, digest, load_cached, publish
 from pipeline.config import load_config
+from pipeline.shared import models
+from pipeline.shared.cache import CacheScope, cache_lock, cache_root, cached_info, digest, load_cached, publish
 from scans.fingerprint import dataset_fingerprint
 
 # Entry names pinned when keys began to cover the bytes of every image (issue 18): the fixture's five
@@ -48,7 +48,7 @@ def keys(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> SimpleNamespace:
     def lock(entry: Path) -> Any:
         raise _Entry(entry.name)
 
-    monkeypatch.setattr(fit, "cache_lock", lock)
+    monkeypatch.setattr(models, "cache_lock", lock)
     (tmp_path / "annotations.json").write_text("{}")
     files = [f"img{i}.png" for i in range(1, 6)]
     for i, name in enumerate(files):
@@ -71,32 +71,32 @@ def test_unet_keys_are_unchanged(
     keys: SimpleNamespace, profile: str, sets: list[str], mode: Any, expected: str
 ) -> None:
     cfg = load_config(None, profile, sets)
-    assert _entry(lambda: fit.fit_unet(cfg, keys.data, keys.tr, keys.va, mode)) == expected
+    assert _entry(lambda: models.fit_unet(cfg, keys.data, keys.tr, keys.va, mode)) == expected
 
 
 @pytest.mark.parametrize("profile,options,expected", REFINER_KEYS)
 def test_refiner_keys_are_unchanged(keys: SimpleNamespace, profile: str, options: dict, expected: str) -> None:
     cfg = load_config(None, profile)
-    where = fit.scope(keys.data, cfg.image_size, cfg.frame, keys.tr, keys.va)
+    where = models.scope(keys.data, cfg.image_size, cfg.frame, keys.tr, keys.va)
     refiner = {**cfg.detector.refiner, **options}
-    call = lambda: fit.fit_refiner(refiner, cfg.seed, where, Path("/c"), "cpu", keys.data.arrays, keys.tr, keys.va)  # noqa: E731
+    call = lambda: models.fit_refiner(refiner, cfg.seed, where, Path("/c"), "cpu", keys.data.arrays, keys.tr, keys.va)  # noqa: E731
     assert _entry(call) == expected
 
 
 @pytest.mark.parametrize("profile,sets,expected", DETECTOR_KEYS)
 def test_detector_keys_are_unchanged(keys: SimpleNamespace, profile: str, sets: list[str], expected: str) -> None:
     cfg = load_config(None, profile, ["detector.name=yolov5", *sets])
-    assert _entry(lambda: fit.fit_detector(cfg, keys.data, keys.tr, keys.va, Path("/w"))) == expected
+    assert _entry(lambda: models.fit_detector(cfg, keys.data, keys.tr, keys.va, Path("/w"))) == expected
 
 
 def test_keys_cover_the_bytes_of_every_image(keys: SimpleNamespace) -> None:
     """One image changed under the same name and annotations: every model trained on the data retrains."""
     cfg = load_config(None, "quick", ["detector.name=yolov5"])
-    where = lambda: fit.scope(keys.data, cfg.image_size, cfg.frame, keys.tr, keys.va)  # noqa: E731
+    where = lambda: models.scope(keys.data, cfg.image_size, cfg.frame, keys.tr, keys.va)  # noqa: E731
     calls = [
-        lambda: fit.fit_unet(cfg, keys.data, keys.tr, keys.va, "single"),
-        lambda: fit.fit_detector(cfg, keys.data, keys.tr, keys.va, Path("/w")),
-        lambda: fit.fit_refiner(
+        lambda: models.fit_unet(cfg, keys.data, keys.tr, keys.va, "single"),
+        lambda: models.fit_detector(cfg, keys.data, keys.tr, keys.va, Path("/w")),
+        lambda: models.fit_refiner(
             cfg.detector.refiner, 0, where(), Path("/c"), "cpu", keys.data.arrays, keys.tr, keys.va
         ),
     ]
@@ -125,10 +125,10 @@ def test_a_broken_entry_is_named_moved_aside_and_rebuilt(tmp_path: Path, capsys:
 
 
 def test_renamed_budget_keeps_its_old_key_name() -> None:
-    assert fit.legacy_names({"max_minutes": None}, {"max_minutes": ("max_train_seconds", 60.0)}) == {
+    assert models.legacy_names({"max_minutes": None}, {"max_minutes": ("max_train_seconds", 60.0)}) == {
         "max_train_seconds": None
     }
-    assert fit.refiner_key({"max_minutes": 1.0})["max_seconds"] == 60.0
+    assert models.refiner_key({"max_minutes": 1.0})["max_seconds"] == 60.0
 
 
 def test_scope_key_covers_data_ids_and_settings() -> None:
@@ -172,7 +172,7 @@ def test_cache_root_follows_the_cache_home(tmp_path: Path, monkeypatch: pytest.M
 
 def test_pipeline_imports_no_posix_only_module() -> None:
     """``filelock`` replaces ``fcntl``, so ``pipeline`` imports on any OS."""
-    for path in (Path(__file__).resolve().parent.parent / "pipeline").glob("*.py"):
+    for path in (Path(__file__).resolve().parent.parent / "pipeline").rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
             names += [node.module or ""] if isinstance(node, ast.ImportFrom) else []

@@ -13,10 +13,10 @@ from typing import Any
 
 import pytest
 
-from pipeline.compare import add_arguments, cli, execute_compare, method_choices, parse_methods
-from pipeline.compare_report import peer_label
 from pipeline.config import Config, load_config
-from pipeline.run import execute
+from pipeline.experiment.compare import add_arguments, cli, execute_compare, method_choices, parse_methods
+from pipeline.experiment.compare_report import peer_label
+from pipeline.experiment.run import execute
 from reconstruction.peers import Peer
 from tests.helpers import TINY_PHANTOM
 
@@ -113,7 +113,7 @@ def test_tables_rows_and_intervals(compared: Path) -> None:
 
 def test_published_rows_name_known_methods() -> None:
     from evaluation.tables import PAPER_TABLE1
-    from pipeline.compare import method_choices
+    from pipeline.experiment.compare import method_choices
     from reconstruction.deviation import MAP_NAMES
 
     assert set(PAPER_TABLE1) <= set(method_choices()) | set(MAP_NAMES)

@@ -2,12 +2,12 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.cache import CacheScope
 from pipeline.config import Config, ConfigError, load_config, parse_override
-from pipeline.fit import Mode
-from pipeline.outputs import RunDirError, prepare_run_dir
+from pipeline.run_dirs import RunDirError, prepare_run_dir
+from pipeline.shared.cache import CacheScope
+from pipeline.shared.models import Mode
+from runtime.io import confined
 from scans.fingerprint import dataset_fingerprint
-from scans.io import confined
 
 
 def test_override_order_highest_last(tmp_path: Path) -> None:
@@ -95,7 +95,7 @@ def test_no_profile_stops_on_wall_clock_time(profile: str) -> None:
 
     from detectors.refine import RefinerConfig
     from pipeline.config import detector_config_path
-    from pipeline.fit import train_config
+    from pipeline.shared.models import train_config
 
     cfg = load_config(None, profile)
     for section in ("unet", "riad"):
@@ -124,7 +124,7 @@ def _scope(tmp_path: Path, cfg: Config) -> CacheScope:
 
 
 def test_unet_cache_key_holds_the_budget_and_the_time_cap(tmp_path: Path) -> None:
-    from pipeline.fit import unet_cache_dir
+    from pipeline.shared.models import unet_cache_dir
 
     def key(*sets: str, mode: Mode = "single") -> Path:
         cfg = load_config(None, "default", list(sets))
@@ -146,8 +146,8 @@ def test_refiner_cache_key_holds_the_resolved_step_budget(tmp_path: Path) -> Non
     import numpy as np
 
     from detectors.refine import RefinerConfig
-    from pipeline.data import Data
-    from pipeline.fit import fit_refiner, scope
+    from pipeline.shared.data import Data
+    from pipeline.shared.models import fit_refiner, scope
     from scans.dataset import load_dataset, to_arrays
     from scans.folds import make_folds
     from tests.helpers import make_dataset

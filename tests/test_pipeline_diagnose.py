@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.diagnose import against, paired
+from pipeline.experiment.diagnose import against, paired
 
 
 def _set(seed: int = 0) -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -40,7 +40,7 @@ def test_against_pairs_rows_by_name_and_refuses_other_images(tmp_path: Path) -> 
 
 def test_ensemble_members_train_from_their_own_seed() -> None:
     from pipeline.config import load_config
-    from pipeline.fit import MEMBER_SEED_STRIDE, _train_config
+    from pipeline.shared.models import MEMBER_SEED_STRIDE, _train_config
 
     cfg = load_config(profile="quick", overrides=["seed=7"])
     assert _train_config(cfg, "single").seed == 7

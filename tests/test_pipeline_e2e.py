@@ -13,7 +13,7 @@ import cv2
 import pytest
 
 from pipeline.__main__ import main
-from pipeline.predict import decode_mask
+from pipeline.serve.predict.driver import decode_mask
 from tests.helpers import TINY_PHANTOM, pinned_environment, set_args
 
 SUMMARY_KEYS = {"detector", "data", "profile", "folds", "reconstruction", "riad", "detection", "timing"}
@@ -241,7 +241,7 @@ def test_ablate_with_external_test_sets(tmp_path: Path, cache: Path, capsys: pyt
 
 def test_external_set_must_be_held_out(tmp_path: Path) -> None:
     from pipeline.config import load_config
-    from pipeline.data import load_data, load_external
+    from pipeline.shared.data import load_data, load_external
     from scans.phantom import generate_dataset
 
     own = generate_dataset(tmp_path / "own", n_images=24, n_distended=8, n_patients=8, size=64, seed=3, progress=False)
@@ -289,7 +289,7 @@ def test_train_then_predict_with_resume(tmp_path: Path, cache: Path) -> None:
     phantom = Path(doc["config"]["data"] or next((cache / "phantom").iterdir()))
     # A bundle uses only the prior, so it refines only each scan's top box (the unit tests show
     # that this leaves the prior unchanged).
-    from pipeline.bundle import Bundle
+    from pipeline.serve.bundle import Bundle
 
     assert Bundle.load(model, device="cpu").detector.top_k == 1
     folder = _scan_folder(tmp_path, phantom)

@@ -89,8 +89,8 @@ def test_a_registered_detector_runs_through_the_quick_profile(
 def test_compare_scores_prior_guided_peers_in_the_registered_detectors_boxes(
     toy: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from pipeline import compare
     from pipeline.config import load_config
+    from pipeline.experiment import compare
     from scans.phantom import generate_dataset
 
     monkeypatch.setenv("LORIS_CACHE", str(tmp_path / "cache"))

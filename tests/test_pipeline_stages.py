@@ -10,9 +10,9 @@ from detectors.base import DETECTORS, Detections, Detector, register
 from detectors.gt import GtDetector
 from detectors.prior import PriorPolicy
 from pipeline.config import Config, load_config
-from pipeline.data import Data
-from pipeline.fit import fit_detector
-from pipeline.priors import Expansion, expand_all, predict_priors
+from pipeline.shared.data import Data
+from pipeline.shared.models import fit_detector
+from pipeline.shared.priors import Expansion, expand_all, predict_priors
 from scans.dataset import load_dataset, to_arrays
 from scans.folds import make_folds
 from tests.helpers import make_dataset

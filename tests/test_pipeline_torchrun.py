@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import cache, fit
-from pipeline.cache import CacheScope, fit_or_load, publish
+from pipeline.shared import cache, models
+from pipeline.shared.cache import CacheScope, fit_or_load, publish
 from tests.helpers import random_scans
 from tests.network_guard import guarded_env
 
@@ -37,7 +37,7 @@ def _as_rank(monkeypatch: pytest.MonkeyPatch, r: int, rank0_hit: bool | None = N
         log.append("lock")
         yield
 
-    for module in (cache, fit):
+    for module in (cache, models):
         monkeypatch.setattr(module, "is_distributed", lambda: True)
         monkeypatch.setattr(module, "is_main", lambda: r == 0)
     monkeypatch.setattr(cache, "rank", lambda: r)
@@ -111,33 +111,33 @@ def test_refiner_of_other_rank_trains_but_never_writes(tmp_path: Path, monkeypat
     rank0 = BoxRefiner(device="cpu", seed=0, **options)
     log = _as_rank(monkeypatch, 1, rank0_hit=False)
 
-    entry = where.entry(tmp_path, "refiner", version=2, refiner=fit.refiner_key({**options, "seed": 0}))
+    entry = where.entry(tmp_path, "refiner", version=2, refiner=models.refiner_key({**options, "seed": 0}))
 
     def rank0_publishes() -> None:  # what rank 0 does before the barrier lets this rank on
         log.append("barrier")
         publish(entry, rank0.save, {"fit_s": 0.0, "n_train": 4})
 
     monkeypatch.setattr(cache, "barrier", rank0_publishes)
-    monkeypatch.setattr(fit, "publish", lambda *a: pytest.fail("a rank other than 0 wrote the cache"))
-    ref, info = fit.fit_refiner(options, 0, where, tmp_path, "cpu", arr, tr, va)
+    monkeypatch.setattr(models, "publish", lambda *a: pytest.fail("a rank other than 0 wrote the cache"))
+    ref, info = models.fit_refiner(options, 0, where, tmp_path, "cpu", arr, tr, va)
     assert log == ["broadcast False", "barrier"] and info["cached"] is False
     a, b = ref.net.state_dict(), rank0.net.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)  # rank 0's model, not its own
 
 
 def test_outside_torchrun_hides_torchruns_variables(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(fit, "is_distributed", lambda: True)
+    monkeypatch.setattr(models, "is_distributed", lambda: True)
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")
-    assert fit.solo_device("cuda") == "cuda:0,1" and fit.solo_device("cpu") == "cpu"
-    with fit.outside_torchrun():
+    assert models.solo_device("cuda") == "cuda:0,1" and models.solo_device("cpu") == "cpu"
+    with models.outside_torchrun():
         assert not {"RANK", "LOCAL_WORLD_SIZE", "TORCHELASTIC_RUN_ID"} & set(os.environ)
     assert os.environ["RANK"] == "0" and os.environ["TORCHELASTIC_RUN_ID"] == "x"
     fake = type(sys)("ultralytics.utils")
     fake.RANK = 0  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "ultralytics.utils", fake)
-    with pytest.raises(RuntimeError, match="ultralytics"), fit.outside_torchrun():
+    with pytest.raises(RuntimeError, match="ultralytics"), models.outside_torchrun():
         pass
 
 

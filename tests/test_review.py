@@ -19,8 +19,8 @@ import cv2
 import numpy as np
 import pytest
 
-from pipeline.review import write_review
-from scans.io import write_png
+from pipeline.serve.review import write_review
+from runtime.io import write_png
 
 FIELDS = [
     "file",

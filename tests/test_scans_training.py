@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from scans.training import Budget, EarlyStopping, seeded_global_rng, streams, training_scope
+from runtime.training import Budget, EarlyStopping, seeded_global_rng, streams, training_scope
 
 
 def test_budget_runs_every_unit_then_stops_with_its_unit_name() -> None:

@@ -16,7 +16,7 @@ import torch
 from detectors import DETECTORS, Detections, PriorPolicy, build_detector
 from detectors.yolo_format import box_to_yolo_line, write_dataset, yolo_line_to_box
 from detectors.yolov5 import YoloV5Detector
-from scans.io import CheckpointError
+from runtime.io import CheckpointError
 from scans.records import ScanArrays
 from tests.network_guard import guarded_env
 
@@ -186,6 +186,8 @@ _SCRIPT = """
 import sys
 from pathlib import Path
 sys.path[:0] = [{tests!r}, {repo!r}]
+from runtime.env import setup_environment
+setup_environment()  # an entry point: before torch loads (importing torchvision makes torch's cache in TMPDIR)
 from test_yolov5 import _synthetic
 from detectors.yolov5 import YoloV5Detector
 out = Path(sys.argv[2])

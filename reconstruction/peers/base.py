@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F  # noqa: N812
 
 from reconstruction.infer import resolve_device
-from scans.io import load_meta
+from runtime.io import load_meta
 from scans.records import DISTENDED, ScanArrays
 
 META = "peer.json"

@@ -138,7 +138,7 @@ def load_state(
     >>> _ = f.write_bytes(b"not a checkpoint")
     >>> load_state(f)  # doctest: +ELLIPSIS
     Traceback (most recent call last):
-    scans.io.CheckpointError: .../w.pt: is not a PyTorch checkpoint ...
+    runtime.io.CheckpointError: .../w.pt: is not a PyTorch checkpoint ...
     """
     import torch
 
@@ -166,7 +166,7 @@ def load_weights(
     >>> f = Path(tempfile.mkdtemp()) / "w.pt"; torch.save(torch.nn.Linear(2, 1).state_dict(), f)
     >>> load_weights(torch.nn.Linear(3, 1), f)  # doctest: +ELLIPSIS
     Traceback (most recent call last):
-    scans.io.CheckpointError: .../w.pt: does not fit the model (...); ...
+    runtime.io.CheckpointError: .../w.pt: does not fit the model (...); ...
     """
     state = load_state(path, map_location=map_location, hint=hint)
     try:

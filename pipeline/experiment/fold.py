@@ -3,7 +3,7 @@
 A fold's output is saved as soon as it is done (``folds/<k>/fold.json`` last), so a killed run
 resumes at the next fold (:func:`load_fold`).
 
-Under ``torchrun`` every rank fits the fold's models together (:mod:`pipeline.fit`); rank 0 alone
+Under ``torchrun`` every rank fits the fold's models together (:mod:`pipeline.shared.models`); rank 0 alone
 evaluates them while the others go on to the next fit and wait for it there.
 """
 
@@ -23,28 +23,28 @@ from evaluation.aggregate import RIAD, json_safe
 from evaluation.figures import Example
 from evaluation.intervals import NO_PRIOR, fold_weights, row_replicates
 from evaluation.results import FoldResult
-from pipeline import sources
+from pipeline import registry
 from pipeline.config import Config
-from pipeline.data import Data
-from pipeline.evaluate import (
+from pipeline.experiment.fold_eval import (
     EvalSettings,
     Source,
     Validation,
     evaluate_part,
     fold_examples,
-    image_scores,
     method_metrics,
     record_part,
     validation_of,
     write_predictions,
 )
-from pipeline.fit import fit_detector, fit_unet
-from pipeline.outputs import write_json
-from pipeline.priors import fold_policy
-from scans.distributed import is_main
-from scans.io import atomic_write
+from pipeline.run_dirs import write_json
+from pipeline.shared.data import Data
+from pipeline.shared.models import fit_detector, fit_unet
+from pipeline.shared.priors import fold_policy
+from pipeline.shared.scoring import image_scores
+from runtime.distributed import is_main
+from runtime.io import atomic_write
+from runtime.timing import Stopwatch
 from scans.records import ScanArrays
-from scans.runtime import Stopwatch
 
 EXAMPLE_ARRAYS = ("image", "reconstruction", "anomaly_map", "gt_mask", "pred_mask")
 
@@ -76,7 +76,7 @@ class Progress:
 
 def stages_per_fold(names: Sequence[str], riad: bool) -> int:
     """Progress steps of one fold: the U-Net, each source's maps, each trained detector, RIAD."""
-    return 1 + len(names) + sum(not sources.is_ground_truth(n) for n in names) + int(riad)
+    return 1 + len(names) + sum(not registry.is_ground_truth(n) for n in names) + int(riad)
 
 
 @dataclass
@@ -165,8 +165,8 @@ def run_fold(task: FoldTask, names: Sequence[str], progress: Progress) -> FoldOu
 
 def _fit_source(task: FoldTask, name: str, main: bool, policy: Any, out: FoldOutput, progress: Progress) -> Source:
     """The fold's detector of ``name``: trained (or from the cache), or the ground truth as it is."""
-    if sources.is_ground_truth(name):
-        return Source(name, sources.instance(name), policy, main)
+    if registry.is_ground_truth(name):
+        return Source(name, registry.instance(name), policy, main)
     progress.stage(task.fold, f"{name} fit")
     cfg = replace(task.cfg, detector=replace(task.cfg.detector, name=name))
     det, info = fit_detector(cfg, task.data, task.train, task.val, task.out / name)

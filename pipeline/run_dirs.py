@@ -17,7 +17,7 @@ import yaml
 
 from pipeline.config import Config, dump
 from pipeline.provenance import git_commit, machine, package_versions
-from scans.io import atomic_write_text
+from runtime.io import atomic_write_text
 
 LOCK = ".lock"  # in the run folder while a process writes it; holds that process's PID
 _ADDING: set[Path] = set()  # finished run folders a command may write for now (adding_to)
@@ -107,7 +107,7 @@ def backfill(saved: dict[str, Any]) -> dict[str, Any]:
     out = copy.deepcopy(saved)
     for dotted, value in ADDED_SETTINGS.items():
         *parents, leaf = dotted.split(".")
-        node = out
+        node: Any = out
         for p in parents:
             node = node.get(p) if isinstance(node, dict) else None
         if isinstance(node, dict):

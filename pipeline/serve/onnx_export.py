@@ -44,8 +44,8 @@ from torch import Tensor, nn
 from reconstruction.deviation import anomaly_map
 from reconstruction.masking import apply_single_mask, box_masks
 from reconstruction.unet import UNet, fold_batchnorm
+from runtime.io import atomic_write, atomic_write_text, load_meta
 from scans.fingerprint import file_digest
-from scans.io import atomic_write, atomic_write_text, load_meta
 
 OPSET = 18  # supported by onnxruntime >= 1.18 (the export extra's floor)
 
@@ -274,9 +274,9 @@ def bundle_digest(bundle_dir: Path) -> str:
 
 
 def _checked_doc(bundle_dir: Path, hint: str) -> dict[str, Any]:
-    """A bundle's ``bundle.json``, checked as :meth:`pipeline.bundle.Bundle.load` checks it, so a
+    """A bundle's ``bundle.json``, checked as :meth:`pipeline.serve.bundle.Bundle.load` checks it, so a
     tampered bundle is refused before anything is exported (the export would run nowhere)."""
-    from pipeline.bundle import BUNDLE_FORMAT, check_bundle_doc
+    from pipeline.serve.bundle import BUNDLE_FORMAT, check_bundle_doc
 
     path = bundle_dir / "bundle.json"
     if not path.is_file():

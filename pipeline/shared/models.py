@@ -1,4 +1,5 @@
-"""The fitters: detector, box refiner and U-Net of one fold, each trained once and cached (:mod:`pipeline.cache`).
+"""The fitters: detector, box refiner and U-Net of one fold, each trained once and cached
+(:mod:`pipeline.shared.cache`).
 
 Each returns the model and a summary (``fit_s``, ``cached``, ``cache`` and the trainer's own keys).
 
@@ -6,7 +7,7 @@ Under ``torchrun --nproc-per-node N`` every rank calls each fitter with the same
 the U-Net, RIAD, the box refiner and Co-DETR train with DistributedDataParallel on every rank;
 a detector without a DDP loop (YOLOv5u, which has its own multi-GPU launcher) trains on rank 0
 alone, on every GPU of the node, while the others wait; the cache decides on rank 0
-(:func:`pipeline.cache.fit_or_load`), and only rank 0 writes.
+(:func:`pipeline.shared.cache.fit_or_load`), and only rank 0 writes.
 """
 
 from __future__ import annotations
@@ -26,13 +27,14 @@ import yaml
 
 from detectors.base import Detector, build_detector, detector_class
 from detectors.refine import BoxRefiner, RefinedDetector, RefinerConfig
-from pipeline.cache import CacheScope, cache_lock, cache_root, fit_or_load, publish
 from pipeline.config import Config, DetectorConfig, RiadConfig, UNetSettings, detector_config_path
-from pipeline.data import Data
-from pipeline.priors import Expansion, expand_all, training_subset
-from scans.distributed import is_distributed, is_main
+from pipeline.shared.cache import CacheScope, cache_lock, cache_root, fit_or_load, publish
+from pipeline.shared.data import Data
+from pipeline.shared.priors import Expansion, expand_all, training_subset
+from runtime.device import resolve_device
+from runtime.distributed import is_distributed, is_main
+from runtime.timing import Stopwatch
 from scans.records import ScanArrays
-from scans.runtime import Stopwatch, resolve_device
 
 # Budget fields renamed since models were first cached: the keys keep the old name (and unit, seconds)
 # so that models trained before the rename are still found.

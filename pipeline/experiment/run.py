@@ -2,29 +2,25 @@
 
 The phases of a run: :func:`plan` (check the config, load and validate the data, prepare the
 folder), then per fold :func:`resume` a finished one or fit and evaluate it
-(:func:`pipeline.fold.run_fold`), then :func:`aggregate` the folds into the summary and
+(:func:`pipeline.experiment.fold.run_fold`), then :func:`aggregate` the folds into the summary and
 :func:`report` it. A fold's result is saved as soon as it is done, so a killed run resumes at the
 next fold. The run folder is locked while a process writes it.
 
 Fold-parallel runs: each process or machine runs ``run --folds k --out RUN_k`` sharing the model
-cache, then :func:`aggregate_runs` builds one report from the finished folds.
+cache, then :func:`pipeline.experiment.aggregate.aggregate_runs` builds one report from the finished folds.
 
 Multi-process training: under ``torchrun --nproc-per-node N -m pipeline run ...`` (docs/design.md)
-every rank loads the data and fits every model with the others (:mod:`pipeline.fit`); rank 0 alone
+every rank loads the data and fits every model with the others (:mod:`pipeline.shared.models`); rank 0 alone
 holds the run folder's lock, evaluates, writes and reports, and the others return its summary.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import shutil
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, TypeVar
-
-import yaml
+from typing import Any
 
 from evaluation.aggregate import aggregate_methods, json_safe
 from evaluation.figures import Example, select_cases
@@ -32,11 +28,11 @@ from evaluation.intervals import clustered_summary, fold_estimates
 from evaluation.metrics import aggregate as aggregate_folds
 from evaluation.report import summary_from_folds, write_report
 from evaluation.results import FoldResult, labels_to_json
-from pipeline import sources
-from pipeline.config import Config, parse_config
-from pipeline.data import Data, external_fingerprint, load_data, load_externals
-from pipeline.fold import FoldOutput, FoldTask, Progress, load_fold, run_fold, save_fold, stages_per_fold
-from pipeline.outputs import (
+from pipeline import registry
+from pipeline.config import Config
+from pipeline.experiment.fold import FoldOutput, FoldTask, Progress, load_fold, run_fold, save_fold, stages_per_fold
+from pipeline.provenance import package_versions
+from pipeline.run_dirs import (
     RunDirError,
     backfill,
     check_out,
@@ -45,16 +41,13 @@ from pipeline.outputs import (
     run_lock,
     write_json,
 )
-from pipeline.provenance import package_versions
-from scans.distributed import barrier, broadcast_decision, init_from_env, is_main, shutdown
+from pipeline.shared.data import Data, external_fingerprint, load_data, load_externals
+from runtime.device import runtime_info, set_threads
+from runtime.distributed import barrier, broadcast_decision, distributed_session, is_main, main_first
+from runtime.timing import Stopwatch
 from scans.records import ScanArrays
-from scans.runtime import Stopwatch, runtime_info, set_threads
 
 NO_DETECTION = {"precision": None, "map50": None, "map75": None}
-# How long a rank may wait in a collective, e.g. while rank 0 evaluates a fold or trains YOLOv5u alone.
-# A crashed rank does not leave the others waiting this long: torchrun then stops them all.
-WAIT_MINUTES = 24 * 60.0
-T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -77,14 +70,14 @@ class RunPlan:
     @property
     def reported(self) -> str | None:
         """Whose detection metrics fill ``summary["detection"]``: run's own trained detector, else none."""
-        return self.main if self.command == "run" and not sources.is_ground_truth(self.main) else None
+        return self.main if self.command == "run" and not registry.is_ground_truth(self.main) else None
 
 
 def plan(cfg: Config, out: Path, names: Sequence[str], command: str, same_as: dict[str, Any] | None = None) -> RunPlan:
     """Check the sources and folds, load and validate the data and held-out sets, prepare ``out`` (or
     continue it: same config, sources and data content). ``same_as``: a saved ``config.yaml`` the run
-    must match, ``run_folds`` aside (:func:`aggregate_runs`)."""
-    known = sources.names()
+    must match, ``run_folds`` aside (:func:`pipeline.experiment.aggregate.aggregate_runs`)."""
+    known = registry.names()
     unknown = [n for n in names if n not in known]
     if unknown or not names:
         raise ValueError(f"unknown detector(s) {unknown}; choose from {', '.join(known)}")
@@ -108,7 +101,7 @@ def plan(cfg: Config, out: Path, names: Sequence[str], command: str, same_as: di
 def _every(names: Sequence[str]) -> list[str]:
     """What every fold evaluates: ``names`` and the ground truth (cheap once the U-Net exists)."""
     every = list(dict.fromkeys(names))
-    return every + ([] if sources.ground_truth() in every else [sources.ground_truth()])
+    return every + ([] if registry.ground_truth() in every else [registry.ground_truth()])
 
 
 def _fold_ids(cfg: Config, data: Data) -> list[int]:
@@ -116,32 +109,6 @@ def _fold_ids(cfg: Config, data: Data) -> list[int]:
     fold_ids = list(cfg.run_folds) if cfg.run_folds is not None else list(range(len(data.folds)))
     _check_parts(data, fold_ids)
     return fold_ids
-
-
-def main_first(load: Callable[[], T]) -> T:
-    """``load()`` on rank 0, then on the other ranks (e.g. the phantom is generated once); in one
-    process just ``load()``."""
-    if not is_main():
-        barrier()
-    value = load()
-    if is_main():
-        barrier()
-    return value
-
-
-@contextlib.contextmanager
-def distributed_session(device: str) -> Iterator[None]:
-    """Join torchrun's process group for the block (:func:`scans.distributed.init_from_env`; nothing
-    without torchrun) and leave it after, unless it was joined before the block."""
-    import torch.distributed as dist
-
-    joined = dist.is_available() and dist.is_initialized()
-    init_from_env(device, timeout_minutes=WAIT_MINUTES)
-    try:
-        yield
-    finally:
-        if not joined:
-            shutdown()
 
 
 def _unchanged(saved: dict[str, Any], now: dict[str, Any]) -> None:
@@ -198,7 +165,7 @@ def run_folds(p: RunPlan) -> tuple[list[FoldOutput], int]:
 def execute(cfg: Config, out: Path, detector_names: Sequence[str], command: str = "run") -> dict[str, Any]:
     """Run (or resume) the cross-validation into ``out`` and write every output; returns the summary.
 
-    ``out`` is locked for the whole run (:func:`pipeline.outputs.run_lock`): a second process refuses.
+    ``out`` is locked for the whole run (:func:`pipeline.run_dirs.run_lock`): a second process refuses.
     Under torchrun (:func:`distributed_session`) every rank calls it; the summary is rank 0's."""
     with distributed_session(cfg.device):
         if not is_main():
@@ -277,10 +244,10 @@ def aggregate(p: RunPlan, outputs: Sequence[FoldOutput]) -> dict[str, Any]:
         "profile": p.cfg.profile,
         "folds": [int(f) for f in p.fold_ids],
         "folds_source": p.data.folds_source,
-        "labels": labels_to_json(sources.labels()),  # how reports and evaluation.claims name each source
+        "labels": labels_to_json(registry.labels()),  # how reports and evaluation.claims name each source
     }
     summary.update(_summarise(results, [fo.replicates for fo in outputs], p.main, p.reported))
-    trained = [d for d in p.names if not sources.is_ground_truth(d)]
+    trained = [d for d in p.names if not registry.is_ground_truth(d)]
     if p.command == "ablate":
         summary["detection_by_detector"] = {
             d: aggregate_folds([r.detection[d] for r in results if d in r.detection]) for d in trained
@@ -346,10 +313,10 @@ def _write(
         p.cfg.to_dict(),
         package_versions(),
         examples if figures else (),
-        prior_name=sources.prior_phrase(p.main),
+        prior_name=registry.prior_phrase(p.main),
         figures=figures,
         clustered=summary["clustered"],
-        labels=sources.labels(),
+        labels=registry.labels(),
         refined=p.cfg.detector.refine,
     )
 
@@ -393,7 +360,7 @@ def report(p: RunPlan, outputs: Sequence[FoldOutput], summary: dict[str, Any]) -
     write_json(p.out / "summary.json", json_safe(summary))
 
 
-# ----------------------------------------------------------------------------- fold-parallel runs
+# ----------------------------------------------------------------------------- config differences
 
 
 def _differences(a: Any, b: Any, key: str = "") -> list[str]:
@@ -410,85 +377,3 @@ def _differences(a: Any, b: Any, key: str = "") -> list[str]:
         return []
     what = " (the dataset's content)" if key == "run.data" else ""
     return [f"{key}{what} ({a!r:.60} vs {b!r:.60})"]
-
-
-@dataclass(frozen=True)
-class FinishedRun:
-    """A finished run folder of a fold-parallel run: its saved config (without ``run_folds``) and folds."""
-
-    path: Path
-    config: dict[str, Any]
-    folds: list[int]
-    splits: str
-    total_s: float
-    runtime: dict[str, Any] | None = None  # world size, backend, threads (None: a run made before they were kept)
-
-    @classmethod
-    def read(cls, path: Path) -> FinishedRun:
-        if not (path / "summary.json").is_file() or not (path / "config.yaml").is_file():
-            raise RunDirError(f"{path}: not a finished LoRIS run (no summary.json); finish it or leave it out")
-        summary = json.loads((path / "summary.json").read_text())
-        config = yaml.safe_load((path / "config.yaml").read_text())
-        config.pop("run_folds", None)
-        missing = [f for f in summary["folds"] if not (path / "folds" / str(f) / "fold.json").is_file()]
-        if missing:
-            raise RunDirError(f"{path}: folds {missing} have no fold.json; rerun it to finish them")
-        splits = (path / "splits.json").read_text()
-        folds, total = [int(f) for f in summary["folds"]], float(summary["timing"]["total_s"])
-        return cls(path, config, folds, splits, total, summary.get("runtime"))
-
-
-def _same_inputs(runs: Sequence[FinishedRun], mixed_runtime: bool = False) -> None:
-    """Refuse runs made with different configs, data or splits, or that share a fold; and, unless
-    ``mixed_runtime``, runs computed with another world size, backend or thread count (the numbers
-    depend on them)."""
-    first, seen = runs[0], {f: runs[0].path for f in runs[0].folds}
-    for run in runs[1:]:
-        diff = _differences(first.config, run.config)
-        if not mixed_runtime and run.runtime != first.runtime:
-            diff.append(f"runtime {run.runtime} against {first.runtime} (--mixed-runtime pools them anyway)")
-        if run.splits != first.splits:
-            diff.append("splits.json (the folds themselves)")
-        if diff:
-            raise RunDirError(
-                f"{run.path} was made with a different config or data than {first.path}, so their folds "
-                f"cannot be aggregated: {'; '.join(diff)}"
-            )
-        for f in run.folds:
-            if f in seen:
-                raise RunDirError(f"fold {f} is in both {seen[f]} and {run.path}; name each fold once")
-            seen[f] = run.path
-
-
-def aggregate_runs(run_dirs: Sequence[Path], out: Path, mixed_runtime: bool = False) -> dict[str, Any]:
-    """Tables, summary and report in ``out`` from finished fold-parallel runs (``run --folds k --out
-    RUN_k`` each, sharing the model cache); returns the summary. Runs made with different configs
-    (``run_folds`` aside), data or splits are refused, naming what differs; the data must be unchanged
-    since. Each run's folds are copied into ``out/folds``."""
-    if not run_dirs:
-        raise ValueError("aggregate: name at least one finished run folder")
-    runs = [FinishedRun.read(Path(d)) for d in run_dirs]
-    _same_inputs(runs, mixed_runtime)
-    saved = runs[0].config
-    fold_ids = sorted(f for run in runs for f in run.folds)
-    doc = {k: v for k, v in saved.items() if k != "run"} | {"run_folds": fold_ids}
-    cfg = replace(parse_config(doc), progress=False)
-    with run_lock(Path(out)):
-        p = plan(cfg, Path(out), saved["run"]["detectors"], saved["run"]["command"], same_as=saved)
-        for run in runs:
-            for f in run.folds:
-                shutil.copytree(run.path / "folds" / str(f), p.out / "folds" / str(f), dirs_exist_ok=True)
-        outputs = [_resumed(p, f) for f in p.fold_ids]
-        summary = aggregate(p, outputs)
-        summary["timing"] = {"total_s": sum(r.total_s for r in runs), "resumed_folds": len(outputs), **_timing(outputs)}
-        summary["fold_info"] = [fo.info for fo in outputs]
-        summary["aggregated_from"] = [str(r.path) for r in runs]
-        report(p, outputs, summary)
-    return summary
-
-
-def _resumed(p: RunPlan, fold: int) -> FoldOutput:
-    fo = resume(p, fold)
-    if fo is None:
-        raise RunDirError(f"{p.out}: fold {fold} was not copied")
-    return fo

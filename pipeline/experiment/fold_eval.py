@@ -21,9 +21,11 @@ from evaluation.metrics import per_image_dice, segmentation_metrics
 from evaluation.rescoring import SCORE, VAL_SCORE, pooled_row
 from evaluation.results import FoldResult, ImageRow
 from pipeline.config import Config, ScoreConfig
-from pipeline.priors import Expansion, Priors, predict_priors
+from pipeline.shared.priors import Expansion, Priors, predict_priors
+from pipeline.shared.scoring import image_scores
+from runtime.device import resolve_device
+from runtime.timing import Stopwatch
 from scans.records import ScanArrays, box_iou
-from scans.runtime import Stopwatch, resolve_device
 
 if TYPE_CHECKING:
     from reconstruction.infer import Reconstruction
@@ -92,30 +94,6 @@ class Part:
     detection: dict[str, Any] | None
     seconds: float
     replicates: dict[str, np.ndarray]
-
-
-def image_scores(
-    maps: dict[str, np.ndarray],
-    boxes: np.ndarray,
-    score: ScoreConfig,
-    margin: float,
-    region: Literal["image", "box"] | None = None,
-) -> dict[str, np.ndarray]:
-    """Image scores of every map; ``region=box`` pools over the box and its ``margin`` (the masked pixels)."""
-    from reconstruction.deviation import image_score
-
-    return {
-        name: image_score(
-            m,
-            boxes,
-            pooling=score.pooling,
-            region=region or score.region,
-            topk_fraction=score.topk_fraction,
-            margin=margin,
-            inset=score.inset,
-        )
-        for name, m in maps.items()
-    }
 
 
 def control_maps(boxes: np.ndarray, size: int, margin: float) -> dict[str, np.ndarray]:

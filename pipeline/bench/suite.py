@@ -7,7 +7,7 @@ repeated timings are reported; the load average before and after tells whether t
 was quiet.
 
 Memory: every stage, and every Table 1 peer (``peers``: fit and inference on a small phantom at a tiny
-budget), also reports ``peak_rss_mib`` (peak resident memory of the block, :class:`~scans.runtime.PeakRSS`)
+budget), also reports ``peak_rss_mib`` (peak resident memory of the block, :class:`~runtime.timing.PeakRSS`)
 and ``rss_rise_mib`` (that peak above the RSS at the block's start). Peaks are per block within one
 process: garbage is collected (and freed heap trimmed) before each block, but what the allocator keeps
 counts in the next block's start, so compare rises rather than peaks across blocks. Child processes
@@ -32,10 +32,11 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
-from scans.runtime import PeakRSS, median_seconds, resolve_device, torch_threads
+from runtime.device import resolve_device, torch_threads
+from runtime.timing import PeakRSS, median_seconds
 
 if TYPE_CHECKING:
-    from pipeline.bundle import Bundle
+    from pipeline.serve.bundle import Bundle
     from scans.records import ScanArrays
 
 T = TypeVar("T")
@@ -78,7 +79,7 @@ def detector_speed(name: str, reps: int = 3, n: int = 32, size: int = 256) -> fl
     """Inference images/s of an untrained detector of the default config (speed does not depend on training)."""
     from detectors.base import build_detector
     from pipeline.config import detector_config_path, load_config
-    from pipeline.fit import detector_kwargs
+    from pipeline.shared.models import detector_kwargs
 
     cfg = load_config(None, "default", [f"detector.name={name}"])
     path = detector_config_path(name, cfg.detector.config, cfg.profile)
@@ -102,7 +103,7 @@ def refiner_speed(reps: int = 3, n: int = 64, size: int = 128) -> float:
 
 def predict_speed(model: Path, n: int = 48, reps: int = 3) -> dict[str, Any]:
     """End-to-end ``predict`` (read, detect, reconstruct, map, segment, write) on phantom PNGs."""
-    from pipeline.predict import predict_folder
+    from pipeline.serve.predict.driver import predict_folder
     from scans.phantom import default_dataset
 
     src = sorted((default_dataset(progress=False) / "images").glob("*.png"))[:n]
@@ -122,10 +123,10 @@ def predict_speed(model: Path, n: int = 48, reps: int = 3) -> dict[str, Any]:
 
 def _detector_speeds(quick: bool) -> dict[str, Any]:
     """Inference images/s of every trainable registered detector, and of the box refiner."""
-    from pipeline import sources
+    from pipeline import registry
 
     out: dict[str, Any] = {}
-    for name in sources.trainable():
+    for name in registry.trainable():
         try:
             rate, mem = measured(partial(detector_speed, name, reps=2 if quick else 3, n=8 if quick else 32))
             out[name] = {"images_per_s": rate, **mem}
@@ -141,9 +142,9 @@ def _detector_speeds(quick: bool) -> dict[str, Any]:
 
 
 def bundle_flops(model: Path, n: int = 8) -> dict[str, float]:
-    """GFLOP per image of a bundle's :meth:`~pipeline.bundle.Bundle.process` on a batch of ``n`` (convolutions
+    """GFLOP per image of a bundle's :meth:`~pipeline.serve.bundle.Bundle.process` on a batch of ``n`` (convolutions
     and matrix products, as ``torch.utils.flop_counter`` counts them: a multiply-add is 2), in all and by part."""
-    from pipeline.bundle import Bundle
+    from pipeline.serve.bundle import Bundle
 
     return process_flops(Bundle.load(Path(model), device="cpu"), n)
 
@@ -152,7 +153,7 @@ def process_flops(bundle: Bundle, n: int = 8) -> dict[str, float]:
     """:func:`bundle_flops` of a loaded bundle."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from reconstruction.benchmark import unet_flops
+    from pipeline.bench.unet import unet_flops
 
     images = np.random.default_rng(0).random((n, bundle.image_size, bundle.image_size), dtype=np.float32)
     parts, bundle.parts = bundle.parts, 1  # the counter sees only its own thread, not process()'s workers
@@ -254,8 +255,8 @@ def peer_speed(name: str, arrays: ScanArrays, reps: int = 2, steps: int = 2) -> 
     The budget is the peer's ``default`` one (batch size, work size) cut to one epoch of ``steps`` batches:
     fit memory is that of a real fit's batches, fit time only that of this tiny fit.
     """
-    from pipeline.compare import resolved_budget
     from pipeline.config import load_config
+    from pipeline.experiment.compare import resolved_budget
     from reconstruction.peers import build_peer, peer_spec
     from reconstruction.peers.prior_guided import predict_peer
 
@@ -299,7 +300,7 @@ def peer_speeds(names: Sequence[str], n: int = 16, size: int = 128, reps: int = 
 # ----------------------------------------------------------------------------- the whole run
 def _unet_stage(quick: bool) -> dict[str, Any]:
     """The U-Net benchmark with the peak RSS of its in-process part (inference and matmul)."""
-    from reconstruction.benchmark import run_benchmark
+    from pipeline.bench.unet import run_benchmark
 
     res, mem = measured(
         lambda: run_benchmark(

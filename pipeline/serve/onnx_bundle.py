@@ -1,7 +1,7 @@
 """A bundle run by onnxruntime (``predict --engine onnxruntime``): :func:`load_onnx_bundle`.
 
-The LoRIS graph (masking, U-Net, anomaly maps, pooled score; :class:`pipeline.onnx_export.LorisGraph`)
-and a YOLOv5u detector run as ONNX; the prior policy and the segmentation are :class:`pipeline.bundle.Bundle`'s
+The LoRIS graph (masking, U-Net, anomaly maps, pooled score; :class:`pipeline.serve.onnx_export.LorisGraph`)
+and a YOLOv5u detector run as ONNX; the prior policy and the segmentation are :class:`pipeline.serve.bundle.Bundle`'s
 own code. Co-DETR (its upstream has no ONNX export; ours is traced at batch 1), the box refiner and any
 other detector stay in PyTorch (docs/design.md, "Outputs for clinicians and PACS").
 
@@ -30,10 +30,10 @@ from torch import Tensor, nn
 from detectors.base import Detector
 from detectors.refine import RefinedDetector
 from detectors.yolov5 import YoloV5Detector
-from pipeline.bundle import Bundle, BundleOutput
-from pipeline.cache import digest, fit_or_load, publish
-from pipeline.onnx_export import OPSET, bundle_digest, export_bundle, onnx_session
-from scans.runtime import cache_home
+from pipeline.serve.bundle import Bundle, BundleOutput
+from pipeline.serve.onnx_export import OPSET, bundle_digest, export_bundle, onnx_session
+from pipeline.shared.cache import digest, fit_or_load, publish
+from runtime.env import cache_home
 
 USER_EXPORT = "onnx"  # BUNDLE/onnx: where `export --out BUNDLE/onnx` puts a user's own export
 _CACHE_VERSION = 1  # part of the cache key: bump when the exported graphs change
@@ -118,7 +118,7 @@ def cache_entry(bundle_dir: Path, doc: dict[str, Any]) -> Path:
 
 
 def _cached_export(bundle_dir: Path, doc: dict[str, Any], threads: int | None, device: str) -> OnnxGraphs:
-    """The cache's export of the bundle, made on the first call (:func:`pipeline.cache.fit_or_load`)."""
+    """The cache's export of the bundle, made on the first call (:func:`pipeline.shared.cache.fit_or_load`)."""
     entry = cache_entry(bundle_dir, doc)
 
     def load(path: Path) -> OnnxGraphs:

@@ -1,6 +1,6 @@
 """Archive-scale ``predict`` on Ray Data (``python -m pipeline predict --engine ray``).
 
-The same inputs, checks and outputs as :func:`pipeline.predict.predict_folder` (``predictions.csv``
+The same inputs, checks and outputs as :func:`pipeline.serve.predict.driver.predict_folder` (``predictions.csv``
 with the masks as RLE, ``errors.csv``, ``predict.json``, overlays when asked, DICOM results, the
 review page; resumable, and sharded with ``shard``), but the frames to process become a Ray dataset
 (``ray.data.from_items`` of paths and frame numbers) mapped by ``actors`` actors of
@@ -30,9 +30,9 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.bundle import Bundle
-from pipeline.predict import Job, Outputs, ReadOptions, _Item, _Plan, _Sink, process_batch
-from scans.runtime import Stopwatch
+from pipeline.serve.bundle import Bundle
+from pipeline.serve.predict.driver import Job, Outputs, ReadOptions, _Item, _Plan, _Sink, process_batch
+from runtime.timing import Stopwatch
 
 
 class BundleActor:
@@ -48,8 +48,10 @@ class BundleActor:
         outputs: Outputs,
         threads: int,
     ) -> None:
-        from scans.runtime import set_threads
+        from runtime.device import set_threads
+        from runtime.env import setup_environment
 
+        setup_environment()  # a Ray worker process: the LoRIS cache for torch's caches, as in the driver
         set_threads(threads)
         self.bundle = Bundle.load(Path(bundle_dir), device=device)
         self.folder, self.out, self.opts, self.outputs = Path(folder), Path(out), opts, outputs
@@ -121,7 +123,7 @@ def _start_ray(address: str | None, threads: int) -> tuple[bool, Path | None]:
     if address:
         ray.init(address=address, log_to_driver=False, configure_logging=False)
         return True, None
-    from scans.runtime import cache_home
+    from runtime.env import cache_home
 
     temp, scratch = cache_home() / "ray", None
     if len(str(temp)) > _SOCKET_ROOM:  # too long for Ray's sockets: a short folder, removed after the run
@@ -150,7 +152,7 @@ def _start_ray(address: str | None, threads: int) -> tuple[bool, Path | None]:
 
 @dataclass(frozen=True)
 class RayEngine:
-    """An :data:`pipeline.predict.Engine`: Ray Data with ``actors`` model-holding actors of
+    """An :data:`pipeline.serve.predict.driver.Engine`: Ray Data with ``actors`` model-holding actors of
     ``threads`` torch threads each, on this machine or the cluster at ``address``."""
 
     actors: int = 1

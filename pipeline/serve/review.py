@@ -38,7 +38,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import quote
 
-from scans.io import atomic_write_text
+from runtime.io import atomic_write_text
 
 # The only columns the page carries: none identifies a patient, and the mask RLE is not for display.
 ROW_FIELDS = (

@@ -1,4 +1,4 @@
-"""Phantom generation speed on one core: ``python -m scans.phantom_bench [--size 256] [--images 40] [--repeats 5]``.
+"""Phantom generation speed on one core: ``python -m pipeline.bench.phantom [--size 256] [--images 40] [--repeats 5]``.
 
 Times the full per-image work of :func:`scans.phantom.generate_dataset` (render, 8-bit PNG
 encoding, RLE of the mask) and prints images/s from the median time over the repeats.
@@ -16,20 +16,19 @@ from __future__ import annotations
 import argparse
 import os
 
-# One core: pin the thread pools before numpy/OpenCV start them.
-for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-    os.environ.setdefault(_var, "1")
+from runtime.env import setup_environment
 
-import cv2  # noqa: E402
-import numpy as np  # noqa: E402
-
-from scans.coco import encode_mask  # noqa: E402
-from scans.phantom import dataset_geometry, render_scan, sample_anatomy  # noqa: E402
-from scans.runtime import median_seconds  # noqa: E402
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
 
 def _make_images(size: int, n_images: int, seed: int = 0) -> None:
     """Render, PNG-encode and RLE-encode ``n_images`` images (a third distended)."""
+    import cv2
+    import numpy as np
+
+    from scans.phantom import render_scan, sample_anatomy
+    from scans.rle import encode_mask
+
     anatomies = [sample_anatomy(np.random.default_rng([seed, 0, p])) for p in range(8)]
     for i in range(n_images):
         rng = np.random.default_rng([seed, 1, i])
@@ -40,6 +39,8 @@ def _make_images(size: int, n_images: int, seed: int = 0) -> None:
 
 def images_per_second(size: int, n_images: int, repeats: int = 1, seed: int = 0) -> float:
     """Images/s of render + PNG encode + RLE, from the median time of ``repeats`` batches of ``n_images``."""
+    from runtime.timing import median_seconds
+
     return n_images / median_seconds(lambda: _make_images(size, n_images, seed), repeats=repeats, warmup=0)
 
 
@@ -47,7 +48,10 @@ def box_report(
     seed: int, n_images: int = 483, n_distended: int = 123, n_patients: int = 60, size: int = 256
 ) -> dict[str, float]:
     """Box-size-only AUROCs, mean box heights and the patient spread of one phantom (geometry only)."""
+    import numpy as np
     from sklearn.metrics import roc_auc_score
+
+    from scans.phantom import dataset_geometry
 
     patient, distended, geoms = dataset_geometry(n_images, n_distended, n_patients, size, seed)
     b = np.array([g.box for g in geoms])
@@ -68,7 +72,13 @@ def box_report(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m scans.phantom_bench", description=__doc__.split("\n")[0])
+    setup_environment()
+    # One core: pin the thread pools before numpy/OpenCV start them (run as a command, nothing has yet).
+    for variable in THREAD_VARIABLES:
+        os.environ.setdefault(variable, "1")
+    import cv2
+
+    parser = argparse.ArgumentParser(prog="python -m pipeline.bench.phantom", description=__doc__.split("\n")[0])
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--images", type=int, default=40)
     parser.add_argument("--repeats", type=int, default=5)

@@ -26,9 +26,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from scans.distributed import barrier, broadcast_decision, is_distributed, is_main, rank
-from scans.io import atomic_write_text
-from scans.runtime import cache_home, runtime_info
+from runtime.device import runtime_info
+from runtime.distributed import barrier, broadcast_decision, is_distributed, is_main, rank
+from runtime.env import cache_home
+from runtime.io import atomic_write_text
 
 DONE = "DONE"
 T = TypeVar("T")
@@ -36,7 +37,7 @@ T = TypeVar("T")
 
 def cache_root(cache_dir: str | Path | None = None) -> Path:
     """Where trained models are cached: ``cache_dir``, else ``models/`` under
-    :func:`scans.runtime.cache_home` (``$LORIS_CACHE``, ``$XDG_CACHE_HOME/loris``, ``~/.cache/loris``)."""
+    :func:`runtime.env.cache_home` (``$LORIS_CACHE``, ``$XDG_CACHE_HOME/loris``, ``~/.cache/loris``)."""
     return Path(cache_dir) if cache_dir else cache_home() / "models"
 
 
@@ -53,7 +54,7 @@ def digest(doc: dict[str, Any]) -> str:
 class CacheScope:
     """What every cached model of a fold depends on: the dataset, model size, DICOM frame and ids."""
 
-    data: str  # the dataset's content: every image's bytes and annotations.json (pipeline.data.Data.fingerprint)
+    data: str  # the dataset's content: every image's bytes and annotations.json (pipeline.shared.data.Data.fingerprint)
     size: int
     frame: int
     train: tuple[int, ...]
@@ -145,7 +146,7 @@ def fit_or_load(
 
     In one process: under the entry's lock, as before. Under ``torchrun`` (docs/design.md) rank 0
     alone takes the lock (so ranks of one job never wait on each other's lock) and decides hit or
-    miss for all (:func:`scans.distributed.broadcast_decision`): a rank that trained while another
+    miss for all (:func:`runtime.distributed.broadcast_decision`): a rank that trained while another
     skipped would wait for it forever. On a miss ``fit`` runs on every rank (``every_rank``: it
     trains with DistributedDataParallel) or on rank 0 alone while the others wait; after a barrier
     the other ranks load the entry rank 0 published, so every rank holds the same model. ``lock``:
@@ -171,7 +172,7 @@ def fit_or_load(
 
 
 def _fit_recorded(entry: Path, fit: Callable[[], tuple[T, dict[str, Any]]]) -> tuple[T, dict[str, Any]]:
-    """``fit()``, with how it ran (:func:`scans.runtime.runtime_info`: world size, backend, torch threads)
+    """``fit()``, with how it ran (:func:`runtime.device.runtime_info`: world size, backend, torch threads)
     added to its summary and to the entry's ``DONE``, so a run that reuses the model can say how it was
     trained; the key is unchanged. Entries made before this record say ``trained_with: null``."""
     trained_with = runtime_info()

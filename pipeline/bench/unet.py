@@ -6,7 +6,7 @@ figure is the median of several repetitions. U-Net FLOPs come from
 a training step is the peak RSS of a fresh spawned process (``resource.getrusage``), so
 earlier measurements do not inflate it.
 
-Run: ``python -m reconstruction.benchmark [--threads 2] [--profiles cpu paper] [--json out.json]``
+Run: ``python -m pipeline.bench.unet [--threads 2] [--profiles cpu paper] [--json out.json]``
 
 >>> r = run_benchmark(profiles=("tiny",), size=64, batch=2, reps=2, train_steps=2, matmul_n=256, spawn=False)
 >>> sorted(r["inference"]["tiny"])[:3]
@@ -32,8 +32,10 @@ from torch import nn
 from reconstruction.losses import reconstruction_loss
 from reconstruction.masking import apply_single_mask
 from reconstruction.unet import UNet, UNetConfig, count_parameters, fold_batchnorm
-from scans.runtime import median_seconds, torch_threads
-from scans.training import seeded_global_rng
+from runtime.device import torch_threads
+from runtime.env import setup_environment
+from runtime.timing import median_seconds
+from runtime.training import seeded_global_rng
 
 
 def matmul_gflops(n: int = 2048, reps: int = 5) -> float:
@@ -157,6 +159,7 @@ def run_benchmark(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    setup_environment()
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--profiles", nargs="+", default=["cpu", "paper"])
     ap.add_argument("--train-profiles", nargs="*", default=None)

@@ -1,7 +1,7 @@
 """``compare``: Table 1 in full, LoRIS beside RIAD and the Table 1 peers on the same folds (``docs/design.md``,
 "Peers").
 
-LoRIS and RIAD are ``run``'s own folds (:func:`pipeline.run.run_folds`: the same split code and seed, the
+LoRIS and RIAD are ``run``'s own folds (:func:`pipeline.experiment.run.run_folds`: the same split code and seed, the
 same cached U-Nets, priors and scoring), so their rows equal ``run``'s. Each peer
 (:mod:`reconstruction.peers`) trains per fold on the fold's normal training scans (the supervised
 ``multitask`` on both classes) with the budget named like the profile, and is cached like the U-Nets
@@ -41,21 +41,22 @@ from evaluation.bootstrap import weighted_auroc
 from evaluation.intervals import NO_PRIOR, fold_weights, row_replicates
 from evaluation.metrics import image_auroc
 from evaluation.rescoring import SCORE, VAL_SCORE, auroc_row, ece_row, kept_rows, pooled_row, split_pooled
-from pipeline import sources
-from pipeline.bundle import calibrate, fit_calibration
-from pipeline.cache import cache_lock, cache_root, load_cached, publish
+from pipeline import registry
 from pipeline.config import Config
-from pipeline.evaluate import EvalSettings, Validation, method_metrics
-from pipeline.fit import fit_detector, fit_unet, scope
-from pipeline.fold import FoldOutput, FoldTask, Progress
-from pipeline.outputs import RunDirError, adding_to, backfill, default_run_dir, run_config, run_lock, write_json
-from pipeline.priors import fold_policy, predict_priors
-from pipeline.run import RunPlan, _differences, plan, run_folds
+from pipeline.experiment.fold import FoldOutput, FoldTask, Progress
+from pipeline.experiment.fold_eval import EvalSettings, Validation, method_metrics
+from pipeline.experiment.run import RunPlan, _differences, plan, run_folds
+from pipeline.run_dirs import RunDirError, adding_to, backfill, default_run_dir, run_config, run_lock, write_json
+from pipeline.shared.cache import cache_lock, cache_root, load_cached, publish
+from pipeline.shared.calibration import calibrate, fit_calibration
+from pipeline.shared.models import fit_detector, fit_unet, scope
+from pipeline.shared.priors import fold_policy, predict_priors
 from reconstruction.peers import PEERS, Budget, Peer, PeerOutput, build_peer, load_peer, peer_spec
 from reconstruction.peers.prior_guided import PriorPeer, predict_peer
-from scans.io import atomic_write
+from runtime.device import resolve_device, set_threads
+from runtime.io import atomic_write
+from runtime.timing import Stopwatch
 from scans.records import ScanArrays
-from scans.runtime import Stopwatch, resolve_device, set_threads
 
 LORIS = "loris"
 PEER_DIR = "compare"  # per fold: <method>.json (written last) and <method>.npz
@@ -213,7 +214,7 @@ def score_part(
 
 def probabilities(val_scores: np.ndarray, val_labels: np.ndarray, scores: np.ndarray) -> np.ndarray:
     """``scores`` as probabilities of distension by the bundle's Platt scaling fitted on the validation
-    scores (:func:`pipeline.bundle.fit_calibration`); NaN where none can be fitted."""
+    scores (:func:`pipeline.shared.calibration.fit_calibration`); NaN where none can be fitted."""
     if not np.all(np.isfinite(val_scores)):
         return np.full(np.shape(scores), np.nan)
     return calibrate(scores, fit_calibration(val_scores, val_labels))
@@ -222,7 +223,7 @@ def probabilities(val_scores: np.ndarray, val_labels: np.ndarray, scores: np.nda
 def rescored(
     src: str, per_image: Mapping[str, np.ndarray], val_labels: np.ndarray, labels: np.ndarray, w: np.ndarray
 ) -> tuple[Rows, Reps]:
-    """From the per-image scores a fold kept (:func:`pipeline.evaluate.per_image_scores`): each of ``src``'s
+    """From the per-image scores a fold kept (:func:`pipeline.experiment.fold_eval.per_image_scores`): each of ``src``'s
     rows' ECE, and the I-AUROC of its rows under the other pooling rule, with replicates under ``w``."""
     rows: Rows = {}
     reps: Reps = {}
@@ -325,8 +326,8 @@ class FoldBoxes:
         each under the fold's policy and expansion."""
         cfg, arr, name = task.cfg, task.data.arrays, task.cfg.detector.name
         val, test = arr.subset(task.val), arr.subset(task.test)
-        if sources.is_ground_truth(name):
-            det = sources.instance(name)
+        if registry.is_ground_truth(name):
+            det = registry.instance(name)
         else:
             det, info = fit_detector(cfg, task.data, task.train, task.val, task.out / name)
             if not info.get("cached", True):  # a deterministic fit, but an expensive one, and worth knowing
@@ -470,7 +471,7 @@ def compare_fold(p: RunPlan, cs: Settings, fold: int, fo: FoldOutput, bar: Progr
     # a detector's priors are predicted once per fold, and only if a prior-guided peer still needs scoring
     boxes = functools.cache(lambda: FoldBoxes.of(task))
     ex = p.cfg.detector
-    prior = "" if sources.is_ground_truth(p.main) else f"|prior={p.main}"  # ground truth: keys as before
+    prior = "" if registry.is_ground_truth(p.main) else f"|prior={p.main}"  # ground truth: keys as before
     prior += f"|expand={ex.expand_up},{ex.expand_side}" if ex.expand_up or ex.expand_side else ""
     for name in ([RIAD] if RIAD in cs.methods else []) + cs.peers:
         bar.stage(fold, name)
@@ -535,7 +536,7 @@ def added_settings(out: Path, saved: Mapping[str, Any], cs: Settings, cfg: Confi
 
 
 def compare_plan(cfg: Config, out: Path, adding: bool) -> RunPlan:
-    """:func:`pipeline.run.plan` of the comparison; when ``adding`` to a finished one, a refusal there means
+    """:func:`pipeline.experiment.run.plan` of the comparison; when ``adding`` to a finished one, a refusal there means
     that the data's content changed since (the config was checked before)."""
     try:
         return plan(cfg, out, [cfg.detector.name], "compare")
@@ -576,7 +577,7 @@ def execute_compare(
     folders) and every table is written again with all of them (:func:`added_settings`). ``pool`` names
     held-out sets (among ``cfg.evaluation.external_paths``) whose differences are pooled with the test folds'.
     """
-    from pipeline.compare_report import summarise, write_outputs
+    from pipeline.experiment.compare_report import summarise, write_outputs
 
     out = Path(out)
     pooled_with = pool_paths(cfg, pool)
@@ -611,7 +612,7 @@ def execute_compare(
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """``compare``'s own options (``pipeline.__main__`` adds the common ones: --data, --profile, --set, ...)."""
-    from pipeline import sources
+    from pipeline import registry
 
     choices = method_choices()
     parser.add_argument(
@@ -620,7 +621,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"comma-separated, from {', '.join(choices)} (default: all); loris is always included",
     )
     parser.add_argument(
-        "--detector", choices=sources.names(), default=sources.ground_truth(), help="LoRIS's prior source"
+        "--detector", choices=registry.names(), default=registry.ground_truth(), help="LoRIS's prior source"
     )
     parser.add_argument("--folds", help="comma-separated fold indices, e.g. 0,2 (default: all)")
     parser.add_argument("--out", type=Path, help="run folder (default: runs/compare-<detector>-<profile>-<time>)")
@@ -642,7 +643,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def cli(args: argparse.Namespace, cfg: Config) -> int:
     """``compare`` once its config is resolved: check the methods first, run, print the table."""
-    from pipeline.compare_report import summary_lines
+    from pipeline.experiment.compare_report import summary_lines
 
     methods = parse_methods(args.methods)
     out = Path(args.out) if args.out else default_run_dir(cfg, "compare")

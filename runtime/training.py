@@ -31,8 +31,8 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from scans.distributed import broadcast_decision
-from scans.runtime import torch_threads
+from runtime.device import torch_threads
+from runtime.distributed import broadcast_decision
 
 _STOP_REASONS = (None, "patience", "time")  # the codes rank 0 broadcasts
 
@@ -96,7 +96,7 @@ class Budget:
         """Why to stop before ``unit`` (None: after the last one), as rank 0 sees it when distributed.
 
         The clock and a float comparison can differ between ranks; every rank follows rank 0, so
-        none is left waiting in a collective (see :func:`scans.distributed.broadcast_decision`).
+        none is left waiting in a collective (see :func:`runtime.distributed.broadcast_decision`).
         """
         code = 0
         if self.stopper is not None and self.stopper.should_stop:

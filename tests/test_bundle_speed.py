@@ -16,7 +16,8 @@ from detectors.base import Detections, Detector
 from detectors.prior import PriorPolicy
 from detectors.refine import BoxRefiner, context_regions
 from pipeline.config import load_config
-from pipeline.serve.bundle import Bundle, Thresholds, bundle_doc
+from pipeline.serve.bundle import Bundle
+from pipeline.serve.train import Thresholds, bundle_doc
 from reconstruction.deviation import image_score
 from reconstruction.infer import reconstruct
 from reconstruction.segment import segment

@@ -16,7 +16,8 @@ import pytest
 from evaluation.bootstrap import patient_weights, weighted_ece
 from evaluation.metrics import expected_calibration_error
 from pipeline.__main__ import main
-from pipeline.serve.bundle import Bundle, check_bundle_doc
+from pipeline.serve.bundle import Bundle
+from pipeline.serve.bundle_file import check_bundle_doc
 from pipeline.serve.predict.driver import PRED_FIELDS
 from pipeline.shared.calibration import calibrate, fit_calibration
 from tests.helpers import train_quick_bundle
@@ -88,11 +89,31 @@ def test_bundle_doc_check_validates_the_calibration(tmp_path: Path) -> None:
             check_bundle_doc({**doc, "calibration": cal}, path)
 
 
+def test_bundle_doc_keeps_the_bytes_train_wrote_at_fab532e() -> None:
+    import hashlib
+    import json
+
+    from detectors.prior import PriorPolicy
+    from pipeline.config import load_config
+    from pipeline.serve.bundle_file import BundleDoc
+    from pipeline.serve.train import Thresholds, bundle_doc
+
+    cfg = load_config(None, "quick", ["image_size=32"])
+    cal = {"method": "platt", "a": 1.5, "b": -0.25, "n": 6, "n_distended": 3, "ece_validation": 0.1}
+    doc = bundle_doc(
+        cfg, PriorPolicy(0.05, (4.0, 8.0, 28.0, 16.0)), Thresholds(0.1, {"sensitivity": 1.0}, 0.05, 0.5, cal)
+    )
+    text = json.dumps(doc, indent=1)
+    assert hashlib.sha256(text.encode()).hexdigest()[:16] == "1358ea1eeb2fba8e"  # bundle_doc's bytes at fab532e
+    assert json.dumps(BundleDoc.from_dict(json.loads(text)).to_dict(), indent=1) == text
+    assert BundleDoc.from_dict(_minimal_doc()).to_dict() == _minimal_doc()
+
+
 def _minimal_doc() -> dict[str, object]:
     """A valid bundle.json without calibration, from the code that writes one."""
     from detectors.prior import PriorPolicy
     from pipeline.config import load_config
-    from pipeline.serve.bundle import Thresholds, bundle_doc
+    from pipeline.serve.train import Thresholds, bundle_doc
 
     cfg = load_config(None, "quick", ["image_size=32"])
     return bundle_doc(cfg, PriorPolicy(0.05, (4.0, 8.0, 28.0, 16.0)), Thresholds(0.1, {}, 0.05, 0.0))

@@ -14,9 +14,9 @@ pytest.importorskip("onnxscript")
 
 from pipeline.serve.onnx_export import (  # noqa: E402
     LorisGraph,
-    bundle_digest,
     export_bundle,
     export_codetr,
+    export_digest,
     export_unet,
     onnx_session,
 )
@@ -106,7 +106,7 @@ def test_export_bundle_parity(tmp_path: Path) -> None:
     assert sorted(p.name for p in out.iterdir()) == ["detector.onnx", "export.json", "loris.onnx", "unet.onnx"]
     assert json.loads((out / "export.json").read_text()) == info
     assert info["loris"]["maps"] == ["msgmsd", "dd"] and info["detector"]["file"] == "detector.onnx"
-    assert info["bundle_digest"] == bundle_digest(bundle)  # predict --engine onnxruntime refuses a stale export
+    assert info["bundle_digest"] == export_digest(bundle)  # predict --engine onnxruntime refuses a stale export
 
     imgs, boxes = _images()
     scores, maps = onnx_session(out / "loris.onnx").run(["scores", "maps"], {"images": imgs[:, None], "boxes": boxes})

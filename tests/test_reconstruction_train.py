@@ -42,7 +42,7 @@ def synthetic(n: int, n_distended: int = 0, size: int = 64, seed: int = 0) -> Sc
     )
 
 
-TINY = TrainConfig(unet=UNetConfig.profile("tiny"), progress=False, seed=0)
+TINY = TrainConfig(unet=UNetConfig.profile("tiny"), progress=False, seed=0, epochs=1000, patience=50)
 
 
 @pytest.fixture(autouse=True)
@@ -225,3 +225,43 @@ def test_folded_batchnorm_inference_matches_plain_module_call() -> None:
     plain = reconstruct(net, data.images, data.boxes, device="cpu", fold_bn=False, channels_last=False)
     assert np.abs(fast.recon - plain.recon).max() < 1e-5
     assert all(np.abs(fast.maps[k] - plain.maps[k]).max() < 1e-4 for k in fast.maps)
+
+
+def test_two_epochs_on_four_scans() -> None:
+    rng = np.random.default_rng(0)
+    n = 4
+    arr = ScanArrays(
+        rng.random((n, 32, 32), dtype=np.float32),
+        np.tile(np.float32([8, 8, 20, 16]), (n, 1)),
+        np.zeros((n, 32, 32), bool),
+        np.zeros(n, np.int64),
+        np.arange(n),
+        ["p"] * n,
+        np.ones((n, 2), np.float32),
+    )
+    res = train_unet(arr, arr, TrainConfig(unet=UNetConfig.profile("tiny"), max_epochs=2, progress=False))
+    assert (res.epochs_run, len(res.history)) == (2, 2)
+
+
+def test_train_config_defaults_are_configs_default_yaml() -> None:
+    import yaml
+
+    from pipeline.config import CONFIG_DIR, LOSS_WEIGHT_ORDER
+
+    unet = yaml.safe_load((CONFIG_DIR / "default.yaml").read_text())["unet"]
+    tc = TrainConfig()
+    assert [getattr(tc, k) for k in ("epochs", "patience", "lr", "batch_size")] == [
+        unet[k] for k in ("epochs", "patience", "lr", "batch_size")
+    ]
+    assert [getattr(tc.loss_weights, term) for term in LOSS_WEIGHT_ORDER] == unet["loss_weights"]
+
+
+def test_loss_weights_are_read_from_the_yaml_list_by_name() -> None:
+    from pipeline.config import load_config
+    from pipeline.shared.models import train_config
+
+    cfg = load_config(None, "quick", ["unet.loss_weights=[3.0, 2.0, 0.5]"])
+    tc = train_config(cfg.unet, cfg.riad, "single", cfg.seed, "cpu", False)
+    assert (tc.loss_weights.msgms, tc.loss_weights.ssim, tc.loss_weights.l2) == (3.0, 2.0, 0.5)
+    d = tc.to_dict()
+    assert (d["msgms_weight"], d["ssim_weight"], d["l2_weight"]) == (3.0, 2.0, 0.5) and "loss_weights" not in d

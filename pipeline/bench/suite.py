@@ -175,10 +175,10 @@ def process_flops(bundle: Bundle, n: int = 8) -> dict[str, float]:
 
 def _predict_ceiling(model: Path, quick: bool, matmul_gflops: float) -> dict[str, Any]:
     """End-to-end predict images/s of a bundle, with its FLOP-bound ceilings."""
-    import json
+    from pipeline.serve.bundle_file import read_bundle_doc
 
     e2e, mem = measured(lambda: predict_speed(Path(model), n=16 if quick else 48, reps=2 if quick else 3))
-    size = int(json.loads((Path(model) / "bundle.json").read_text())["image_size"])
+    size = int(read_bundle_doc(Path(model)).image_size)
     gflop = bundle_flops(Path(model))
     return {
         **e2e,

@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,8 @@ from detectors.base import Detector
 from detectors.refine import RefinedDetector
 from detectors.yolov5 import YoloV5Detector
 from pipeline.serve.bundle import Bundle, BundleOutput
-from pipeline.serve.onnx_export import OPSET, bundle_digest, export_bundle, onnx_session
+from pipeline.serve.bundle_file import BundleDoc
+from pipeline.serve.onnx_export import OPSET, export_bundle, export_digest, onnx_session
 from pipeline.shared.cache import digest, fit_or_load, publish
 from runtime.env import cache_home
 
@@ -76,27 +78,34 @@ class OnnxGraphs:
     detector: Any | None
 
 
-def open_export(directory: Path, doc: dict[str, Any], threads: int | None = None, device: str = "cpu") -> OnnxGraphs:
+def _typed(doc: BundleDoc | Mapping[str, Any]) -> BundleDoc:
+    """``doc`` as a :class:`BundleDoc` (callers may pass ``Bundle.doc``, the JSON object)."""
+    return doc if isinstance(doc, BundleDoc) else BundleDoc.from_dict(doc)
+
+
+def open_export(
+    directory: Path, doc: BundleDoc | Mapping[str, Any], threads: int | None = None, device: str = "cpu"
+) -> OnnxGraphs:
     """Open ``directory``'s graphs for the bundle ``doc``; a ValueError when they were exported for another one."""
-    directory = Path(directory)
+    directory, doc = Path(directory), _typed(doc)
     info = json.loads((directory / "export.json").read_text())
     lor = info["loris"]
-    if int(info["image_size"]) != int(doc["image_size"]) or list(lor["maps"]) != list(doc["maps"]):
+    if int(info["image_size"]) != int(doc.image_size) or list(lor["maps"]) != list(doc.maps):
         raise ValueError(f"{directory}: exported for image size {info['image_size']} and maps {lor['maps']}")
     loris = onnx_session(directory / lor["file"], threads, device)
     det = info["detector"]
-    use_det = det.get("file") and det["name"] == "yolov5" == doc["detector"]
+    use_det = det.get("file") and det["name"] == "yolov5" == doc.detector
     detector = onnx_session(directory / det["file"], threads, device) if use_det else None
     return OnnxGraphs(directory, info, loris, detector)
 
 
-def _user_export(bundle_dir: Path, doc: dict[str, Any], threads: int | None, device: str) -> OnnxGraphs:
+def _user_export(bundle_dir: Path, doc: BundleDoc, threads: int | None, device: str) -> OnnxGraphs:
     """``BUNDLE/onnx``, checked against the bundle: a stale or damaged export is a ValueError saying how to redo it."""
     directory = bundle_dir / USER_EXPORT
     redo = f"run `python -m pipeline export --model {bundle_dir} --out {directory}` again"
     try:
         recorded = json.loads((directory / "export.json").read_text()).get("bundle_digest")
-        stale = recorded is not None and recorded != bundle_digest(bundle_dir)
+        stale = recorded is not None and recorded != export_digest(bundle_dir)
         graphs = None if stale else open_export(directory, doc, threads, device)
     except Exception as exc:  # onnxruntime raises its own classes on a truncated file; json and KeyError on the rest
         raise ValueError(f"{directory}: the ONNX export cannot be used ({type(exc).__name__}: {exc}); {redo}") from None
@@ -105,11 +114,11 @@ def _user_export(bundle_dir: Path, doc: dict[str, Any], threads: int | None, dev
     return graphs
 
 
-def cache_entry(bundle_dir: Path, doc: dict[str, Any]) -> Path:
+def cache_entry(bundle_dir: Path, doc: BundleDoc) -> Path:
     """``<cache>/onnx/bundle-<key>``: the key holds the bundle's files, the opset and torch's version."""
     key = {
-        "bundle": bundle_digest(bundle_dir),
-        "detector": doc["detector"] == "yolov5",
+        "bundle": export_digest(bundle_dir),
+        "detector": doc.detector == "yolov5",
         "opset": OPSET,
         "torch": torch.__version__,
         "version": _CACHE_VERSION,
@@ -117,7 +126,7 @@ def cache_entry(bundle_dir: Path, doc: dict[str, Any]) -> Path:
     return cache_home() / "onnx" / f"bundle-{digest(key)}"
 
 
-def _cached_export(bundle_dir: Path, doc: dict[str, Any], threads: int | None, device: str) -> OnnxGraphs:
+def _cached_export(bundle_dir: Path, doc: BundleDoc, threads: int | None, device: str) -> OnnxGraphs:
     """The cache's export of the bundle, made on the first call (:func:`pipeline.shared.cache.fit_or_load`)."""
     entry = cache_entry(bundle_dir, doc)
 
@@ -129,7 +138,7 @@ def _cached_export(bundle_dir: Path, doc: dict[str, Any], threads: int | None, d
         info = {"bundle": str(bundle_dir.resolve())}
 
         def save(tmp: Path) -> None:
-            export_bundle(bundle_dir, tmp, detector=doc["detector"] == "yolov5")
+            export_bundle(bundle_dir, tmp, detector=doc.detector == "yolov5")
 
         publish(entry, save, info)
         return load(entry), info
@@ -166,7 +175,7 @@ class OnnxBundle(Bundle):
         detector = base.detector
         if graphs.detector is not None:
             detector = onnx_detector(detector, graphs.detector, graphs.info["detector"]["outputs"][0])
-        super().__init__(base.doc, detector, None, base.device)
+        super().__init__(base.spec, detector, None, base.device)
         self.graphs = graphs
         self.model_name = f"{self.model_name}-onnx"
 
@@ -185,23 +194,25 @@ class OnnxBundle(Bundle):
             )
             scores.append(sc)
             maps.append(mp)
-        d = self.doc
+        d = self.spec
         size = self.image_size
-        all_maps = np.concatenate(maps) if maps else np.zeros((0, len(d["maps"]), size, size), np.float32)
-        g = d["segmentation"]
-        heat = np.ascontiguousarray(all_maps[:, list(d["maps"]).index(g["map"])])
-        masks = segment(heat, float(g["threshold"]), kernel=int(g["kernel"]))
+        all_maps = np.concatenate(maps) if maps else np.zeros((0, len(d.maps), size, size), np.float32)
+        g = d.segmentation
+        heat = np.ascontiguousarray(all_maps[:, d.maps.index(g.map)])
+        masks = segment(heat, float(g.threshold), kernel=int(g.kernel))
         score = np.concatenate(scores).astype(np.float64) if scores else np.zeros(0)
         # the same calibration as Bundle.process, applied to the graph's scores
         return BundleOutput(score, pri.boxes, pri.sources, pri.confidences, masks, heat, self.probabilities(score))
 
 
-def export_graphs(bundle_dir: Path, doc: dict[str, Any], threads: int | None = None, device: str = "cpu") -> OnnxGraphs:
+def export_graphs(
+    bundle_dir: Path, doc: BundleDoc | Mapping[str, Any], threads: int | None = None, device: str = "cpu"
+) -> OnnxGraphs:
     """The sessions for the bundle in ``bundle_dir`` (its ``bundle.json`` is ``doc``): ``bundle_dir/onnx``
     when it holds an ``export.json`` (a ValueError when stale or damaged), else the cached export, made on
     first use."""
     require("onnxruntime")
-    bundle_dir = Path(bundle_dir)
+    bundle_dir, doc = Path(bundle_dir), _typed(doc)
     if (bundle_dir / USER_EXPORT / "export.json").is_file():
         return _user_export(bundle_dir, doc, threads, device)
     return _cached_export(bundle_dir, doc, threads, device)
@@ -213,4 +224,4 @@ def load_onnx_bundle(bundle_dir: Path, device: str = "cpu", threads: int | None 
     """
     require("onnxruntime")
     base = Bundle.load(Path(bundle_dir), device=device)  # checks the bundle and loads its detector
-    return OnnxBundle(base, export_graphs(bundle_dir, base.doc, threads, device))
+    return OnnxBundle(base, export_graphs(bundle_dir, base.spec, threads, device))

@@ -12,7 +12,7 @@ Writes into ``<out>/``:
   the model's image size are fixed by the trace; ``boxes [1, K, 4]`` and ``scores [1, K]`` after
   its own top-k, in model pixels);
 - ``export.json``: what was exported, the input/output names and shapes, what was not, and the
-  bundle's :func:`bundle_digest` (``predict --engine onnxruntime`` refuses a stale export).
+  bundle's :func:`export_digest` (``predict --engine onnxruntime`` refuses a stale export).
 
 A box refiner (``refined.json``) is not exported: ``export.json`` says so, and the boxes are the
 base detector's. Running the graphs needs only onnxruntime, not mmcv (docs/design.md, "Outputs for clinicians
@@ -41,10 +41,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from pipeline.serve.bundle_file import read_bundle_doc
 from reconstruction.deviation import anomaly_map
 from reconstruction.masking import apply_single_mask, box_masks
 from reconstruction.unet import UNet, fold_batchnorm
-from runtime.io import atomic_write, atomic_write_text, load_meta
+from runtime.io import atomic_write, atomic_write_text
 from scans.fingerprint import file_digest
 
 OPSET = 18  # supported by onnxruntime >= 1.18 (the export extra's floor)
@@ -254,13 +255,16 @@ def _export_detector(det_dir: Path, out: Path, name: str, requested: bool) -> di
     return info
 
 
-def bundle_digest(bundle_dir: Path) -> str:
+def export_digest(bundle_dir: Path) -> str:
     """20-hex digest of a bundle's files (``bundle.json``, ``detector/``, ``unet/``): their names and bytes.
+
+    Frozen apart from :func:`pipeline.serve.bundle_file.bundle_digest`: ``export.json`` records it and the
+    ONNX cache is keyed by it, so another formula would make every existing export stale.
 
     >>> import tempfile
     >>> root = Path(tempfile.mkdtemp()); _ = (root / "bundle.json").write_text("{}")
-    >>> d = bundle_digest(root); _ = (root / "bundle.json").write_text("{ }")
-    >>> len(d), d == bundle_digest(root)
+    >>> d = export_digest(root); _ = (root / "bundle.json").write_text("{ }")
+    >>> len(d), d == export_digest(root)
     (20, False)
     """
     root = Path(bundle_dir)
@@ -273,41 +277,28 @@ def bundle_digest(bundle_dir: Path) -> str:
     return h.hexdigest()[:20]
 
 
-def _checked_doc(bundle_dir: Path, hint: str) -> dict[str, Any]:
-    """A bundle's ``bundle.json``, checked as :meth:`pipeline.serve.bundle.Bundle.load` checks it, so a
-    tampered bundle is refused before anything is exported (the export would run nowhere)."""
-    from pipeline.serve.bundle import BUNDLE_FORMAT, check_bundle_doc
-
-    path = bundle_dir / "bundle.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{bundle_dir}: not a LoRIS bundle (no bundle.json); create one with `train`")
-    doc = load_meta(path, hint=hint)
-    if doc.get("format") != BUNDLE_FORMAT:
-        raise ValueError(f"{path}: bundle format {doc.get('format')} is not supported (expected {BUNDLE_FORMAT})")
-    check_bundle_doc(doc, path, hint)
-    return doc
-
-
 def export_bundle(bundle_dir: Path, out: Path, detector: bool = True) -> dict[str, Any]:
     """Export a bundle's U-Net, its LoRIS graph and detector into ``out``; returns ``export.json``
-    (``bundle_digest``: :func:`bundle_digest` of the bundle exported, so a stale export is recognised)."""
+    (``bundle_digest``: :func:`export_digest` of the bundle exported, so a stale export is recognised).
+    Its ``bundle.json`` is checked as :meth:`pipeline.serve.bundle.Bundle.load` checks it, so a tampered
+    bundle is refused before anything is exported."""
     from reconstruction.checkpoint import load_model
 
     bundle_dir, out = Path(bundle_dir), Path(out)
     hint = f"the bundle {bundle_dir} is damaged: restore it or train a new one with `train`"
-    doc = _checked_doc(bundle_dir, hint)
-    size = int(doc["image_size"])
+    doc = read_bundle_doc(bundle_dir, hint)
+    size = int(doc.image_size)
     unet, _ = load_model(bundle_dir / "unet", map_location="cpu", hint=hint)
-    s = doc["score"]
+    s = doc.score
     graph = LorisGraph(
         unet,
-        maps=tuple(doc["maps"]),
-        score_map=s["map"],
-        pooling=s["pooling"],
-        region=s["region"],
-        topk_fraction=float(s["topk_fraction"]),
-        margin=float(doc.get("mask_margin", 0.0)),
-        inset=float(s.get("inset", 0.0)),
+        maps=doc.maps,
+        score_map=s.map,
+        pooling=s.pooling,
+        region=s.region,
+        topk_fraction=float(s.topk_fraction),
+        margin=float(doc.mask_margin),
+        inset=float(s.inset),
     )
     out.mkdir(parents=True, exist_ok=True)
     export_unet(unet, out / "unet.onnx", size)
@@ -316,16 +307,16 @@ def export_bundle(bundle_dir: Path, out: Path, detector: bool = True) -> dict[st
         "format": 1,
         "opset": OPSET,
         "image_size": size,
-        "bundle_digest": bundle_digest(bundle_dir),
+        "bundle_digest": export_digest(bundle_dir),
         "unet": {"file": "unet.onnx", "inputs": {"image": [None, 1, size, size]}, "outputs": ["recon"]},
         "loris": {
             "file": "loris.onnx",
             "inputs": {"images": [None, 1, size, size], "boxes": [None, 4]},
             "outputs": ["scores", "maps"],
-            "maps": list(doc["maps"]),
-            "score_map": s["map"],
+            "maps": list(doc.maps),
+            "score_map": s.map,
         },
-        "detector": _export_detector(bundle_dir / "detector", out, doc["detector"], detector),
+        "detector": _export_detector(bundle_dir / "detector", out, doc.detector, detector),
     }
     atomic_write_text(out / "export.json", json.dumps(info, indent=1))
     return info

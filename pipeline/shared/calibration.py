@@ -5,11 +5,10 @@ fits it for a bundle, ``compare`` for every compared method.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-
-from evaluation.metrics import expected_calibration_error
 
 CALIBRATION_METHODS = ("platt", "none")  # "none": the validation part could not fit one (one class only)
 
@@ -70,17 +69,19 @@ def fit_calibration(scores: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
         kind = "no distended" if n_pos == 0 else "no normal"
         return {"method": "none", "reason": f"the validation part has {kind} scan", **counts}
     target = np.where(y == 1, (n_pos + 1) / (n_pos + 2), 1 / (n - n_pos + 2))
+    from evaluation.metrics import expected_calibration_error  # training only: serving needs no evaluation module
+
     a, b = _platt(s, target)
     doc = {"method": "platt", "a": a, "b": b, **counts}
     ece = expected_calibration_error(calibrate(s, doc), y)
     return {**doc, "ece_validation": ece}
 
 
-def calibrate(scores: np.ndarray, calibration: dict[str, Any] | None) -> np.ndarray:
+def calibrate(scores: np.ndarray, calibration: Mapping[str, Any] | None) -> np.ndarray:
     """``[N]`` probabilities of distension for image scores by bundle.json's ``calibration``
     (:func:`fit_calibration`): ``1 / (1 + exp(-(a * score + b)))`` for Platt scaling, NaN for every scan
     when there is none (a bundle made before calibration, or a validation part with one class). Both
-    engines (:class:`Bundle` and ``pipeline.serve.onnx_bundle.OnnxBundle``) call it.
+    engines (:class:`pipeline.serve.bundle.Bundle` and ``pipeline.serve.onnx_bundle.OnnxBundle``) call it.
 
     >>> calibrate(np.array([-1.0, 0.0, 1.0]), {"method": "platt", "a": 2.0, "b": 0.0}).round(3).tolist()
     [0.119, 0.5, 0.881]

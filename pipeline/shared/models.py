@@ -27,7 +27,7 @@ import yaml
 
 from detectors.base import Detector, build_detector, detector_class
 from detectors.refine import BoxRefiner, RefinedDetector, RefinerConfig
-from pipeline.config import Config, DetectorConfig, RiadConfig, UNetSettings, detector_config_path
+from pipeline.config import LOSS_WEIGHT_ORDER, Config, DetectorConfig, RiadConfig, UNetSettings, detector_config_path
 from pipeline.shared.cache import CacheScope, cache_lock, cache_root, fit_or_load, publish
 from pipeline.shared.data import Data
 from pipeline.shared.priors import Expansion, expand_all, training_subset
@@ -36,14 +36,17 @@ from runtime.distributed import is_distributed, is_main
 from runtime.timing import Stopwatch
 from scans.records import ScanArrays
 
-# Budget fields renamed since models were first cached: the keys keep the old name (and unit, seconds)
-# so that models trained before the rename are still found.
+# Versions of each cache key's layout: a new one retrains every model of that kind.
+DETECTOR_KEY_VERSION = 1
+UNET_KEY_VERSION = 1
+REFINER_KEY_VERSION = 2
+# Settings whose cache-key name and unit differ from the code's (the key's are frozen).
 _UNET_KEY_NAMES = {"max_minutes": ("max_train_seconds", 60.0)}
 _REFINER_KEY_NAMES = {"max_minutes": ("max_seconds", 60.0)}
 
 
 def legacy_names(settings: dict[str, Any], renames: dict[str, tuple[str, float]]) -> dict[str, Any]:
-    """``settings`` with renamed keys under their old name and unit, for cache keys.
+    """``settings`` with the keys of ``renames`` under their cache-key name and unit.
 
     >>> legacy_names({"max_minutes": 2.0, "steps": 5}, {"max_minutes": ("max_seconds", 60.0)})
     {'max_seconds': 120.0, 'steps': 5}
@@ -97,6 +100,11 @@ def _detector_key(name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
     return key
 
 
+def detector_entry(name: str, kwargs: dict[str, Any], where: CacheScope, root: Path) -> Path:
+    """The cache entry of detector ``name`` trained with ``kwargs`` (:func:`detector_kwargs`) in ``where``."""
+    return where.entry(root, f"det-{name}", version=DETECTOR_KEY_VERSION, **_detector_key(name, kwargs))
+
+
 def fit_detector(
     cfg: Config, data: Data, train_idx: np.ndarray, val_idx: np.ndarray, workdir: Path
 ) -> tuple[Detector, dict[str, Any]]:
@@ -109,7 +117,7 @@ def fit_detector(
     path = detector_config_path(det_cfg.name, det_cfg.config, cfg.profile)
     kwargs = detector_kwargs(det_cfg, path, cfg.seed, device)
     where = scope(data, cfg.image_size, cfg.frame, tr, va)
-    entry = where.entry(cache_root(cfg.cache_dir), f"det-{det_cfg.name}", **_detector_key(det_cfg.name, kwargs))
+    entry = detector_entry(det_cfg.name, kwargs, where, cache_root(cfg.cache_dir))
     every = trains_on_every_rank(det_cfg.name)
     if not every:
         kwargs["device"] = solo_device(device)
@@ -211,6 +219,16 @@ def refiner_key(options: dict[str, Any]) -> dict[str, Any]:
     return legacy_names(training, _REFINER_KEY_NAMES)
 
 
+def refiner_options(refiner: Any, seed: int) -> dict[str, Any]:
+    """The refiner's settings (``detector.refiner``), seeded by the run's ``seed`` unless they name one."""
+    return {**dict(refiner), "seed": dict(refiner).get("seed", seed)}
+
+
+def refiner_entry(options: dict[str, Any], where: CacheScope, root: Path) -> Path:
+    """The cache entry of a refiner trained with ``options`` (:func:`refiner_options`) in ``where``."""
+    return where.entry(root, "refiner", version=REFINER_KEY_VERSION, refiner=refiner_key(options))
+
+
 def fit_refiner(
     refiner: Any,
     seed: int,
@@ -223,8 +241,8 @@ def fit_refiner(
 ) -> tuple[BoxRefiner, dict[str, Any]]:
     """Train the box refiner (settings ``refiner`` over its defaults) on the scans the detector trained
     on, or reuse the cached one. It depends on no detector: one cached refiner serves them all."""
-    options = {**dict(refiner), "seed": dict(refiner).get("seed", seed)}
-    entry = where.entry(root, "refiner", version=2, refiner=refiner_key(options))
+    options = refiner_options(refiner, seed)
+    entry = refiner_entry(options, where, root)
 
     def train() -> tuple[BoxRefiner, dict[str, Any]]:
         ref = BoxRefiner(device=device, **options)
@@ -247,7 +265,9 @@ def fit_refiner(
 
 def train_config(unet: UNetSettings, riad: RiadConfig, mode: Mode, seed: int, device: str, progress: bool) -> Any:
     """The :class:`reconstruction.train.TrainConfig` of the LoRIS U-Net (``mode="single"``) or RIAD (whose
-    random masks already weigh every pixel alike, so ``box_weight`` is the single mask's only)."""
+    random masks already weigh every pixel alike, so ``box_weight`` is the single mask's only): the one
+    translation of the config's ``unet`` and ``riad`` sections for the trainer."""
+    from reconstruction.losses import LossWeights
     from reconstruction.train import TrainConfig
     from reconstruction.unet import UNetConfig
 
@@ -259,9 +279,7 @@ def train_config(unet: UNetSettings, riad: RiadConfig, mode: Mode, seed: int, de
         patience=budget.patience,
         lr=unet.lr,
         batch_size=unet.batch_size,
-        msgms_weight=unet.loss_weights[0],
-        ssim_weight=unet.loss_weights[1],
-        l2_weight=unet.loss_weights[2],
+        loss_weights=LossWeights(**dict(zip(LOSS_WEIGHT_ORDER, unet.loss_weights))),
         mask_margin=unet.mask_margin,
         box_weight=unet.box_weight if mode == "single" else 1.0,
         riad_ks=riad.ks,
@@ -289,7 +307,8 @@ def unet_cache_dir(cfg: Config, where: CacheScope, mode: Mode, member: int = 0) 
     tc = {k: v for k, v in _train_config(cfg, mode, member).to_dict().items() if k not in ("progress", "device")}
     tc = legacy_names(tc, _UNET_KEY_NAMES)
     expand = [cfg.detector.expand_up, cfg.detector.expand_side]
-    return where.entry(cache_root(cfg.cache_dir), f"unet-{mode}", train_cfg=tc, expand=expand)
+    root = cache_root(cfg.cache_dir)
+    return where.entry(root, f"unet-{mode}", version=UNET_KEY_VERSION, train_cfg=tc, expand=expand)
 
 
 def fit_unet(

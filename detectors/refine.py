@@ -16,8 +16,7 @@ batch and augmentation from the one seed and crops its strided share of it.
 >>> ref = BoxRefiner(steps=2, batch_size=2, seed=0)
 >>> imgs = np.random.default_rng(0).random((4, 64, 64), dtype=np.float32)
 >>> boxes = np.tile(np.array([[10, 20, 50, 35]], np.float32), (4, 1))
->>> _ = ref.fit(imgs, boxes, imgs, boxes)
->>> ref.refine(imgs[:1], boxes[:1]).shape
+>>> ref.refine(imgs[:1], boxes[:1]).shape  # untrained; ref.fit(imgs, boxes, imgs, boxes) trains it (in the tests)
 (1, 4)
 """
 

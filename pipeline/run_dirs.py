@@ -153,3 +153,18 @@ def _default(o: Any) -> Any:
 
 def write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=1, default=_default))
+
+
+def config_differences(a: Any, b: Any, key: str = "") -> list[str]:
+    """Dotted keys where two saved configs differ, with both values.
+
+    >>> config_differences({"seed": 0, "unet": {"epochs": 3}}, {"seed": 1, "unet": {"epochs": 3}})
+    ['seed (0 vs 1)']
+    """
+    if isinstance(a, dict) and isinstance(b, dict):
+        keys = sorted(set(a) | set(b))
+        return [d for k in keys for d in config_differences(a.get(k), b.get(k), f"{key}.{k}" if key else k)]
+    if a == b:
+        return []
+    what = " (the dataset's content)" if key == "run.data" else ""
+    return [f"{key}{what} ({a!r:.60} vs {b!r:.60})"]

@@ -372,6 +372,36 @@ def frame_indices(path: Path | str, frames: str | int = "first") -> list[int]:
     return [index]
 
 
+def _dicom_frame(
+    path: Path, frame: int, crop: CropMode, region: int | None
+) -> tuple[np.ndarray, int, str | None, Crop | None, str]:
+    """:func:`read_scan` of a DICOM file: its frame, frame count, SOP instance UID, and the chosen
+    ultrasound region's box and name (``None, "none"`` without one, or with ``crop="none"``)."""
+    from scans.dicom import choose_region, read_dicom_frame
+
+    dcm = read_dicom_frame(path, frame)
+    box: Crop | None = None
+    source = "none"
+    if crop != "none":
+        chosen = choose_region(dcm.regions, path, region)
+        if chosen is not None:
+            box, source = chosen.box, f"region {chosen.index}"
+    return dcm.image, dcm.frame_count, dcm.sop_instance_uid, box, source
+
+
+def _raster_image(path: Path, frame: int, region: int | None) -> tuple[np.ndarray, int, int]:
+    """:func:`read_scan` of a raster file: its frame, frame count and EXIF orientation."""
+    if path.suffix.lower() not in RASTER_SUFFIXES:
+        raise ReadError(path, f"unsupported file type '{path.suffix or '(none)'}'")
+    page, n_frames = _raster_frame(path, frame, strict=True)
+    if region is not None:
+        raise ReadError(path, f"ultrasound region {region} requested but only DICOM files have regions")
+    if n_frames == 1 and path.suffix.lower() in TIFF_SUFFIXES:
+        n_frames = tiff_page_count(path)  # frame 0 of a TIFF: its page count is reported too
+    image, orientation = decode_raster(path, page)
+    return image, n_frames, orientation
+
+
 def read_scan(path: Path | str, frame: int = 0, crop: CropMode = "regions", region: int | None = None) -> ReadResult:
     """Read one frame, cropped to its B-mode region by ``crop`` (see the module docstring).
 
@@ -386,28 +416,13 @@ def read_scan(path: Path | str, frame: int = 0, crop: CropMode = "regions", regi
     path = Path(path)
     if not path.is_file():
         raise ReadError(path, "file not found")
-    uid = None
-    box: Crop | None = None
-    source = "none"
-    orientation = 1
+    box: Crop | None
     if is_dicom(path):
-        from scans.dicom import choose_region, read_dicom_frame
-
-        dcm = read_dicom_frame(path, frame)
-        image, n_frames, uid = dcm.image, dcm.frame_count, dcm.sop_instance_uid
-        if crop != "none":
-            chosen = choose_region(dcm.regions, path, region)
-            if chosen is not None:
-                box, source = chosen.box, f"region {chosen.index}"
+        image, n_frames, uid, box, source = _dicom_frame(path, frame, crop, region)
+        orientation = 1
     else:
-        if path.suffix.lower() not in RASTER_SUFFIXES:
-            raise ReadError(path, f"unsupported file type '{path.suffix or '(none)'}'")
-        page, n_frames = _raster_frame(path, frame, strict=True)
-        if region is not None:
-            raise ReadError(path, f"ultrasound region {region} requested but only DICOM files have regions")
-        if n_frames == 1 and path.suffix.lower() in TIFF_SUFFIXES:
-            n_frames = tiff_page_count(path)  # frame 0 of a TIFF: its page count is reported too
-        image, orientation = decode_raster(path, page)
+        image, n_frames, orientation = _raster_image(path, frame, region)
+        uid, box, source = None, None, "none"
     h, w = image.shape
     if box is None and crop == "auto":
         box = find_bmode_box(image)

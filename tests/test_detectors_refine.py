@@ -192,3 +192,12 @@ def test_top_k_refines_only_the_best_boxes_and_keeps_the_prior() -> None:
         np.testing.assert_allclose(b.boxes[0], a.boxes[np.argmax(a.scores)], atol=1e-2)
     with pytest.raises(ValueError, match="top_k"):
         RefinedDetector(Copies(), ref, top_k=0)
+
+
+def test_refiner_fits_then_refines() -> None:
+    """The example that was detectors/refine.py's doctest (doctests train nothing)."""
+    ref = BoxRefiner(steps=2, batch_size=2, seed=0)
+    imgs = np.random.default_rng(0).random((4, 64, 64), dtype=np.float32)
+    boxes = np.tile(np.array([[10, 20, 50, 35]], np.float32), (4, 1))
+    ref.fit(imgs, boxes, imgs, boxes)
+    assert ref.refine(imgs[:1], boxes[:1]).shape == (1, 4)

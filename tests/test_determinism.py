@@ -18,6 +18,8 @@ import pytest
 
 from pipeline.__main__ import main
 
+pytestmark = pytest.mark.integration  # end to end across packages (issue 27: tests/integration/)
+
 # keys whose values are wall-clock times, cache locations or paths, not results
 VOLATILE = {
     "timing",

@@ -14,6 +14,8 @@ import pytest
 
 from pipeline.__main__ import main
 
+pytestmark = pytest.mark.integration  # end to end across packages (issue 27: tests/integration/)
+
 
 @pytest.mark.slow
 def test_null_phantom_scores_at_chance(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -200,3 +200,23 @@ def test_work_size_runs_the_model_smaller_and_maps_come_back_full_size(
     np.testing.assert_array_equal(load_peer(tmp_path).predict(data["test"].images).scores, out.scores)
     with pytest.raises(ValueError, match="exceeds"):
         build_peer("uae").fit(data["normal"], None, Budget(epochs=1, work_size=128))
+
+
+def test_a_peer_fits_and_predicts_a_tiny_set() -> None:
+    """The example that was reconstruction/peers' doctest (doctests train nothing)."""
+    n, s = 6, 32
+    rng = np.random.default_rng(0)
+    arr = ScanArrays(
+        rng.random((n, s, s), dtype=np.float32),
+        np.full((n, 4), np.nan, np.float32),
+        np.zeros((n, s, s), bool),
+        np.zeros(n, np.int64),
+        np.arange(n),
+        ["p"] * n,
+        np.ones((n, 2), np.float32),
+    )
+    peer = build_peer("uae", seed=0, width=4)
+    rec = peer.fit(arr, budget=Budget(epochs=1, batch_size=3))
+    out = peer.predict(arr.images)
+    assert out.maps is not None
+    assert (out.scores.shape, out.maps.shape, rec["steps"]) == ((6,), (6, 32, 32), 2)

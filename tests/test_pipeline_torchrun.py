@@ -21,6 +21,8 @@ from pipeline.shared.cache import CacheScope, fit_or_load, publish
 from tests.helpers import random_scans
 from tests.network_guard import guarded_env
 
+pytestmark = pytest.mark.integration  # end to end across packages (issue 27: tests/integration/)
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -16,8 +16,8 @@ import yaml
 
 from pipeline.config import parse_config
 from pipeline.experiment.fold import FoldOutput
-from pipeline.experiment.run import RunPlan, _differences, _timing, aggregate, plan, report, resume
-from pipeline.run_dirs import RunDirError, run_lock
+from pipeline.experiment.run import RunPlan, aggregate, fold_timing, plan, report, resume
+from pipeline.run_dirs import RunDirError, config_differences, run_lock
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,7 @@ def _same_inputs(runs: Sequence[FinishedRun], mixed_runtime: bool = False) -> No
     depend on them)."""
     first, seen = runs[0], {f: runs[0].path for f in runs[0].folds}
     for run in runs[1:]:
-        diff = _differences(first.config, run.config)
+        diff = config_differences(first.config, run.config)
         if not mixed_runtime and run.runtime != first.runtime:
             diff.append(f"runtime {run.runtime} against {first.runtime} (--mixed-runtime pools them anyway)")
         if run.splits != first.splits:
@@ -88,7 +88,8 @@ def aggregate_runs(run_dirs: Sequence[Path], out: Path, mixed_runtime: bool = Fa
                 shutil.copytree(run.path / "folds" / str(f), p.out / "folds" / str(f), dirs_exist_ok=True)
         outputs = [_resumed(p, f) for f in p.fold_ids]
         summary = aggregate(p, outputs)
-        summary["timing"] = {"total_s": sum(r.total_s for r in runs), "resumed_folds": len(outputs), **_timing(outputs)}
+        total = sum(r.total_s for r in runs)
+        summary["timing"] = {"total_s": total, "resumed_folds": len(outputs), **fold_timing(outputs)}
         summary["fold_info"] = [fo.info for fo in outputs]
         summary["aggregated_from"] = [str(r.path) for r in runs]
         report(p, outputs, summary)

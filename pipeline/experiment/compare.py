@@ -29,7 +29,7 @@ import functools
 import json
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -43,29 +43,38 @@ from evaluation.metrics import image_auroc
 from evaluation.rescoring import SCORE, VAL_SCORE, auroc_row, ece_row, kept_rows, pooled_row, split_pooled
 from pipeline import registry
 from pipeline.config import Config
+from pipeline.experiment.compare_peers import PeerJob, fit_peer, peer_job
+from pipeline.experiment.compare_peers import resolved_budget as resolved_budget  # pipeline.bench.suite's import
+from pipeline.experiment.compare_report import summarise, write_compare_report
+from pipeline.experiment.compare_store import load_method, save_method
+from pipeline.experiment.compare_text import summary_lines
+from pipeline.experiment.compare_types import LORIS, MethodFold, Reps, Rows, Scored, Settings
 from pipeline.experiment.fold import FoldOutput, FoldTask, Progress
 from pipeline.experiment.fold_eval import EvalSettings, Validation, method_metrics
-from pipeline.experiment.run import RunPlan, _differences, plan, run_folds
-from pipeline.run_dirs import RunDirError, adding_to, backfill, default_run_dir, run_config, run_lock, write_json
-from pipeline.shared.cache import cache_lock, cache_root, load_cached, publish
+from pipeline.experiment.run import RunPlan, plan, run_folds
+from pipeline.run_dirs import (
+    RunDirError,
+    adding_to,
+    backfill,
+    config_differences,
+    default_run_dir,
+    run_config,
+    run_lock,
+    write_json,
+)
 from pipeline.shared.calibration import calibrate, fit_calibration
-from pipeline.shared.models import fit_detector, fit_unet, scope
+from pipeline.shared.models import fit_detector, fit_unet
 from pipeline.shared.priors import fold_policy, predict_priors
-from reconstruction.peers import PEERS, Budget, Peer, PeerOutput, build_peer, load_peer, peer_spec
+from reconstruction.peers import PEERS, Budget, PeerOutput
 from reconstruction.peers.prior_guided import PriorPeer, predict_peer
-from runtime.device import resolve_device, set_threads
-from runtime.io import atomic_write
+from runtime.device import set_threads
 from runtime.timing import Stopwatch
 from scans.records import ScanArrays
 
-LORIS = "loris"
 PEER_DIR = "compare"  # per fold: <method>.json (written last) and <method>.npz
 SAVED_AS = "rows=2"  # in a saved method's key: results saved before its ECE and pooling rows are redone
 # profile -> the peers' named budget
 PEER_BUDGETS = {"quick": "quick", "default": "default", "faithful": "default", "paper": "paper"}
-Reps = dict[str, np.ndarray]
-Scored = tuple[dict[str, float], Reps]  # one method's metrics and bootstrap replicates on one set
-Rows = dict[str, dict[str, float]]  # {row: metrics} of rows beside a method's own (e.g. another pooling rule)
 
 
 def method_choices() -> list[str]:
@@ -83,118 +92,6 @@ def parse_methods(methods: str | Sequence[str]) -> list[str]:
     if bad:
         raise ValueError(f"unknown method(s) {', '.join(bad)}; choose from {', '.join(known)}")
     return list(dict.fromkeys([LORIS, *names]))
-
-
-@dataclass(frozen=True)
-class Settings:
-    """What the comparison adds to a run: its methods, the peers' named budget and their model options."""
-
-    methods: list[str]
-    budget: str | Budget
-    options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
-
-    @property
-    def peers(self) -> list[str]:
-        return [m for m in self.methods if m not in (LORIS, RIAD)]
-
-    def to_dict(self) -> dict[str, Any]:
-        budget = self.budget.to_dict() if isinstance(self.budget, Budget) else self.budget
-        return {"methods": self.methods, "budget": budget, "options": {k: dict(v) for k, v in self.options.items()}}
-
-
-@dataclass
-class MethodFold:
-    """One method on one fold: test metrics and replicates, each held-out set's, the figure's maps
-    (``{scan id: (map, segmentation)}``), its fit and predict record, and the rows it adds beside its own
-    (``extra``, ``external_extra``: ``{row: metrics}``, their replicates among the method's)."""
-
-    name: str
-    metrics: dict[str, float]
-    replicates: Reps
-    external: list[Scored] = field(default_factory=list)
-    figure: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
-    info: dict[str, Any] = field(default_factory=dict)
-    extra: Rows = field(default_factory=dict)
-    external_extra: list[Rows] = field(default_factory=list)
-
-
-# ----------------------------------------------------------------------------- peers: fit and cache
-
-
-def peer_indices(arrays: ScanArrays, index: np.ndarray, supervised: bool) -> np.ndarray:
-    """The scans a peer may train on: normal ones only, unless it is supervised (both classes)."""
-    return index if supervised else index[arrays.labels[index] == 0]
-
-
-def resolved_budget(peer: Peer, budget: str | Budget, image_size: int) -> Budget:
-    """``peer``'s budget; a work size at or above the data's size runs at the data's size.
-
-    >>> resolved_budget(build_peer("uae"), Budget(epochs=1, work_size=128), 64).work_size is None
-    True
-    """
-    b = peer.budget(budget)
-    return replace(b, work_size=None) if b.work_size is not None and b.work_size >= image_size else b
-
-
-@dataclass(frozen=True)
-class PeerJob:
-    """A peer about to be fitted on one fold: the fresh peer, its budget, its cache entry and scans."""
-
-    peer: Peer
-    budget: Budget
-    entry: Path
-    train: np.ndarray
-    val: np.ndarray
-
-
-def peer_job(
-    cfg: Config,
-    task: FoldTask,
-    name: str,
-    budget: str | Budget,
-    options: Mapping[str, Any] | None = None,
-) -> PeerJob:
-    """The peer ``name`` of ``task``'s fold and its cache entry, keyed by the fold's scans, the peer, its
-    options resolved over its defaults, the budget and the seed."""
-    spec, arr = peer_spec(name), task.data.arrays
-    tr, va = (peer_indices(arr, i, spec.supervised) for i in (task.train, task.val))
-    peer = build_peer(spec.name, seed=cfg.seed, device=resolve_device(cfg.device), **dict(options or {}))
-    b = resolved_budget(peer, budget, cfg.image_size)
-    where = scope(task.data, cfg.image_size, cfg.frame, tr, va)
-    entry = where.entry(
-        cache_root(cfg.cache_dir),
-        f"peer-{spec.name}",
-        peer=spec.name,
-        options=peer.options,
-        budget=b.to_dict(),
-        seed=cfg.seed,
-    )
-    return PeerJob(peer, b, entry, tr, va)
-
-
-def fit_peer(job: PeerJob, arrays: ScanArrays) -> tuple[Peer, dict[str, Any]]:
-    """The job's peer trained on its scans, or the cached one (trained once, shared by concurrent runs)."""
-    with cache_lock(job.entry):
-        hit = load_cached(job.entry, lambda e: load_peer(e, str(job.peer.device)))
-        if hit is not None:
-            return hit[0], {**hit[1], "cached": True, "cache": str(job.entry)}
-        peer, watch = job.peer, Stopwatch()
-        with watch("fit"):
-            val = arrays.subset(job.val) if len(job.val) else None
-            record = peer.fit(arrays.subset(job.train), val, job.budget)
-        info = {
-            "fit_s": watch.seconds["fit"],
-            "n_train": int(len(job.train)),
-            "n_val": int(len(job.val)),
-            "n_train_distended": int((arrays.labels[job.train] == 1).sum()),
-            "record": record,
-        }
-        publish(job.entry, lambda d: _save(peer, d), info)
-        return peer, {**info, "cached": False, "cache": str(job.entry)}
-
-
-def _save(peer: Peer, directory: Path) -> None:
-    peer.save(directory)
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -392,71 +289,6 @@ def riad_figure(task: FoldTask, fo: FoldOutput) -> MethodFold:
     return MethodFold(RIAD, metrics, {}, figure=figure)
 
 
-# ----------------------------------------------------------------------------- saving and resuming
-
-
-def _npz_key(prefix: str, key: str) -> str:
-    return f"{prefix}|{key.replace('/', '|')}"  # npz keys cannot hold "/" portably
-
-
-def _savez(path: Path, arrays: dict[str, Any]) -> None:
-    with open(path, "wb") as fh:
-        np.savez_compressed(fh, **arrays)
-
-
-def save_method(fdir: Path, mf: MethodFold, key: str) -> None:
-    """Write one method's fold result: ``<name>.npz`` (replicates, figure maps), then ``<name>.json``."""
-    arrays: dict[str, Any] = {_npz_key("test", k): v for k, v in mf.replicates.items()}
-    for i, (_, reps) in enumerate(mf.external):
-        arrays.update({_npz_key(f"external-{i}", k): v for k, v in reps.items()})
-    for i, (m, s) in mf.figure.items():
-        arrays[f"figure|{i}|map"], arrays[f"figure|{i}|seg"] = m, s
-    fdir.mkdir(parents=True, exist_ok=True)
-    atomic_write(fdir / f"{mf.name}.npz", lambda p: _savez(p, arrays))
-    doc = {
-        "key": key,
-        "name": mf.name,
-        "metrics": mf.metrics,
-        "external": [m for m, _ in mf.external],
-        "figure": sorted(mf.figure),
-        "info": mf.info,
-        "extra": mf.extra,
-        "external_extra": mf.external_extra,
-    }
-    write_json(fdir / f"{mf.name}.json", json_safe(doc))
-
-
-def _floats(d: Mapping[str, Any]) -> dict[str, float]:
-    return {k: float("nan") if v is None else float(v) for k, v in d.items()}
-
-
-def load_method(fdir: Path, name: str, key: str) -> MethodFold | None:
-    """A method's saved fold result made under ``key``, else None (not finished, or made otherwise)."""
-    path = fdir / f"{name}.json"
-    if not path.is_file():
-        return None
-    doc = json.loads(path.read_text())
-    if doc.get("key") != key:
-        return None
-    with np.load(fdir / f"{name}.npz") as z:
-        arrays = {k: z[k] for k in z.files}
-    part: dict[str, Reps] = {}
-    for k, v in arrays.items():
-        prefix, _, rest = k.partition("|")
-        if prefix != "figure":
-            part.setdefault(prefix, {})[rest.replace("|", "/")] = v
-    figure = {int(i): (arrays[f"figure|{i}|map"], arrays[f"figure|{i}|seg"]) for i in doc["figure"]}
-    external = [(_floats(m), part.get(f"external-{i}", {})) for i, m in enumerate(doc["external"])]
-    extra, ext_extra = _rows(doc.get("extra", {})), [_rows(r) for r in doc.get("external_extra", [])]
-    return MethodFold(
-        name, _floats(doc["metrics"]), part.get("test", {}), external, figure, doc["info"], extra, ext_extra
-    )
-
-
-def _rows(d: Mapping[str, Mapping[str, Any]]) -> Rows:
-    return {row: _floats(m) for row, m in d.items()}
-
-
 # ----------------------------------------------------------------------------- the folds
 
 
@@ -515,7 +347,7 @@ def added_settings(out: Path, saved: Mapping[str, Any], cs: Settings, cfg: Confi
     now = cs.to_dict()
     old_config = {k: v for k, v in backfill(yaml.safe_load((out / "config.yaml").read_text())).items() if k != "run"}
     made = replace(cfg, riad=replace(cfg.riad, enabled=RIAD in saved["methods"]))  # RIAD as the folds had it
-    diff = _differences(old_config, {k: v for k, v in run_config(made).items() if k != "run"})
+    diff = config_differences(old_config, {k: v for k, v in run_config(made).items() if k != "run"})
     if saved["budget"] != now["budget"]:
         diff.append(f"the peers' budget ({saved['budget']!r} vs {now['budget']!r})")
     old_options = saved.get("options", {})
@@ -577,8 +409,6 @@ def execute_compare(
     folders) and every table is written again with all of them (:func:`added_settings`). ``pool`` names
     held-out sets (among ``cfg.evaluation.external_paths``) whose differences are pooled with the test folds'.
     """
-    from pipeline.experiment.compare_report import summarise, write_outputs
-
     out = Path(out)
     pooled_with = pool_paths(cfg, pool)
     cs = Settings(parse_methods(methods), budget or PEER_BUDGETS[cfg.profile], dict(options or {}))
@@ -603,7 +433,7 @@ def execute_compare(
         summary["timing"] = {"total_s": watch.seconds["total"], "resumed_folds": resumed, **summary["timing"]}
         if saved is not None:
             summary["added_methods"] = [m for m in cs.methods if m not in saved["methods"]]
-        write_outputs(p, cs, outputs, per_fold, summary)
+        write_compare_report(p, cs, outputs, per_fold, summary)
     return summary
 
 
@@ -612,8 +442,6 @@ def execute_compare(
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """``compare``'s own options (``pipeline.__main__`` adds the common ones: --data, --profile, --set, ...)."""
-    from pipeline import registry
-
     choices = method_choices()
     parser.add_argument(
         "--methods",
@@ -643,8 +471,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def cli(args: argparse.Namespace, cfg: Config) -> int:
     """``compare`` once its config is resolved: check the methods first, run, print the table."""
-    from pipeline.experiment.compare_report import summary_lines
-
     methods = parse_methods(args.methods)
     out = Path(args.out) if args.out else default_run_dir(cfg, "compare")
     summary = execute_compare(cfg, out, methods, pool=args.pool_with)

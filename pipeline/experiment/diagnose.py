@@ -86,7 +86,8 @@ def fold_maps(cfg: Config, data: Data, fold: int, feature: FeatureDeviation, mem
 def peer_fold_maps(cfg: Config, data: Data, fold: int, name: str) -> dict[str, Any]:
     """The registered peer ``name`` (``compare``'s cached model of the fold, ground-truth boxes) on the
     fold's test part: its map under the key ``name``, for the same poolings as LoRIS's maps."""
-    from pipeline.experiment.compare import PEER_BUDGETS, fit_peer, peer_job
+    from pipeline.experiment.compare import PEER_BUDGETS
+    from pipeline.experiment.compare_peers import fit_peer, peer_job
     from pipeline.experiment.fold import FoldTask
     from reconstruction.peers.prior_guided import predict_peer
 

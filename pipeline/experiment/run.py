@@ -36,6 +36,7 @@ from pipeline.run_dirs import (
     RunDirError,
     backfill,
     check_out,
+    config_differences,
     prepare_run_dir,
     run_config,
     run_lock,
@@ -113,7 +114,7 @@ def _fold_ids(cfg: Config, data: Data) -> list[int]:
 
 def _unchanged(saved: dict[str, Any], now: dict[str, Any]) -> None:
     a, b = ({k: v for k, v in d.items() if k != "run_folds"} for d in (backfill(saved), now))
-    diff = _differences(a, b)
+    diff = config_differences(a, b)
     if diff:
         raise RunDirError(f"the config or data changed since these folds were made: {'; '.join(diff)}")
 
@@ -193,7 +194,7 @@ def _lead(cfg: Config, out: Path, detector_names: Sequence[str], command: str) -
             outputs, resumed = run_folds(p)
             summary = aggregate(p, outputs)
         # total_s is this invocation's wall time; folds resumed from disk kept their stage times.
-        summary["timing"] = {"total_s": watch.seconds["total"], "resumed_folds": resumed, **_timing(outputs)}
+        summary["timing"] = {"total_s": watch.seconds["total"], "resumed_folds": resumed, **fold_timing(outputs)}
         summary["fold_info"] = [fo.info for fo in outputs]
         summary["runtime"] = runtime_info()  # this invocation's world size, backend and torch threads
         summary["reused_models"] = reused_models(outputs)
@@ -265,7 +266,7 @@ def aggregate(p: RunPlan, outputs: Sequence[FoldOutput]) -> dict[str, Any]:
     return summary
 
 
-def _timing(outputs: Sequence[FoldOutput]) -> dict[str, Any]:
+def fold_timing(outputs: Sequence[FoldOutput]) -> dict[str, Any]:
     """Stage times summed over folds, and inference throughput."""
     keys = ("detector_fit_s", "unet_fit_s", "inference_s")
     timing: dict[str, Any] = {k: float(sum(fo.timing[k] for fo in outputs)) for k in keys}
@@ -358,22 +359,3 @@ def report(p: RunPlan, outputs: Sequence[FoldOutput], summary: dict[str, Any]) -
     _write(p, p.out, summary, results, _examples(outputs))
     write_json(p.out / "per_fold.json", json_safe([asdict(r) | {"rows": len(r.rows)} for r in results]))
     write_json(p.out / "summary.json", json_safe(summary))
-
-
-# ----------------------------------------------------------------------------- config differences
-
-
-def _differences(a: Any, b: Any, key: str = "") -> list[str]:
-    """Dotted keys where two saved configs differ, with both values.
-
-    >>> _differences({"seed": 0, "unet": {"epochs": 3}}, {"seed": 1, "unet": {"epochs": 3}})
-    ['seed (0 vs 1)']
-    """
-    if isinstance(a, dict) and isinstance(b, dict):
-        return [
-            d for k in sorted(set(a) | set(b)) for d in _differences(a.get(k), b.get(k), f"{key}.{k}" if key else k)
-        ]
-    if a == b:
-        return []
-    what = " (the dataset's content)" if key == "run.data" else ""
-    return [f"{key}{what} ({a!r:.60} vs {b!r:.60})"]

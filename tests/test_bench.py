@@ -127,3 +127,10 @@ def test_machine_names_the_cpu_model(tmp_path: Any) -> None:
     assert cpu_model(info) == "Some CPU @ 2.0GHz"
     assert cpu_model(tmp_path / "missing") == (platform.processor() or "unknown")
     assert machine()["cpu_model"] == cpu_model()  # in every run's machine.json and in bench's output
+
+
+def test_unet_benchmark_measures_inference_and_a_training_step() -> None:
+    from pipeline.bench.unet import run_benchmark
+
+    r = run_benchmark(profiles=("tiny",), size=64, batch=2, reps=2, train_steps=2, matmul_n=256, spawn=False)
+    assert sorted(r["inference"]["tiny"])[:3] == ["channels_last", "contiguous", "fused_channels_last"]

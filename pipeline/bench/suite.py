@@ -256,7 +256,7 @@ def peer_speed(name: str, arrays: ScanArrays, reps: int = 2, steps: int = 2) -> 
     fit memory is that of a real fit's batches, fit time only that of this tiny fit.
     """
     from pipeline.config import load_config
-    from pipeline.experiment.compare import resolved_budget
+    from pipeline.experiment.compare_peers import resolved_budget
     from reconstruction.peers import build_peer, peer_spec
     from reconstruction.peers.prior_guided import predict_peer
 

@@ -8,9 +8,7 @@ earlier measurements do not inflate it.
 
 Run: ``python -m pipeline.bench.unet [--threads 2] [--profiles cpu paper] [--json out.json]``
 
->>> r = run_benchmark(profiles=("tiny",), size=64, batch=2, reps=2, train_steps=2, matmul_n=256, spawn=False)
->>> sorted(r["inference"]["tiny"])[:3]
-['channels_last', 'contiguous', 'fused_channels_last']
+The training-step part trains a tiny U-Net for two steps; ``tests/test_bench.py`` runs it.
 """
 
 from __future__ import annotations

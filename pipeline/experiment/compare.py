@@ -44,7 +44,6 @@ from evaluation.rescoring import SCORE, VAL_SCORE, auroc_row, ece_row, kept_rows
 from pipeline import registry
 from pipeline.config import Config
 from pipeline.experiment.compare_peers import PeerJob, fit_peer, peer_job
-from pipeline.experiment.compare_peers import resolved_budget as resolved_budget  # pipeline.bench.suite's import
 from pipeline.experiment.compare_report import summarise, write_compare_report
 from pipeline.experiment.compare_store import load_method, save_method
 from pipeline.experiment.compare_text import summary_lines

@@ -1,6 +1,8 @@
 """Kept for old imports (``pipeline.predict.decode_mask``, ``decode_name``): ``predict`` lives in
-:mod:`pipeline.serve.predict` now, whose public names this module re-exports."""
+:mod:`pipeline.serve.predict` now, whose public names this module re-exports (and ``merge_outputs``, now
+in :mod:`pipeline.serve.merge`)."""
 
+from pipeline.serve.merge import merge_outputs
 from pipeline.serve.predict import (
     CROP_FIELDS,
     DEFAULT_MAX_PIXELS,
@@ -30,7 +32,6 @@ from pipeline.serve.predict import (
     header_size,
     list_inputs,
     local_engine,
-    merge_outputs,
     output_lock,
     overlay,
     parse_frames,

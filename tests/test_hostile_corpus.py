@@ -47,8 +47,8 @@ from hypothesis import strategies as st
 import runtime.io
 from pipeline.__main__ import main  # the environment (OMP_WAIT_POLICY) is set by tests/conftest.py
 from pipeline.config import ConfigError, load_config
+from pipeline.serve.predict import FORMULA_START, PRED_FIELDS, csv_name, csv_rows, decode_mask, decode_name, safe_cell
 from pipeline.serve.predict import driver as predict
-from pipeline.serve.predict.driver import FORMULA_START, PRED_FIELDS, csv_name, decode_mask, decode_name, safe_cell
 from scans.__main__ import main as scans_main
 from scans.coco import encode_mask
 from tests.helpers import make_dataset, train_quick_bundle
@@ -1075,7 +1075,7 @@ def _inject(mp: pytest.MonkeyPatch, disk: FullDisk) -> None:
 
         real_atomic(path, write)
 
-    mp.setattr(predict, "open", filling_open, raising=False)  # the CSV appenders' open
+    mp.setattr(csv_rows, "open", filling_open, raising=False)  # the CSV appenders' open
     mp.setattr(runtime.io, "atomic_write_bytes", filling_bytes)  # write_png's writer
 
 
@@ -1867,7 +1867,7 @@ def test_local_ray_is_started_without_dashboard_usage_stats_or_metadata_probe(
 
 @cases("28.4-ray-actor-non-utf8-names")
 def test_ray_actors_get_names_that_are_not_utf8(case: str, model: Path, scan: np.ndarray, tmp_path: Path) -> None:
-    from pipeline.serve.predict.driver import Outputs, ReadOptions
+    from pipeline.serve.predict import Outputs, ReadOptions
     from pipeline.serve.predict.ray_engine import BundleActor
 
     folder = _scans(tmp_path / "in", scan, n=1)

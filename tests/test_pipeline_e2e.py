@@ -13,7 +13,7 @@ import cv2
 import pytest
 
 from pipeline.__main__ import main
-from pipeline.serve.predict.driver import decode_mask
+from pipeline.serve.predict import decode_mask
 from tests.helpers import TINY_PHANTOM, pinned_environment, set_args
 
 SUMMARY_KEYS = {"detector", "data", "profile", "folds", "reconstruction", "riad", "detection", "timing"}

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from pipeline.__main__ import main
-from pipeline.serve.predict.driver import decode_mask
+from pipeline.serve.predict import decode_mask
 from tests.helpers import train_quick_bundle, write_dicom
 
 PHI_NAME, PHI_ID = "Doe^Jane", "PHI-98765"

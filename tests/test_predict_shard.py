@@ -14,14 +14,9 @@ import numpy as np
 import pytest
 
 from pipeline.__main__ import main  # the environment (OMP_WAIT_POLICY) is set by tests/conftest.py
-from pipeline.serve.predict.driver import (
-    _to_original,
-    decode_mask,
-    merge_outputs,
-    parse_shard,
-    predict_folder,
-    shard_of,
-)
+from pipeline.serve.merge import merge_outputs
+from pipeline.serve.predict import decode_mask, parse_shard, predict_folder, shard_of
+from pipeline.serve.predict.writer import _to_original
 from tests.helpers import train_quick_bundle
 
 N_SHARDS = 3
@@ -144,7 +139,7 @@ def test_masks_are_rle_of_the_computed_mask_and_overlays_are_opt_in(
         computed[item.rel] = mapped.mask
         return mapped
 
-    monkeypatch.setattr("pipeline.serve.predict.driver._to_original", spy)
+    monkeypatch.setattr("pipeline.serve.predict.writer._to_original", spy)
     out = tmp_path / "out"
     _run(trained, out, batch_size=4)
     rows = _rows(out / "predictions.csv")

@@ -1,48 +1,66 @@
 """``predict``: a trained bundle on a folder of new scans (:mod:`pipeline.serve.predict.driver`), locally or
-on Ray Data (:mod:`pipeline.serve.predict.ray_engine`). The public names are re-exported here."""
+on Ray Data (:mod:`pipeline.serve.predict.ray_engine`, imported only when asked for). The parts:
+:mod:`~pipeline.serve.predict.options` (:class:`PredictOptions`, every setting and its default),
+:mod:`~pipeline.serve.predict.inputs` (listing, reading, planning), :mod:`~pipeline.serve.predict.engine`
+(:class:`Job`, :class:`Engine`, the local engine), :mod:`~pipeline.serve.predict.writer` (rows, overlays,
+DICOM), :mod:`~pipeline.serve.predict.csv_rows` (the CSV columns and cells) and
+:mod:`~pipeline.serve.predict.manifest` (``predict.json``, resume, the output lock). The public names are
+re-exported here; joining shards is :func:`pipeline.serve.merge.merge_outputs`."""
 
-from pipeline.serve.predict.driver import (
+from pipeline.serve.predict.csv_rows import (
     CROP_FIELDS,
-    DEFAULT_MAX_PIXELS,
     ERR_FIELDS,
     FORMULA_START,
-    MANIFEST,
-    PR_SET_PDEATHSIG,
     PRED_FIELDS,
-    RUNTIMES,
-    SETTINGS,
-    Engine,
-    FrameDataset,
-    FrameSpec,
-    Job,
-    Outputs,
-    ReadOptions,
-    Shard,
-    bundle_digest,
-    check_paths,
-    check_resume,
-    check_size,
     csv_name,
     decode_mask,
     decode_name,
+    safe_cell,
+)
+from pipeline.serve.predict.driver import predict_folder
+from pipeline.serve.predict.engine import Engine, Job, LocalEngine, local_engine, make_engine, process_batch
+from pipeline.serve.predict.inputs import (
+    PR_SET_PDEATHSIG,
+    Batch,
+    Frame,
+    FrameDataset,
+    Item,
+    Plan,
+    check_paths,
+    check_size,
     default_workers,
     die_with_parent,
     header_size,
     list_inputs,
-    local_engine,
-    merge_outputs,
-    output_lock,
-    overlay,
-    parse_frames,
-    parse_shard,
-    predict_folder,
-    process_batch,
-    read_manifest,
-    safe_cell,
+    plan_work,
     shard_of,
 )
+from pipeline.serve.predict.manifest import (
+    MANIFEST,
+    SETTINGS,
+    bundle_digest,
+    check_resume,
+    output_lock,
+    read_manifest,
+)
+from pipeline.serve.predict.options import (
+    BACKENDS,
+    DEFAULT_MAX_PIXELS,
+    ENGINES,
+    RUNTIMES,
+    FrameSpec,
+    Outputs,
+    PredictOptions,
+    ReadOptions,
+    Shard,
+    parse_frames,
+    parse_shard,
+)
+from pipeline.serve.predict.writer import Sink, overlay
 
 __all__ = [
+    "BACKENDS",
+    "Batch",
     "bundle_digest",
     "check_paths",
     "check_resume",
@@ -55,24 +73,31 @@ __all__ = [
     "default_workers",
     "die_with_parent",
     "Engine",
+    "ENGINES",
     "ERR_FIELDS",
     "FORMULA_START",
+    "Frame",
     "FrameDataset",
     "FrameSpec",
     "header_size",
+    "Item",
     "Job",
     "list_inputs",
     "local_engine",
+    "LocalEngine",
+    "make_engine",
     "MANIFEST",
-    "merge_outputs",
     "output_lock",
     "Outputs",
     "overlay",
     "parse_frames",
     "parse_shard",
+    "Plan",
+    "plan_work",
     "PR_SET_PDEATHSIG",
     "PRED_FIELDS",
     "predict_folder",
+    "PredictOptions",
     "process_batch",
     "read_manifest",
     "ReadOptions",
@@ -81,4 +106,5 @@ __all__ = [
     "SETTINGS",
     "Shard",
     "shard_of",
+    "Sink",
 ]

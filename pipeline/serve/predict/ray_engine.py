@@ -27,11 +27,15 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 
 from pipeline.serve.bundle import Bundle
-from pipeline.serve.predict.driver import Job, Outputs, ReadOptions, _Item, _Plan, _Sink, process_batch
+from pipeline.serve.predict.engine import Job, process_batch
+from pipeline.serve.predict.inputs import Item, Plan
+from pipeline.serve.predict.options import Outputs, ReadOptions
+from pipeline.serve.predict.writer import Sink
 from runtime.timing import Stopwatch
 
 
@@ -59,7 +63,7 @@ class BundleActor:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         # paths come as bytes (os.fsencode), so a name that is not UTF-8 crosses Arrow intact
         items = [
-            _Item(Path(os.fsdecode(bytes(p))), os.fsdecode(bytes(r)), int(f))
+            Item(Path(os.fsdecode(bytes(p))), os.fsdecode(bytes(r)), int(f))
             for p, r, f in zip(batch["path"], batch["rel"], batch["frame"])
         ]
         rows, errors = process_batch(self.bundle, self.folder, self.out, items, self.opts, self.outputs)
@@ -152,9 +156,11 @@ def _start_ray(address: str | None, threads: int) -> tuple[bool, Path | None]:
 
 @dataclass(frozen=True)
 class RayEngine:
-    """An :data:`pipeline.serve.predict.driver.Engine`: Ray Data with ``actors`` model-holding actors of
-    ``threads`` torch threads each, on this machine or the cluster at ``address``."""
+    """An :class:`pipeline.serve.predict.engine.Engine`: Ray Data with ``actors`` model-holding actors of
+    ``threads`` torch threads each, on this machine or the cluster at ``address``. The actors load their
+    own bundle, so the driver's job holds none (``needs_local_bundle``) and keeps no model in memory."""
 
+    needs_local_bundle: ClassVar[bool] = False
     actors: int = 1
     threads: int = 1
     address: str | None = None
@@ -163,18 +169,17 @@ class RayEngine:
         if self.actors < 1 or self.threads < 1:
             raise ValueError(f"actors and threads per actor must be 1 or more, not {self.actors} and {self.threads}")
 
-    def __call__(self, job: Job, plan: _Plan, watch: Stopwatch) -> _Sink:
-        if job.runtime != "torch":
-            raise ValueError(f"the ray engine's actors run the torch bundle, not {job.runtime}")
-        job.bundle = None  # the actors load their own; the driver keeps no model in memory
-        items: list[_Item] = []
+    def __call__(self, job: Job, plan: Plan, watch: Stopwatch) -> Sink:
+        if job.backend != "torch":
+            raise ValueError(f"the ray engine's actors run the torch bundle, not {job.backend}")
+        items: list[Item] = []
         early = list(plan.listing_errors)
         for w in plan.work:
-            if isinstance(w, _Item):
+            if isinstance(w, Item):
                 items.append(w)
             else:
                 early.append(w)
-        sink = _Sink(job.out, job.progress, len(items) + len(early))
+        sink = Sink(job.out, job.progress, len(items) + len(early))
         started, scratch = False, None
         try:
             sink.write([], early, len(early))
@@ -192,7 +197,7 @@ class RayEngine:
                 shutil.rmtree(scratch, ignore_errors=True)
         return sink
 
-    def _map(self, job: Job, items: list[_Item], sink: _Sink) -> None:
+    def _map(self, job: Job, items: list[Item], sink: Sink) -> None:
         """Map ``items`` over the actor pool, writing each batch's rows to ``sink`` as it comes back."""
         import ray
 

@@ -18,7 +18,7 @@ from evaluation.metrics import expected_calibration_error
 from pipeline.__main__ import main
 from pipeline.serve.bundle import Bundle
 from pipeline.serve.bundle_file import check_bundle_doc
-from pipeline.serve.predict.driver import PRED_FIELDS
+from pipeline.serve.predict import PRED_FIELDS
 from pipeline.shared.calibration import calibrate, fit_calibration
 from tests.helpers import train_quick_bundle
 

@@ -168,19 +168,19 @@ def _one_line_error(capsys: pytest.CaptureFixture[str]) -> str:
 def _no_data(monkeypatch: pytest.MonkeyPatch) -> None:
     """``train`` and ``run`` fail the test, at once, if they get as far as loading data."""
     from pipeline.experiment import run
-    from pipeline.serve import bundle
+    from pipeline.serve import train
 
     def no_data(cfg: Any) -> Any:
         raise AssertionError("data loaded: the command was not refused before it started")
 
-    monkeypatch.setattr(bundle, "load_data", no_data)
+    monkeypatch.setattr(train, "load_data", no_data)
     monkeypatch.setattr(run, "load_data", no_data)
 
 
 def _bundle_json(root: Path, **changes: Any) -> Path:
     """A bundle folder holding only a valid ``bundle.json`` (then ``changes``, dotted keys)."""
     from detectors.prior import PriorPolicy
-    from pipeline.serve.bundle import Thresholds, bundle_doc
+    from pipeline.serve.train import Thresholds, bundle_doc
 
     cfg = load_config(None, "quick", ["image_size=64"])
     doc = bundle_doc(cfg, PriorPolicy(0.05, (8.0, 16.0, 56.0, 32.0)), Thresholds(0.2, {}, 0.1, 0.5))
@@ -1085,7 +1085,7 @@ def _assert_not_torn(out: Path) -> list[dict[str, str]]:
     assert data.endswith(b"\n"), f"torn last row: {data[-80:]!r}"
     with open(out / "predictions.csv", newline="") as fh:
         reader = csv.DictReader(fh)
-        assert reader.fieldnames == predict.PRED_FIELDS
+        assert reader.fieldnames == PRED_FIELDS
         rows = list(reader)
     for row in rows:
         assert None not in row and all(v is not None for v in row.values()), row
@@ -1304,7 +1304,7 @@ def test_the_orientation_applied_is_a_column_of_predictions_csv(case: str, tmp_p
 
 @cases("28.7-untampered-passes")
 def test_an_untampered_bundle_json_passes_the_check(case: str, tmp_path: Path) -> None:
-    from pipeline.serve.bundle import check_bundle_doc
+    from pipeline.serve.bundle_file import check_bundle_doc
 
     path = _bundle_json(tmp_path / "model") / "bundle.json"
     check_bundle_doc(json.loads(path.read_text()), path)
@@ -1316,7 +1316,7 @@ def test_an_unfit_bundle_is_written_with_warnings(
 ) -> None:
     import reconstruction.checkpoint
     from detectors.prior import PriorPolicy
-    from pipeline.serve import bundle
+    from pipeline.serve import train as bundle
 
     validation = {"i_auroc": 0.9 if good else 0.119, "sensitivity": 0.8 if good else 0.0, "specificity": 1.0}
     monkeypatch.setattr(bundle, "fold_policy", lambda *a: PriorPolicy(0.05, (8.0, 16.0, 56.0, 32.0)))

@@ -24,6 +24,5 @@ def test_serving_loads_no_experiment_or_bench_module(module: str) -> None:
     assert _loaded(module, ("pipeline.experiment", "pipeline.bench")) == []
 
 
-@pytest.mark.xfail(strict=True, reason="bundle imports evaluation until slice B lands")
 def test_serving_loads_no_evaluation_module() -> None:
     assert _loaded("pipeline.serve.predict", ("evaluation",)) == []

@@ -74,23 +74,19 @@ def add_commands(sub: Any, names: Iterable[str] | None = None) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from pipeline.serve.bundle import train_bundle
+    from pipeline.serve.train import train_bundle
     from runtime.distributed import is_main
 
     doc = train_bundle(config_from_args(args, args.detector), args.out)
     if not is_main():
         return 0
-    v = doc["score"]["validation"]
+    v = doc.score.validation or {}
     print(
-        f"bundle written to {args.out}: score threshold {doc['score']['threshold']:.4g} "
-        f"({doc['score']['operating_point']}: validation sensitivity {v['sensitivity']:.2f}, "
+        f"bundle written to {args.out}: score threshold {doc.score.threshold:.4g} "
+        f"({doc.score.operating_point}: validation sensitivity {v['sensitivity']:.2f}, "
         f"specificity {v['specificity']:.2f}, I-AUROC {v['i_auroc']:.3f}); "
-        f"segmentation threshold {doc['segmentation']['threshold']:.4g}"
-        + (
-            f"; UNFIT FOR USE: {len(doc['warnings'])} warning(s) above and in bundle.json"
-            if doc.get("warnings")
-            else ""
-        )
+        f"segmentation threshold {doc.segmentation.threshold:.4g}"
+        + (f"; UNFIT FOR USE: {len(doc.warnings)} warning(s) above and in bundle.json" if doc.warnings else "")
     )
     return 0
 

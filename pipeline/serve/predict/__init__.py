@@ -17,8 +17,8 @@ from pipeline.serve.predict.csv_rows import (
     decode_name,
     safe_cell,
 )
-from pipeline.serve.predict.driver import predict_folder
-from pipeline.serve.predict.engine import Engine, Job, LocalEngine, local_engine, make_engine, process_batch
+from pipeline.serve.predict.driver import make_engine, predict_folder
+from pipeline.serve.predict.engine import Engine, Job, LocalEngine, local_engine, process_batch
 from pipeline.serve.predict.inputs import (
     PR_SET_PDEATHSIG,
     Batch,

@@ -37,6 +37,7 @@ The parts: :mod:`~pipeline.serve.predict.options` (every setting and its default
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
 import sys
 from dataclasses import replace
@@ -44,8 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.serve.bundle import Bundle
-from pipeline.serve.predict.csv_rows import PRED_FIELDS as PRED_FIELDS  # tests/test_calibration.py imports it here
-from pipeline.serve.predict.engine import Engine, Job, make_engine
+from pipeline.serve.predict.engine import Engine, Job, local_engine
 from pipeline.serve.predict.inputs import check_paths, default_workers, plan_work
 from pipeline.serve.predict.manifest import MANIFEST, check_resume, make_manifest, output_lock
 from pipeline.serve.predict.options import PredictOptions, ReadOptions, Shard, parse_frames
@@ -53,6 +53,20 @@ from pipeline.serve.predict.writer import Sink
 from runtime.io import atomic_write_text, confined
 from runtime.timing import Stopwatch
 from scans.readers import CROP_MODES
+
+
+def make_engine(options: PredictOptions) -> Engine:
+    """The engine ``options.engine`` names (here, not in ``engine``, which the Ray engine imports); refuses
+    a pair of engine and backend that cannot run, and
+    ``ray`` without Ray Data installed, before anything is read or written."""
+    options.check_engine()
+    if options.engine != "ray":
+        return local_engine
+    if not all(importlib.util.find_spec(m) for m in ("ray", "pyarrow")):
+        raise RuntimeError("--engine ray needs Ray Data: pip install 'ray[data]'")
+    from pipeline.serve.predict.ray_engine import RayEngine
+
+    return RayEngine(options.actors, address=options.ray_address)
 
 
 def predict_folder(

@@ -5,7 +5,6 @@ DataLoader workers decoding ahead) and :func:`process_batch`, which the Ray engi
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +14,7 @@ import numpy as np
 
 from pipeline.serve.bundle import Bundle
 from pipeline.serve.predict.inputs import Batch, FrameDataset, Item, Plan, load_frame, read_batches, read_stream
-from pipeline.serve.predict.options import Outputs, PredictOptions, ReadOptions
+from pipeline.serve.predict.options import Outputs, ReadOptions
 from pipeline.serve.predict.writer import Sink, write_outputs
 from runtime.timing import Stopwatch
 
@@ -100,16 +99,3 @@ class LocalEngine:
 
 
 local_engine = LocalEngine()
-
-
-def make_engine(options: PredictOptions) -> Engine:
-    """The engine ``options.engine`` names; refuses a pair of engine and backend that cannot run, and
-    ``ray`` without Ray Data installed, before anything is read or written."""
-    options.check_engine()
-    if options.engine != "ray":
-        return local_engine
-    if not all(importlib.util.find_spec(m) for m in ("ray", "pyarrow")):
-        raise RuntimeError("--engine ray needs Ray Data: pip install 'ray[data]'")
-    from pipeline.serve.predict.ray_engine import RayEngine
-
-    return RayEngine(options.actors, address=options.ray_address)

@@ -5,35 +5,19 @@ lock one writing process holds on the folder (:func:`output_lock`)."""
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from pipeline.serve.bundle import Bundle
+from pipeline.serve.bundle_file import bundle_digest
 from pipeline.serve.predict.csv_rows import done_keys
 from pipeline.serve.predict.engine import Job
 from pipeline.serve.predict.options import Shard
 from runtime.io import confined
 
 MANIFEST = "predict.json"
-
-
-def bundle_digest(directory: Path) -> str:
-    """SHA-256 of a bundle's files (relative path and contents): ``bundle.json``, ``detector/`` and
-    ``unet/`` when it has a ``bundle.json`` (its training scratch ``work/`` is left out), else every file."""
-    directory = Path(directory)
-    if (directory / "bundle.json").is_file():
-        parts = [directory / "bundle.json"]
-        parts += [p for d in ("detector", "unet") for p in (directory / d).rglob("*")]
-    else:
-        parts = list(directory.rglob("*"))
-    h = hashlib.sha256()
-    for p in sorted(q for q in parts if q.is_file()):
-        with open(p, "rb") as fh:
-            h.update(p.relative_to(directory).as_posix().encode() + b"\0" + hashlib.file_digest(fh, "sha256").digest())
-    return h.hexdigest()
 
 
 def make_manifest(job: Job, bundle: Bundle, shard: Shard) -> dict[str, Any]:

@@ -11,7 +11,7 @@ Under ``torchrun`` (after :func:`runtime.distributed.init_from_env`) the loop tr
 share of every global batch of the one shared permutation, validation batches are split between
 ranks and their loss all-reduced, rank 0 decides when to stop, and only rank 0 writes. The
 result matches one process with the same global batch up to BatchNorm statistics, which each
-rank computes on its share (see docs/design.md). Example: tests/test_reconstruction_train.py.
+rank computes on its share (see docs/design.md). Example: tests/reconstruction/test_reconstruction_train.py.
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ LONG_FUNCTIONS: dict[str, int] = {
     "detectors/yolov5.py:YoloV5Detector.fit": 56,
     "evaluation/metrics.py:pixel_auroc_streaming": 53,
     "reconstruction/deviation.py:image_score": 53,
-    # the phantom's random-number call order fixes every image: split with tests/test_identity.py at hand
+    # the phantom's random-number call order fixes every image: split with tests/integration/test_identity.py at hand
     "scans/phantom.py:scan_geometry": 106,
     "scans/phantom.py:render_scan": 167,
     "scans/phantom.py:generate_dataset": 78,

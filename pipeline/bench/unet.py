@@ -8,7 +8,7 @@ earlier measurements do not inflate it.
 
 Run: ``python -m pipeline.bench.unet [--threads 2] [--profiles cpu paper] [--json out.json]``
 
-The training-step part trains a tiny U-Net for two steps; ``tests/test_bench.py`` runs it.
+The training-step part trains a tiny U-Net for two steps; ``tests/pipeline/bench/test_bench.py`` runs it.
 """
 
 from __future__ import annotations

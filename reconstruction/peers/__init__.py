@@ -67,7 +67,8 @@ Offline by construction
     noise (or a local folder given as ``anomaly_source``), never the DTD download.
 
 A peer is built by name with its options over its defaults; ``peer.fit(arrays, budget=Budget(...))`` trains
-it and ``peer.predict(images)`` scores (trained in ``tests/test_peers.py``, not here: doctests train nothing).
+it and ``peer.predict(images)`` scores (trained in ``tests/reconstruction/test_peers.py``, not here: doctests
+train nothing).
 
 >>> peer = build_peer("uae", seed=0, width=4)
 >>> peer.name, peer.options["width"], peer_spec("multitask").supervised

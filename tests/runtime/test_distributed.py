@@ -20,10 +20,10 @@ import torch
 
 from runtime import distributed, training
 from runtime.training import Budget, EarlyStopping, streams
-from tests.helpers import random_scans
+from tests.helpers import random_scans, toy_box_scans
 from tests.network_guard import guarded_env
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # Two ranks each see half of a batch: BatchNorm normalises with the statistics of that half, not of
 # the whole batch, so the trajectory differs slightly from one process (plus float reduction order
 # in the gradient all-reduce). Over 2 epochs of the tiny U-Net this stays within 1% of the loss (0.2% measured).
@@ -151,11 +151,11 @@ def _worker(out: Path) -> None:
 
 def _codetr_worker(out: Path) -> None:
     """One torchrun rank: fit a small Co-DINO for 2 epochs of 2 global batches; write its weights."""
-    from test_codetr import _detector, _toy
+    from tests.detectors.test_codetr import _detector  # a torchrun rank: the repository is on PYTHONPATH
 
     distributed.init_from_env("cpu")
     det = _detector(image_size=64, epochs=2, batch_size=GLOBAL_BATCH // 2, warmup_iters=1, val_interval=1)
-    data = _toy(4, 64, seed=2)
+    data = toy_box_scans(4, 64, seed=2)
     summary = det.fit(data, data.subset([0, 1]), out / "codetr")
     torch.save(det.model.state_dict(), out / f"codetr{distributed.rank()}.pt")
     (out / f"codetr{distributed.rank()}.json").write_text(

@@ -23,7 +23,7 @@ import pytest
 from tests.helpers import TINY_PHANTOM, quick_bundle_sets, set_args
 from tests.network_guard import guarded_env
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 SETUPTOOLS = PYPROJECT["tool"]["setuptools"]
 # every command runs here at most this long (each takes seconds on an idle 2-core machine)

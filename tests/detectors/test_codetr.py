@@ -23,7 +23,7 @@ mmcv_ext.install()
 import mmcv.ops  # noqa: E402, F401
 import mmdet  # noqa: E402, F401
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "configs" / "detectors" / "codetr.py"
 PAPER_CONFIG = ROOT / "configs" / "detectors" / "codetr_paper.py"
 

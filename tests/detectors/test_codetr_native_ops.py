@@ -52,7 +52,7 @@ FOCAL = importlib.import_module("mmdet.models.losses.focal_loss")
 # Every CPU setting of use_native_ops: on mmcv-lite all three take the native route (there is no kernel to
 # take); on a full mmcv, "compiled" runs mmcv's CPU kernels, checked against the same references.
 PATHS: tuple[CpuPath, ...] = ("measured", "native", "compiled")
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "detectors" / "codetr.py"
+CONFIG = Path(__file__).resolve().parents[2] / "configs" / "detectors" / "codetr.py"
 
 
 def _bilinear_reference(
@@ -469,7 +469,7 @@ def _pretend_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def _build() -> CoDetrDetector:
-    """The tiniest Co-DINO with every auxiliary head, built as tests/test_codetr.py does, at 64 px."""
+    """The tiniest Co-DINO with every auxiliary head, built as tests/detectors/test_codetr.py does, at 64 px."""
     torch.manual_seed(0)
     cfg = load_config(CONFIG)
     cfg["train"] = {**cfg["train"], "num_threads": None}

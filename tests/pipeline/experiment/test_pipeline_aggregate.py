@@ -19,7 +19,7 @@ from pipeline.__main__ import main
 from pipeline.experiment.aggregate import aggregate_runs
 from pipeline.run_dirs import RunDirError
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[3]
 
 
 def _args(cache: Path, folds: str, out: Path) -> list[str]:

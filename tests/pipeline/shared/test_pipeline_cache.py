@@ -172,7 +172,7 @@ def test_cache_root_follows_the_cache_home(tmp_path: Path, monkeypatch: pytest.M
 
 def test_pipeline_imports_no_posix_only_module() -> None:
     """``filelock`` replaces ``fcntl``, so ``pipeline`` imports on any OS."""
-    for path in (Path(__file__).resolve().parent.parent / "pipeline").rglob("*.py"):
+    for path in (Path(__file__).resolve().parents[3] / "pipeline").rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
             names += [node.module or ""] if isinstance(node, ast.ImportFrom) else []

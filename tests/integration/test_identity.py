@@ -3,7 +3,7 @@
 
 Slow and end to end (a few minutes): it checks out the base commit in a temporary git worktree, runs the same
 commands there and here, each through ``python -m pipeline`` with ``PYTHONPATH`` at its own tree and a model
-cache of its own, and compares the files. ``python tests/test_identity.py ROOT OUT`` runs one side by hand.
+cache of its own, and compares the files. ``python tests/integration/test_identity.py ROOT OUT`` runs one side by hand.
 """
 
 from __future__ import annotations
@@ -20,10 +20,11 @@ import pytest
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration, pytest.mark.timeout(1800)]
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 BASE = "56ee89f"  # "Issue 25: U-Net profile lite0 ...", the last commit before the layout step
 
-# the tiny phantom and one-epoch settings of tests/test_pipeline_e2e.py (copied: this file runs with either tree)
+# the tiny phantom and one-epoch settings of tests/integration/test_pipeline_e2e.py (copied: this file runs with
+# either tree)
 TINY = [
     "phantom.images=48",
     "phantom.distended=16",

@@ -33,7 +33,7 @@ def test_unknown_keys_and_profiles_are_refused(tmp_path: Path) -> None:
 
 
 def test_every_default_key_is_commented() -> None:
-    text = (Path(__file__).resolve().parent.parent / "configs" / "default.yaml").read_text()
+    text = (Path(__file__).resolve().parents[2] / "configs" / "default.yaml").read_text()
     for line in text.splitlines():
         if line.strip() and not line.lstrip().startswith("#") and not line.rstrip().endswith(":"):
             assert "#" in line, f"configs/default.yaml: key without a comment: {line}"
@@ -84,7 +84,7 @@ def test_confined_refuses_escapes(tmp_path: Path) -> None:
 
 # ----------------------------------------------------------------------------- fixed training budgets
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 @pytest.mark.parametrize("profile", ["quick", "default", "paper"])

@@ -1,6 +1,6 @@
 """``predict`` on real-world inputs: DICOM crops and cine frames, no PHI in outputs, DICOM results,
 the review page, ONNX export and the Ray engine (in-process, offline). Hostile files (links, loops, huge
-images), refusals and damaged bundles are in the hostile-input corpus (tests/test_hostile_corpus.py)."""
+images), refusals and damaged bundles are in the hostile-input corpus (tests/integration/test_hostile_corpus.py)."""
 
 from __future__ import annotations
 

@@ -115,7 +115,7 @@ def _resized(a: ScanArrays, s: int) -> dict[str, Any]:
     return {**a.__dict__, "images": a.images[:, :s, :s], "masks": a.masks[:, :s, :s]}
 
 
-# the prior peers (predict needs boxes) are covered by tests/test_peers_prior_guided.py
+# the prior peers (predict needs boxes) are covered by tests/reconstruction/test_peers_prior_guided.py
 @pytest.mark.parametrize("name", sorted(n for n in PEERS if not getattr(PEERS[n].cls, "uses_prior", False)))
 def test_peer_fits_predicts_round_trips_and_is_deterministic(
     name: str, data: dict[str, ScanArrays], tmp_path: Path, pytestconfig: pytest.Config

@@ -2,15 +2,16 @@
 (issue 18), built here and its outcome asserted, in the default lane.
 
 Each test's node id names the case it covers, ``<issue>.<case>-<what>`` (``28.7-predict-threshold-nan``: issue
-28, case 7), so ``pytest tests/test_hostile_corpus.py --collect-only -q`` lists the corpus. Cases of one shape
-are rows of one table: command lines refused (:data:`REFUSALS`: exit 2, the file, key or value named, no
-traceback, nothing written or deleted), config values (:data:`MEANINGLESS`), damaged checkpoints
+28, case 7), so ``pytest tests/integration/test_hostile_corpus.py --collect-only -q`` lists the corpus. Cases of
+one shape are rows of one table: command lines refused (:data:`REFUSALS`: exit 2, the file, key or value named,
+no traceback, nothing written or deleted), config values (:data:`MEANINGLESS`), damaged checkpoints
 (:data:`CHECKPOINTS`). One quick bundle is trained for the module, and the slowest subprocess cases
 (:data:`BACKGROUND`) start before the first test, on the second core, while the in-process ones use one thread.
 
-Kept elsewhere: ``train`` with a relative ``--data`` (28.1; tests/test_pipeline_e2e.py), ``aggregate`` refusing
-runs of another world size (28.17; tests/test_pipeline_aggregate.py), the network guard in subprocesses (28.19;
-tests/test_network_guard.py), cache keys over image bytes (18.1; tests/test_pipeline_cache.py).
+Kept elsewhere: ``train`` with a relative ``--data`` (28.1; tests/integration/test_pipeline_e2e.py),
+``aggregate`` refusing runs of another world size (28.17; tests/pipeline/experiment/test_pipeline_aggregate.py),
+the network guard in subprocesses (28.19; tests/test_network_guard.py), cache keys over image bytes (18.1;
+tests/pipeline/shared/test_pipeline_cache.py).
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ from tests.helpers import make_dataset, train_quick_bundle
 from tests.network_guard import guarded_env
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("pipeline", "runtime", "scans", "detectors", "reconstruction", "evaluation", "configs")
 # One fold of a tiny phantom; RIAD and figures off: these cases are about inputs, not metrics.
 QUICK = [

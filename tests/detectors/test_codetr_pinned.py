@@ -14,7 +14,7 @@ The fit is deterministic: two fits in one process and fits in two fresh processe
 digest and bitwise-equal predictions. Float results depend on torch's version and on the CPU kernels
 it dispatches to (``PINNED_ON``); there the digest and the 1e-5 comparison are asserted. Elsewhere
 (another torch, another instruction set) the predictions are held to a looser tolerance that still
-catches a changed model; to re-pin, run ``python tests/test_codetr_pinned.py`` and paste what it prints.
+catches a changed model; to re-pin, run ``python tests/detectors/test_codetr_pinned.py`` and paste what it prints.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from detectors.codetr.native_ops import CPU_NATIVE
 from runtime.device import torch_threads
 from tests.helpers import pinned_environment, toy_box_scans
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 QUICK = ROOT / "configs" / "detectors" / "codetr_quick.py"
 THREADS = 2  # float reductions depend on the thread count: the fit and the predictions use exactly 2
 

@@ -232,7 +232,7 @@ def test_figures_keep_matplotlib_out_of_home(tmp_path: Path) -> None:
         "assert f.score_distribution_figure({'m': ([0.1, 0.9], [0, 1])})[:4] == b'\\x89PNG'\n"
         "print(matplotlib.get_cachedir()); print(os.environ.get('MPLCONFIGDIR'))\n"
     )
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     out = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, check=True)
     cache_dir, variable = out.stdout.split()
     assert Path(cache_dir) == cache / "matplotlib" == Path(variable)  # the documented cache holds it

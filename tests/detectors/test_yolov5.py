@@ -72,7 +72,7 @@ def test_registered() -> None:
 
 @pytest.mark.parametrize("name", ["yolov5.yaml", "yolov5_paper.yaml"])
 def test_shipped_configs_load(name: str) -> None:
-    path = Path(__file__).resolve().parents[1] / "configs" / "detectors" / name
+    path = Path(__file__).resolve().parents[2] / "configs" / "detectors" / name
     det = build_detector("yolov5", config_file=str(path), seed=7, device="cpu")
     assert det.config["seed"] == 7 and det.config["model"] in ("yolov5n.yaml", "yolov5s.yaml")  # arguments win
 
@@ -185,7 +185,7 @@ def test_bad_saved_detector_names_the_file(tmp_path: Path) -> None:
 _SCRIPT = """
 import sys
 from pathlib import Path
-sys.path[:0] = [{tests!r}, {repo!r}]
+sys.path[:0] = [{here!r}, {repo!r}]
 from runtime.env import setup_environment
 setup_environment()  # an entry point: before torch loads (importing torchvision makes torch's cache in TMPDIR)
 from test_yolov5 import _synthetic
@@ -208,9 +208,9 @@ def _files(root: Path) -> set[str]:
 def test_fit_and_predict_write_only_under_out_and_the_cache(tmp_path: Path) -> None:
     """Fresh HOME, TMPDIR, cache and working folder: a fit and two concurrent loads + predicts leave
     files only in --out and <cache>/ultralytics (settings, font: created once, reused), matplotlib, torchinductor."""
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     script = tmp_path / "script.py"
-    script.write_text(_SCRIPT.format(tests=str(repo / "tests"), repo=str(repo)))
+    script.write_text(_SCRIPT.format(here=str(Path(__file__).resolve().parent), repo=str(repo)))
     home, tmp, cache, cwd, out = (tmp_path / n for n in ("home", "tmp", "cache", "cwd", "out"))
     for d in (home, tmp, cwd):
         d.mkdir()

@@ -23,7 +23,7 @@ from tests.network_guard import guarded_env
 
 pytestmark = pytest.mark.integration  # end to end across packages (issue 27: tests/integration/)
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _as_rank(monkeypatch: pytest.MonkeyPatch, r: int, rank0_hit: bool | None = None) -> list[str]:
@@ -155,7 +155,7 @@ def test_one_process_is_unchanged(tmp_path: Path) -> None:
 
 # Each rank's BatchNorm normalises with the statistics of its half of every global batch, so the
 # U-Net's trajectory differs slightly from one process (plus float reduction order in the gradient
-# all-reduce): its best validation loss within 1%, as in tests/test_distributed.py. Image and pixel
+# all-reduce): its best validation loss within 1%, as in tests/runtime/test_distributed.py. Image and pixel
 # metrics on a test part of ~16 scans move in steps (one swapped pair of scores changes I-AUROC by
 # 1/(positives * negatives) ~ 0.02), so they are held to 0.05.
 VAL_LOSS_RTOL = 0.01

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from detectors.base import Detections, Detector, register
-from scans.io import atomic_write_text, load_meta
+from runtime.io import atomic_write_text, load_meta
 from scans.records import ScanArrays
 
 

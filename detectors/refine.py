@@ -8,7 +8,7 @@ detector-agnostic counterpart of Cascade R-CNN's later stages, trained on the sa
 detector (normal only by default) from jittered ground-truth boxes, so it never sees a distended
 recess either.
 
-Under ``torchrun`` (see :mod:`scans.distributed`) :meth:`BoxRefiner.fit` trains with
+Under ``torchrun`` (see :mod:`runtime.distributed`) :meth:`BoxRefiner.fit` trains with
 ``DistributedDataParallel``: ``batch_size`` stays the global batch, every rank draws the same
 batch and augmentation from the one seed and crops its strided share of it.
 
@@ -16,8 +16,7 @@ batch and augmentation from the one seed and crops its strided share of it.
 >>> ref = BoxRefiner(steps=2, batch_size=2, seed=0)
 >>> imgs = np.random.default_rng(0).random((4, 64, 64), dtype=np.float32)
 >>> boxes = np.tile(np.array([[10, 20, 50, 35]], np.float32), (4, 1))
->>> _ = ref.fit(imgs, boxes, imgs, boxes)
->>> ref.refine(imgs[:1], boxes[:1]).shape
+>>> ref.refine(imgs[:1], boxes[:1]).shape  # untrained; ref.fit(imgs, boxes, imgs, boxes) trains it (in the tests)
 (1, 4)
 """
 
@@ -39,11 +38,11 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torchvision.ops import nms, roi_align
 
 from detectors.base import Detections, Detector, check_inference_settings, detector_class
-from scans.distributed import all_reduce_mean, is_distributed, loss_scale, shard, sync_buffers, world_size, wrap
-from scans.io import atomic_write, atomic_write_text, load_meta, load_weights
+from runtime.device import resolve_device
+from runtime.distributed import all_reduce_mean, is_distributed, loss_scale, shard, sync_buffers, world_size, wrap
+from runtime.io import atomic_write, atomic_write_text, load_meta, load_weights
+from runtime.training import Budget, seeded_global_rng, streams
 from scans.records import ScanArrays
-from scans.runtime import resolve_device
-from scans.training import Budget, seeded_global_rng, streams
 
 
 def context_regions(boxes: torch.Tensor, pad_x: float, pad_y: float) -> torch.Tensor:

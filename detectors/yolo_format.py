@@ -23,7 +23,7 @@ import cv2
 import numpy as np
 import yaml
 
-from scans.io import atomic_write, atomic_write_text
+from runtime.io import atomic_write, atomic_write_text
 from scans.records import ScanArrays
 
 CLASS_NAME = "recess"

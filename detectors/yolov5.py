@@ -15,7 +15,7 @@ Offline and side-effect rules (ultralytics otherwise reaches for the network and
 
 * ``YOLO_OFFLINE=1`` is set before ultralytics is first imported (it DNS-probes on import).
 * ultralytics' settings and font live in one fixed folder, :func:`ultralytics_home`
-  (``<LoRIS cache>/ultralytics``, see :func:`scans.runtime.cache_home`), created once and reused
+  (``<LoRIS cache>/ultralytics``, see :func:`runtime.env.cache_home`), created once and reused
   by every process: ``YOLO_CONFIG_DIR`` points there before the first import, which holds a file
   lock so concurrent processes never tear ``settings.json``. matplotlib's DejaVuSans.ttf is copied
   there once as ``Ultralytics/Arial.ttf``, because ultralytics downloads Arial.ttf even when
@@ -54,10 +54,10 @@ from filelock import FileLock
 from detectors.base import Detections, Detector, register
 from detectors.fusion import fuse_top
 from detectors.yolo_format import to_uint8, write_dataset
-from scans.io import CheckpointError, atomic_write, atomic_write_text, load_meta, load_state
+from runtime.env import cache_home
+from runtime.io import CheckpointError, atomic_write, atomic_write_text, load_meta, load_state
+from runtime.training import seeded_global_rng
 from scans.records import ScanArrays
-from scans.runtime import cache_home
-from scans.training import seeded_global_rng
 
 _SETTINGS_LOCK = "settings.json.lock"
 _INTEGRATIONS_OFF = dict.fromkeys(
@@ -66,7 +66,7 @@ _INTEGRATIONS_OFF = dict.fromkeys(
 
 
 def ultralytics_home(cache_dir: Path | str | None = None) -> Path:
-    """ultralytics' settings folder (``YOLO_CONFIG_DIR``): ``ultralytics/`` under :func:`scans.runtime.cache_home`.
+    """ultralytics' settings folder (``YOLO_CONFIG_DIR``): ``ultralytics/`` under :func:`runtime.env.cache_home`.
 
     >>> ultralytics_home("/c").as_posix()
     '/c/ultralytics'
@@ -446,7 +446,7 @@ class YoloV5Detector(Detector):
     @classmethod
     def load(cls, directory: Path, hint: str | None = None) -> YoloV5Detector:
         """The detector saved by :meth:`save`; a missing, corrupt or tampered file raises
-        :class:`scans.io.CheckpointError` naming it (``hint``: the fix its message suggests)."""
+        :class:`runtime.io.CheckpointError` naming it (``hint``: the fix its message suggests)."""
         directory = Path(directory)
         meta = load_meta(directory / "detector.json", hint=hint)
         if meta.get("detector") != "yolov5":

@@ -127,6 +127,9 @@ def load_sets(run: Path) -> list[Set]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from runtime.env import setup_environment
+
+    setup_environment()
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
         print("usage: python -m evaluation.claims RUN_DIR", file=sys.stderr)

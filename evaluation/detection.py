@@ -28,7 +28,7 @@ import numpy as np
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from scans.io import atomic_write_text
+from runtime.io import atomic_write_text
 from scans.records import box_iou
 
 CATEGORY_ID = 1

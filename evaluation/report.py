@@ -37,7 +37,7 @@ from evaluation.tables import (
     table_csv,
     table_markdown,
 )
-from scans.io import atomic_write_bytes, atomic_write_text
+from runtime.io import atomic_write_bytes, atomic_write_text
 
 ROC_PRIOR = GROUND_TRUTH  # ROC curves and score histograms use the ground-truth-prior rows when present
 Curves = dict[str, dict[int, tuple[list[float], list[int]]]]  # {method: {fold: (scores, labels)}}

@@ -77,6 +77,9 @@ class DetectorConfig:
     refiner: Mapping[str, Any]
 
 
+LOSS_WEIGHT_ORDER = ("msgms", "ssim", "l2")  # the terms of unet.loss_weights, in the YAML list's order
+
+
 @dataclass(frozen=True)
 class UNetSettings:
     """``unet``: the LoRIS U-Net and its training budget (``epochs``, opt-in ``max_minutes``)."""
@@ -87,7 +90,7 @@ class UNetSettings:
     lr: Annotated[float, Range(0.0)]
     batch_size: Annotated[int, Range(1)]
     mask_margin: Annotated[float, Range(0.0)]
-    loss_weights: tuple[float, float, float]
+    loss_weights: tuple[float, float, float]  # by LOSS_WEIGHT_ORDER
     box_weight: Annotated[float, Range(0.0)]
     max_minutes: Annotated[float, Range(0.0)]
 

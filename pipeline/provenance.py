@@ -83,12 +83,12 @@ def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
 
 def machine() -> dict[str, Any]:
     """The platform, CPU model and count, how this process computes (world size, distributed backend,
-    torch threads: :func:`scans.runtime.runtime_info`) and the GPU."""
+    torch threads: :func:`runtime.device.runtime_info`) and the GPU."""
     import os
 
     import torch
 
-    from scans.runtime import runtime_info
+    from runtime.device import runtime_info
 
     return {
         "platform": platform.platform(),

@@ -1,8 +1,8 @@
 """Save and load a U-Net as a plain ``state_dict`` (``model.pt``) plus its config (``model.json``).
 
 Only tensors and plain data are written, so loading uses ``torch.load(weights_only=True)``
-(:func:`scans.io.load_weights`): a missing, corrupt or tampered file raises
-:class:`scans.io.CheckpointError` naming it (``docs/design.md``). ``model.json`` holds
+(:func:`runtime.io.load_weights`): a missing, corrupt or tampered file raises
+:class:`runtime.io.CheckpointError` naming it (``docs/design.md``). ``model.json`` holds
 ``UNetConfig.to_dict()``, which leaves ``encoder`` out when it is ``"none"``: files saved before the
 option existed load as ``"none"``, and such models save byte-identically. A pretrained-encoder U-Net
 loads without its ImageNet weights package: the saved state holds the fine-tuned encoder.
@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from reconstruction.unet import UNet, UNetConfig
-from scans.io import CheckpointError, atomic_write, atomic_write_text, load_meta, load_weights
+from runtime.io import CheckpointError, atomic_write, atomic_write_text, load_meta, load_weights
 
 WEIGHTS = "model.pt"
 CONFIG = "model.json"
@@ -46,7 +46,7 @@ def load_model(
 ) -> tuple[UNet, dict[str, Any]]:
     """Rebuild the U-Net from ``model.json`` and load ``model.pt`` (weights only); returns ``(model.eval(), meta)``.
 
-    Any unreadable, corrupt or mismatched file raises :class:`scans.io.CheckpointError` naming it;
+    Any unreadable, corrupt or mismatched file raises :class:`runtime.io.CheckpointError` naming it;
     ``hint`` is the fix its message suggests (the default says to delete the file and retrain).
     """
     d = Path(directory)

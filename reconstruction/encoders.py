@@ -4,7 +4,7 @@
 16 and 32 (:data:`LITE0_CHANNELS` channels) with the ImageNet weights the peers use
 (:func:`reconstruction.peers.backbones.load_lite0`; nothing is downloaded). The weights expect each
 channel normalised with mean 0.5 and std 0.5, so a grayscale scan in [-1, 1] already is normalised:
-:func:`gray_to_rgb` only repeats it over three channels, as the peers and ``pipeline/diagnose.py`` do.
+:func:`gray_to_rgb` only repeats it over three channels, as the peers and ``pipeline/experiment/diagnose.py`` do.
 The encoder is fine-tuned with the decoder (its BatchNorm layers train as usual).
 
 >>> ENCODERS

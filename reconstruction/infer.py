@@ -23,15 +23,15 @@ from torch import Tensor, nn
 from reconstruction.deviation import anomaly_map, msgmsd_map
 from reconstruction.masking import apply_riad_masks, apply_single_mask, compose_riad, riad_masks
 from reconstruction.unet import UNet, fold_batchnorm
-from scans import runtime
+from runtime.device import resolve_device as device_name
 
 DEFAULT_MAPS: tuple[str, ...] = ("msgmsd", "gmsd", "ssim", "dd")
 RIAD_KS: tuple[int, ...] = (2, 4, 8, 16)
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """:func:`scans.runtime.resolve_device` as a ``torch.device``."""
-    return torch.device(runtime.resolve_device(str(device)))
+    """:func:`runtime.device.resolve_device` as a ``torch.device``."""
+    return torch.device(device_name(str(device)))
 
 
 @dataclass

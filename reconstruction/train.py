@@ -6,21 +6,12 @@ code used the last batch only); the best weights are kept. With a ``workdir`` th
 ``torch.load(weights_only=True)``) and resumes from it, and writes the best model to
 ``workdir/best`` (see :mod:`reconstruction.checkpoint`).
 
-Under ``torchrun`` (after :func:`scans.distributed.init_from_env`) the loop trains one model with
+Under ``torchrun`` (after :func:`runtime.distributed.init_from_env`) the loop trains one model with
 ``DistributedDataParallel``: ``batch_size`` stays the global batch, each rank takes its strided
 share of every global batch of the one shared permutation, validation batches are split between
 ranks and their loss all-reduced, rank 0 decides when to stop, and only rank 0 writes. The
 result matches one process with the same global batch up to BatchNorm statistics, which each
-rank computes on its share (see docs/design.md).
-
->>> import numpy as np
->>> from scans.records import ScanArrays
->>> rng = np.random.default_rng(0); n = 4
->>> arr = ScanArrays(rng.random((n, 32, 32), dtype=np.float32), np.tile(np.float32([8, 8, 20, 16]), (n, 1)),
-...     np.zeros((n, 32, 32), bool), np.zeros(n, np.int64), np.arange(n), ["p"] * n, np.ones((n, 2), np.float32))
->>> res = train_unet(arr, arr, TrainConfig(unet=UNetConfig.profile("tiny"), max_epochs=2, progress=False))
->>> res.epochs_run, len(res.history)
-(2, 2)
+rank computes on its share (see docs/design.md). Example: tests/reconstruction/test_reconstruction_train.py.
 """
 
 from __future__ import annotations
@@ -40,7 +31,8 @@ from reconstruction.checkpoint import save_model
 from reconstruction.losses import LossWeights, reconstruction_loss
 from reconstruction.masking import apply_riad_masks, apply_single_mask, compose_riad, riad_masks
 from reconstruction.unet import UNet, UNetConfig
-from scans.distributed import (
+from runtime.device import resolve_device
+from runtime.distributed import (
     all_reduce_mean,
     barrier,
     is_distributed,
@@ -52,10 +44,9 @@ from scans.distributed import (
     world_size,
     wrap,
 )
-from scans.io import atomic_write, load_state
+from runtime.io import atomic_write, load_state
+from runtime.training import Budget, EarlyStopping, streams, training_scope
 from scans.records import DISTENDED, ScanArrays
-from scans.runtime import resolve_device
-from scans.training import Budget, EarlyStopping, streams, training_scope
 
 LAST = "last.pt"
 BEST_DIR = "best"
@@ -69,7 +60,7 @@ _BUDGET_KEYS = {
     "patience",
     "max_epochs",
     "max_minutes",
-    "max_train_seconds",  # the cap's name in checkpoints written before it was max_minutes
+    "max_train_seconds",  # max_minutes' name in older checkpoints, which still resume
     "progress",
     "device",
     "num_threads",
@@ -86,21 +77,19 @@ class TrainConfig:
     same config and seed give the same model on any machine. ``max_minutes`` is an opt-in
     safety valve, off by default (None): it stops before an epoch that would overrun it
     (estimated from the previous epoch; at least one epoch always runs), so when it binds the
-    result depends on the machine's speed and load (see :class:`scans.training.Budget`). ``mode="riad"`` trains
+    result depends on the machine's speed and load (see :class:`runtime.training.Budget`). ``mode="riad"`` trains
     the same network with RIAD's disjoint grid masks (one cell size from ``riad_ks`` per batch).
     ``batch_size`` is the global batch: with N processes each takes about ``batch_size / N`` of it.
     """
 
     mode: Literal["single", "riad"] = "single"
     unet: UNetConfig = field(default_factory=lambda: UNetConfig.profile("cpu"))
-    epochs: int = 1000
-    patience: int = 50
+    epochs: int = 60  # configs/default.yaml's unet.epochs
+    patience: int = 10  # configs/default.yaml's unet.patience
     lr: float = 1e-4
     batch_size: int = 4
     eval_batch_size: int = 8
-    l2_weight: float = 1.0
-    ssim_weight: float = 1.0
-    msgms_weight: float = 1.0
+    loss_weights: LossWeights = LossWeights()
     mask_margin: float = 0.0
     box_weight: float = 1.0  # loss weight of the masked box's pixels against the rest (paper: 1)
     riad_ks: tuple[int, ...] = (2, 4, 8, 16)
@@ -113,17 +102,24 @@ class TrainConfig:
     progress: bool = True
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
+        """The flat settings that checkpoints and cache keys hold (frozen: a new key would move every key).
+
+        >>> d = TrainConfig(loss_weights=LossWeights(l2=2.0)).to_dict()
+        >>> [k for k in d if k.endswith("_weight")], d["l2_weight"]
+        (['l2_weight', 'ssim_weight', 'msgms_weight'], 2.0)
+        """
+        d: dict[str, Any] = {}
+        for k, v in asdict(self).items():
+            if k == "loss_weights":  # one flat key per term
+                d.update({f"{term}_weight": v[term] for term in ("l2", "ssim", "msgms")})
+            else:
+                d[k] = v
         d["riad_ks"] = list(self.riad_ks)
-        if self.box_weight == 1.0:  # the paper's loss: left out, so cache keys made before the option hold
+        if self.box_weight == 1.0:  # left out at the paper's value, so paper-loss models keep their cache keys
             del d["box_weight"]
-        if d["unet"].get("encoder", "none") == "none":  # likewise the U-Net without a pretrained encoder
+        if d["unet"].get("encoder", "none") == "none":  # the U-Net without a pretrained encoder: likewise
             d["unet"].pop("encoder", None)
         return d
-
-    @property
-    def loss_weights(self) -> LossWeights:
-        return LossWeights(l2=self.l2_weight, ssim=self.ssim_weight, msgms=self.msgms_weight)
 
 
 @dataclass

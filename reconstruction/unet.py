@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from reconstruction.encoders import ENCODERS, LITE0_CHANNELS, LITE0_DEPTH, gray_to_rgb, lite0_encoder
 
-# Named width/depth profiles. "cpu" trades width for speed on a CPU (reconstruction/benchmark.py
+# Named width/depth profiles. "cpu" trades width for speed on a CPU (pipeline/bench/unet.py
 # measures it): base 16 keeps the paper's depth and layout at ~1/16 of the paper model's FLOPs.
 _PROFILES: dict[str, dict[str, int | str]] = {
     "paper": {"base": 64, "depth": 4, "max_mult": 8},

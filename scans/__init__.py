@@ -5,10 +5,6 @@ from scans.dataset import load_dataset, to_arrays
 from scans.folds import Fold, make_folds, resolve_folds
 from scans.readers import ReadError, read_image
 from scans.records import Box, Scan, ScanArrays, box_iou, box_mask, box_to_pixels
-from scans.runtime import keep_out_of_home
-
-# Every package imports scans first: torch's and matplotlib's caches go to the LoRIS cache, not TMPDIR or HOME.
-keep_out_of_home()
 
 __all__ = [
     "Box",

@@ -6,14 +6,46 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 
 def main(argv: list[str] | None = None) -> int:
+    from runtime.env import setup_environment
+
+    setup_environment()
+    args = _parser().parse_args(argv)
+
+    from scans.check import check_dataset, summary_line
+
+    if args.command == "import":
+        return _import(args)
+
+    if args.command == "phantom":
+        out = _phantom(args)
+        if out is None:
+            return 2
+        args.dir = out
+    problems = check_dataset(args.dir)
+    if problems:
+        for p in problems:
+            print(p, file=sys.stderr)
+        print(f"{args.dir}: {len(problems)} problem(s)", file=sys.stderr)
+        return 1
+    print(summary_line(args.dir))
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m scans", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     chk = sub.add_parser("check", help="validate a dataset folder and list every problem")
     chk.add_argument("dir", type=Path)
-    ph = sub.add_parser("phantom", help="write a synthetic knee-ultrasound dataset")
+    _phantom_parser(sub.add_parser("phantom", help="write a synthetic knee-ultrasound dataset"))
+    _import_parser(sub)
+    return parser
+
+
+def _phantom_parser(ph: argparse.ArgumentParser) -> None:
     ph.add_argument("--out", type=Path, required=True)
     ph.add_argument("--images", type=int, default=483)
     ph.add_argument("--distended", type=int, default=123)
@@ -38,6 +70,9 @@ def main(argv: list[str] | None = None) -> int:
         help="also write twins/: each image's pocket-free twin with fresh speckle (the ideal inpainter); "
         "when --out already holds this seed's phantom, write only its twins",
     )
+
+
+def _import_parser(sub: Any) -> None:
     from scans.importers import FORMATS
 
     imp = sub.add_parser(
@@ -57,46 +92,34 @@ def main(argv: list[str] | None = None) -> int:
     )
     imp.add_argument("--label", help="the source label of the recess box, when the source has several")
     imp.add_argument("--masks", type=Path, help="folder of mask PNGs named like the images (for box-only formats)")
-    args = parser.parse_args(argv)
 
-    from scans.check import check_dataset, summary_line
 
-    if args.command == "import":
-        return _import(args)
+def _phantom(args: argparse.Namespace) -> Path | None:
+    """``phantom``: the dataset written (or the twins added to it), else None once the error is printed."""
+    from scans.phantom import check_arguments, generate_dataset, write_twins
 
-    if args.command == "phantom":
-        from scans.phantom import check_arguments, generate_dataset, write_twins
-
-        try:  # a bad option or --out is named, without a traceback, before anything renders
-            if args.twins and (args.out / "annotations.json").is_file():
-                print(f"wrote {write_twins(args.out, args.seed)}")
-                out = args.out
-            else:
-                check_arguments(args.images, args.distended, args.patients, args.size, args.seed)
-                out = generate_dataset(
-                    args.out,
-                    n_images=args.images,
-                    n_distended=args.distended,
-                    n_patients=args.patients,
-                    size=args.size,
-                    seed=args.seed,
-                    null=args.null,
-                    appearance=args.appearance,
-                    twins=args.twins,
-                )
-                print(f"wrote {out}")
-        except (ValueError, OSError) as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-        args.dir = out
-    problems = check_dataset(args.dir)
-    if problems:
-        for p in problems:
-            print(p, file=sys.stderr)
-        print(f"{args.dir}: {len(problems)} problem(s)", file=sys.stderr)
-        return 1
-    print(summary_line(args.dir))
-    return 0
+    try:  # a bad option or --out is named, without a traceback, before anything renders
+        if args.twins and (args.out / "annotations.json").is_file():
+            print(f"wrote {write_twins(args.out, args.seed)}")
+            out = args.out
+        else:
+            check_arguments(args.images, args.distended, args.patients, args.size, args.seed)
+            out = generate_dataset(
+                args.out,
+                n_images=args.images,
+                n_distended=args.distended,
+                n_patients=args.patients,
+                size=args.size,
+                seed=args.seed,
+                null=args.null,
+                appearance=args.appearance,
+                twins=args.twins,
+            )
+            print(f"wrote {out}")
+    except (ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return None
+    return out
 
 
 def _import(args: argparse.Namespace) -> int:

@@ -139,20 +139,9 @@ def check_dataset(root: Path | str, read_images: bool = True) -> list[Problem]:
     """All problems found in the dataset folder ``root``; an empty list means it is valid."""
     root = Path(root)
     ann_path = root / "annotations.json"
-    if not ann_path.is_file():
-        return [Problem(str(ann_path), "annotations.json not found")]
-    try:
-        doc = json.loads(ann_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
-        return [Problem(str(ann_path), f"invalid JSON ({exc})")]
-    if not isinstance(doc, dict):
-        return [
-            Problem(
-                str(ann_path),
-                f"annotations.json must be a JSON object with 'images', 'annotations' and 'categories', "
-                f"not {type(doc).__name__ if doc is not None else 'null'}",
-            )
-        ]
+    doc, refused = _load_annotations(ann_path)
+    if doc is None:
+        return refused
     problems: list[Problem] = []
     if not isinstance(doc.get("images"), list):
         return [Problem(str(ann_path), "missing key 'images' (a list)")]
@@ -164,10 +153,54 @@ def check_dataset(root: Path | str, read_images: bool = True) -> list[Problem]:
     if not recess_ids:
         problems.append(Problem(str(ann_path), f"no category named '{CATEGORY}' with an integer id"))
 
+    id_counts = Counter(img.get("id") for img in doc["images"] if isinstance(img, dict) and _is_int(img.get("id")))
+    images, by_file = _check_images(doc["images"], root, ann_path, id_counts, read_images, problems)
+    annotations = doc["annotations"] if isinstance(doc.get("annotations"), list) else []
+    per_image = _check_annotations(annotations, root, ann_path, recess_ids, images, id_counts, problems)
+    for image_id, img in images.items():
+        if per_image[image_id] == 0:
+            problems.append(Problem(str(root / img["file_name"]), "image has no recess box"))
+        elif per_image[image_id] > 1:
+            problems.append(
+                Problem(str(root / img["file_name"]), f"image has {per_image[image_id]} recess boxes; expected one")
+            )
+    problems.extend(_duplicate_files(root, by_file))
+    _check_splits(root, images, problems)
+    return problems
+
+
+def _load_annotations(ann_path: Path) -> tuple[dict[str, Any] | None, list[Problem]]:
+    """``annotations.json`` as a JSON object, or None and the one problem that stops the check."""
+    if not ann_path.is_file():
+        return None, [Problem(str(ann_path), "annotations.json not found")]
+    try:
+        doc = json.loads(ann_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        return None, [Problem(str(ann_path), f"invalid JSON ({exc})")]
+    if not isinstance(doc, dict):
+        return None, [
+            Problem(
+                str(ann_path),
+                f"annotations.json must be a JSON object with 'images', 'annotations' and 'categories', "
+                f"not {type(doc).__name__ if doc is not None else 'null'}",
+            )
+        ]
+    return doc, []
+
+
+def _check_images(
+    entries: list[Any],
+    root: Path,
+    ann_path: Path,
+    id_counts: Counter[Any],
+    read_images: bool,
+    problems: list[Problem],
+) -> tuple[dict[int, dict[str, Any]], dict[Any, list[dict[str, Any]]]]:
+    """The valid image entries by id, and by image file (its resolved path or inode); the problems of the
+    others, and of images that cannot be read or whose size differs, go to ``problems``."""
     images: dict[int, dict[str, Any]] = {}
     by_file: dict[Any, list[dict[str, Any]]] = {}  # one image file (its resolved path or inode) -> its entries
-    id_counts = Counter(img.get("id") for img in doc["images"] if isinstance(img, dict) and _is_int(img.get("id")))
-    for n, img in enumerate(doc["images"]):
+    for n, img in enumerate(entries):
         if not isinstance(img, dict):
             problems.append(Problem(str(ann_path), f"images[{n}] is not an object"))
             continue
@@ -187,25 +220,40 @@ def check_dataset(root: Path | str, read_images: bool = True) -> list[Problem]:
         images[img["id"]] = img
         by_file.setdefault(_file_key(root / img["file_name"]), []).append(img)
         if read_images:
-            try:
-                arr = read_image(root / img["file_name"])
-            except ReadError as exc:
-                problems.append(Problem(str(exc.path), exc.reason))
-                continue
-            except Exception as exc:  # a decoder may raise anything on hostile bytes; check never raises
-                problems.append(Problem(where, f"cannot be read ({exc.__class__.__name__}: {exc})"))
-                continue
-            if arr.shape != (img["height"], img["width"]):
-                problems.append(
-                    Problem(
-                        where,
-                        f"image is {arr.shape[1]}x{arr.shape[0]} but annotations.json says "
-                        f"{img['width']}x{img['height']}",
-                    )
-                )
+            problems.extend(_read_problems(root, img, where))
+    return images, by_file
 
+
+def _read_problems(root: Path, img: dict[str, Any], where: str) -> list[Problem]:
+    """Why the entry's image cannot be read, or the size it has when annotations.json says another."""
+    try:
+        arr = read_image(root / img["file_name"])
+    except ReadError as exc:
+        return [Problem(str(exc.path), exc.reason)]
+    except Exception as exc:  # a decoder may raise anything on hostile bytes; check never raises
+        return [Problem(where, f"cannot be read ({exc.__class__.__name__}: {exc})")]
+    if arr.shape != (img["height"], img["width"]):
+        return [
+            Problem(
+                where,
+                f"image is {arr.shape[1]}x{arr.shape[0]} but annotations.json says {img['width']}x{img['height']}",
+            )
+        ]
+    return []
+
+
+def _check_annotations(
+    annotations: list[Any],
+    root: Path,
+    ann_path: Path,
+    recess_ids: set[Any],
+    images: dict[int, dict[str, Any]],
+    id_counts: Counter[Any],
+    problems: list[Problem],
+) -> Counter[int]:
+    """The recess boxes per valid image; each annotation's problems go to ``problems``."""
     per_image: Counter[int] = Counter()
-    for n, ann in enumerate(doc["annotations"] if isinstance(doc.get("annotations"), list) else []):
+    for n, ann in enumerate(annotations):
         if not isinstance(ann, dict) or "image_id" not in ann:
             problems.append(Problem(str(ann_path), f"annotations[{n}] {_short(ann)} has no image_id"))
             continue
@@ -230,16 +278,7 @@ def check_dataset(root: Path | str, read_images: bool = True) -> list[Problem]:
             continue
         per_image[image_id] += 1
         _check_annotation(ann, img, str(root / img["file_name"]), problems)
-    for image_id, img in images.items():
-        if per_image[image_id] == 0:
-            problems.append(Problem(str(root / img["file_name"]), "image has no recess box"))
-        elif per_image[image_id] > 1:
-            problems.append(
-                Problem(str(root / img["file_name"]), f"image has {per_image[image_id]} recess boxes; expected one")
-            )
-    problems.extend(_duplicate_files(root, by_file))
-    _check_splits(root, images, problems)
-    return problems
+    return per_image
 
 
 def _file_key(path: Path) -> Any:

@@ -1,4 +1,4 @@
-"""COCO annotations for LoRIS datasets: load, save, and segmentation decoding.
+"""COCO annotations for LoRIS datasets: load, save, and segmentation decoding (:mod:`scans.rle`).
 
 A dataset is a folder with ``images/`` and ``annotations.json`` (see the README, "Your own
 data"). Each image carries ``patient_id`` and ``distended``; each has exactly one annotation of
@@ -20,41 +20,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from pycocotools import mask as mask_utils
-
-from scans.io import atomic_write_text
+from runtime.io import atomic_write_text
 from scans.records import Scan
+from scans.rle import decode_segmentation, encode_mask  # noqa: F401 (public here too)
 
 CATEGORY = "recess"
 
 
 class AnnotationError(ValueError):
     """``annotations.json`` is malformed; the message names the file and the problem."""
-
-
-def decode_segmentation(segmentation: Any, height: int, width: int) -> np.ndarray:
-    """COCO polygons, uncompressed RLE or compressed RLE -> boolean ``[height, width]`` mask."""
-    if isinstance(segmentation, list):
-        if not segmentation:
-            return np.zeros((height, width), dtype=bool)
-        rles = mask_utils.frPyObjects(segmentation, height, width)
-        rle = mask_utils.merge(rles)
-    elif isinstance(segmentation, dict):
-        rle = segmentation
-        if isinstance(rle.get("counts"), list):
-            rle = mask_utils.frPyObjects(rle, height, width)
-        elif isinstance(rle.get("counts"), str):
-            rle = {"size": rle["size"], "counts": rle["counts"].encode("ascii")}
-    else:
-        raise ValueError(f"unsupported segmentation type {type(segmentation).__name__}")
-    return mask_utils.decode(rle).astype(bool)
-
-
-def encode_mask(mask: np.ndarray) -> dict[str, Any]:
-    """Boolean mask -> compressed RLE with a JSON-safe string ``counts``."""
-    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
-    return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
 
 
 def load_coco(path: Path | str, root: Path | str | None = None) -> list[Scan]:

@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from scans.readers import ReadError, to_unit_gray
+from scans.image import ReadError, to_unit_gray
 
 SPATIAL_2D = 1  # Region Spatial Format 0001H: 2D (tissue or flow)
 DATA_TISSUE = 1  # Region Data Type 0001H: tissue

@@ -30,8 +30,8 @@ from typing import Any
 
 from filelock import FileLock
 
-from scans.io import atomic_write_text
-from scans.runtime import cache_home
+from runtime.env import cache_home
+from runtime.io import atomic_write_text
 
 ANNOTATIONS = "annotations.json"
 _CHUNK = 1 << 20
@@ -43,7 +43,7 @@ _MEMO_LOCK = threading.Lock()
 
 
 def memo_home(cache_dir: Path | str | None = None) -> Path:
-    """Where per-file digests are remembered: ``fingerprints/`` under :func:`scans.runtime.cache_home`."""
+    """Where per-file digests are remembered: ``fingerprints/`` under :func:`runtime.env.cache_home`."""
     return cache_home(cache_dir) / "fingerprints"
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold
 
-from scans.io import atomic_write_text
+from runtime.io import atomic_write_text
 from scans.records import Scan
 
 

@@ -81,12 +81,12 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from runtime.env import cache_home
+from runtime.io import write_png
 from scans.coco import encode_mask, save_coco
 from scans.folds import make_folds, save_splits
 from scans.importers.core import building_folder
-from scans.io import write_png
 from scans.records import Box, Scan, box_mask
-from scans.runtime import cache_home
 
 # Part of every cached dataset's name: bump it whenever a change alters the rendered scans or boxes.
 GENERATOR_VERSION = 4
@@ -881,7 +881,7 @@ def generate_dataset(
 
 def cache_root(cache_dir: Path | str | None = None) -> Path:
     """Where phantoms are cached: ``cache_dir``, else ``phantom/`` in LoRIS's cache
-    (:func:`scans.runtime.cache_home`).
+    (:func:`runtime.env.cache_home`).
 
     >>> cache_root("/tmp/x").as_posix(), cache_root().name
     ('/tmp/x', 'phantom')

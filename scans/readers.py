@@ -36,6 +36,8 @@ from typing import Literal
 import cv2
 import numpy as np
 
+from scans.image import ReadError, to_unit_gray
+
 RASTER_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 TIFF_SUFFIXES = {".tif", ".tiff"}  # may hold several pages: each page is a frame
 JPEG_SUFFIXES = {".jpg", ".jpeg"}  # may carry an EXIF orientation: applied on read
@@ -45,15 +47,6 @@ SUPPORTED_SUFFIXES = RASTER_SUFFIXES | DICOM_SUFFIXES
 Crop = tuple[int, int, int, int]
 CropMode = Literal["regions", "auto", "none"]
 CROP_MODES = ("regions", "auto", "none")
-
-
-class ReadError(ValueError):
-    """An image could not be read; the message names the file and the reason."""
-
-    def __init__(self, path: Path | str, reason: str) -> None:
-        self.path = Path(path)
-        self.reason = reason
-        super().__init__(f"{path}: {reason}")
 
 
 def is_dicom(path: Path) -> bool:
@@ -72,45 +65,6 @@ def is_dicom(path: Path) -> bool:
 
 def is_supported(path: Path) -> bool:
     return path.suffix.lower() in SUPPORTED_SUFFIXES or is_dicom(path)
-
-
-def to_unit_gray(
-    arr: np.ndarray, path: Path | str, max_value: float | None = None, rgb_order: str = "BGR"
-) -> np.ndarray:
-    if arr.ndim == 3:
-        if arr.shape[2] == 1:
-            arr = arr[..., 0]
-        elif arr.shape[2] in (3, 4):
-            code = {
-                ("BGR", 3): cv2.COLOR_BGR2GRAY,
-                ("BGR", 4): cv2.COLOR_BGRA2GRAY,
-                ("RGB", 3): cv2.COLOR_RGB2GRAY,
-                ("RGB", 4): cv2.COLOR_RGBA2GRAY,
-            }[(rgb_order, arr.shape[2])]
-            if arr.dtype not in (np.uint8, np.uint16, np.float32):
-                arr = arr.astype(np.float32)
-            arr = cv2.cvtColor(arr, code)
-        else:
-            raise ReadError(path, f"unsupported channel count {arr.shape[2]}")
-    if arr.ndim != 2:
-        raise ReadError(path, f"unsupported image shape {arr.shape}")
-    if arr.size == 0:
-        raise ReadError(path, "empty image")
-    if max_value is None:
-        if arr.dtype == np.uint8:
-            max_value = 255.0
-        elif arr.dtype == np.uint16:
-            max_value = 65535.0
-        elif np.issubdtype(arr.dtype, np.integer):
-            max_value = float(np.iinfo(arr.dtype).max)
-        else:
-            lo, hi = float(np.nanmin(arr)), float(np.nanmax(arr))
-            if 0.0 <= lo and hi <= 1.0:
-                return np.ascontiguousarray(arr, dtype=np.float32)
-            out = (arr.astype(np.float32) - lo) / max(hi - lo, 1e-12)
-            return np.ascontiguousarray(out, dtype=np.float32)
-    out = arr.astype(np.float32) / np.float32(max_value)
-    return np.ascontiguousarray(np.clip(out, 0.0, 1.0), dtype=np.float32)
 
 
 def _tiff_orientation(tiff: bytes) -> int:
@@ -418,6 +372,36 @@ def frame_indices(path: Path | str, frames: str | int = "first") -> list[int]:
     return [index]
 
 
+def _dicom_frame(
+    path: Path, frame: int, crop: CropMode, region: int | None
+) -> tuple[np.ndarray, int, str | None, Crop | None, str]:
+    """:func:`read_scan` of a DICOM file: its frame, frame count, SOP instance UID, and the chosen
+    ultrasound region's box and name (``None, "none"`` without one, or with ``crop="none"``)."""
+    from scans.dicom import choose_region, read_dicom_frame
+
+    dcm = read_dicom_frame(path, frame)
+    box: Crop | None = None
+    source = "none"
+    if crop != "none":
+        chosen = choose_region(dcm.regions, path, region)
+        if chosen is not None:
+            box, source = chosen.box, f"region {chosen.index}"
+    return dcm.image, dcm.frame_count, dcm.sop_instance_uid, box, source
+
+
+def _raster_image(path: Path, frame: int, region: int | None) -> tuple[np.ndarray, int, int]:
+    """:func:`read_scan` of a raster file: its frame, frame count and EXIF orientation."""
+    if path.suffix.lower() not in RASTER_SUFFIXES:
+        raise ReadError(path, f"unsupported file type '{path.suffix or '(none)'}'")
+    page, n_frames = _raster_frame(path, frame, strict=True)
+    if region is not None:
+        raise ReadError(path, f"ultrasound region {region} requested but only DICOM files have regions")
+    if n_frames == 1 and path.suffix.lower() in TIFF_SUFFIXES:
+        n_frames = tiff_page_count(path)  # frame 0 of a TIFF: its page count is reported too
+    image, orientation = decode_raster(path, page)
+    return image, n_frames, orientation
+
+
 def read_scan(path: Path | str, frame: int = 0, crop: CropMode = "regions", region: int | None = None) -> ReadResult:
     """Read one frame, cropped to its B-mode region by ``crop`` (see the module docstring).
 
@@ -432,28 +416,13 @@ def read_scan(path: Path | str, frame: int = 0, crop: CropMode = "regions", regi
     path = Path(path)
     if not path.is_file():
         raise ReadError(path, "file not found")
-    uid = None
-    box: Crop | None = None
-    source = "none"
-    orientation = 1
+    box: Crop | None
     if is_dicom(path):
-        from scans.dicom import choose_region, read_dicom_frame
-
-        dcm = read_dicom_frame(path, frame)
-        image, n_frames, uid = dcm.image, dcm.frame_count, dcm.sop_instance_uid
-        if crop != "none":
-            chosen = choose_region(dcm.regions, path, region)
-            if chosen is not None:
-                box, source = chosen.box, f"region {chosen.index}"
+        image, n_frames, uid, box, source = _dicom_frame(path, frame, crop, region)
+        orientation = 1
     else:
-        if path.suffix.lower() not in RASTER_SUFFIXES:
-            raise ReadError(path, f"unsupported file type '{path.suffix or '(none)'}'")
-        page, n_frames = _raster_frame(path, frame, strict=True)
-        if region is not None:
-            raise ReadError(path, f"ultrasound region {region} requested but only DICOM files have regions")
-        if n_frames == 1 and path.suffix.lower() in TIFF_SUFFIXES:
-            n_frames = tiff_page_count(path)  # frame 0 of a TIFF: its page count is reported too
-        image, orientation = decode_raster(path, page)
+        image, n_frames, orientation = _raster_image(path, frame, region)
+        uid, box, source = None, None, "none"
     h, w = image.shape
     if box is None and crop == "auto":
         box = find_bmode_box(image)

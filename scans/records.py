@@ -50,7 +50,7 @@ class Scan:
         """Boolean ``[height, width]`` mask: the recess segmentation of distended scans, else empty."""
         if self.label != DISTENDED or not self.segmentation:
             return np.zeros((self.height, self.width), dtype=bool)
-        from scans.coco import decode_segmentation
+        from scans.rle import decode_segmentation
 
         return decode_segmentation(self.segmentation, self.height, self.width)
 

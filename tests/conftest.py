@@ -8,15 +8,19 @@ from pathlib import Path
 
 import pytest
 
+from runtime.env import setup_environment
+
 # Under CI=true a skipped test fails (the CI machine installs everything the suite needs), except these,
 # each skipped on purpose; the key is the node id, parameters stripped. Deselection (-m 'not slow') is no skip.
 CI_ALLOWED_SKIPS = {
     # GPL-3.0 decoder (pylibjpeg-libjpeg) is opt-in: pip install .[jpeg-lossless]
-    "tests/test_scans_dicom.py::test_jpeg_lossless_process14_equals_rle": "pylibjpeg-libjpeg is GPL-3.0, opt-in",
+    "tests/scans/test_scans_dicom.py::test_jpeg_lossless_process14_equals_rle": "pylibjpeg-libjpeg is GPL-3.0, opt-in",
 }
 
-# as `python -m pipeline` does: spinning OpenMP threads starve the other process on a shared 2-core machine
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# as `python -m pipeline` does (runtime.env.setup_environment): the LoRIS cache for torch's and matplotlib's
+# caches, ultralytics offline, matplotlib's Agg backend, and passive OpenMP waiting (spinning OpenMP threads
+# starve the other process on a shared 2-core machine)
+setup_environment(cli_defaults=True)
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +74,8 @@ class _StrictSkips:
 
 
 # Under pytest-xdist (`make test`, --no-loadscope-reorder) the longest files start first, so that no worker is
-# left running one of them alone at the end; their order is that of their durations (pytest --durations).
+# left running one of them alone at the end; their order is that of their durations (pytest --durations). Files
+# are named by basename (unique across tests/).
 LONGEST_FIRST = (
     "test_pipeline_e2e.py",
     "test_hostile_corpus.py",
@@ -84,7 +89,16 @@ LONGEST_FIRST = (
 )
 
 
+# tests/integration/ holds the end-to-end tests (commands, subprocesses, torchrun, the identity check): each
+# gets the `integration` marker here, so `-m integration` and `-m 'not integration'` need no marker in the files
+INTEGRATION = Path(__file__).parent / "integration"
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if INTEGRATION in item.path.parents and item.get_closest_marker("integration") is None:
+            item.add_marker(pytest.mark.integration)
     if "PYTEST_XDIST_WORKER" in os.environ:  # every worker sorts alike, as xdist requires
         rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
         items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order

@@ -9,7 +9,7 @@ with ``DetDataSample`` metadata; predicted boxes are scaled back to the caller's
 Checkpoints are plain state dicts (``torch.save``) read with ``torch.load(weights_only=True)``,
 with the constructor arguments beside them as JSON, so loading never unpickles objects.
 
-Under ``torchrun`` (see :mod:`scans.distributed`) :meth:`CoDetrDetector.fit` trains with
+Under ``torchrun`` (see :mod:`runtime.distributed`) :meth:`CoDetrDetector.fit` trains with
 ``DistributedDataParallel``: ``batch_size`` stays the global batch, every rank draws the same
 permutation and augmentation and trains on its strided share of each batch, mmdet's losses
 average their box counts over ranks, validation IoU is all-reduced, and only rank 0 writes.
@@ -35,11 +35,11 @@ import torch
 import torch.nn.functional as F
 
 from detectors.base import Detections, Detector, register
-from scans.distributed import all_reduce_mean, is_distributed, is_main, shard, sync_buffers, world_size, wrap
-from scans.io import atomic_write, atomic_write_text, load_meta, load_weights
+from runtime.device import resolve_device
+from runtime.distributed import all_reduce_mean, is_distributed, is_main, shard, sync_buffers, world_size, wrap
+from runtime.io import atomic_write, atomic_write_text, load_meta, load_weights
+from runtime.training import Budget, EarlyStopping, seeded_global_rng, streams, summary_value, training_scope
 from scans.records import ScanArrays
-from scans.runtime import resolve_device
-from scans.training import Budget, EarlyStopping, seeded_global_rng, streams, summary_value, training_scope
 
 # Defaults for the training block of the config; the config file overrides any of them.
 DEFAULT_TRAIN: dict[str, Any] = dict(

@@ -5,7 +5,7 @@ Co-DINO's 12 entries (softmax, the weighted sum and the broadcast offset divisio
 times a contiguous pass). Here the sampling grid and the attention weights are laid out
 ``[batch x heads, levels x points, queries]``, so every reduction runs along a long contiguous axis and
 ``grid_sample`` writes its output where the weighted sum reads it. The result equals mmcv's to float32
-rounding (tests/test_codetr.py compares them; docs/design.md, "Facts the code relies on").
+rounding (tests/detectors/test_codetr.py compares them; docs/design.md, "Facts the code relies on").
 
 Only inference on CPU tensors takes this path (no autograd graph is recorded, so training is untouched);
 anything else calls mmcv's own forward.

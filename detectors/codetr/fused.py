@@ -3,7 +3,7 @@
 Used by :meth:`detectors.codetr.co_detector.LorisCoDINO.extract_feat` in eval mode without autograd: the
 copy is rebuilt whenever a weight or running statistic of the original changes (any in-place update bumps
 a tensor's version), so training and ``load_state_dict`` are always seen. Outputs equal the original's to
-float32 rounding (tests/test_codetr.py; docs/design.md, "Facts the code relies on").
+float32 rounding (tests/detectors/test_codetr.py; docs/design.md, "Facts the code relies on").
 
 >>> from torch import nn
 >>> net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU()).eval()

@@ -238,7 +238,8 @@ def benchmark(repeats: int = 20, threads: int = 1) -> dict[str, float]:
     """
     from mmcv.ops import RoIAlign, batched_nms
 
-    from scans.runtime import median_seconds, torch_threads
+    from runtime.device import torch_threads
+    from runtime.timing import median_seconds
 
     gen = torch.Generator().manual_seed(0)
     out: dict[str, float] = {}
@@ -290,5 +291,8 @@ def benchmark(repeats: int = 20, threads: int = 1) -> dict[str, float]:
 
 
 if __name__ == "__main__":
+    from runtime.env import setup_environment
+
+    setup_environment()
     for key, seconds in benchmark().items():
         print(f"{key:24s} {seconds * 1e3:8.3f} ms")

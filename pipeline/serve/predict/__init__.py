@@ -1,0 +1,110 @@
+"""``predict``: a trained bundle on a folder of new scans (:mod:`pipeline.serve.predict.driver`), locally or
+on Ray Data (:mod:`pipeline.serve.predict.ray_engine`, imported only when asked for). The parts:
+:mod:`~pipeline.serve.predict.options` (:class:`PredictOptions`, every setting and its default),
+:mod:`~pipeline.serve.predict.inputs` (listing, reading, planning), :mod:`~pipeline.serve.predict.engine`
+(:class:`Job`, :class:`Engine`, the local engine), :mod:`~pipeline.serve.predict.writer` (rows, overlays,
+DICOM), :mod:`~pipeline.serve.predict.csv_rows` (the CSV columns and cells) and
+:mod:`~pipeline.serve.predict.manifest` (``predict.json``, resume, the output lock). The public names are
+re-exported here; joining shards is :func:`pipeline.serve.merge.merge_outputs`."""
+
+from pipeline.serve.predict.csv_rows import (
+    CROP_FIELDS,
+    ERR_FIELDS,
+    FORMULA_START,
+    PRED_FIELDS,
+    csv_name,
+    decode_mask,
+    decode_name,
+    safe_cell,
+)
+from pipeline.serve.predict.driver import make_engine, predict_folder
+from pipeline.serve.predict.engine import Engine, Job, LocalEngine, local_engine, process_batch
+from pipeline.serve.predict.inputs import (
+    PR_SET_PDEATHSIG,
+    Batch,
+    Frame,
+    FrameDataset,
+    Item,
+    Plan,
+    check_paths,
+    check_size,
+    default_workers,
+    die_with_parent,
+    header_size,
+    list_inputs,
+    plan_work,
+    shard_of,
+)
+from pipeline.serve.predict.manifest import (
+    MANIFEST,
+    SETTINGS,
+    bundle_digest,
+    check_resume,
+    output_lock,
+    read_manifest,
+)
+from pipeline.serve.predict.options import (
+    BACKENDS,
+    DEFAULT_MAX_PIXELS,
+    ENGINES,
+    RUNTIMES,
+    FrameSpec,
+    Outputs,
+    PredictOptions,
+    ReadOptions,
+    Shard,
+    parse_frames,
+    parse_shard,
+)
+from pipeline.serve.predict.writer import Sink, overlay
+
+__all__ = [
+    "BACKENDS",
+    "Batch",
+    "bundle_digest",
+    "check_paths",
+    "check_resume",
+    "check_size",
+    "CROP_FIELDS",
+    "csv_name",
+    "decode_mask",
+    "decode_name",
+    "DEFAULT_MAX_PIXELS",
+    "default_workers",
+    "die_with_parent",
+    "Engine",
+    "ENGINES",
+    "ERR_FIELDS",
+    "FORMULA_START",
+    "Frame",
+    "FrameDataset",
+    "FrameSpec",
+    "header_size",
+    "Item",
+    "Job",
+    "list_inputs",
+    "local_engine",
+    "LocalEngine",
+    "make_engine",
+    "MANIFEST",
+    "output_lock",
+    "Outputs",
+    "overlay",
+    "parse_frames",
+    "parse_shard",
+    "Plan",
+    "plan_work",
+    "PR_SET_PDEATHSIG",
+    "PRED_FIELDS",
+    "predict_folder",
+    "PredictOptions",
+    "process_batch",
+    "read_manifest",
+    "ReadOptions",
+    "RUNTIMES",
+    "safe_cell",
+    "SETTINGS",
+    "Shard",
+    "shard_of",
+    "Sink",
+]

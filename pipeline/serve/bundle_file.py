@@ -133,7 +133,7 @@ class BundleDoc:
         warnings = d.get("warnings")
         return cls(
             **plain,
-            detector=str(d.get("detector")),  # a missing detector fails where the detector loads
+            detector=str(d.get("detector")),  # check_bundle_doc refuses a missing one
             maps=tuple(d["maps"]),
             score=ScoreSpec.from_dict(d["score"]),
             segmentation=SegmentationSpec.from_dict(d["segmentation"]),
@@ -250,12 +250,15 @@ def check_bundle_doc(doc: Mapping[str, Any], path: Path | str, hint: str = "") -
     bundles made before it have none) of an unknown method or, for Platt scaling, with a non-finite
     ``b`` or an ``a`` that is negative (a probability falling as the score rises) or not finite.
 
-    >>> check_bundle_doc({"image_size": -5}, "m/bundle.json")
+    >>> check_bundle_doc({"detector": "gt", "image_size": -5}, "m/bundle.json")
     Traceback (most recent call last):
     ...
     ValueError: m/bundle.json: image_size is -5; expected an int in [16, 2048]
     """
     f = _Fields(doc, path, hint)
+    detector = f.get("detector")
+    if not isinstance(detector, str) or not detector:  # the name loads the detector and names the model
+        raise f.bad("detector", detector, "a detector's registered name")
     f.integer("image_size", *IMAGE_SIZE)
     f.integer("frame", 0, default=0)
     f.number("mask_margin", 0.0, default=0.0)

@@ -52,6 +52,11 @@ def _as_dict(obj: Any) -> dict[str, Any]:
     return out
 
 
+def _present(cls: Any, d: Mapping[str, Any]) -> dict[str, Any]:
+    """The entries of ``d`` that are fields of the section ``cls`` (absent ones take its defaults)."""
+    return {f.name: d[f.name] for f in fields(cls) if f.name in d}
+
+
 @dataclass(frozen=True, kw_only=True)
 class ScoreSpec:
     """``score``: the image score, its verdict threshold and the validation figures at that threshold."""
@@ -67,7 +72,7 @@ class ScoreSpec:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> ScoreSpec:
-        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
+        return cls(**_present(cls, d))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -81,7 +86,7 @@ class SegmentationSpec:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> SegmentationSpec:
-        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
+        return cls(**_present(cls, d))
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -24,9 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="LoRIS: localized reconstruction-by-inpainting for knee recess distension in ultrasound",
     )
     sub = parser.add_subparsers(dest="command", required=True)
+    commands = {**experiment_cli.COMMANDS, **serve_cli.COMMANDS}
     for name in ORDER:
-        group = experiment_cli if name in experiment_cli.COMMANDS else serve_cli
-        group.add_commands(sub, [name])
+        commands[name](sub)
     return parser
 
 

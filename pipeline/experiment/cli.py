@@ -1,14 +1,14 @@
 """The experiment commands of ``loris``: ``run``, ``ablate``, ``compare``, ``aggregate`` and ``bench``
-(:func:`add_commands`; mounted by :mod:`pipeline.__main__`), and the closing summary they print. Nothing
-here imports the serving side (:mod:`pipeline.serve`); the heavy imports wait for the handler, after
-``main`` has set the environment up."""
+(:data:`COMMANDS`, each adding its parser; mounted by :mod:`pipeline.__main__`), and the closing summary
+they print. Nothing here imports the serving side (:mod:`pipeline.serve`); the heavy imports wait for the
+handler, after ``main`` has set the environment up."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -100,13 +100,6 @@ COMMANDS: dict[str, Callable[[Any], None]] = {
     "aggregate": _aggregate_parser,
     "bench": _bench_parser,
 }
-
-
-def add_commands(sub: Any, names: Iterable[str] | None = None) -> None:
-    """Add the experiment commands (or those of ``names``, in that order) to the subparsers ``sub``; each
-    sets ``handler``, the function that runs it and returns the exit code."""
-    for name in COMMANDS if names is None else names:
-        COMMANDS[name](sub)
 
 
 def _cross_validate(args: argparse.Namespace) -> int:

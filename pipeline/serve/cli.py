@@ -1,5 +1,5 @@
 """The serving commands of ``loris``: ``train``, ``predict``, ``merge`` and ``export``
-(:func:`add_commands`; mounted by :mod:`pipeline.__main__`). The ``predict`` options come from
+(:data:`COMMANDS`, each adding its parser; mounted by :mod:`pipeline.__main__`). The ``predict`` options come from
 :class:`pipeline.serve.predict.options.PredictOptions`, so the command line and the driver share one
 default per setting. Nothing here imports the experiment side (:mod:`pipeline.experiment`); the heavy
 imports wait for the handler, after ``main`` has set the environment up."""
@@ -7,7 +7,7 @@ imports wait for the handler, after ``main`` has set the environment up."""
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -64,13 +64,6 @@ COMMANDS: dict[str, Callable[[Any], None]] = {
     "merge": _merge_parser,
     "export": _export_parser,
 }
-
-
-def add_commands(sub: Any, names: Iterable[str] | None = None) -> None:
-    """Add the serving commands (or those of ``names``, in that order) to the subparsers ``sub``; each
-    sets ``handler``, the function that runs it and returns the exit code."""
-    for name in COMMANDS if names is None else names:
-        COMMANDS[name](sub)
 
 
 def _train(args: argparse.Namespace) -> int:

@@ -18,20 +18,16 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import TINY_PHANTOM
+
 pytestmark = [pytest.mark.slow, pytest.mark.integration, pytest.mark.timeout(1800)]
 
 REPO = Path(__file__).resolve().parents[2]
 BASE = "56ee89f"  # "Issue 25: U-Net profile lite0 ...", the last commit before the layout step
 
-# the tiny phantom and one-epoch settings of tests/integration/test_pipeline_e2e.py (copied: this file runs with
-# either tree)
+# the tiny phantom and one-epoch settings of tests/integration/test_pipeline_e2e.py, passed to both trees
 TINY = [
-    "phantom.images=48",
-    "phantom.distended=16",
-    "phantom.patients=16",
-    "phantom.size=64",
-    "image_size=64",
-    "folds=3",
+    *TINY_PHANTOM,
     "unet.epochs=1",
     "riad.epochs=1",
     "riad.ks=[2,8]",
